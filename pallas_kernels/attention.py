@@ -1,0 +1,138 @@
+"""Public attention entry points: validate, pick the backend, run.
+
+Every function returns the output together with the natural-log log-sum-exp (LSE) of the
+scaled scores, so results over any split of the KV cache merge exactly with
+`merge_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import backend as backends
+from pallas_kernels.flash_gpu import flash_attention_gpu
+from pallas_kernels.flash_tpu import flash_attention_tpu
+from pallas_kernels.paged_gpu import paged_attention_gpu
+from pallas_kernels.paged_tpu import paged_attention_tpu
+from pallas_kernels.reference import flash_attention_reference, paged_attention_reference
+from pallas_kernels.validation import check_flash_args, check_paged_args
+from pallas_kernels.xla_attention import flash_attention_xla, paged_attention_xla
+
+
+def _empty_result(rows: tuple[int, ...], head_dim: int, dtype):
+    return (jnp.zeros((*rows, head_dim), dtype),
+            jnp.full(rows, -jnp.inf, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "choice", "tiles"))
+def _flash(q, k, v, q_offset, kv_length, *, causal, sm_scale, choice, tiles):
+    kwargs = dict(causal=causal, q_offset=q_offset, kv_length=kv_length, sm_scale=sm_scale)
+    tiles = dict(tiles)
+    if choice.kind == "reference":
+        return flash_attention_reference(q, k, v, **kwargs)
+    if choice.kind == "xla":
+        return flash_attention_xla(q, k, v, **kwargs, **tiles)
+    if choice.kind == "pallas_gpu":
+        return flash_attention_gpu(q, k, v, **kwargs, **tiles, interpret=choice.interpret)
+    return flash_attention_tpu(q, k, v, **kwargs, **tiles, interpret=choice.interpret)
+
+
+def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
+                    sm_scale: float | None = None, backend: str = "auto",
+                    block_q: int | None = None, block_k: int | None = None):
+    """Prefill attention over a contiguous KV cache, with its LSE.
+
+    Args:
+      q: `[T, Hq, D]` queries; row t is at absolute position `q_offset + t`.
+      k, v: `[S, Hkv, D]` keys and values; row s is at position s. `Hq % Hkv == 0`.
+      causal: hide keys at positions `s > q_offset + t`.
+      q_offset: int or int32 scalar array; the position of the first query (chunked
+        prefill attends the cached prefix and itself).
+      kv_length: int or int32 scalar array; keys at `s >= kv_length` are hidden (may
+        hold anything, NaN included). Defaults to S.
+      sm_scale: score scale, default `D ** -0.5`.
+      backend: see `pallas_kernels.backend`.
+      block_q, block_k: tile sizes; `None` keeps the backend's default.
+
+    Returns:
+      `(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)`. A row that sees no key has
+      out = 0 and lse = -inf.
+    """
+    check_flash_args(q, k, v)
+    choice = backends.resolve(backend)
+    t, hq, d = q.shape
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    if t == 0 or k.shape[0] == 0:
+        return _empty_result((t, hq), d, q.dtype)
+    kv_length = k.shape[0] if kv_length is None else kv_length
+    tiles = tuple((name, size) for name, size in (("block_q", block_q), ("block_k", block_k))
+                  if size is not None)
+    return _flash(q, k, v, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_length, jnp.int32),
+                  causal=bool(causal), sm_scale=sm_scale, choice=choice, tiles=tiles)
+
+
+def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size: int):
+    """Makes table entries past each sequence's last page point at block 0.
+
+    Entries a sequence does not own may hold anything (-1, garbage); kernels that fetch
+    pages through the table must never be handed an out-of-range block id. Lengths are
+    clipped to `[0, max_blocks * block_size]`.
+
+    Returns `(tables int32 [B, max_blocks], lengths int32 [B])`.
+    """
+    max_blocks = block_tables.shape[1]
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * block_size)
+    pages = (lengths + block_size - 1) // block_size
+    owned = jnp.arange(max_blocks, dtype=jnp.int32)[None, :] < pages[:, None]
+    tables = jnp.where(owned, jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1), 0)
+    return tables, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "choice", "num_splits"))
+def _paged(q, k_pages, v_pages, block_tables, lengths, *, sm_scale, choice, num_splits):
+    tables, lengths = sanitize_block_tables(
+        block_tables, lengths, num_blocks=k_pages.shape[0], block_size=k_pages.shape[1])
+    args = (q, k_pages, v_pages, tables, lengths)
+    if choice.kind == "reference":
+        return paged_attention_reference(*args, sm_scale=sm_scale)
+    if choice.kind == "xla":
+        return paged_attention_xla(*args, sm_scale=sm_scale)
+    splits = {} if num_splits is None else {"num_splits": num_splits}
+    if choice.kind == "pallas_gpu":
+        return paged_attention_gpu(*args, sm_scale=sm_scale, interpret=choice.interpret,
+                                   **splits)
+    return paged_attention_tpu(*args, sm_scale=sm_scale, interpret=choice.interpret, **splits)
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
+                    sm_scale: float | None = None, backend: str = "auto",
+                    num_splits: int | None = None):
+    """Decode attention, one query per sequence, over a paged KV cache, with its LSE.
+
+    Args:
+      q: `[B, Hq, D]`, the new token of each sequence.
+      k_pages, v_pages: `[num_blocks, block_size, Hkv, D]` the block pool. Slots a
+        sequence does not own may hold anything, NaN included.
+      block_tables: int32 `[B, max_blocks]`; sequence b's token i lives in block
+        `block_tables[b, i // block_size]`, slot `i % block_size`. Entries past the last
+        block are never read.
+      lengths: int32 `[B]`, tokens per sequence (0 allowed).
+      sm_scale: score scale, default `D ** -0.5`.
+      backend: see `pallas_kernels.backend`.
+      num_splits: split-K factor for the Pallas kernels; `None` picks one.
+
+    Returns:
+      `(out [B, Hq, D] in q's dtype, lse [B, Hq] float32)`; a sequence of length 0 gets
+      out = 0 and lse = -inf.
+    """
+    check_paged_args(q, k_pages, v_pages, block_tables, lengths)
+    choice = backends.resolve(backend)
+    batch, hq, d = q.shape
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    if batch == 0 or block_tables.shape[1] == 0 or k_pages.shape[0] == 0:
+        return _empty_result((batch, hq), d, q.dtype)
+    return _paged(q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
+                  choice=choice, num_splits=num_splits)

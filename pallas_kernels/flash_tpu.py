@@ -1,0 +1,128 @@
+"""Flash prefill attention as a Pallas kernel for TPUs (Mosaic lowering).
+
+Grid `(Hq, query tiles, key tiles)`, the key axis innermost and sequential: the online
+softmax state lives in VMEM scratch across it. `q_offset` and `kv_length` are scalar-
+prefetched into SMEM, so the index maps clamp the key tile to the last one the query tile
+can see: tiles past the causal diagonal or past `kv_length` repeat the previous block
+index, which the pipeline does not fetch again, and their compute is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import online_softmax, tile_matmul
+from pallas_kernels.tiling import visible_kv_blocks
+
+
+def _last_visible_tile(i, bounds_ref, *, block_q, block_k, causal):
+    count = visible_kv_blocks(i, block_q=block_q, block_k=block_k, causal=causal,
+                              q_offset=bounds_ref[0], kv_len=bounds_ref[1])
+    return jnp.maximum(count - 1, 0), count
+
+
+def _flash_kernel(bounds_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                  m_ref, l_ref, acc_ref, *, sm_scale, causal, block_q, block_k):
+    """One (head, query tile, key tile) step.
+
+    bounds_ref SMEM `[2]` int32 (q_offset, kv_length); q_ref `[block_q, D]`; k_ref, v_ref
+    `[block_k, D]`; out_ref `[block_q, D]`; lse_ref `[block_q, 1]`; scratch m_ref, l_ref
+    `[block_q, 1]` and acc_ref `[block_q, D]` float32.
+    """
+    i, j = pl.program_id(1), pl.program_id(2)
+    _, count = _last_visible_tile(i, bounds_ref, block_q=block_q, block_k=block_k,
+                                  causal=causal)
+
+    @pl.when(j == 0)
+    def _init():
+        m0, l0, acc0 = online_softmax.initial_state((block_q,), acc_ref.shape[-1])
+        m_ref[...], l_ref[...], acc_ref[...] = m0, l0, acc0
+
+    @pl.when(j < count)
+    def _step():
+        q_offset, kv_len = bounds_ref[0], bounds_ref[1]
+        q_pos = q_offset + i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+        k_pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+        visible = k_pos < kv_len
+        if causal:
+            visible = visible & (k_pos <= q_pos)
+        in_range = (j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < kv_len
+        v = jnp.where(in_range, v_ref[...], jnp.zeros_like(v_ref[...]))
+        scores = tile_matmul.dot_nt(q_ref[...], k_ref[...]) * sm_scale
+        scores = jnp.where(visible, scores, -jnp.inf)
+        m, l, acc = online_softmax.update(m_ref[...], l_ref[...], acc_ref[...], scores, v,
+                                          tile_matmul.dot_nn)
+        m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        out, lse = online_softmax.finish(m_ref[...], l_ref[...], acc_ref[...])
+        out_ref[...] = out.astype(out_ref.dtype)
+        lse_ref[...] = lse
+
+
+def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
+                        block_q: int = 128, block_k: int = 128, interpret: bool = False):
+    """Prefill attention; arguments and results as `pallas_kernels.flash_attention`.
+
+    q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
+    Tiles must be multiples of 8 rows; 128 is the natural size for the MXU.
+    """
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    group = hq // hkv
+    block_q = min(block_q, pl.cdiv(max(t, 1), 8) * 8)
+    block_k = min(block_k, pl.cdiv(max(s, 1), 8) * 8)
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size % 8:
+            raise ValueError(f"the TPU flash kernel needs {name} to be a multiple of 8, got {size}")
+    t_pad = pl.cdiv(t, block_q) * block_q
+    s_pad = pl.cdiv(s, block_k) * block_k
+    q_h = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0))).transpose(1, 0, 2)
+    k_h = jnp.pad(k, ((0, s_pad - s), (0, 0), (0, 0))).transpose(1, 0, 2)
+    v_h = jnp.pad(v, ((0, s_pad - s), (0, 0), (0, 0))).transpose(1, 0, 2)
+    bounds = jnp.stack([jnp.asarray(q_offset, jnp.int32),
+                        jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, s)])
+    last = functools.partial(_last_visible_tile, block_q=block_q, block_k=block_k,
+                             causal=causal)
+
+    def kv_index(h, i, j, bounds_ref):
+        return (jax.lax.div(h, group), jnp.minimum(j, last(i, bounds_ref)[0]), 0)
+
+    kernel = functools.partial(_flash_kernel, sm_scale=sm_scale, causal=causal,
+                               block_q=block_q, block_k=block_k)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(hq, t_pad // block_q, s_pad // block_k),
+            in_specs=[
+                pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
+                pl.BlockSpec((None, block_k, d), kv_index),
+                pl.BlockSpec((None, block_k, d), kv_index),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
+                pl.BlockSpec((None, block_q, 1), lambda h, i, j, b: (h, i, 0)),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((block_q, 1), jnp.float32),
+                pltpu.VMEM((block_q, 1), jnp.float32),
+                pltpu.VMEM((block_q, d), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((hq, t_pad, d), q.dtype),
+            jax.ShapeDtypeStruct((hq, t_pad, 1), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="jattn_flash_tpu",
+    )(bounds, q_h, k_h, v_h)
+    return out.transpose(1, 0, 2)[:t], lse[..., 0].T[:t]

@@ -1,0 +1,110 @@
+"""Argument checks shared by every backend.
+
+Each check raises `ValueError` that names the offending argument and the shapes or
+dtypes it saw, before any tracing or kernel launch, so a bad call changes nothing.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _check_float(name: str, x) -> None:
+    if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}"
+        )
+
+
+def _check_heads(q_heads: int, kv_heads: int, q_shape, kv_shape) -> None:
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"query heads ({q_heads}) must be a multiple of key/value heads "
+            f"({kv_heads}); q shape {tuple(q_shape)}, k shape {tuple(kv_shape)}"
+        )
+
+
+def check_flash_args(q, k, v) -> None:
+    """Checks q `[T, Hq, D]`, k and v `[S, Hkv, D]` for `flash_attention`."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 3:
+            raise ValueError(
+                f"{name} must have rank 3 ([tokens, heads, head_dim]), "
+                f"got shape {tuple(x.shape)}"
+            )
+        _check_float(name, x)
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.dtype != v.dtype:
+        raise ValueError(f"k and v must share a dtype, got k {k.dtype} and v {v.dtype}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q and k must have the same head_dim, got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    _check_heads(q.shape[1], k.shape[1], q.shape, k.shape)
+
+
+def check_paged_args(q, k_pages, v_pages, block_tables, lengths) -> None:
+    """Checks the arguments of `paged_attention`.
+
+    q `[B, Hq, D]`; k_pages, v_pages `[num_blocks, block_size, Hkv, D]`;
+    block_tables int32 `[B, max_blocks]`; lengths int32 `[B]`.
+    """
+    if q.ndim != 3:
+        raise ValueError(
+            f"q must have rank 3 ([batch, heads, head_dim]), got shape {tuple(q.shape)}"
+        )
+    _check_float("q", q)
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} must have rank 4 ([num_blocks, block_size, kv_heads, head_dim]), "
+                f"got shape {tuple(x.shape)}"
+            )
+        _check_float(name, x)
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(
+            f"k_pages and v_pages must have the same shape, got {tuple(k_pages.shape)} "
+            f"and {tuple(v_pages.shape)}"
+        )
+    if k_pages.dtype != v_pages.dtype:
+        raise ValueError(
+            f"k_pages and v_pages must share a dtype, got {k_pages.dtype} and {v_pages.dtype}"
+        )
+    if q.shape[2] != k_pages.shape[3]:
+        raise ValueError(
+            f"q and k_pages must have the same head_dim, got q {tuple(q.shape)} and "
+            f"k_pages {tuple(k_pages.shape)}"
+        )
+    _check_heads(q.shape[1], k_pages.shape[2], q.shape, k_pages.shape)
+    batch = q.shape[0]
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(
+            f"block_tables must have shape [batch={batch}, max_blocks], got "
+            f"{tuple(block_tables.shape)}"
+        )
+    if not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(f"block_tables must be int32, got dtype {block_tables.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(
+            f"lengths must have shape [batch={batch}], got {tuple(lengths.shape)}"
+        )
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be int32, got dtype {lengths.dtype}")
+
+
+def check_merge_args(outs, lses) -> None:
+    """Checks outs `[n, ..., D]` against lses `[n, ...]` for `merge_attention`."""
+    if outs.ndim < 2:
+        raise ValueError(f"outs must have shape [n, ..., D], got {tuple(outs.shape)}")
+    if tuple(lses.shape) != tuple(outs.shape[:-1]):
+        raise ValueError(
+            f"lses must have shape outs.shape[:-1] = {tuple(outs.shape[:-1])}, "
+            f"got {tuple(lses.shape)}"
+        )
+    if outs.shape[0] == 0:
+        raise ValueError("outs must hold at least one part, got n = 0")

@@ -1,0 +1,100 @@
+"""Tiled attention in plain jnp: the fast path on CPU, and a fallback everywhere.
+
+Prefill walks query tiles in sequence and, for each, only the key tiles it can see
+(causal tiles past the diagonal and tiles past `kv_length` are skipped), so memory is
+`O(block_q * block_k * Hq)` and never grows with `T * S`. Decode walks the block table in
+chunks of pages (split-K) and gathers only one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import online_softmax
+from pallas_kernels.tiling import pad_to, visible_kv_blocks
+
+
+def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
+                        block_q: int = 256, block_k: int = 512):
+    """Tiled prefill attention; arguments and results as `pallas_kernels.flash_attention`.
+
+    q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
+    """
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    group = hq // hkv
+    block_q = min(block_q, max(t, 1))
+    block_k = min(block_k, max(s, 1))
+    kv_len = jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, s)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+
+    q_tiles = pad_to(q, block_q).reshape(-1, block_q, hkv, group, d)
+    k_all = pad_to(k, block_k)
+    v_all = pad_to(v, block_k)
+    num_q_tiles = q_tiles.shape[0]
+
+    def attend_tile(args):
+        tile_index, q_tile = args
+        q_tile = q_tile.astype(jnp.float32) * sm_scale
+        q_pos = q_offset + tile_index * block_q + jnp.arange(block_q)
+
+        def body(j, state):
+            start = j * block_k
+            k_tile = jax.lax.dynamic_slice_in_dim(k_all, start, block_k).astype(jnp.float32)
+            v_tile = jax.lax.dynamic_slice_in_dim(v_all, start, block_k).astype(jnp.float32)
+            k_pos = start + jnp.arange(block_k)
+            in_range = k_pos < kv_len
+            visible = in_range[None, :]
+            if causal:
+                visible = visible & (k_pos[None, :] <= q_pos[:, None])
+            v_tile = jnp.where(in_range[:, None, None], v_tile, 0.0)
+            scores = jnp.einsum("qhgd,khd->hgqk", q_tile, k_tile)
+            scores = jnp.where(visible[None, None], scores, -jnp.inf)
+            return online_softmax.update(
+                *state, scores, v_tile,
+                lambda p, vals: jnp.einsum("hgqk,khd->hgqd", p, vals))
+
+        state = online_softmax.initial_state((hkv, group, block_q), d)
+        count = visible_kv_blocks(tile_index, block_q=block_q, block_k=block_k,
+                                  causal=causal, q_offset=q_offset, kv_len=kv_len)
+        out, lse = online_softmax.finish(*jax.lax.fori_loop(0, count, body, state))
+        return out.transpose(2, 0, 1, 3), lse[..., 0].transpose(2, 0, 1)
+
+    out, lse = jax.lax.map(attend_tile, (jnp.arange(num_q_tiles), q_tiles))
+    out = out.reshape(num_q_tiles * block_q, hq, d)[:t]
+    lse = lse.reshape(num_q_tiles * block_q, hq)[:t]
+    return out.astype(q.dtype), lse
+
+
+def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
+                        pages_per_chunk: int = 32):
+    """Split-K decode over a paged cache; arguments and results as `paged_attention`.
+
+    `block_tables` must already be sanitised (entries past a sequence's pages in range).
+    q `[B, Hq, D]` -> out `[B, Hq, D]` (q's dtype), lse `[B, Hq]` float32.
+    """
+    batch, hq, d = q.shape
+    _, block_size, hkv, _ = k_pages.shape
+    group = hq // hkv
+    pages_per_chunk = min(pages_per_chunk, block_tables.shape[1])
+    tables = pad_to(block_tables, pages_per_chunk, axis=1)
+    chunk_tokens = pages_per_chunk * block_size
+    q_grouped = q.reshape(batch, hkv, group, d).astype(jnp.float32) * sm_scale
+
+    def body(c, state):
+        ids = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)
+        k = k_pages[ids].reshape(batch, chunk_tokens, hkv, d).astype(jnp.float32)
+        v = v_pages[ids].reshape(batch, chunk_tokens, hkv, d).astype(jnp.float32)
+        owned = c * chunk_tokens + jnp.arange(chunk_tokens)[None, :] < lengths[:, None]
+        v = jnp.where(owned[:, :, None, None], v, 0.0)
+        scores = jnp.einsum("bhgd,bshd->bhgs", q_grouped, k)
+        scores = jnp.where(owned[:, None, None, :], scores, -jnp.inf)
+        return online_softmax.update(
+            *state, scores, v, lambda p, vals: jnp.einsum("bhgs,bshd->bhgd", p, vals))
+
+    state = online_softmax.initial_state((batch, hkv, group), d)
+    num_chunks = (jnp.max(lengths, initial=0) + chunk_tokens - 1) // chunk_tokens
+    num_chunks = jnp.minimum(num_chunks, tables.shape[1] // pages_per_chunk)
+    out, lse = online_softmax.finish(*jax.lax.fori_loop(0, num_chunks, body, state))
+    return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)
