@@ -1,0 +1,42 @@
+"""The Pallas kernels lower for GPU (Triton) and TPU (Mosaic) from this CPU machine.
+
+Lowering runs the whole Pallas-to-Triton / Pallas-to-Mosaic translation; what remains
+on the device is the vendor compiler. Real runs on GPU are in BENCHMARKS.md.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.flash_gpu import flash_attention_gpu
+from pallas_kernels.flash_tpu import flash_attention_tpu
+from pallas_kernels.paged_gpu import paged_attention_gpu
+from pallas_kernels.paged_tpu import paged_attention_tpu
+
+PLATFORMS = [("cuda", flash_attention_gpu, paged_attention_gpu, "__gpu$xla.gpu.triton"),
+             ("tpu", flash_attention_tpu, paged_attention_tpu, "tpu_custom_call")]
+
+
+def _lower(fn, platform, *shapes):
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform,flash,paged,custom_call", PLATFORMS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("head_dim", [128, 64, 8])
+def test_kernels_lower(platform, flash, paged, custom_call, dtype, head_dim):
+    def prefill(q, k, v):
+        return flash(q, k, v, causal=True, q_offset=jnp.int32(64), kv_length=jnp.int32(300),
+                     sm_scale=0.125)
+
+    text = _lower(prefill, platform, ((256, 8, head_dim), dtype), ((320, 2, head_dim), dtype),
+                  ((320, 2, head_dim), dtype))
+    assert custom_call in text
+
+    def decode(q, k_pages, v_pages, tables, lengths):
+        return paged(q, k_pages, v_pages, tables, lengths, sm_scale=0.125)
+
+    text = _lower(decode, platform, ((4, 8, head_dim), dtype), ((64, 16, 2, head_dim), dtype),
+                  ((64, 16, 2, head_dim), dtype), ((4, 16), jnp.int32), ((4,), jnp.int32))
+    assert custom_call in text
