@@ -108,11 +108,11 @@ def _temp_bytes(fn, length):
 
 
 def test_flash_xla_memory_does_not_grow_with_t_times_s():
-    """Scratch memory of the tiled path is flat in T = S; the dense oracle's grows 16x
-    from 1K to 4K (it holds every score)."""
+    """From T = S = 1K to 4K the tiled path's scratch grows at most linearly (its
+    re-laid-out copies of q, k, v); the dense oracle's grows 16x (it holds every score)."""
     tiled = lambda q, k, v: flash_attention_xla(q, k, v, causal=True, q_offset=0,
                                                 kv_length=k.shape[0], sm_scale=0.125)
     dense = lambda q, k, v: flash_attention_reference(q, k, v, causal=True, q_offset=0,
                                                       kv_length=k.shape[0], sm_scale=0.125)
-    assert _temp_bytes(tiled, 4096) <= 1.1 * _temp_bytes(tiled, 1024)
+    assert _temp_bytes(tiled, 4096) <= 4 * _temp_bytes(tiled, 1024)
     assert _temp_bytes(dense, 4096) >= 15 * _temp_bytes(dense, 1024)

@@ -99,5 +99,5 @@ def test_paged_xla_random(lengths, ratio, hkv, block_size, seed):
 
 
 def test_paged_xla_long_context_spans_many_chunks():
-    """A context longer than one split-K chunk (32 pages) walks several chunks."""
+    """A context of many split-K chunks (64 tokens each by default) merges them all."""
     _run("xla", [1000, 130, 0], hq=4, hkv=2, d=16, block_size=8, dtype=jnp.float32, seed=2)

@@ -1,0 +1,212 @@
+"""Attention kernels: decode and prefill, every backend beside the dense reference.
+
+    python benchmarks/kernels.py [--quick] [--json PATH] [--backends xla,reference]
+
+Decode: batch 8, one query per sequence, pages of 16 tokens scattered at random over the
+pool. Prefill: causal, T = S. For each size every backend runs in the same process as
+the dense reference; the table gives the median time, the speed-up over the reference,
+and the largest difference from it. On a GPU it also gives decode bandwidth as a fraction
+of a device-to-device copy of the same bytes, and prefill TFLOP/s beside
+`jax.nn.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402
+
+from pallas_kernels import flash_attention, paged_attention  # noqa: E402
+
+REFERENCE_BYTES_LIMIT = 6 * 2**30
+"""The dense reference is skipped where its score matrices would pass this."""
+
+
+@dataclass
+class Shape:
+    """Head layout and dtype of the attention being measured."""
+
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def itemsize(self) -> int:
+        return jnp.dtype(self.dtype).itemsize
+
+
+@dataclass
+class Row:
+    op: str
+    size: int
+    backend: str
+    median_ms: float
+    speedup_vs_reference: float | None = None
+    max_abs_diff_vs_reference: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def decode_inputs(key, context: int, batch: int, shape: Shape, block_size: int = 16):
+    pages = context // block_size
+    num_blocks = batch * pages
+    dtype = jnp.dtype(shape.dtype)
+    kq, kk, kv, kp = jax.random.split(key, 4)
+    pool = (num_blocks, block_size, shape.kv_heads, shape.head_dim)
+    q = jax.random.normal(kq, (batch, shape.q_heads, shape.head_dim), dtype)
+    k_pages = jax.random.normal(kk, pool, dtype)
+    v_pages = jax.random.normal(kv, pool, dtype)
+    tables = jax.random.permutation(kp, num_blocks).reshape(batch, pages).astype(jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    return q, k_pages, v_pages, tables, lengths
+
+
+def prefill_inputs(key, length: int, shape: Shape):
+    dtype = jnp.dtype(shape.dtype)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (length, shape.q_heads, shape.head_dim), dtype)
+    k = jax.random.normal(kk, (length, shape.kv_heads, shape.head_dim), dtype)
+    v = jax.random.normal(kv, (length, shape.kv_heads, shape.head_dim), dtype)
+    return q, k, v
+
+
+def copy_seconds(num_bytes: int, repeats: int) -> float:
+    """Median time of a device-to-device copy of `num_bytes` (read once, written once)."""
+    buffer = jnp.ones((num_bytes // 4,), jnp.float32)
+    return median_seconds(jax.jit(lambda x: x + 0), buffer, repeats=repeats)
+
+
+def _compare(rows_for_size: list[Row], outputs: dict) -> None:
+    reference = next((r for r in rows_for_size if r.backend == "reference"), None)
+    if reference is None:
+        return
+    want = np.asarray(outputs["reference"], np.float32)
+    for row in rows_for_size:
+        row.speedup_vs_reference = reference.median_ms / row.median_ms
+        got = np.asarray(outputs[row.backend], np.float32)
+        row.max_abs_diff_vs_reference = float(np.max(np.abs(got - want)))
+
+
+def bench_decode(contexts, backends, shape: Shape, batch: int, repeats: int, on_gpu: bool):
+    rows = []
+    for context in tqdm(contexts, desc="decode", unit="context"):
+        args = decode_inputs(jax.random.key(context), context, batch, shape)
+        kv_bytes = 2 * batch * context * shape.kv_heads * shape.head_dim * shape.itemsize
+        size_rows, outputs = [], {}
+        for backend in backends:
+            fn = jax.jit(lambda *a, b=backend: paged_attention(*a, backend=b)[0])
+            seconds = median_seconds(fn, *args, repeats=repeats)
+            outputs[backend] = fn(*args)
+            extra = {"kv_gbytes_per_s": kv_bytes / seconds / 1e9}
+            if on_gpu:
+                extra["fraction_of_copy_bandwidth"] = (
+                    kv_bytes / seconds) / (2 * kv_bytes / copy_seconds(kv_bytes, repeats))
+            size_rows.append(Row("decode", context, backend, seconds * 1e3, extra=extra))
+        _compare(size_rows, outputs)
+        rows += size_rows
+        del args, outputs
+    return rows
+
+
+def bench_prefill(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
+    rows = []
+    for length in tqdm(lengths, desc="prefill", unit="length"):
+        args = prefill_inputs(jax.random.key(length), length, shape)
+        flops = 4 * length * length * shape.q_heads * shape.head_dim / 2  # causal half
+        score_bytes = 3 * shape.q_heads * length * length * 4
+        runnable = [b for b in backends
+                    if b != "reference" or score_bytes <= REFERENCE_BYTES_LIMIT]
+        if on_gpu:
+            runnable.append("jax.nn.dot_product_attention")
+        size_rows, outputs = [], {}
+        for backend in runnable:
+            if backend == "jax.nn.dot_product_attention":
+                fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                    q[None], k[None], v[None], is_causal=True)[0])
+            else:
+                fn = jax.jit(lambda *a, b=backend: flash_attention(*a, backend=b)[0])
+            seconds = median_seconds(fn, *args, repeats=repeats)
+            outputs[backend] = fn(*args)
+            size_rows.append(Row("prefill", length, backend, seconds * 1e3,
+                                 extra={"tflops": flops / seconds / 1e12}))
+        _compare(size_rows, outputs)
+        baseline = next((r for r in size_rows if r.backend == "jax.nn.dot_product_attention"),
+                        None)
+        if baseline is not None:
+            for row in size_rows:
+                row.extra["tflops_vs_dot_product_attention"] = (
+                    row.extra["tflops"] / baseline.extra["tflops"])
+        rows += size_rows
+        del args, outputs
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    header = f"{'op':8} {'size':>6} {'backend':30} {'median ms':>10} {'vs ref':>7} " \
+             f"{'max|diff|':>9}  figures"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        speedup = "" if row.speedup_vs_reference is None else f"{row.speedup_vs_reference:.2f}x"
+        diff = "" if row.max_abs_diff_vs_reference is None else \
+            f"{row.max_abs_diff_vs_reference:.1e}"
+        figures = "  ".join(f"{k}={v:.3g}" for k, v in row.extra.items())
+        print(f"{row.op:8} {row.size:>6} {row.backend:30} {row.median_ms:>10.3f} "
+              f"{speedup:>7} {diff:>9}  {figures}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    parser.add_argument("--json", default=None, help="where to write the results")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated; default: pallas (GPU/TPU only), xla, reference")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    here = jax.default_backend()
+    on_gpu = here == "gpu"
+    backends = (args.backends.split(",") if args.backends else
+                (["pallas"] if here in ("gpu", "tpu") else []) + ["xla", "reference"])
+    dtype = "float32" if here == "cpu" else "bfloat16"
+    decode_shape = Shape(32, 8, 128, dtype)
+    prefill_shape = Shape(8, 2, 64, dtype) if here == "cpu" else Shape(32, 8, 128, dtype)
+    if args.quick:
+        contexts, lengths, repeats = [1024, 4096], [512, 1024], args.repeats or 3
+    else:
+        contexts, lengths = [1024, 4096, 16384, 32768], [512, 1024, 2048, 4096, 8192]
+        repeats = args.repeats or 5
+
+    rows = bench_decode(contexts, backends, decode_shape, 8, repeats, on_gpu)
+    rows += bench_prefill(lengths, backends, prefill_shape, repeats, on_gpu)
+    print(f"\njattn kernels on {jax.devices()[0].device_kind} ({here}), "
+          f"decode {decode_shape}, prefill {prefill_shape}, median of {repeats}")
+    print_table(rows)
+    result = {
+        "machine": {"platform": here, "device_kind": jax.devices()[0].device_kind,
+                    "device_count": jax.device_count(), "cpu": platform.processor(),
+                    "cpu_count": os.cpu_count(), "jax": jax.__version__},
+        "decode_shape": asdict(decode_shape), "prefill_shape": asdict(prefill_shape),
+        "decode_batch": 8, "repeats": repeats, "rows": [asdict(r) for r in rows],
+    }
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"kernels-{here}{'-quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
