@@ -1,0 +1,1 @@
+"""The gRPC face of jattn: the only package that knows gRPC."""
