@@ -18,7 +18,7 @@ from pallas_kernels.flash_tpu import flash_attention_tpu
 from pallas_kernels.paged_gpu import paged_attention_gpu
 from pallas_kernels.paged_tpu import paged_attention_tpu
 from pallas_kernels.reference import flash_attention_reference, paged_attention_reference
-from pallas_kernels.validation import check_flash_args, check_paged_args
+from pallas_kernels.validation import check_flash_args, check_inv_freq, check_paged_args
 from pallas_kernels.xla_attention import flash_attention_xla, paged_attention_xla
 
 
@@ -28,8 +28,9 @@ def _empty_result(rows: tuple[int, ...], head_dim: int, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "choice", "tiles"))
-def _flash(q, k, v, q_offset, kv_length, *, causal, sm_scale, choice, tiles):
-    kwargs = dict(causal=causal, q_offset=q_offset, kv_length=kv_length, sm_scale=sm_scale)
+def _flash(q, k, v, q_offset, kv_length, inv_freq, *, causal, sm_scale, choice, tiles):
+    kwargs = dict(causal=causal, q_offset=q_offset, kv_length=kv_length, sm_scale=sm_scale,
+                  key_rope_inv_freq=inv_freq)
     tiles = dict(tiles)
     if choice.kind == "reference":
         return flash_attention_reference(q, k, v, **kwargs)
@@ -42,7 +43,8 @@ def _flash(q, k, v, q_offset, kv_length, *, causal, sm_scale, choice, tiles):
 
 def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
                     sm_scale: float | None = None, backend: str = "auto",
-                    block_q: int | None = None, block_k: int | None = None):
+                    key_rope_inv_freq=None, block_q: int | None = None,
+                    block_k: int | None = None):
     """Prefill attention over a contiguous KV cache, with its LSE.
 
     Args:
@@ -55,6 +57,9 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
         hold anything, NaN included). Defaults to S.
       sm_scale: score scale, default `D ** -0.5`.
       backend: see `pallas_kernels.backend`.
+      key_rope_inv_freq: `[D/2]` float32 or None. Given, keys are taken as stored without
+        position and key s is rotated to position s (half-split RoPE, see
+        `pallas_kernels.rotary`) inside the kernel; q must already be rotated.
       block_q, block_k: tile sizes; `None` keeps the backend's default.
 
     Returns:
@@ -62,6 +67,7 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
       out = 0 and lse = -inf.
     """
     check_flash_args(q, k, v)
+    check_inv_freq(key_rope_inv_freq, q.shape[-1])
     choice = backends.resolve(backend)
     t, hq, d = q.shape
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
@@ -71,7 +77,8 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
     tiles = tuple((name, size) for name, size in (("block_q", block_q), ("block_k", block_k))
                   if size is not None)
     return _flash(q, k, v, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_length, jnp.int32),
-                  causal=bool(causal), sm_scale=sm_scale, choice=choice, tiles=tiles)
+                  key_rope_inv_freq, causal=bool(causal), sm_scale=sm_scale, choice=choice,
+                  tiles=tiles)
 
 
 def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size: int):
@@ -92,24 +99,26 @@ def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "choice", "num_splits"))
-def _paged(q, k_pages, v_pages, block_tables, lengths, *, sm_scale, choice, num_splits):
+def _paged(q, k_pages, v_pages, block_tables, lengths, inv_freq, *, sm_scale, choice,
+           num_splits):
     tables, lengths = sanitize_block_tables(
         block_tables, lengths, num_blocks=k_pages.shape[0], block_size=k_pages.shape[1])
     args = (q, k_pages, v_pages, tables, lengths)
+    kwargs = dict(sm_scale=sm_scale, key_rope_inv_freq=inv_freq)
     if choice.kind == "reference":
-        return paged_attention_reference(*args, sm_scale=sm_scale)
+        return paged_attention_reference(*args, **kwargs)
     if choice.kind == "xla":
-        return paged_attention_xla(*args, sm_scale=sm_scale)
-    splits = {} if num_splits is None else {"num_splits": num_splits}
+        return paged_attention_xla(*args, **kwargs)
+    if num_splits is not None:
+        kwargs["num_splits"] = num_splits
     if choice.kind == "pallas_gpu":
-        return paged_attention_gpu(*args, sm_scale=sm_scale, interpret=choice.interpret,
-                                   **splits)
-    return paged_attention_tpu(*args, sm_scale=sm_scale, interpret=choice.interpret, **splits)
+        return paged_attention_gpu(*args, **kwargs, interpret=choice.interpret)
+    return paged_attention_tpu(*args, **kwargs, interpret=choice.interpret)
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
                     sm_scale: float | None = None, backend: str = "auto",
-                    num_splits: int | None = None):
+                    key_rope_inv_freq=None, num_splits: int | None = None):
     """Decode attention, one query per sequence, over a paged KV cache, with its LSE.
 
     Args:
@@ -122,6 +131,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
       lengths: int32 `[B]`, tokens per sequence (0 allowed).
       sm_scale: score scale, default `D ** -0.5`.
       backend: see `pallas_kernels.backend`.
+      key_rope_inv_freq: `[D/2]` float32 or None. Given, the pool holds keys without
+        position and token i's key is rotated to position i (half-split RoPE) inside the
+        kernel; q must already be rotated to its own position.
       num_splits: split-K factor for the Pallas kernels; `None` picks one.
 
     Returns:
@@ -129,10 +141,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
       out = 0 and lse = -inf.
     """
     check_paged_args(q, k_pages, v_pages, block_tables, lengths)
+    check_inv_freq(key_rope_inv_freq, q.shape[-1])
     choice = backends.resolve(backend)
     batch, hq, d = q.shape
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     if batch == 0 or block_tables.shape[1] == 0 or k_pages.shape[0] == 0:
         return _empty_result((batch, hq), d, q.dtype)
-    return _paged(q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale,
-                  choice=choice, num_splits=num_splits)
+    return _paged(q, k_pages, v_pages, block_tables, lengths, key_rope_inv_freq,
+                  sm_scale=sm_scale, choice=choice, num_splits=num_splits)

@@ -16,25 +16,30 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import tile_matmul, online_softmax
+from pallas_kernels import online_softmax, rotary, tile_matmul
 from pallas_kernels.tiling import visible_kv_blocks
 
 
-def _flash_kernel(bounds_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                  sm_scale, causal, block_q, block_k, num_kv_tiles):
+def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
+                  sm_scale, causal, block_q, block_k, num_kv_tiles, rotate_keys):
     """One query tile of one head.
 
-    bounds_ref `[2]` int32 (q_offset, kv_length); q_ref `[block_q, D]`; k_ref, v_ref
-    `[S_pad, D]` (this head's keys); out_ref `[block_q, D]`; lse_ref `[block_q]`.
+    bounds_ref `[2]` int32 (q_offset, kv_length); inv_freq_ref `[D/2]` float32 (used when
+    `rotate_keys`); q_ref `[block_q, D]`; k_ref, v_ref `[S_pad, D]` (this head's keys);
+    out_ref `[block_q, D]`; lse_ref `[block_q]`.
     """
     tile = pl.program_id(0)
     q_offset, kv_len = bounds_ref[0], bounds_ref[1]
+    d = q_ref.shape[-1]
+    half = d // 2
     q = q_ref[...]
+    if rotate_keys:
+        q1, q2 = q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]
+        inv_freq = inv_freq_ref[...][None, :]
     q_pos = q_offset + tile * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
 
     def body(j, state):
         start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
         k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
         visible = k_pos < kv_len
@@ -42,25 +47,34 @@ def _flash_kernel(bounds_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
             visible = visible & (k_pos <= q_pos)
         in_range = (start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < kv_len
         v = jnp.where(in_range, v, jnp.zeros_like(v))
-        scores = jnp.where(visible, tile_matmul.dot_nt(q, k) * sm_scale, -jnp.inf)
+        if rotate_keys:
+            raw = rotary.rotated_key_scores(
+                q1, q2, k_ref[pl.ds(start, block_k), pl.ds(0, half)],
+                k_ref[pl.ds(start, block_k), pl.ds(half, half)],
+                start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0), inv_freq,
+                tile_matmul.dot_nt)
+        else:
+            raw = tile_matmul.dot_nt(q, k_ref[pl.ds(start, block_k), :])
+        scores = jnp.where(visible, raw * sm_scale, -jnp.inf)
         return online_softmax.update(*state, scores, v, tile_matmul.dot_nn)
 
     count = jnp.minimum(
         visible_kv_blocks(tile, block_q=block_q, block_k=block_k, causal=causal,
                           q_offset=q_offset, kv_len=kv_len),
         num_kv_tiles)
-    state = online_softmax.initial_state((block_q,), q.shape[-1])
+    state = online_softmax.initial_state((block_q,), d)
     out, lse = online_softmax.finish(*jax.lax.fori_loop(0, count, body, state))
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
 
 def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
-                        block_q: int = 64, block_k: int = 64, num_warps: int = 4,
-                        num_stages: int = 2, interpret: bool = False):
+                        key_rope_inv_freq=None, block_q: int = 64, block_k: int = 64,
+                        num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Prefill attention; arguments and results as `pallas_kernels.flash_attention`.
 
     q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
+    With `key_rope_inv_freq [D/2]`, key s is rotated to position s inside the kernel.
     """
     t, hq, d = q.shape
     s, hkv, _ = k.shape
@@ -77,14 +91,17 @@ def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     v_h = jnp.pad(v, ((0, s_pad - s), (0, 0), (0, 0))).transpose(1, 0, 2)
     bounds = jnp.stack([jnp.asarray(q_offset, jnp.int32),
                         jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, s)])
+    rotate_keys = key_rope_inv_freq is not None
+    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,))).astype(jnp.float32)
     kernel = functools.partial(
         _flash_kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
-        block_k=block_k, num_kv_tiles=s_pad // block_k)
+        block_k=block_k, num_kv_tiles=s_pad // block_k, rotate_keys=rotate_keys)
     out, lse = pl.pallas_call(
         kernel,
         grid=(t_pad // block_q, hq),
         in_specs=[
             pl.BlockSpec((2,), lambda i, h: (0,)),
+            pl.BlockSpec((d // 2,), lambda i, h: (0,)),
             pl.BlockSpec((None, block_q, d), lambda i, h: (h, i, 0)),
             pl.BlockSpec((None, s_pad, d), lambda i, h: (jax.lax.div(h, group), 0, 0)),
             pl.BlockSpec((None, s_pad, d), lambda i, h: (jax.lax.div(h, group), 0, 0)),
@@ -100,5 +117,5 @@ def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jattn_flash_gpu",
-    )(bounds, q_h, k_h, v_h)
+    )(bounds, inv_freq, q_h, k_h, v_h)
     return out.transpose(1, 0, 2)[:t], lse.T[:t]

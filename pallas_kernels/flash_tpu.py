@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import online_softmax, tile_matmul
+from pallas_kernels import online_softmax, rotary, tile_matmul
 from pallas_kernels.tiling import visible_kv_blocks
 
 
@@ -26,11 +26,12 @@ def _last_visible_tile(i, bounds_ref, *, block_q, block_k, causal):
     return jnp.maximum(count - 1, 0), count
 
 
-def _flash_kernel(bounds_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                  m_ref, l_ref, acc_ref, *, sm_scale, causal, block_q, block_k):
+def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                  m_ref, l_ref, acc_ref, *, sm_scale, causal, block_q, block_k, rotate_keys):
     """One (head, query tile, key tile) step.
 
-    bounds_ref SMEM `[2]` int32 (q_offset, kv_length); q_ref `[block_q, D]`; k_ref, v_ref
+    bounds_ref SMEM `[2]` int32 (q_offset, kv_length); inv_freq_ref `[1, D/2]` float32
+    (used when `rotate_keys`); q_ref `[block_q, D]`; k_ref, v_ref
     `[block_k, D]`; out_ref `[block_q, D]`; lse_ref `[block_q, 1]`; scratch m_ref, l_ref
     `[block_q, 1]` and acc_ref `[block_q, D]` float32.
     """
@@ -53,8 +54,15 @@ def _flash_kernel(bounds_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
             visible = visible & (k_pos <= q_pos)
         in_range = (j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < kv_len
         v = jnp.where(in_range, v_ref[...], jnp.zeros_like(v_ref[...]))
-        scores = tile_matmul.dot_nt(q_ref[...], k_ref[...]) * sm_scale
-        scores = jnp.where(visible, scores, -jnp.inf)
+        if rotate_keys:
+            half = q_ref.shape[-1] // 2
+            raw = rotary.rotated_key_scores(
+                q_ref[:, :half], q_ref[:, half:], k_ref[:, :half], k_ref[:, half:],
+                j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0),
+                inv_freq_ref[...], tile_matmul.dot_nt)
+        else:
+            raw = tile_matmul.dot_nt(q_ref[...], k_ref[...])
+        scores = jnp.where(visible, raw * sm_scale, -jnp.inf)
         m, l, acc = online_softmax.update(m_ref[...], l_ref[...], acc_ref[...], scores, v,
                                           tile_matmul.dot_nn)
         m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
@@ -67,11 +75,12 @@ def _flash_kernel(bounds_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
 
 
 def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
-                        block_q: int = 128, block_k: int = 128, interpret: bool = False):
+                        key_rope_inv_freq=None, block_q: int = 128, block_k: int = 128, interpret: bool = False):
     """Prefill attention; arguments and results as `pallas_kernels.flash_attention`.
 
     q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
-    Tiles must be multiples of 8 rows; 128 is the natural size for the MXU.
+    Tiles must be multiples of 8 rows; 128 is the natural size for the MXU. With
+    `key_rope_inv_freq [D/2]`, key s is rotated to position s inside the kernel.
     """
     t, hq, d = q.shape
     s, hkv, _ = k.shape
@@ -94,14 +103,18 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     def kv_index(h, i, j, bounds_ref):
         return (jax.lax.div(h, group), jnp.minimum(j, last(i, bounds_ref)[0]), 0)
 
+    rotate_keys = key_rope_inv_freq is not None
+    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,)))
+    inv_freq = inv_freq.astype(jnp.float32).reshape(1, d // 2)
     kernel = functools.partial(_flash_kernel, sm_scale=sm_scale, causal=causal,
-                               block_q=block_q, block_k=block_k)
+                               block_q=block_q, block_k=block_k, rotate_keys=rotate_keys)
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(hq, t_pad // block_q, s_pad // block_k),
             in_specs=[
+                pl.BlockSpec((1, d // 2), lambda h, i, j, b: (0, 0)),
                 pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
                 pl.BlockSpec((None, block_k, d), kv_index),
                 pl.BlockSpec((None, block_k, d), kv_index),
@@ -124,5 +137,5 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="jattn_flash_tpu",
-    )(bounds, q_h, k_h, v_h)
+    )(bounds, inv_freq, q_h, k_h, v_h)
     return out.transpose(1, 0, 2)[:t], lse[..., 0].T[:t]

@@ -17,52 +17,63 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import online_softmax, tile_matmul
+from pallas_kernels import online_softmax, rotary, tile_matmul
 from pallas_kernels.merge import merge_attention
 
 TARGET_PROGRAMS = 264
 """About two waves of an H100's 132 SMs: the split count aims for this many programs."""
 
 
-def _paged_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                  sm_scale, block_size, pages_per_split):
+def _paged_kernel(lengths_ref, tables_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref,
+                  lse_ref, *, sm_scale, block_size, pages_per_split, rotate_keys):
     """One (sequence, kv head, split).
 
-    lengths_ref `[B]`, tables_ref `[B, max_blocks]` int32; q_ref `[G, D]`; k_ref, v_ref
-    the whole pool `[num_blocks, block_size, Hkv, D]`; out_ref `[G, D]`; lse_ref `[G]`.
+    lengths_ref `[B]`, tables_ref `[B, max_blocks]` int32; inv_freq_ref `[D/2]` float32
+    (used when `rotate_keys`); q_ref `[G, D]`; k_ref, v_ref the whole pool
+    `[num_blocks, block_size, Hkv, D]`; out_ref `[G, D]`; lse_ref `[G]`.
     """
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = lengths_ref[b]
     first = split * pages_per_split
     end = jnp.minimum(first + pages_per_split, jax.lax.div(length + block_size - 1, block_size))
     q = q_ref[...]
+    d = q.shape[-1]
+    half = d // 2
+    if rotate_keys:
+        q1, q2 = q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]
+        inv_freq = inv_freq_ref[...][None, :]
     slot = jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
     slot_row = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], block_size), 1)
 
     def body(page, state):
         block = tables_ref[b, page]
-        k = k_ref[block, :, h, :]
         v = v_ref[block, :, h, :]
         owned = page * block_size + slot < length
         v = jnp.where(owned, v, jnp.zeros_like(v))
-        scores = tile_matmul.dot_nt(q, k) * sm_scale
-        scores = jnp.where(page * block_size + slot_row < length, scores, -jnp.inf)
+        if rotate_keys:
+            raw = rotary.rotated_key_scores(
+                q1, q2, k_ref[block, :, h, pl.ds(0, half)], k_ref[block, :, h, pl.ds(half, half)],
+                page * block_size + slot, inv_freq, tile_matmul.dot_nt)
+        else:
+            raw = tile_matmul.dot_nt(q, k_ref[block, :, h, :])
+        scores = jnp.where(page * block_size + slot_row < length, raw * sm_scale, -jnp.inf)
         return online_softmax.update(*state, scores, v, tile_matmul.dot_nn)
 
-    state = online_softmax.initial_state((q.shape[0],), q.shape[-1])
+    state = online_softmax.initial_state((q.shape[0],), d)
     out, lse = online_softmax.finish(*jax.lax.fori_loop(first, end, body, state))
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
 
 def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
-                        num_splits: int | None = None, num_warps: int = 4,
+                        key_rope_inv_freq=None, num_splits: int | None = None, num_warps: int = 4,
                         num_stages: int = 2, interpret: bool = False):
     """Decode attention; arguments and results as `pallas_kernels.paged_attention`.
 
     `block_tables` must already be sanitised (entries past a sequence's pages in range).
     q `[B, Hq, D]` -> out `[B, Hq, D]` (q's dtype), lse `[B, Hq]` float32. `num_splits`
-    defaults to enough splits to fill the GPU (`TARGET_PROGRAMS`).
+    defaults to enough splits to fill the GPU (`TARGET_PROGRAMS`). With
+    `key_rope_inv_freq [D/2]`, token i's key is rotated to position i inside the kernel.
     """
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_pages.shape
@@ -78,8 +89,10 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     pages_per_split = pl.cdiv(max_blocks, num_splits)
     q_grouped = jnp.pad(q.reshape(batch, hkv, group, d),
                         ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
+    rotate_keys = key_rope_inv_freq is not None
+    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,))).astype(jnp.float32)
     kernel = functools.partial(_paged_kernel, sm_scale=sm_scale, block_size=block_size,
-                               pages_per_split=pages_per_split)
+                               pages_per_split=pages_per_split, rotate_keys=rotate_keys)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     outs, lses = pl.pallas_call(
         kernel,
@@ -87,6 +100,7 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
         in_specs=[
             whole,
             whole,
+            pl.BlockSpec((d // 2,), lambda b, h, s: (0,)),
             pl.BlockSpec((None, None, group_pad, d), lambda b, h, s: (b, h, 0, 0)),
             whole,
             whole,
@@ -102,6 +116,6 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jattn_paged_gpu",
-    )(lengths, block_tables, q_grouped, k_pages, v_pages)
+    )(lengths, block_tables, inv_freq, q_grouped, k_pages, v_pages)
     out, lse = merge_attention(outs[:, :, :, :group], lses[:, :, :, :group])
     return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import online_softmax, tile_matmul
+from pallas_kernels import online_softmax, rotary, tile_matmul
 from pallas_kernels.merge import merge_attention
 
 
@@ -31,8 +31,9 @@ def _num_pages(length, block_size):
 
 
 def _paged_kernel(tables_ref, lengths_ref, row_head_ref, col_head_ref, col_slot_ref,
-                  page_slot_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                  m_ref, l_ref, acc_ref, *, sm_scale, block_size, pages_per_split):
+                  page_slot_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                  m_ref, l_ref, acc_ref, *, sm_scale, block_size, pages_per_split,
+                  rotate_keys):
     """One (sequence, split, page) step.
 
     tables_ref SMEM `[B * max_blocks]`, lengths_ref SMEM `[B]`; row_head_ref `[Hq, 1]`,
@@ -56,8 +57,14 @@ def _paged_kernel(tables_ref, lengths_ref, row_head_ref, col_head_ref, col_slot_
         visible = slot_owned & (col_head_ref[...] == row_head_ref[...])
         v = v_ref[...]
         v = jnp.where(page_start + page_slot_ref[...] < length, v, jnp.zeros_like(v))
-        scores = tile_matmul.dot_nt(q_ref[...], k_ref[...]) * sm_scale
-        scores = jnp.where(visible, scores, -jnp.inf)
+        if rotate_keys:
+            half = q_ref.shape[-1] // 2
+            raw = rotary.rotated_key_scores(
+                q_ref[:, :half], q_ref[:, half:], k_ref[:, :half], k_ref[:, half:],
+                page_start + page_slot_ref[...], inv_freq_ref[...], tile_matmul.dot_nt)
+        else:
+            raw = tile_matmul.dot_nt(q_ref[...], k_ref[...])
+        scores = jnp.where(visible, raw * sm_scale, -jnp.inf)
         m, l, acc = online_softmax.update(m_ref[...], l_ref[...], acc_ref[...], scores, v,
                                           tile_matmul.dot_nn)
         m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
@@ -70,12 +77,14 @@ def _paged_kernel(tables_ref, lengths_ref, row_head_ref, col_head_ref, col_slot_
 
 
 def paged_attention_tpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
-                        num_splits: int = 1, interpret: bool = False):
+                        key_rope_inv_freq=None, num_splits: int = 1,
+                        interpret: bool = False):
     """Decode attention; arguments and results as `pallas_kernels.paged_attention`.
 
     `block_tables` must already be sanitised (entries past a sequence's pages in range).
     q `[B, Hq, D]` -> out `[B, Hq, D]` (q's dtype), lse `[B, Hq]` float32. `num_splits > 1`
     adds a parallel split of each sequence's pages (for megacore chips), merged after.
+    With `key_rope_inv_freq [D/2]`, token i's key is rotated to position i in the kernel.
     """
     batch, hq, d = q.shape
     num_blocks, block_size, hkv, _ = k_pages.shape
@@ -98,8 +107,11 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     def constant(shape):
         return pl.BlockSpec(shape, lambda *_: (0, 0))
 
+    rotate_keys = key_rope_inv_freq is not None
+    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,)))
+    inv_freq = inv_freq.astype(jnp.float32).reshape(1, d // 2)
     kernel = functools.partial(_paged_kernel, sm_scale=sm_scale, block_size=block_size,
-                               pages_per_split=pages_per_split)
+                               pages_per_split=pages_per_split, rotate_keys=rotate_keys)
     outs, lses = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -110,6 +122,7 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
                 constant((1, width)),
                 constant((1, width)),
                 constant((width, 1)),
+                constant((1, d // 2)),
                 pl.BlockSpec((None, hq, d), lambda b, s, p, *_: (b, 0, 0)),
                 pl.BlockSpec((None, width, d), page_index),
                 pl.BlockSpec((None, width, d), page_index),
@@ -132,7 +145,8 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="jattn_paged_tpu",
-    )(block_tables.reshape(-1), lengths, row_head, col_head, col_slot, page_slot, q,
+    )(block_tables.reshape(-1), lengths, row_head, col_head, col_slot, page_slot, inv_freq,
+      q,
       k_pages.reshape(num_blocks, width, d), v_pages.reshape(num_blocks, width, d))
     out, lse = merge_attention(outs, lses[..., 0])
     return out.astype(q.dtype), lse

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels import rotary
+
 
 def _masked_softmax_attention(q, k, v, visible, sm_scale: float):
     """q `[T, Hq, D]`, k/v `[S, Hkv, D]`, visible bool `[T, S]` -> (out, lse).
@@ -30,9 +32,12 @@ def _masked_softmax_attention(q, k, v, visible, sm_scale: float):
     return out.astype(q.dtype), lse.T
 
 
-def flash_attention_reference(q, k, v, *, causal, q_offset, kv_length, sm_scale):
+def flash_attention_reference(q, k, v, *, causal, q_offset, kv_length, sm_scale,
+                              key_rope_inv_freq=None):
     """Dense prefill attention; arguments as `pallas_kernels.flash_attention`."""
     t, s = q.shape[0], k.shape[0]
+    if key_rope_inv_freq is not None:
+        k = rotary.rotate(k, jnp.arange(s), key_rope_inv_freq).astype(k.dtype)
     q_pos = q_offset + jnp.arange(t)[:, None]
     k_pos = jnp.arange(s)[None, :]
     visible = k_pos < kv_length
@@ -41,7 +46,8 @@ def flash_attention_reference(q, k, v, *, causal, q_offset, kv_length, sm_scale)
     return _masked_softmax_attention(q, k, v, visible, sm_scale)
 
 
-def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sm_scale):
+def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
+                              key_rope_inv_freq=None):
     """Dense decode attention over gathered pages; arguments as `paged_attention`."""
     num_blocks, block_size = k_pages.shape[:2]
     max_blocks = block_tables.shape[1]
@@ -50,6 +56,8 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sm_
     outs, lses = [], []
     for b in range(q.shape[0]):
         k = k_pages[tables[b]].reshape(max_blocks * block_size, *k_pages.shape[2:])
+        if key_rope_inv_freq is not None:
+            k = rotary.rotate(k, jnp.arange(k.shape[0]), key_rope_inv_freq).astype(k.dtype)
         v = v_pages[tables[b]].reshape(max_blocks * block_size, *v_pages.shape[2:])
         visible = (jnp.arange(max_blocks * block_size) < lengths[b])[None, :]
         out, lse = _masked_softmax_attention(q[b][None], k, v, visible, sm_scale)

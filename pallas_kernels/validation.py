@@ -108,3 +108,16 @@ def check_merge_args(outs, lses) -> None:
         )
     if outs.shape[0] == 0:
         raise ValueError("outs must hold at least one part, got n = 0")
+
+
+def check_inv_freq(inv_freq, head_dim: int) -> None:
+    """Checks the optional key RoPE inverse frequencies: `[head_dim / 2]`, head_dim even."""
+    if inv_freq is None:
+        return
+    if head_dim % 2:
+        raise ValueError(f"key_rope_inv_freq needs an even head_dim, got {head_dim}")
+    if tuple(inv_freq.shape) != (head_dim // 2,):
+        raise ValueError(
+            f"key_rope_inv_freq must have shape [head_dim / 2] = ({head_dim // 2},), "
+            f"got {tuple(inv_freq.shape)}"
+        )

@@ -11,15 +11,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import online_softmax
+from pallas_kernels import online_softmax, rotary
 from pallas_kernels.tiling import pad_to, visible_kv_blocks
 
 
 def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
-                        block_q: int = 256, block_k: int = 512):
+                        key_rope_inv_freq=None, block_q: int = 256, block_k: int = 512):
     """Tiled prefill attention; arguments and results as `pallas_kernels.flash_attention`.
 
     q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
+    With `key_rope_inv_freq [D/2]`, keys are rotated to their positions once, up front.
     """
     t, hq, d = q.shape
     s, hkv, _ = k.shape
@@ -29,6 +30,8 @@ def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     kv_len = jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, s)
     q_offset = jnp.asarray(q_offset, jnp.int32)
 
+    if key_rope_inv_freq is not None:
+        k = rotary.rotate(k, jnp.arange(s), key_rope_inv_freq).astype(k.dtype)
     # Heads lead so every product is a plain batched matmul over the key/value heads.
     q_tiles = (pad_to(q, block_q).reshape(-1, block_q, hkv, group, d)
                .transpose(0, 2, 3, 1, 4).astype(jnp.float32) * sm_scale)
@@ -69,13 +72,15 @@ def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
 
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
-                        chunk_tokens: int = 64):
+                        key_rope_inv_freq=None, chunk_tokens: int = 64):
     """Split-K decode over a paged cache; arguments and results as `paged_attention`.
 
     `block_tables` must already be sanitised (entries past a sequence's pages in range).
     q `[B, Hq, D]` -> out `[B, Hq, D]` (q's dtype), lse `[B, Hq]` float32. Each step
     gathers about `chunk_tokens` tokens per sequence; small chunks stay in cache (64 ran
-    fastest on a 2-core x86 host, 7.8 GB/s of KV at 32K context).
+    fastest on a 2-core x86 host, 7.8 GB/s of KV at 32K context). With
+    `key_rope_inv_freq [D/2]`, each chunk's keys are rotated to their positions as they
+    are gathered (the angles are shared by the whole batch: token i is at position i).
     """
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_pages.shape
@@ -87,7 +92,11 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
 
     def body(c, state):
         ids = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)
-        k = k_pages[ids].reshape(batch, step_tokens, hkv, d).transpose(0, 2, 1, 3)
+        k = k_pages[ids].reshape(batch, step_tokens, hkv, d)
+        if key_rope_inv_freq is not None:
+            positions = c * step_tokens + jnp.arange(step_tokens)
+            k = rotary.rotate(k, positions, key_rope_inv_freq).astype(k.dtype)
+        k = k.transpose(0, 2, 1, 3)
         v = v_pages[ids].reshape(batch, step_tokens, hkv, d).transpose(0, 2, 1, 3)
         owned = c * step_tokens + jnp.arange(step_tokens)[None, :] < lengths[:, None]
         v = jnp.where(owned[:, None, :, None], v.astype(jnp.float32), 0.0)

@@ -37,16 +37,34 @@ def prefill_visibility(t, s, *, causal, q_offset, kv_length):
     return visible & (k_pos <= q_pos) if causal else visible
 
 
-def paged(q, k_pages, v_pages, block_tables, lengths, sm_scale):
-    """Decode attention by gathering each sequence's tokens in order; float64."""
-    block_size = k_pages.shape[1]
+def paged(q, k_pages, v_pages, block_tables, lengths, sm_scale, inv_freq=None):
+    """Decode attention by gathering each sequence's tokens in order; float64. With
+    `inv_freq`, token i's key is rotated to position i first."""
     outs, lses = [], []
     for b, length in enumerate(np.asarray(lengths)):
-        token = np.arange(length)
-        blocks = np.asarray(block_tables)[b, token // block_size]
-        k = np.asarray(k_pages, np.float64)[blocks, token % block_size]
-        v = np.asarray(v_pages, np.float64)[blocks, token % block_size]
+        k = paged_keys(k_pages, block_tables, length, b)
+        v = paged_keys(v_pages, block_tables, length, b)
+        if inv_freq is not None:
+            k = rotate(k, np.arange(length), inv_freq)
         out, lse = attention(q[b][None], k, v, np.ones((1, length), bool), sm_scale)
         outs.append(out[0])
         lses.append(lse[0])
     return np.stack(outs), np.stack(lses)
+
+
+def rotate(x, positions, inv_freq):
+    """Half-split RoPE in float64: x `[N, H, D]` at `positions [N]`, inv_freq `[D/2]`."""
+    x = np.asarray(x, np.float64)
+    half = x.shape[-1] // 2
+    theta = np.asarray(positions, np.float64)[:, None, None] * np.asarray(inv_freq, np.float64)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta),
+                           x2 * np.cos(theta) + x1 * np.sin(theta)], axis=-1)
+
+
+def paged_keys(k_pages, block_tables, length, b):
+    """Sequence b's keys in token order `[length, Hkv, D]` gathered through its table."""
+    block_size = k_pages.shape[1]
+    token = np.arange(length)
+    return np.asarray(k_pages, np.float64)[np.asarray(block_tables)[b, token // block_size],
+                                           token % block_size]

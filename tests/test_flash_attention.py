@@ -29,7 +29,7 @@ CASES = [
 HEADS = [(2, 2), (4, 2), (8, 2), (8, 1), (16, 2)]  # GQA ratios 1, 2, 4, 8 and MQA
 
 
-def _run(backend, t, s, q_offset, kv_length, causal, hq, hkv, d, dtype, seed):
+def _run(backend, t, s, q_offset, kv_length, causal, hq, hkv, d, dtype, seed, rope=False):
     rng = np.random.default_rng(seed)
     q, q64 = rounded(rng.standard_normal((t, hq, d)), dtype)
     k_np = rng.standard_normal((s, hkv, d))
@@ -39,8 +39,13 @@ def _run(backend, t, s, q_offset, kv_length, causal, hq, hkv, d, dtype, seed):
     v_np[hidden_from:] = np.nan
     k, k64 = rounded(k_np, dtype)
     v, v64 = rounded(v_np, dtype)
+    inv_freq = 10000.0 ** -(np.arange(0, d, 2) / d) if rope else None
     out, lse = flash_attention(q, k, v, causal=causal, q_offset=q_offset, kv_length=kv_length,
-                               backend=backend, block_q=8, block_k=8)
+                               backend=backend, block_q=8, block_k=8,
+                               key_rope_inv_freq=None if inv_freq is None else
+                               jnp.asarray(inv_freq, jnp.float32))
+    if rope:
+        k64 = attention_oracle.rotate(k64, np.arange(s), inv_freq)
     visible = attention_oracle.prefill_visibility(
         t, s, causal=causal, q_offset=q_offset, kv_length=hidden_from)
     want_out, want_lse = attention_oracle.attention(q64, k64, v64, visible, d ** -0.5)
@@ -60,6 +65,13 @@ def test_flash_matches_oracle(backend, case):
 @pytest.mark.parametrize("hq,hkv", HEADS)
 def test_flash_gqa_ratios(backend, hq, hkv):
     _run(backend, 11, 27, 16, None, True, hq, hkv, 8, jnp.float32, seed=hq * 10 + hkv)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flash_rotates_position_free_keys(backend, dtype):
+    """Keys stored without position, rotated inside the kernel, match rotating first."""
+    _run(backend, 14, 37, 23, 33, True, 8, 2, 32, dtype, seed=9, rope=True)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -25,17 +25,21 @@ def _lower(fn, platform, *shapes):
 @pytest.mark.parametrize("platform,flash,paged,custom_call", PLATFORMS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("head_dim", [128, 64, 8])
-def test_kernels_lower(platform, flash, paged, custom_call, dtype, head_dim):
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rotated_keys"])
+def test_kernels_lower(platform, flash, paged, custom_call, dtype, head_dim, rope):
+    inv_freq = jnp.linspace(1.0, 1e-4, head_dim // 2) if rope else None
+
     def prefill(q, k, v):
         return flash(q, k, v, causal=True, q_offset=jnp.int32(64), kv_length=jnp.int32(300),
-                     sm_scale=0.125)
+                     sm_scale=0.125, key_rope_inv_freq=inv_freq)
 
     text = _lower(prefill, platform, ((256, 8, head_dim), dtype), ((320, 2, head_dim), dtype),
                   ((320, 2, head_dim), dtype))
     assert custom_call in text
 
     def decode(q, k_pages, v_pages, tables, lengths):
-        return paged(q, k_pages, v_pages, tables, lengths, sm_scale=0.125)
+        return paged(q, k_pages, v_pages, tables, lengths, sm_scale=0.125,
+                     key_rope_inv_freq=inv_freq)
 
     text = _lower(decode, platform, ((4, 8, head_dim), dtype), ((64, 16, 2, head_dim), dtype),
                   ((64, 16, 2, head_dim), dtype), ((4, 16), jnp.int32), ((4,), jnp.int32))

@@ -39,7 +39,7 @@ def make_pool(rng, lengths, *, block_size, hkv, d, spare_blocks=3, max_blocks=No
 
 
 def _run(backend, lengths, *, hq, hkv, d, block_size, dtype, seed, num_splits=None,
-         max_blocks=None):
+         max_blocks=None, rope=False):
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, np.int32)
     k_np, v_np, tables = make_pool(rng, lengths, block_size=block_size, hkv=hkv, d=d,
@@ -47,9 +47,13 @@ def _run(backend, lengths, *, hq, hkv, d, block_size, dtype, seed, num_splits=No
     q, q64 = rounded(rng.standard_normal((len(lengths), hq, d)), dtype)
     k, k64 = rounded(k_np, dtype)
     v, v64 = rounded(v_np, dtype)
+    inv_freq = 10000.0 ** -(np.arange(0, d, 2) / d) if rope else None
     out, lse = paged_attention(q, k, v, jnp.asarray(tables), jnp.asarray(lengths),
-                               backend=backend, num_splits=num_splits)
-    want_out, want_lse = attention_oracle.paged(q64, k64, v64, tables, lengths, d ** -0.5)
+                               backend=backend, num_splits=num_splits,
+                               key_rope_inv_freq=None if inv_freq is None else
+                               jnp.asarray(inv_freq, jnp.float32))
+    want_out, want_lse = attention_oracle.paged(q64, k64, v64, tables, lengths, d ** -0.5,
+                                                inv_freq)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == q.shape[:2] and lse.dtype == jnp.float32
     assert_attention_close(out, lse, want_out, want_lse, dtype)
@@ -79,6 +83,14 @@ def test_paged_gqa_ratios(backend, hq, hkv):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_paged_bfloat16(backend):
     _run(backend, [29, 3, 48], hq=8, hkv=2, d=32, block_size=8, dtype=jnp.bfloat16, seed=7)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_rotates_position_free_keys(backend, dtype):
+    """Keys stored without position, rotated inside the kernel, match rotating first."""
+    _run(backend, [45, 0, 17], hq=8, hkv=2, d=32, block_size=8, dtype=dtype, seed=21,
+         num_splits=2, rope=True)
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
