@@ -1,7 +1,15 @@
 """jattn: LLM serving in JAX that reuses each conversation's KV cache across turns
 (AttentionStore) and spreads one sequence's KV cache over a device mesh (DistAttention).
 
-The attention primitive both stand on lives in the sibling package `pallas_kernels`.
+    llm = jattn.LLM()                       # the embedded stories260K
+    llm.generate("Once upon a time").text
+
+The attention primitive lives in the sibling package `pallas_kernels`.
 """
 
+from jattn.generation import Generation, StreamedToken
+from jattn.llm import LLM
+
 __version__ = "0.1.0"
+
+__all__ = ["LLM", "Generation", "StreamedToken"]

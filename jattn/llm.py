@@ -1,0 +1,173 @@
+"""`LLM`: load a model (the embedded one by default) and generate from it."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from jattn.generation import Generation, IncrementalText, StreamedToken
+from jattn.model.config import ModelConfig
+from jattn.model.kv_cache import blocks_for
+from jattn.model.runner import ModelRunner
+from jattn.model.weights import (
+    has_safetensors,
+    load_safetensors,
+    random_model,
+    restore_params,
+    save_params,
+)
+from jattn.sampling import SamplingParams, sample
+from jattn.tokenizer import Tokenizer
+
+EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
+                              "stories260K")
+"""stories260K (MIT, karpathy/tinyllamas), shipped inside the package."""
+
+
+def _default_dtype():
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+class LLM:
+    """A Llama-family model ready to generate.
+
+    Args:
+      model: None for the embedded stories260K, or a Hugging Face checkpoint directory
+        (`config.json`, `*.safetensors`, optionally `tokenizer.json`).
+      dtype: parameter and KV dtype; default float32 on CPU, bfloat16 on accelerators.
+      random_weights: build the config's shape with random weights (a directory with
+        only `config.json` loads only this way).
+      seed: seed of the random weights.
+      block_size: tokens per KV block.
+      max_context: longest sequence (prompt + new tokens); default the model's window.
+      num_blocks: KV pool size in blocks; default two max-context sequences.
+      prefill_chunk: prefill runs in chunks of this many tokens.
+      backend: attention backend (see `pallas_kernels.backend`).
+      params_cache: a directory for the converted parameters (orbax): restored from if
+        present, written after loading safetensors otherwise.
+    """
+
+    def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
+                 seed: int = 0, block_size: int = 16, max_context: int | None = None,
+                 num_blocks: int | None = None, prefill_chunk: int = 512,
+                 backend: str = "auto", params_cache: str | None = None):
+        path = EMBEDDED_MODEL if model is None else os.fspath(model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        self.config = ModelConfig.from_dir(path)
+        self.dtype = jnp.dtype(dtype or _default_dtype())
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.max_context = max_context or self.config.max_position_embeddings
+        if not 1 <= self.max_context <= self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_context must be in [1, {self.config.max_position_embeddings}] for this "
+                f"model, got {self.max_context}")
+        self.runner = ModelRunner(
+            self._build(path, random_weights, seed, params_cache),
+            num_blocks=num_blocks or 2 * blocks_for(self.max_context, block_size),
+            block_size=block_size, prefill_chunk=prefill_chunk, backend=backend)
+
+    def _build(self, path, random_weights, seed, params_cache):
+        if random_weights:
+            return random_model(self.config, dtype=self.dtype, seed=seed)
+        if params_cache and os.path.isdir(params_cache):
+            return restore_params(params_cache, self.config, dtype=self.dtype)
+        if not has_safetensors(path):
+            raise FileNotFoundError(
+                f"no weights in {path!r} (model.safetensors or model.safetensors.index.json); "
+                "pass random_weights=True to run this shape with random weights")
+        model = load_safetensors(path, self.config, dtype=self.dtype)
+        if params_cache:
+            save_params(model, params_cache)
+        return model
+
+    def encode_prompt(self, prompt) -> list[int]:
+        """Token ids of a prompt: a string (needs a tokenizer) or a list of token ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                   or not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {self.config.vocab_size}), "
+                    f"got {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(ids) >= self.max_context:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context holds {self.max_context}, "
+                "leaving no room for a new token")
+        return ids
+
+    def stream(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
+               ignore_eos: bool = False) -> Iterator[StreamedToken]:
+        """Yields each new token as it is produced; arguments as `generate`."""
+        yield from self._run(prompt, SamplingParams(max_tokens, temperature, top_p, top_k,
+                                                    seed, stop or ()), ignore_eos, None)
+
+    def generate(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
+                 ignore_eos: bool = False) -> Generation:
+        """Generates up to `max_tokens` new tokens after `prompt` (a string or token ids).
+
+        `temperature=0` is greedy. Generation stops at an end-of-sequence token (unless
+        `ignore_eos`), at a stop string (cut from the text), or at `max_tokens`.
+        """
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, stop or ())
+        result = Generation(text="", token_ids=[], finish_reason="length")
+        for token in self._run(prompt, params, ignore_eos, result):
+            result.token_ids.append(token.id)
+        return result
+
+    def _run(self, prompt, params: SamplingParams, ignore_eos: bool,
+             result: Generation | None) -> Iterator[StreamedToken]:
+        prompt_ids = self.encode_prompt(prompt)
+        runner = self.runner
+        budget = min(params.max_tokens, self.max_context - len(prompt_ids))
+        blocks = runner.allocator.allocate(blocks_for(len(prompt_ids) + budget,
+                                                      runner.block_size))
+        text = IncrementalText(self.tokenizer.decode) if self.tokenizer else None
+        key = jax.random.key(params.seed if params.seed is not None else time.time_ns())
+        eos = set() if ignore_eos else set(self.config.eos_token_ids)
+        finish = "length"
+        start = time.perf_counter()
+        try:
+            logits = runner.prefill(prompt_ids, 0, blocks)[None]
+            for step in range(budget):
+                key, subkey = jax.random.split(key)
+                token = int(sample(logits, subkey, params.temperature, params.top_k,
+                                   params.top_p)[0])
+                if result is not None and step == 0:
+                    result.ttft_s = time.perf_counter() - start
+                if token in eos:
+                    finish = "stop"
+                    break
+                delta = text.push(token) if text else ""
+                if text and params.stop and any(s in text.text for s in params.stop):
+                    finish = "stop"
+                    break
+                yield StreamedToken(token, delta)
+                if step + 1 < budget:
+                    logits = runner.decode([token], [len(prompt_ids) + step], [blocks])
+        finally:
+            runner.allocator.free(blocks)
+        if result is not None:
+            result.prompt_token_ids = prompt_ids
+            result.finish_reason = finish
+            if text:
+                result.text = _cut_at_stop(text.text, params.stop)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to the earliest stop string, or all of it."""
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[:min(cuts)] if cuts else text

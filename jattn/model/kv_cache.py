@@ -1,0 +1,126 @@
+"""The paged KV cache: a block pool per layer, block tables, and the block allocator.
+
+Pool: per layer, keys and values `[num_blocks, block_size, Hkv, D]`, one buffer each, so a
+layer's pool is handed to the attention kernel as is and written in place (the jitted
+steps donate it). Keys are stored **before RoPE**: the attention kernels rotate each key
+to its position as they read it, which costs a sine, a cosine and four multiply-adds per
+key element per step, hidden behind the memory traffic of decode. In exchange a cached
+key never goes stale: truncating a conversation, or loading its cache from host or disk,
+needs no re-encoding pass at all.
+
+A sequence's token i lives in block `block_table[i // block_size]`, slot
+`i % block_size`; slot ids below are flat, `block * block_size + slot`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+
+class KVPool(NamedTuple):
+    """Per-layer key and value pools, each a tuple of `[num_blocks, block_size, Hkv, D]`."""
+
+    k: tuple
+    v: tuple
+
+    @classmethod
+    def create(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+               head_dim: int, dtype) -> "KVPool":
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                   tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[1]
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.k + self.v)
+
+
+def token_slots(block_table, positions, *, block_size: int, num_blocks: int):
+    """Flat slot id of each token: `block_table [M]`, `positions [T]` -> int32 `[T]`.
+
+    A negative position (a padding token) maps past the pool, where writes are dropped.
+    """
+    block = block_table[jnp.clip(positions, 0) // block_size]
+    slots = block * block_size + positions % block_size
+    return jnp.where(positions >= 0, slots, num_blocks * block_size).astype(jnp.int32)
+
+
+def write_tokens(pages, slots, values):
+    """Writes `values [T, Hkv, D]` into `pages [N, block_size, Hkv, D]` at flat `slots [T]`;
+    slots past the pool are dropped. Returns the updated pages."""
+    num_blocks, block_size = pages.shape[:2]
+    flat = pages.reshape(num_blocks * block_size, *pages.shape[2:])
+    flat = flat.at[slots].set(values.astype(pages.dtype), mode="drop")
+    return flat.reshape(pages.shape)
+
+
+def gather_sequence(pages, block_table):
+    """A sequence's tokens in order: `pages [N, bs, Hkv, D]`, `block_table [M]` ->
+    `[M * bs, Hkv, D]`. Entries of the table past the sequence may point anywhere in
+    range; the caller masks those tokens by length."""
+    rows = pages[jnp.clip(block_table, 0, pages.shape[0] - 1)]
+    return rows.reshape(-1, *pages.shape[2:])
+
+
+class PoolExhausted(RuntimeError):
+    """The block pool cannot give the blocks asked for."""
+
+
+class BlockAllocator:
+    """Hands out block ids of a pool of `num_blocks`; host side, not thread-safe."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        """Takes `count` blocks; raises `PoolExhausted` (and takes none) if too few are free."""
+        if count > len(self._free):
+            raise PoolExhausted(
+                f"asked for {count} KV blocks, {len(self._free)} of {self.num_blocks} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, blocks) -> None:
+        """Returns blocks to the pool; a block freed twice or out of range is an error."""
+        blocks = list(blocks)
+        free_set = set(self._free)
+        for block in blocks:
+            if not 0 <= block < self.num_blocks or block in free_set:
+                raise ValueError(f"block {block} is not an allocated block of this pool")
+            free_set.add(block)
+        self._free.extend(reversed(blocks))
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `tokens` tokens."""
+    return -(-tokens // block_size)
+
+
+def padded_table(blocks: list[int], width: int):
+    """int32 `[width]` block table: `blocks` then zeros (never read past the length)."""
+    if len(blocks) > width:
+        raise ValueError(f"{len(blocks)} blocks do not fit a block table of width {width}")
+    return jnp.asarray(list(blocks) + [0] * (width - len(blocks)), jnp.int32)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The power of two >= max(n, minimum): shapes for jit that recompile rarely."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size

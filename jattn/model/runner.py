@@ -1,0 +1,139 @@
+"""Jitted prefill and decode steps of a model over its KV pool.
+
+`ModelRunner` owns the parameters, the pool and the allocator of its blocks. Shapes that
+reach jit are bucketed to powers of two (chunk lengths, block-table widths, batch) so a
+handful of compilations serve every request. The pool is donated to each step and
+updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jattn.model.kv_cache import (
+    BlockAllocator,
+    KVPool,
+    bucket,
+    gather_sequence,
+    padded_table,
+    token_slots,
+)
+from jattn.model.llama import LlamaForCausalLM
+from jattn.positions import inverse_frequencies
+from pallas_kernels import flash_attention, paged_attention
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "all_logits"),
+                   donate_argnames=("pool",))
+def _prefill_step(graphdef, state, pool, tokens, start, count, table, *, backend, all_logits):
+    """Prefills `count` of the `T` (bucketed) `tokens` at positions `start...`.
+
+    table `[M]` is the sequence's block table. Returns (logits `[T, V]` if `all_logits`
+    else `[V]` of the last real token, pool).
+    """
+    model = nnx.merge(graphdef, state)
+    config = model.config
+    inv_freq = jnp.asarray(inverse_frequencies(config.rope, config.head_dim))
+    index = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    positions = start + index
+    slots = token_slots(table, jnp.where(index < count, positions, -1),
+                        block_size=pool.block_size, num_blocks=pool.num_blocks)
+
+    def attend(layer, q, k_pages, v_pages):
+        return flash_attention(q, gather_sequence(k_pages, table),
+                               gather_sequence(v_pages, table), causal=True, q_offset=start,
+                               kv_length=start + count, key_rope_inv_freq=inv_freq,
+                               backend=backend)[0]
+
+    logits, pool = model(tokens, positions, slots, pool, attend)
+    return (logits if all_logits else logits[count - 1]), pool
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("pool",))
+def _decode_step(graphdef, state, pool, tokens, positions, tables, *, backend):
+    """One token for each of `B` sequences: tokens, positions `[B]`, tables `[B, M]`.
+
+    A row with position -1 is padding: nothing is written and its logits are unused.
+    Returns (logits `[B, V]`, pool).
+    """
+    model = nnx.merge(graphdef, state)
+    config = model.config
+    inv_freq = jnp.asarray(inverse_frequencies(config.rope, config.head_dim))
+    slots = jax.vmap(lambda table, position: token_slots(
+        table, position[None], block_size=pool.block_size, num_blocks=pool.num_blocks)[0])(
+            tables, positions)
+
+    def attend(layer, q, k_pages, v_pages):
+        return paged_attention(q, k_pages, v_pages, tables, positions + 1,
+                               key_rope_inv_freq=inv_freq, backend=backend)[0]
+
+    return model(tokens, jnp.maximum(positions, 0), slots, pool, attend)
+
+
+class ModelRunner:
+    """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps."""
+
+    def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int = 16,
+                 prefill_chunk: int = 512, backend: str = "auto"):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self.dtype = model.embed_tokens.embedding[...].dtype
+        self.pool = KVPool.create(num_layers=self.config.num_layers, num_blocks=num_blocks,
+                                  block_size=block_size, num_kv_heads=self.config.num_kv_heads,
+                                  head_dim=self.config.head_dim, dtype=self.dtype)
+        self.allocator = BlockAllocator(num_blocks)
+        self.block_size = block_size
+        self.prefill_chunk = prefill_chunk
+        self.backend = backend
+
+    def _table(self, blocks: list[int]):
+        return padded_table(blocks, bucket(len(blocks), minimum=4))
+
+    def prefill(self, tokens, start: int, blocks: list[int], *, chunk: int | None = None,
+                all_logits: bool = False):
+        """Writes the KV of `tokens` (at positions `start, start+1, ...`) into `blocks`,
+        which must cover every position up to `start + len(tokens)`, in chunks.
+
+        Returns the last token's logits `[V]` float32, or with `all_logits` every token's
+        `[len(tokens), V]`.
+        """
+        tokens = np.asarray(tokens, np.int32)
+        if len(tokens) == 0:
+            raise ValueError("prefill needs at least one token")
+        chunk = chunk or self.prefill_chunk
+        table = self._table(blocks)
+        outputs = []
+        for offset in range(0, len(tokens), chunk):
+            piece = tokens[offset:offset + chunk]
+            padded = np.zeros(bucket(len(piece)), np.int32)
+            padded[:len(piece)] = piece
+            logits, self.pool = _prefill_step(
+                self.graphdef, self.state, self.pool, jnp.asarray(padded),
+                jnp.int32(start + offset), jnp.int32(len(piece)), table,
+                backend=self.backend, all_logits=all_logits)
+            outputs.append(logits[:len(piece)] if all_logits else logits)
+        return jnp.concatenate(outputs) if all_logits else outputs[-1]
+
+    def decode(self, tokens, positions, block_lists: list[list[int]]):
+        """One step for a batch: token i at `positions[i]` of the sequence whose blocks are
+        `block_lists[i]`. Returns logits `[B, V]` float32."""
+        batch = len(tokens)
+        width = bucket(max(len(b) for b in block_lists), minimum=4)
+        rows = bucket(batch, minimum=1)
+        tables = jnp.stack([padded_table(b, width) for b in block_lists] +
+                           [padded_table([], width)] * (rows - batch))
+        padded_tokens = np.zeros(rows, np.int32)
+        padded_tokens[:batch] = tokens
+        padded_positions = np.full(rows, -1, np.int32)
+        padded_positions[:batch] = positions
+        logits, self.pool = _decode_step(
+            self.graphdef, self.state, self.pool, jnp.asarray(padded_tokens),
+            jnp.asarray(padded_positions), tables, backend=self.backend)
+        return logits[:batch]
