@@ -1,0 +1,118 @@
+"""LLM.generate / stream: sampling, stop conditions, streaming, bad arguments."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattn import LLM
+from jattn.sampling import SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM()
+
+
+def test_stream_yields_the_generated_tokens_and_text(llm):
+    streamed = list(llm.stream("Once upon a time", max_tokens=20))
+    generation = llm.generate("Once upon a time", max_tokens=20)
+    assert [t.id for t in streamed] == generation.token_ids
+    assert "".join(t.text for t in streamed) == generation.text
+    assert generation.finish_reason == "length" and len(generation.token_ids) == 20
+    assert generation.ttft_s > 0
+
+
+def test_stop_string_cuts_text(llm):
+    generation = llm.generate("Once upon a time", max_tokens=60, stop=["park"])
+    assert generation.finish_reason == "stop"
+    assert generation.text.endswith("outside in the ")
+    assert "park" not in generation.text
+
+
+def test_end_of_sequence_stops_unless_ignored():
+    llm = LLM()
+    greedy = llm.generate("Once upon a time", max_tokens=20).token_ids
+    eos = greedy[6]
+    first = greedy.index(eos)
+    llm.config = dataclasses.replace(llm.config, eos_token_ids=(eos,))
+    stopped = llm.generate("Once upon a time", max_tokens=20)
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == greedy[:first]  # the end token itself is not returned
+    ignored = llm.generate("Once upon a time", max_tokens=20, ignore_eos=True)
+    assert ignored.finish_reason == "length" and ignored.token_ids == greedy
+
+
+def test_context_window_limits_new_tokens(llm):
+    prompt = [1] + [400] * 505
+    generation = llm.generate(prompt, max_tokens=64, ignore_eos=True)
+    assert len(generation.token_ids) == llm.max_context - len(prompt)
+    assert generation.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_varies(llm):
+    a = llm.generate("Once upon a time", max_tokens=30, temperature=1.0, seed=7)
+    b = llm.generate("Once upon a time", max_tokens=30, temperature=1.0, seed=7)
+    others = {tuple(llm.generate("Once upon a time", max_tokens=30, temperature=1.0,
+                                 seed=s).token_ids) for s in range(8, 12)}
+    assert a.token_ids == b.token_ids
+    assert len(others | {tuple(a.token_ids)}) > 1
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(llm):
+    greedy = llm.generate("The little dog", max_tokens=20).token_ids
+    assert llm.generate("The little dog", max_tokens=20, temperature=1.5, top_k=1,
+                        seed=3).token_ids == greedy
+    assert llm.generate("The little dog", max_tokens=20, temperature=1.5, top_p=1e-6,
+                        seed=3).token_ids == greedy
+
+
+def test_sampling_follows_the_softmax():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draws = np.asarray(jax.vmap(lambda k: sample(logits, k, 1.0, 0, 1.0)[0])(keys))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    top2 = np.asarray(jax.vmap(lambda k: sample(logits, k, 1.0, 2, 1.0)[0])(keys))
+    np.testing.assert_allclose(np.bincount(top2, minlength=4) / len(top2),
+                               [0.625, 0.375, 0, 0], atol=0.03)
+    nucleus = np.asarray(jax.vmap(lambda k: sample(logits, k, 1.0, 0, 0.7)[0])(keys))
+    np.testing.assert_allclose(np.bincount(nucleus, minlength=4) / len(nucleus),
+                               [0.625, 0.375, 0, 0], atol=0.03)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(max_tokens=0), r"max_tokens must be an integer >= 1, got 0"),
+    (dict(temperature=-1.0), r"temperature must be a finite number >= 0, got -1.0"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_k=-2), r"top_k must be an integer >= 0, got -2"),
+    (dict(stop=[""]), r"stop must be non-empty strings"),
+])
+def test_bad_sampling_parameters_are_named(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt,pattern", [
+    ([], r"prompt is empty"),
+    ([1, 512], r"token ids must be integers in \[0, 512\), got \[512\]"),
+    ([1, -3], r"got \[-3\]"),
+    ([1] * 512, r"prompt has 512 tokens; the context holds 512"),
+])
+def test_bad_prompts_are_named_and_free_nothing(llm, prompt, pattern):
+    free = llm.runner.allocator.free_blocks
+    with pytest.raises(ValueError, match=pattern):
+        llm.generate(prompt)
+    assert llm.runner.allocator.free_blocks == free
+
+
+def test_blocks_return_to_the_pool(llm):
+    free = llm.runner.allocator.free_blocks
+    stream = llm.stream("Once upon a time", max_tokens=50)
+    next(stream)
+    assert llm.runner.allocator.free_blocks < free
+    stream.close()  # a consumer that goes away frees the sequence's blocks
+    assert llm.runner.allocator.free_blocks == free

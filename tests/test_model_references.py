@@ -1,0 +1,63 @@
+"""Greedy tokens and logits equal transformers' for every reference prompt."""
+
+import numpy as np
+import pytest
+
+from jattn import LLM
+from jattn.model.kv_cache import blocks_for
+from model_references import model_dir, reference_cases
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return LLM()  # the package's embedded copy
+
+
+def full_sequence_logits(llm, ids):
+    """Logits `[len(ids), V]` of one prefill over `ids` (teacher forcing)."""
+    runner = llm.runner
+    blocks = runner.allocator.allocate(blocks_for(len(ids), runner.block_size))
+    try:
+        return np.asarray(runner.prefill(ids, 0, blocks, all_logits=True))
+    finally:
+        runner.allocator.free(blocks)
+
+
+def check_logits(logits, case, sums_key):
+    """Last-position logits within 1e-4; per-position logit sums to float32 rounding."""
+    for token, value in case["last_logits_top8"]:
+        assert abs(logits[-1, token] - value) < 1e-4, (token, logits[-1, token], value)
+    sums = logits.sum(axis=-1)
+    want = np.asarray(case[sums_key])
+    np.testing.assert_allclose(sums[-len(want):], want, rtol=1e-5, atol=5e-3)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_stories260k_matches_transformers(stories, index):
+    case = reference_cases("stories260K")[index]
+    assert stories.tokenizer.encode(case["prompt"]) == case["prompt_ids"]
+    generation = stories.generate(case["prompt"], max_tokens=64, ignore_eos=True)
+    assert generation.token_ids == case["greedy_ids"]
+    assert stories.tokenizer.decode(case["prompt_ids"] + generation.token_ids) == \
+        case["greedy_text"]
+    check_logits(full_sequence_logits(stories, case["prompt_ids"] + case["greedy_ids"]),
+                 case, "logits_sum_per_position")
+
+
+def test_stories260k_once_upon_a_time(stories):
+    text = stories.generate("Once upon a time", max_tokens=40).text
+    assert ("Once upon a time" + text).startswith(
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in "
+        "the park. One day, she saw a big, red ball.")
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-random", "tiny-llama3-random"])
+def test_tiny_models_match_transformers(name):
+    llm = LLM(model_dir(name))
+    assert llm.tokenizer is None
+    for case in reference_cases(name):
+        generation = llm.generate(case["prompt_ids"], max_tokens=len(case["greedy_ids"]),
+                                  ignore_eos=True)
+        assert generation.token_ids == case["greedy_ids"], len(case["prompt_ids"])
+        check_logits(full_sequence_logits(llm, case["prompt_ids"] + case["greedy_ids"]),
+                     case, "logits_sum_per_position_tail")
