@@ -118,3 +118,16 @@ def test_unsupported_configs_are_named(tmp_path, edit, pattern):
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLM(str(tmp_path / "nowhere"))
+
+
+def test_shipped_model_configs_parse():
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
+    shapes = {name: ModelConfig.from_dir(os.path.join(configs, name))
+              for name in sorted(os.listdir(configs))}
+    llama = shapes["llama-3.2-1b"]
+    assert (llama.num_layers, llama.num_heads, llama.num_kv_heads, llama.head_dim) == \
+        (16, 32, 8, 64)
+    assert llama.rope.type == "llama3" and llama.tie_word_embeddings
+    assert llama.kv_bytes_per_token(2) == 2 * 16 * 8 * 64 * 2
+    qwen = shapes["qwen2.5-0.5b"]
+    assert qwen.qkv_bias and not qwen.o_proj_bias and qwen.head_dim == 64

@@ -61,3 +61,14 @@ def test_tiny_models_match_transformers(name):
         assert generation.token_ids == case["greedy_ids"], len(case["prompt_ids"])
         check_logits(full_sequence_logits(llm, case["prompt_ids"] + case["greedy_ids"]),
                      case, "logits_sum_per_position_tail")
+
+
+def test_bfloat16_model_tracks_float32(stories):
+    """bfloat16 weights and cache: logits stay near transformers' float32 ones and the
+    greedy story starts the same."""
+    bf16 = LLM(dtype="bfloat16")
+    case = reference_cases("stories260K")[1]
+    logits = full_sequence_logits(bf16, case["prompt_ids"] + case["greedy_ids"])
+    for token, value in case["last_logits_top8"]:
+        assert abs(logits[-1, token] - value) < 0.25, (token, logits[-1, token], value)
+    assert bf16.generate(case["prompt"], max_tokens=8).token_ids == case["greedy_ids"][:8]
