@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
-from pallas_kernels.tiling import visible_kv_blocks
+from pallas_kernels.tiling import head_major, prefill_bounds, visible_kv_blocks
 
 
 def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
@@ -84,15 +84,10 @@ def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     for name, size in (("block_q", block_q), ("block_k", block_k), ("head_dim", d)):
         if size & (size - 1):
             raise ValueError(f"the GPU flash kernel needs a power-of-two {name}, got {size}")
-    t_pad = pl.cdiv(t, block_q) * block_q
-    s_pad = pl.cdiv(s, block_k) * block_k
-    q_h = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0))).transpose(1, 0, 2)
-    k_h = jnp.pad(k, ((0, s_pad - s), (0, 0), (0, 0))).transpose(1, 0, 2)
-    v_h = jnp.pad(v, ((0, s_pad - s), (0, 0), (0, 0))).transpose(1, 0, 2)
-    bounds = jnp.stack([jnp.asarray(q_offset, jnp.int32),
-                        jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, s)])
-    rotate_keys = key_rope_inv_freq is not None
-    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,))).astype(jnp.float32)
+    q_h, k_h, v_h = head_major(q, k, v, block_q=block_q, block_k=block_k)
+    t_pad, s_pad = q_h.shape[1], k_h.shape[1]
+    bounds = prefill_bounds(q_offset, kv_length, s)
+    rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
     kernel = functools.partial(
         _flash_kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
         block_k=block_k, num_kv_tiles=s_pad // block_k, rotate_keys=rotate_keys)

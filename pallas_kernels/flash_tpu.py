@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
-from pallas_kernels.tiling import visible_kv_blocks
+from pallas_kernels.tiling import head_major, prefill_bounds, visible_kv_blocks
 
 
 def _last_visible_tile(i, bounds_ref, *, block_q, block_k, causal):
@@ -41,8 +41,7 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_re
 
     @pl.when(j == 0)
     def _init():
-        m0, l0, acc0 = online_softmax.initial_state((block_q,), acc_ref.shape[-1])
-        m_ref[...], l_ref[...], acc_ref[...] = m0, l0, acc0
+        online_softmax.init_scratch(m_ref, l_ref, acc_ref)
 
     @pl.when(j < count)
     def _step():
@@ -63,15 +62,11 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_re
         else:
             raw = tile_matmul.dot_nt(q_ref[...], k_ref[...])
         scores = jnp.where(visible, raw * sm_scale, -jnp.inf)
-        m, l, acc = online_softmax.update(m_ref[...], l_ref[...], acc_ref[...], scores, v,
-                                          tile_matmul.dot_nn)
-        m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+        online_softmax.update_scratch(m_ref, l_ref, acc_ref, scores, v, tile_matmul.dot_nn)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
-        out, lse = online_softmax.finish(m_ref[...], l_ref[...], acc_ref[...])
-        out_ref[...] = out.astype(out_ref.dtype)
-        lse_ref[...] = lse
+        online_softmax.finish_scratch(m_ref, l_ref, acc_ref, out_ref, lse_ref)
 
 
 def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
@@ -90,22 +85,17 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     for name, size in (("block_q", block_q), ("block_k", block_k)):
         if size % 8:
             raise ValueError(f"the TPU flash kernel needs {name} to be a multiple of 8, got {size}")
-    t_pad = pl.cdiv(t, block_q) * block_q
-    s_pad = pl.cdiv(s, block_k) * block_k
-    q_h = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0))).transpose(1, 0, 2)
-    k_h = jnp.pad(k, ((0, s_pad - s), (0, 0), (0, 0))).transpose(1, 0, 2)
-    v_h = jnp.pad(v, ((0, s_pad - s), (0, 0), (0, 0))).transpose(1, 0, 2)
-    bounds = jnp.stack([jnp.asarray(q_offset, jnp.int32),
-                        jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, s)])
+    q_h, k_h, v_h = head_major(q, k, v, block_q=block_q, block_k=block_k)
+    t_pad, s_pad = q_h.shape[1], k_h.shape[1]
+    bounds = prefill_bounds(q_offset, kv_length, s)
     last = functools.partial(_last_visible_tile, block_q=block_q, block_k=block_k,
                              causal=causal)
 
     def kv_index(h, i, j, bounds_ref):
         return (jax.lax.div(h, group), jnp.minimum(j, last(i, bounds_ref)[0]), 0)
 
-    rotate_keys = key_rope_inv_freq is not None
-    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,)))
-    inv_freq = inv_freq.astype(jnp.float32).reshape(1, d // 2)
+    rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
+    inv_freq = inv_freq.reshape(1, d // 2)
     kernel = functools.partial(_flash_kernel, sm_scale=sm_scale, causal=causal,
                                block_q=block_q, block_k=block_k, rotate_keys=rotate_keys)
     out, lse = pl.pallas_call(

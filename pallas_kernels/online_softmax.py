@@ -52,3 +52,22 @@ def finish(m, l, acc):
     out = jnp.where(seen, acc / safe_l, 0.0)
     lse = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
     return out, lse
+
+
+def init_scratch(m_ref, l_ref, acc_ref) -> None:
+    """Resets kernel scratch refs `m, l [rows, 1]`, `acc [rows, D]` to the empty state."""
+    m0, l0, acc0 = initial_state((acc_ref.shape[0],), acc_ref.shape[1])
+    m_ref[...], l_ref[...], acc_ref[...] = m0, l0, acc0
+
+
+def update_scratch(m_ref, l_ref, acc_ref, scores, values, contract) -> None:
+    """`update` on state held in kernel scratch refs."""
+    m, l, acc = update(m_ref[...], l_ref[...], acc_ref[...], scores, values, contract)
+    m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+
+
+def finish_scratch(m_ref, l_ref, acc_ref, out_ref, lse_ref) -> None:
+    """`finish` from scratch refs into `out_ref [rows, D]` (its dtype) and `lse_ref [rows, 1]`."""
+    out, lse = finish(m_ref[...], l_ref[...], acc_ref[...])
+    out_ref[...] = out.astype(out_ref.dtype)
+    lse_ref[...] = lse

@@ -89,8 +89,7 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     pages_per_split = pl.cdiv(max_blocks, num_splits)
     q_grouped = jnp.pad(q.reshape(batch, hkv, group, d),
                         ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
-    rotate_keys = key_rope_inv_freq is not None
-    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,))).astype(jnp.float32)
+    rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
     kernel = functools.partial(_paged_kernel, sm_scale=sm_scale, block_size=block_size,
                                pages_per_split=pages_per_split, rotate_keys=rotate_keys)
     whole = pl.BlockSpec(memory_space=pl.ANY)

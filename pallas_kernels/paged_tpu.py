@@ -47,8 +47,7 @@ def _paged_kernel(tables_ref, lengths_ref, row_head_ref, col_head_ref, col_slot_
 
     @pl.when(step == 0)
     def _init():
-        m0, l0, acc0 = online_softmax.initial_state((q_ref.shape[0],), q_ref.shape[1])
-        m_ref[...], l_ref[...], acc_ref[...] = m0, l0, acc0
+        online_softmax.init_scratch(m_ref, l_ref, acc_ref)
 
     @pl.when(page < _num_pages(length, block_size))
     def _step():
@@ -65,15 +64,11 @@ def _paged_kernel(tables_ref, lengths_ref, row_head_ref, col_head_ref, col_slot_
         else:
             raw = tile_matmul.dot_nt(q_ref[...], k_ref[...])
         scores = jnp.where(visible, raw * sm_scale, -jnp.inf)
-        m, l, acc = online_softmax.update(m_ref[...], l_ref[...], acc_ref[...], scores, v,
-                                          tile_matmul.dot_nn)
-        m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+        online_softmax.update_scratch(m_ref, l_ref, acc_ref, scores, v, tile_matmul.dot_nn)
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _finish():
-        out, lse = online_softmax.finish(m_ref[...], l_ref[...], acc_ref[...])
-        out_ref[...] = out
-        lse_ref[...] = lse
+        online_softmax.finish_scratch(m_ref, l_ref, acc_ref, out_ref, lse_ref)
 
 
 def paged_attention_tpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
@@ -107,9 +102,8 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     def constant(shape):
         return pl.BlockSpec(shape, lambda *_: (0, 0))
 
-    rotate_keys = key_rope_inv_freq is not None
-    inv_freq = (key_rope_inv_freq if rotate_keys else jnp.zeros((d // 2,)))
-    inv_freq = inv_freq.astype(jnp.float32).reshape(1, d // 2)
+    rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
+    inv_freq = inv_freq.reshape(1, d // 2)
     kernel = functools.partial(_paged_kernel, sm_scale=sm_scale, block_size=block_size,
                                pages_per_split=pages_per_split, rotate_keys=rotate_keys)
     outs, lses = pl.pallas_call(

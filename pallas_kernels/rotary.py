@@ -59,3 +59,10 @@ def rotated_key_scores(q1, q2, k1, k2, key_positions, inv_freq, dot_nt):
     theta = key_positions.astype(jnp.float32) * inv_freq
     r1, r2 = rotate_halves(k1, k2, jnp.cos(theta), jnp.sin(theta))
     return dot_nt(q1, r1.astype(k1.dtype)) + dot_nt(q2, r2.astype(k2.dtype))
+
+
+def kernel_operand(inv_freq, head_dim: int):
+    """`(rotate_keys, inv_freq float32 [D/2])` for a kernel: zeros stand in when None."""
+    if inv_freq is None:
+        return False, jnp.zeros((head_dim // 2,), jnp.float32)
+    return True, inv_freq.astype(jnp.float32)

@@ -30,3 +30,18 @@ def visible_kv_blocks(tile_index, *, block_q, block_k, causal, q_offset, kv_len)
         end = jnp.minimum(end, q_offset + (tile_index + 1) * block_q)
     end = jnp.maximum(end, 0)
     return jax.lax.div(end + block_k - 1, block_k)
+
+
+def head_major(q, k, v, *, block_q: int, block_k: int):
+    """Pads queries to a multiple of `block_q` and keys to one of `block_k`, heads first.
+
+    q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> q `[Hq, T_pad, D]`, k/v `[Hkv, S_pad, D]`.
+    """
+    q_h = pad_to(q, block_q).transpose(1, 0, 2)
+    return q_h, pad_to(k, block_k).transpose(1, 0, 2), pad_to(v, block_k).transpose(1, 0, 2)
+
+
+def prefill_bounds(q_offset, kv_length, num_keys: int):
+    """int32 `[2]`: the first query's position and the visible key count (clipped to S)."""
+    return jnp.stack([jnp.asarray(q_offset, jnp.int32),
+                      jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, num_keys)])
