@@ -9,6 +9,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
+from jattn.chat import ChatEngine, ChatTurn
 from jattn.generation import Generation, IncrementalText, StreamedToken
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
@@ -21,6 +22,8 @@ from jattn.model.weights import (
     save_params,
 )
 from jattn.sampling import SamplingParams, sample
+from jattn.store import AttentionStore, StoreConfig
+from jattn.store.fingerprint import model_fingerprint
 from jattn.tokenizer import Tokenizer
 
 EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
@@ -49,12 +52,15 @@ class LLM:
       backend: attention backend (see `pallas_kernels.backend`).
       params_cache: a directory for the converted parameters (orbax): restored from if
         present, written after loading safetensors otherwise.
+      store: a `StoreConfig` to keep each chat session's KV across turns (the default
+        sizes one from the machine), or None to recompute the history every turn.
     """
 
     def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
                  seed: int = 0, block_size: int = 16, max_context: int | None = None,
                  num_blocks: int | None = None, prefill_chunk: int = 512,
-                 backend: str = "auto", params_cache: str | None = None):
+                 backend: str = "auto", params_cache: str | None = None,
+                 store: StoreConfig | None | str = "auto"):
         path = EMBEDDED_MODEL if model is None else os.fspath(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
@@ -70,6 +76,19 @@ class LLM:
             self._build(path, random_weights, seed, params_cache),
             num_blocks=num_blocks or 2 * blocks_for(self.max_context, block_size),
             block_size=block_size, prefill_chunk=prefill_chunk, backend=backend)
+        if store == "auto":
+            store = StoreConfig.sized_for_machine(block_size=block_size,
+                                                  hbm_bytes=self.runner.pool.nbytes() // 2)
+        if store is not None and store.block_size != block_size:
+            raise ValueError(f"store.block_size ({store.block_size}) must equal block_size "
+                             f"({block_size})")
+        self.store = (AttentionStore(store, fingerprint=model_fingerprint(
+            self.config, self.runner.state, self.dtype)) if store is not None else None)
+        self.chats = ChatEngine(
+            self.runner, self.tokenizer, max_context=self.max_context,
+            eos_ids=self.config.eos_token_ids, store=self.store,
+            sink_tokens=store.sink_tokens if store is not None else 4,
+            hbm_bytes=store.hbm_bytes if store is not None else 0)
 
     def _build(self, path, random_weights, seed, params_cache):
         if random_weights:
@@ -106,6 +125,32 @@ class LLM:
                 f"prompt has {len(ids)} tokens; the context holds {self.max_context}, "
                 "leaving no room for a new token")
         return ids
+
+    def chat(self, session_id: str, message, *, max_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, stop=None, ignore_eos: bool = False) -> ChatTurn:
+        """Appends `message` (text through the chat template, or token ids) to session
+        `session_id`, generates the answer, and appends it.
+
+        The session's earlier KV is reused from the store where it is held and
+        recomputed where it is not; either way the tokens are the same. The result has
+        `.cached_tokens`, `.recomputed_tokens`, `.tiers` and `.ttft_s`.
+        """
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+        if not isinstance(message, str):
+            self.encode_prompt(list(message))  # validates the ids
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, stop or ())
+        return self.chats.chat(session_id, message, params, ignore_eos=ignore_eos)
+
+    def end_session(self, session_id: str) -> None:
+        """Forgets a chat session in every tier."""
+        self.chats.end(session_id)
+
+    def close(self) -> None:
+        """Flushes the store's saves in flight."""
+        if self.store is not None:
+            self.store.close()
 
     def stream(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,

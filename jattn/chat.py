@@ -1,0 +1,306 @@
+"""Multi-turn chat over a `ModelRunner`, reusing each session's KV across turns.
+
+Between turns a session's full blocks stay in the device pool (the HBM tier) and are
+saved in the background to the `AttentionStore` (host, disk). At the next turn each
+context block comes from the first tier that has it; if any is missing, the context is
+recomputed by replaying the turn log (see `jattn.conversation`), which gives the very
+same KV. With no store, every turn replays the log: the same tokens, at full cost.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation
+from jattn.generation import Generation, IncrementalText
+from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for
+from jattn.model.runner import ModelRunner
+from jattn.sampling import SamplingParams, sample
+from jattn.store import AttentionStore, BlockKV
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def _write_blocks(pool: KVPool, ids, k, v):
+    """Writes blocks `k, v [L, n, bs, Hkv, D]` into pool blocks `ids [n]`."""
+    return KVPool(tuple(p.at[ids].set(k[i].astype(p.dtype)) for i, p in enumerate(pool.k)),
+                  tuple(p.at[ids].set(v[i].astype(p.dtype)) for i, p in enumerate(pool.v)))
+
+
+@jax.jit
+def _read_blocks(pool: KVPool, ids):
+    """Copies pool blocks `ids [n]` out: `k, v [L, n, bs, Hkv, D]`."""
+    return jnp.stack([p[ids] for p in pool.k]), jnp.stack([p[ids] for p in pool.v])
+
+
+@dataclass
+class ChatTurn(Generation):
+    """A `Generation` plus what the turn reused: `cached_tokens` (context tokens whose KV
+    was not recomputed), `tiers` (blocks reused per tier), `recomputed_tokens`."""
+
+    cached_tokens: int = 0
+    recomputed_tokens: int = 0
+    tiers: dict | None = None
+
+
+class ChatEngine:
+    """Sessions, their device-resident blocks, and the turn procedure."""
+
+    def __init__(self, runner: ModelRunner, tokenizer, *, max_context: int, eos_ids,
+                 store: AttentionStore | None, sink_tokens: int, hbm_bytes: int):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.eos_ids = eos_ids
+        self.store = store
+        self.sink_blocks = math.ceil(sink_tokens / runner.block_size)
+        self.hbm_bytes = hbm_bytes
+        self.sessions: dict[str, Conversation] = {}
+        self.resident: dict[str, dict[int, int]] = {}  # session -> serial -> pool block
+        block_tokens = runner.block_size
+        self.block_bytes = runner.config.kv_bytes_per_token(runner.dtype.itemsize) * block_tokens
+
+    # ----- sessions --------------------------------------------------------------------
+
+    def conversation(self, session_id: str) -> Conversation:
+        if session_id not in self.sessions:
+            record = self.store.get_record(session_id) if self.store else None
+            self.sessions[session_id] = (Conversation.from_record(record) if record
+                                         else Conversation())
+        return self.sessions[session_id]
+
+    def end(self, session_id: str) -> None:
+        """Forgets a session everywhere."""
+        self._release(session_id)
+        self.sessions.pop(session_id, None)
+        if self.store:
+            self.store.drop(session_id)
+
+    def _release(self, session_id: str) -> None:
+        blocks = self.resident.pop(session_id, {})
+        self.runner.allocator.free(blocks.values())
+
+    def _resident_bytes(self) -> int:
+        return sum(len(b) for b in self.resident.values()) * self.block_bytes
+
+    def _allocate(self, count: int, keep: str) -> list[int]:
+        """Pool blocks, evicting other sessions' resident blocks when the pool is short."""
+        while True:
+            try:
+                return self.runner.allocator.allocate(count)
+            except PoolExhausted:
+                victims = [s for s in self.resident if s != keep and self.resident[s]]
+                if not victims:
+                    raise
+                order = (self.store.device_eviction_order(victims) if self.store
+                         else victims)
+                self._release(order[0])
+
+    def _enforce_hbm_budget(self, keep: str) -> None:
+        while self._resident_bytes() > self.hbm_bytes:
+            victims = [s for s in self.resident if self.resident[s]]
+            order = self.store.device_eviction_order(victims) if self.store else victims
+            others = [s for s in order if s != keep]
+            self._release((others or order)[0])
+
+    # ----- turns -----------------------------------------------------------------------
+
+    def encode_message(self, conversation: Conversation, message) -> list[int]:
+        if not isinstance(message, str):
+            return list(message)
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass the message as token ids")
+        first = not conversation.tokens
+        if first:
+            return self.tokenizer.encode_chat([{"role": "user", "content": message}])
+        if self.tokenizer.chat_template:
+            ids = self.tokenizer.encode_chat([{"role": "user", "content": message}])
+            bos = self.tokenizer.token_id(self.tokenizer.bos_token)
+            return ids[1:] if ids and ids[0] == bos else ids
+        return self.tokenizer.encode("\n" + message, add_special_tokens=False)
+
+    def chat(self, session_id: str, message, params: SamplingParams, *,
+             ignore_eos: bool = False) -> ChatTurn:
+        start_time = time.perf_counter()
+        conversation = self.conversation(session_id)
+        new_ids = self.encode_message(conversation, message)
+        if not new_ids:
+            raise ValueError("message is empty: give at least one token")
+        block_size = self.runner.block_size
+        dropped = plan_truncation(conversation, len(new_ids), params.max_tokens,
+                                  max_context=self.max_context, block_size=block_size,
+                                  sink_blocks=self.sink_blocks)
+        kept = [b for b in conversation.blocks if b[0] not in set(dropped)]
+        prefix = len(kept) * block_size
+        room = self.max_context - prefix - len(conversation.tail) - len(new_ids)
+        if room < 1:
+            raise ValueError(
+                f"message of {len(new_ids)} tokens does not fit the context window of "
+                f"{self.max_context} tokens, even after truncating the history")
+        budget = min(params.max_tokens, room)
+        if self.store:
+            self.store.touch(session_id)
+
+        table, tiers, recomputed = self._context_blocks(session_id, conversation, kept,
+                                                        dropped)
+        turn_tokens = conversation.tail + new_ids
+        table += self._allocate(blocks_for(len(turn_tokens) + budget, block_size), session_id)
+        result = ChatTurn(text="", token_ids=[], finish_reason="length",
+                          prompt_token_ids=new_ids, tiers=tiers,
+                          cached_tokens=0 if recomputed else prefix,
+                          recomputed_tokens=recomputed + len(turn_tokens))
+        try:
+            answer = self._generate(table, prefix, turn_tokens, budget, params, ignore_eos,
+                                    result, start_time)
+        except BaseException:
+            self.runner.allocator.free(table)
+            self.resident.pop(session_id, None)
+            raise
+        history_start = conversation.tail_start
+        conversation.tokens.extend(new_ids)
+        user_end = len(conversation.tokens)
+        conversation.tokens.extend(answer)
+        turn = Turn(dropped=dropped, start=history_start, user_end=user_end,
+                    end=len(conversation.tokens), table_blocks=len(table))
+        self._finish_turn(session_id, conversation, turn, table, len(kept))
+        return result
+
+    def _generate(self, table, prefix, turn_tokens, budget, params, ignore_eos, result,
+                  start_time) -> list[int]:
+        runner = self.runner
+        logits = runner.prefill(turn_tokens, prefix, table)[None]
+        key = jax.random.key(params.seed if params.seed is not None else time.time_ns())
+        text = IncrementalText(self.tokenizer.decode) if self.tokenizer else None
+        eos = set() if ignore_eos else set(self.eos_ids)
+        answer: list[int] = []
+        position = prefix + len(turn_tokens)
+        for step in range(budget):
+            key, subkey = jax.random.split(key)
+            token = int(sample(logits, subkey, params.temperature, params.top_k,
+                               params.top_p)[0])
+            if step == 0:
+                result.ttft_s = time.perf_counter() - start_time
+            if token in eos:
+                result.finish_reason = "stop"
+                break
+            if text:
+                text.push(token)
+                if params.stop and any(s in text.text for s in params.stop):
+                    result.finish_reason = "stop"
+                    break
+            answer.append(token)
+            if step + 1 < budget:
+                logits = runner.decode([token], [position + step], [table])
+        result.token_ids = answer
+        if text:
+            cuts = [text.text.find(s) for s in params.stop if s in text.text]
+            result.text = text.text[:min(cuts)] if cuts else text.text
+        return answer
+
+    def _finish_turn(self, session_id, conversation, turn, table, kept_count) -> None:
+        block_size = self.runner.block_size
+        new_blocks = apply_turn(conversation, turn, block_size)
+        new_ids = table[kept_count:kept_count + len(new_blocks)]
+        resident = self.resident.setdefault(session_id, {})
+        for (serial, _, _), block in zip(new_blocks, new_ids):
+            resident[serial] = block
+        self.runner.allocator.free(table[kept_count + len(new_blocks):])
+        if not self.store:
+            self._release(session_id)  # without a store nothing outlives the turn
+            return
+        self._save(session_id, [b[0] for b in new_blocks], new_ids)
+        self.store.drop_blocks(session_id, turn.dropped)
+        self.store.put_record(session_id, conversation.to_record())
+        self._enforce_hbm_budget(keep=session_id)
+
+    def _save(self, session_id, serials, block_ids) -> None:
+        """Starts the device-to-host copy now (the pool is donated by the next step) and
+        lets the store's thread wait for it and file the blocks."""
+        if not serials:
+            return
+        k, v = _read_blocks(self.runner.pool, jnp.asarray(block_ids, jnp.int32))
+        host = {}
+
+        def produce(i):
+            if "k" not in host:
+                host["k"], host["v"] = np.asarray(k), np.asarray(v)
+            return BlockKV(np.ascontiguousarray(host["k"][:, i]),
+                           np.ascontiguousarray(host["v"][:, i]))
+
+        for i, serial in enumerate(serials):
+            self.store.save(session_id, serial, functools.partial(produce, i))
+
+    # ----- context --------------------------------------------------------------------
+
+    def _context_blocks(self, session_id, conversation, kept, dropped):
+        """Pool blocks holding the KV of `kept` (in order), the tiers they came from,
+        and how many tokens had to be recomputed (all of them when any block is lost)."""
+        resident = self.resident.setdefault(session_id, {})
+        for serial in dropped:
+            if serial in resident:
+                self.runner.allocator.free([resident.pop(serial)])
+        tiers = {"hbm": 0, "host": 0, "disk": 0}
+        table, loads = [], []
+        for serial, _, _ in kept:
+            if serial in resident:
+                tiers["hbm"] += 1
+                table.append(resident[serial])
+                continue
+            found = self.store.get(session_id, serial) if self.store else None
+            if found is None:
+                return self._replay(session_id, conversation, kept), {}, \
+                    len(kept) * self.runner.block_size
+            block, tier = found
+            tiers[tier] += 1
+            loads.append((serial, block))
+            table.append(None)
+        if self.store and tiers["hbm"]:
+            self.store.count_device_hits(tiers["hbm"], tiers["hbm"] * self.block_bytes)
+        if loads:
+            ids = self._allocate(len(loads), session_id)
+            self.runner.pool = _write_blocks(
+                self.runner.pool, jnp.asarray(ids, jnp.int32),
+                jnp.asarray(np.stack([b.k for _, b in loads], axis=1)),
+                jnp.asarray(np.stack([b.v for _, b in loads], axis=1)))
+            fill = iter(ids)
+            table = [t if t is not None else next(fill) for t in table]
+            for (serial, _), block_id in zip(loads, ids):
+                resident[serial] = block_id
+        return table, {k: v for k, v in tiers.items() if v}, 0
+
+    def _replay(self, session_id, conversation, kept) -> list[int]:
+        """Recomputes the KV of the context blocks `kept` by replaying the turn log."""
+        self._release(session_id)
+        block_size = self.runner.block_size
+        replayed = Conversation(tokens=conversation.tokens)
+        placed: dict[int, int] = {}
+        for turn in conversation.turns:
+            for serial in turn.dropped:
+                self.runner.allocator.free([placed.pop(serial)])
+            replayed.blocks = [b for b in replayed.blocks if b[0] not in set(turn.dropped)]
+            table = [placed[s] for s in replayed.serials()]
+            prefix = len(table) * block_size
+            table += self._allocate(turn.table_blocks - len(table), session_id)
+            tokens = conversation.tokens[turn.start:turn.user_end]
+            self.runner.prefill(tokens, prefix, table)
+            position = prefix + len(tokens)
+            for step, token in enumerate(conversation.tokens[turn.user_end:turn.end - 1]):
+                self.runner.decode([token], [position + step], [table])
+            new_blocks = apply_turn(replayed, turn, block_size)
+            kept_count = len(replayed.blocks) - len(new_blocks)
+            for (serial, _, _), block in zip(new_blocks, table[kept_count:]):
+                placed[serial] = block
+            self.runner.allocator.free(table[kept_count + len(new_blocks):])
+        wanted = {serial for serial, _, _ in kept}
+        self.runner.allocator.free([b for s, b in placed.items() if s not in wanted])
+        placed = {s: b for s, b in placed.items() if s in wanted}
+        self.resident[session_id] = placed
+        if self.store:
+            self._save(session_id, list(placed), list(placed.values()))
+        return [placed[serial] for serial, _, _ in kept]

@@ -1,0 +1,58 @@
+"""Store configuration: byte budgets per tier, block size, sinks, look-ahead."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _machine_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Byte budgets are hard limits: a tier never holds more.
+
+    Args:
+      hbm_bytes: KV kept in the device block pool between turns.
+      host_bytes: KV kept in host memory.
+      disk_bytes: KV kept on local disk (0 disables the tier).
+      disk_path: directory of the disk tier; required when `disk_bytes > 0`.
+      block_size: tokens per stored block (must equal the engine's KV block size).
+      sink_tokens: first tokens a truncated conversation always keeps (rounded up to
+        whole blocks).
+      lookahead: how many upcoming sessions of a `hint` count as "about to run".
+    """
+
+    hbm_bytes: int = 256 * 2**20
+    host_bytes: int = 1 * 2**30
+    disk_bytes: int = 0
+    disk_path: str | None = None
+    block_size: int = 16
+    sink_tokens: int = 4
+    lookahead: int = 8
+
+    def __post_init__(self):
+        for name in ("hbm_bytes", "host_bytes", "disk_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.disk_bytes > 0 and not self.disk_path:
+            raise ValueError("disk_bytes > 0 needs a disk_path")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+
+    @classmethod
+    def sized_for_machine(cls, **overrides) -> "StoreConfig":
+        """Host budget a quarter of the machine's memory; no disk tier unless asked."""
+        values = dict(host_bytes=_machine_memory_bytes() // 4)
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,110 @@
+"""Self-checking files: one KV block (or one session record) per file.
+
+Layout: the magic `JATTNKV1`, a little-endian u32 header length, a JSON header, then the
+payload. The header carries the format version, the model fingerprint, each array's
+dtype and shape, and the SHA-256 of the payload. Files are written atomically (a
+temporary file in the same directory, fsync, rename, fsync of the directory), so a crash
+leaves either the old file or the new one, never a torn one that is believed. A file
+that fails any check raises `CorruptEntry` and the caller drops it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+
+MAGIC = b"JATTNKV1"
+FORMAT_VERSION = 1
+
+
+class CorruptEntry(Exception):
+    """A disk entry that is unreadable, truncated, altered, or from another model."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to `path` so that readers see the old or the new file, whole."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def encode(arrays: dict[str, np.ndarray], *, fingerprint: str, meta: dict) -> bytes:
+    """Serialises named arrays with a header; `meta` is any JSON-able extra."""
+    payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
+    header = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "arrays": [{"name": n, "dtype": str(a.dtype), "shape": list(a.shape)}
+                   for n, a in arrays.items()],
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "meta": meta,
+    }
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    return MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + payload
+
+
+def decode(data: bytes, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Checks and parses `encode`'s bytes; raises `CorruptEntry` saying what failed."""
+    if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
+        raise CorruptEntry("bad magic (not a jattn entry, or truncated)")
+    (header_length,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(data[start:start + header_length])
+    except ValueError as error:
+        raise CorruptEntry(f"unreadable header: {error}") from None
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CorruptEntry(f"format version {header.get('format_version')}, "
+                           f"expected {FORMAT_VERSION}")
+    if header.get("fingerprint") != fingerprint:
+        raise CorruptEntry("written by another model (fingerprint differs)")
+    payload = data[start + header_length:]
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise CorruptEntry("checksum mismatch (altered or truncated payload)")
+    arrays, offset = {}, 0
+    for spec in header["arrays"]:
+        dtype = np.dtype(spec["dtype"])
+        count = int(np.prod(spec["shape"], dtype=np.int64))
+        size = count * dtype.itemsize
+        if offset + size > len(payload):
+            raise CorruptEntry("payload shorter than its header says")
+        arrays[spec["name"]] = np.frombuffer(payload, dtype, count, offset).reshape(spec["shape"])
+        offset += size
+    if offset != len(payload):
+        raise CorruptEntry("payload longer than its header says")
+    return arrays, header.get("meta", {})
+
+
+def read(path: str, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads and checks a file; a missing or unreadable file is `CorruptEntry` too."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise CorruptEntry(f"cannot read: {error}") from None
+    return decode(data, fingerprint=fingerprint)
