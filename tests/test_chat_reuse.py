@@ -1,0 +1,169 @@
+"""Chat with the AttentionStore: reuse gives the tokens of recomputation, in every tier,
+across truncation, restarts and corrupt entries, within budgets."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from jattn import LLM
+from jattn.store import StoreConfig
+
+MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
+            "Then it started to rain.", "Tom found a big red ball.", "They played all day.",
+            "At night the stars came out.", "The end."]
+SESSIONS = ["alice", "bob", "carol"]
+BLOCK_BYTES = 2 * 5 * 4 * 8 * 4 * 16  # K and V, 5 layers, 4 KV heads, dim 8, f32, 16 tokens
+
+
+def conversation_schedule():
+    """Interleaved turns of three sessions, 8 turns each."""
+    return [(session, turn) for turn in range(8) for session in SESSIONS]
+
+
+def run(llm, max_tokens=64):
+    answers = {}
+    for session, turn in conversation_schedule():
+        result = llm.chat(session, MESSAGES[turn], max_tokens=max_tokens, ignore_eos=True)
+        answers[(session, turn)] = result
+    return answers
+
+
+@pytest.fixture(scope="module")
+def recomputed():
+    """The answers without a store: every turn replays its session's history."""
+    llm = LLM(store=None)
+    return {k: r.token_ids for k, r in run(llm).items()}
+
+
+def assert_same_tokens(answers, recomputed):
+    for key, result in answers.items():
+        assert result.token_ids == recomputed[key], key
+
+
+def test_recompute_path_truncates_past_the_window(recomputed):
+    llm = LLM(store=None)
+    results = run(llm)
+    conversation = llm.chats.sessions["alice"]
+    assert len(conversation.tokens) > 512  # the history outgrew the 512-token window
+    assert any(turn.dropped for turn in conversation.turns)
+    assert conversation.blocks[0][1] == 0  # the sink block is kept
+    assert all(r.cached_tokens == 0 for r in results.values())
+
+
+def test_device_tier_reuse_equals_recompute(recomputed, tmp_path):
+    llm = LLM(store=StoreConfig(hbm_bytes=10**9, host_bytes=10**9), num_blocks=200)
+    answers = run(llm)
+    assert_same_tokens(answers, recomputed)
+    later = [r for (s, turn), r in answers.items() if turn >= 1]
+    assert all(r.cached_tokens > 0 and set(r.tiers) == {"hbm"} for r in later)
+    assert all(r.recomputed_tokens < 80 for r in later)
+
+
+def test_every_tier_and_misses_give_the_same_tokens(recomputed, tmp_path, caplog):
+    """The device pool holds one session, host memory two sessions' worth of blocks,
+    disk the rest: turns reuse from all three and lose some entries to eviction."""
+    config = StoreConfig(hbm_bytes=32 * BLOCK_BYTES, host_bytes=40 * BLOCK_BYTES,
+                         disk_bytes=70 * (BLOCK_BYTES + 1024), disk_path=str(tmp_path))
+    llm = LLM(store=config, num_blocks=80)
+    answers = {}
+    for session, turn in conversation_schedule():
+        result = llm.chat(session, MESSAGES[turn], max_tokens=64, ignore_eos=True)
+        answers[(session, turn)] = result
+        llm.store.flush()
+        stats = llm.store.stats()
+        assert stats["host_bytes"] <= config.host_bytes
+        assert stats["disk_bytes"] <= config.disk_bytes
+        assert llm.chats._resident_bytes() <= config.hbm_bytes
+    assert_same_tokens(answers, recomputed)
+    tiers = set().union(*(r.tiers or {} for r in answers.values()))
+    assert {"hbm", "host", "disk"} <= tiers
+    assert any(r.cached_tokens == 0 and turn > 0 for (_, turn), r in answers.items()), \
+        "no turn had to recompute a lost context"
+    stats = llm.store.stats()
+    assert stats["host_evictions"] > 0 and stats["disk_evictions"] > 0
+
+
+def test_restart_finds_sessions_on_disk(recomputed, tmp_path):
+    config = StoreConfig(hbm_bytes=10**9, host_bytes=10**9, disk_bytes=10**9,
+                         disk_path=str(tmp_path))
+    first = LLM(store=config)
+    for session, turn in conversation_schedule()[:9]:  # three turns of each session
+        first.chat(session, MESSAGES[turn], max_tokens=64, ignore_eos=True)
+    first.close()
+    second = LLM(store=config)
+    result = second.chat("alice", MESSAGES[3], max_tokens=64, ignore_eos=True)
+    assert result.tiers == {"disk": result.cached_tokens // 16} and result.cached_tokens > 0
+    assert result.token_ids == recomputed[("alice", 3)]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other_model", "missing"])
+def test_corrupt_entries_are_dropped_and_recomputed(recomputed, tmp_path, caplog, damage):
+    config = StoreConfig(hbm_bytes=10**9, host_bytes=10**9, disk_bytes=10**9,
+                         disk_path=str(tmp_path))
+    first = LLM(store=config)
+    for turn in range(3):
+        first.chat("alice", MESSAGES[turn], max_tokens=64, ignore_eos=True)
+    first.close()
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
+                   if f.endswith(".kv"))
+    victim = files[1]
+    data = open(victim, "rb").read()
+    if damage == "flip":
+        data = data[:-10] + bytes([data[-10] ^ 0x40]) + data[-9:]
+    elif damage == "truncate":
+        data = data[:len(data) // 2]
+    elif damage == "other_model":
+        data = data.replace(first.store.fingerprint.encode(), b"0" * 64)
+    if damage == "missing":
+        os.unlink(victim)
+    else:
+        open(victim, "wb").write(data)
+    second = LLM(store=config)
+    with caplog.at_level(logging.WARNING, logger="jattn.store"):
+        result = second.chat("alice", MESSAGES[3], max_tokens=64, ignore_eos=True)
+    assert result.token_ids == recomputed[("alice", 3)]
+    assert result.cached_tokens == 0  # a lost block after truncation-free turns: replayed
+    if damage != "missing":
+        assert "dropping KV block" in caplog.text
+        assert second.store.stats()["corrupt_entries"] == 1
+
+
+def test_disk_names_never_hold_the_session_id(tmp_path):
+    config = StoreConfig(disk_bytes=10**8, disk_path=str(tmp_path))
+    llm = LLM(store=config)
+    llm.chat("secret-user@example.com", "Once upon a time", max_tokens=20)
+    llm.close()
+    names = [n for _, dirs, files in os.walk(tmp_path) for n in dirs + files]
+    assert names and not any("secret" in n or "@" in n for n in names)
+
+
+def test_end_session_forgets_everywhere(tmp_path):
+    config = StoreConfig(disk_bytes=10**8, disk_path=str(tmp_path))
+    llm = LLM(store=config)
+    free = llm.runner.allocator.free_blocks
+    llm.chat("a", "Once upon a time", max_tokens=40)
+    llm.end_session("a")
+    assert llm.runner.allocator.free_blocks == free
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]
+    assert llm.chat("a", "Once upon a time", max_tokens=5).cached_tokens == 0
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("", "hi"), "session_id must be a non-empty string"),
+    (("a", []), "prompt is empty"),
+    (("a", [1, 9999]), r"token ids must be integers in \[0, 512\)"),
+    (("a", [5] * 600), "prompt has 600 tokens; the context holds 512"),
+    (("a", [5] * 500), "message of 500 tokens does not fit the context window of 512"),
+])
+def test_bad_chat_input_changes_nothing(args, pattern):
+    llm = LLM()
+    llm.chat("a", "Once upon a time", max_tokens=10)
+    before = list(llm.chats.sessions["a"].tokens)
+    free = llm.runner.allocator.free_blocks
+    with pytest.raises(ValueError, match=pattern):
+        llm.chat(*args)
+    assert llm.chats.sessions["a"].tokens == before
+    assert llm.runner.allocator.free_blocks == free
+    assert np.isfinite(llm.chat("a", "The end.", max_tokens=3).ttft_s)
