@@ -1,0 +1,153 @@
+"""AttentionStore on its own: entries, budgets, eviction order, hints, threads."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from jattn.store import AttentionStore, BlockKV, StoreConfig
+from jattn.store import disk_entry
+from jattn.store.policy import eviction_order
+
+FINGERPRINT = "f" * 64
+
+
+def block(seed, layers=2, size=4):
+    rng = np.random.default_rng(seed)
+    return BlockKV(rng.standard_normal((layers, size, 2, 8)).astype(np.float32),
+                   rng.standard_normal((layers, size, 2, 8)).astype(np.float32))
+
+
+BLOCK_BYTES = block(0).nbytes
+
+
+def test_disk_entry_round_trip_and_every_check(tmp_path):
+    arrays = {"k": block(1).k, "v": block(1).v.astype("bfloat16")}
+    data = disk_entry.encode(arrays, fingerprint=FINGERPRINT, meta={"serial": 3})
+    decoded, meta = disk_entry.decode(data, fingerprint=FINGERPRINT)
+    assert meta == {"serial": 3}
+    for name in arrays:
+        assert decoded[name].dtype == arrays[name].dtype
+        np.testing.assert_array_equal(decoded[name], arrays[name])
+    flipped = bytearray(data)
+    flipped[-5] ^= 1
+    cases = {
+        "checksum mismatch": bytes(flipped),
+        "checksum mismatch|shorter": data[:-7],
+        "another model": data.replace(FINGERPRINT.encode(), b"e" * 64),
+        "bad magic": b"XXXX" + data[4:],
+    }
+    for pattern, damaged in cases.items():
+        with pytest.raises(disk_entry.CorruptEntry, match=pattern):
+            disk_entry.decode(damaged, fingerprint=FINGERPRINT)
+    path = str(tmp_path / "a" / "entry.kv")
+    disk_entry.write_atomic(path, data)
+    assert os.listdir(tmp_path / "a") == ["entry.kv"]
+    assert disk_entry.read(path, fingerprint=FINGERPRINT)[1] == {"serial": 3}
+    with pytest.raises(disk_entry.CorruptEntry, match="cannot read"):
+        disk_entry.read(str(tmp_path / "nothing.kv"), fingerprint=FINGERPRINT)
+
+
+def test_eviction_order_is_scheduler_aware_then_lru():
+    last_used = {"a": 5, "b": 1, "c": 9, "d": 3, "e": 7}
+    order = eviction_order(["a", "b", "c", "d", "e"], last_used=last_used,
+                           upcoming=["c", "x", "a"])
+    assert order == ["b", "d", "e", "a", "c"]  # outside by LRU, then farthest-upcoming
+
+
+def test_host_budget_is_never_exceeded_and_evicts_by_policy():
+    store = AttentionStore(StoreConfig(host_bytes=4 * BLOCK_BYTES), fingerprint=FINGERPRINT)
+    for session in ("s1", "s2", "s3"):
+        for serial in range(2):
+            store.save(session, serial, lambda: block(serial))
+            store.flush()
+            assert store.stats()["host_bytes"] <= 4 * BLOCK_BYTES
+    assert store.get("s1", 0) is None  # the least recently used session went first
+    assert store.get("s3", 1)[1] == "host"
+    store.hint(["s2"]).result()
+    store.save("s4", 0, lambda: block(9))
+    store.save("s4", 1, lambda: block(9))
+    store.flush()
+    assert store.get("s2", 0) is not None  # hinted: kept over the older-used s3
+    assert store.get("s3", 0) is None
+    store.close()
+
+
+def test_hint_prefetches_from_disk_into_host(tmp_path):
+    config = StoreConfig(host_bytes=2 * BLOCK_BYTES, disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    for serial in range(2):
+        store.save("old", serial, lambda s=serial: block(s))
+    for serial in range(2):
+        store.save("new", serial, lambda s=serial: block(10 + s))
+    store.flush()
+    assert store.stats()["host_blocks"] == 2  # "old" was pushed out of host memory
+    assert store.hint(["old"]).result() == 2
+    found, tier = store.get("old", 1)
+    assert tier == "host"
+    np.testing.assert_array_equal(found.k, block(1).k)
+    assert store.stats()["prefetched_blocks"] == 2
+    store.close()
+
+
+def test_restart_reindexes_disk_and_ignores_torn_writes(tmp_path):
+    config = StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    store.save("s", 0, lambda: block(4))
+    store.put_record("s", {"tokens": [1, 2, 3]})
+    store.close()
+    session_dir = next(p for p, _, files in os.walk(tmp_path) if "session.rec" in files)
+    open(os.path.join(session_dir, ".tmp-abandoned"), "wb").write(b"half a file")
+    again = AttentionStore(config, fingerprint=FINGERPRINT)
+    assert again.get_record("s") == {"tokens": [1, 2, 3]}
+    found, tier = again.get("s", 0)
+    assert tier == "disk"
+    np.testing.assert_array_equal(found.v, block(4).v)
+    assert not [f for f in os.listdir(session_dir) if f.startswith(".tmp-")]
+    other_model = AttentionStore(config, fingerprint="0" * 64)
+    assert other_model.get_record("s") is None and other_model.get("s", 0) is None
+
+
+def test_concurrent_sessions_from_many_threads(tmp_path):
+    config = StoreConfig(host_bytes=20 * BLOCK_BYTES, disk_bytes=60 * (BLOCK_BYTES + 512),
+                         disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    errors = []
+
+    def worker(index):
+        try:
+            session = f"user-{index}"
+            for serial in range(6):
+                store.save(session, serial, lambda s=serial: block(index * 100 + s))
+            store.hint([session])
+            for serial in range(6):
+                found = store.get(session, serial)
+                if found is not None:
+                    np.testing.assert_array_equal(found[0].k, block(index * 100 + serial).k)
+                stats = store.stats()
+                assert stats["host_bytes"] <= config.host_bytes
+                assert stats["disk_bytes"] <= config.disk_bytes
+        except Exception as error:  # reported below, with the thread's index
+            errors.append((index, error))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    assert not errors, errors
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path)
+                  for f in fs if f.endswith(".kv"))
+    assert on_disk == store.stats()["disk_bytes"] <= config.disk_bytes
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(host_bytes=-1), "host_bytes must be an integer >= 0"),
+    (dict(disk_bytes=10), "disk_bytes > 0 needs a disk_path"),
+    (dict(block_size=0), "block_size must be >= 1"),
+])
+def test_bad_store_config_is_named(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        StoreConfig(**kwargs)
