@@ -20,7 +20,7 @@ import numpy as np
 
 from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation
 from jattn.generation import Generation, IncrementalText
-from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for
+from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for, bucket
 from jattn.model.runner import ModelRunner
 from jattn.sampling import SamplingParams, sample
 from jattn.store import AttentionStore, BlockKV
@@ -28,9 +28,26 @@ from jattn.store import AttentionStore, BlockKV
 
 @functools.partial(jax.jit, donate_argnames=("pool",))
 def _write_blocks(pool: KVPool, ids, k, v):
-    """Writes blocks `k, v [L, n, bs, Hkv, D]` into pool blocks `ids [n]`."""
-    return KVPool(tuple(p.at[ids].set(k[i].astype(p.dtype)) for i, p in enumerate(pool.k)),
-                  tuple(p.at[ids].set(v[i].astype(p.dtype)) for i, p in enumerate(pool.v)))
+    """Writes blocks `k, v [L, n, bs, Hkv, D]` into pool blocks `ids [n]`; ids past the
+    pool (padding) are dropped."""
+    return KVPool(
+        tuple(p.at[ids].set(k[i].astype(p.dtype), mode="drop") for i, p in enumerate(pool.k)),
+        tuple(p.at[ids].set(v[i].astype(p.dtype), mode="drop") for i, p in enumerate(pool.v)))
+
+
+def _load_into_pool(pool: KVPool, ids: list[int], blocks) -> KVPool:
+    """Copies host blocks into pool blocks `ids`. The count is padded to a power of two
+    (padding ids point past the pool) so a handful of compilations serve every turn."""
+    rows = bucket(len(ids), minimum=1)
+    padded_ids = np.full(rows, pool.num_blocks, np.int32)
+    padded_ids[:len(ids)] = ids
+    shape = (blocks[0].k.shape[0], rows, *blocks[0].k.shape[1:])
+    k = np.zeros(shape, blocks[0].k.dtype)
+    v = np.zeros(shape, blocks[0].v.dtype)
+    for i, block in enumerate(blocks):
+        k[:, i] = block.k
+        v[:, i] = block.v
+    return _write_blocks(pool, jnp.asarray(padded_ids), jnp.asarray(k), jnp.asarray(v))
 
 
 @jax.jit
@@ -264,10 +281,7 @@ class ChatEngine:
             self.store.count_device_hits(tiers["hbm"], tiers["hbm"] * self.block_bytes)
         if loads:
             ids = self._allocate(len(loads), session_id)
-            self.runner.pool = _write_blocks(
-                self.runner.pool, jnp.asarray(ids, jnp.int32),
-                jnp.asarray(np.stack([b.k for _, b in loads], axis=1)),
-                jnp.asarray(np.stack([b.v for _, b in loads], axis=1)))
+            self.runner.pool = _load_into_pool(self.runner.pool, ids, [b for _, b in loads])
             fill = iter(ids)
             table = [t if t is not None else next(fill) for t in table]
             for (serial, _), block_id in zip(loads, ids):

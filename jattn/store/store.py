@@ -30,6 +30,7 @@ import numpy as np
 
 from jattn.store import disk_entry
 from jattn.store.config import StoreConfig
+from jattn.store.placement import Tier
 from jattn.store.policy import eviction_order
 
 log = logging.getLogger("jattn.store")
@@ -61,11 +62,9 @@ class AttentionStore:
         self.config = config
         self.fingerprint = fingerprint
         self._lock = threading.RLock()
-        self._host: collections.OrderedDict[tuple[str, int], BlockKV] = \
-            collections.OrderedDict()
-        self._host_bytes = 0
-        self._disk: dict[tuple[str, int], int] = {}
-        self._disk_bytes = 0
+        self._host: dict[tuple[str, int], BlockKV] = {}
+        self._host_tier = Tier(config.host_bytes)
+        self._disk_tier = Tier(config.disk_bytes)
         self._records: dict[str, dict] = {}
         self._last_used: dict[str, int] = {}
         self._clock = itertools.count()
@@ -99,11 +98,10 @@ class AttentionStore:
                 if name.startswith(".tmp-"):
                     os.unlink(path)  # a write that never finished: never believed
                 elif name.endswith(".kv") and name[:-3].isdigit():
-                    size = os.path.getsize(path)
-                    if self._disk_bytes + size <= self.config.disk_bytes:
-                        self._disk[(key, int(name[:-3]))] = size
-                        self._disk_bytes += size
-                    else:
+                    admitted, _ = self._disk_tier.admit(
+                        (key, int(name[:-3])), os.path.getsize(path), last_used={},
+                        upcoming=[])
+                    if not admitted:
                         os.unlink(path)
 
     # ----- saving ---------------------------------------------------------------------
@@ -133,6 +131,7 @@ class AttentionStore:
         block = produce()
         landed = []
         with self._lock:
+            self._last_used[key] = next(self._clock)
             if self._admit_host(key, serial, block):
                 landed.append("host")
         if self._root is not None and self._write_disk(key, serial, block):
@@ -143,58 +142,41 @@ class AttentionStore:
         return tuple(landed)
 
     def _admit_host(self, key: str, serial: int, block: BlockKV) -> bool:
-        if block.nbytes > self.config.host_bytes:
-            return False
         entry = (key, serial)
-        if entry in self._host:
-            self._host_bytes -= self._host.pop(entry).nbytes
-        self._make_room_host(block.nbytes, protect=key)
-        if self._host_bytes + block.nbytes > self.config.host_bytes:
-            return False
-        self._host[entry] = block
-        self._host_bytes += block.nbytes
-        return True
-
-    def _make_room_host(self, need: int, protect: str | None) -> None:
-        sessions = {k for k, _ in self._host if k != protect}
-        for victim in eviction_order(sessions, last_used=self._last_used,
-                                     upcoming=self._upcoming):
-            if self._host_bytes + need <= self.config.host_bytes:
-                return
-            for entry in [e for e in self._host if e[0] == victim]:
-                self._host_bytes -= self._host.pop(entry).nbytes
-                self._stats["host_evictions"] += 1
+        self._host.pop(entry, None)
+        admitted, evicted = self._host_tier.admit(entry, block.nbytes,
+                                                  last_used=self._last_used,
+                                                  upcoming=self._upcoming)
+        for old in evicted:
+            del self._host[old]
+        self._stats["host_evictions"] += len(evicted)
+        if admitted:
+            self._host[entry] = block
+        return admitted
 
     def _write_disk(self, key: str, serial: int, block: BlockKV) -> bool:
         data = disk_entry.encode({"k": block.k, "v": block.v}, fingerprint=self.fingerprint,
                                  meta={"serial": serial})
         with self._lock:
-            if len(data) > self.config.disk_bytes:
-                return False
-            entry = (key, serial)
-            if entry in self._disk:
-                self._disk_bytes -= self._disk.pop(entry)
-            sessions = {k for k, _ in self._disk if k != key}
-            for victim in eviction_order(sessions, last_used=self._last_used,
-                                         upcoming=self._upcoming):
-                if self._disk_bytes + len(data) <= self.config.disk_bytes:
-                    break
-                self._delete_disk_session(victim)
-                self._stats["disk_evictions"] += 1
-            if self._disk_bytes + len(data) > self.config.disk_bytes:
-                return False
-            self._disk_bytes += len(data)
-            self._disk[entry] = len(data)
-            disk_entry.write_atomic(self._block_path(key, serial), data)
-            self._stats["disk_bytes_written"] += len(data)
-        return True
+            admitted, evicted = self._disk_tier.admit((key, serial), len(data),
+                                                      last_used=self._last_used,
+                                                      upcoming=self._upcoming)
+            for old in evicted:
+                self._unlink(self._block_path(*old))
+            self._stats["disk_evictions"] += len(evicted)
+            if admitted:
+                disk_entry.write_atomic(self._block_path(key, serial), data)
+                self._stats["disk_bytes_written"] += len(data)
+        return admitted
+
+    def _unlink(self, path: str) -> None:
+        if os.path.exists(path):
+            os.unlink(path)
 
     def _delete_disk_session(self, key: str) -> None:
-        for entry in [e for e in self._disk if e[0] == key]:
-            self._disk_bytes -= self._disk.pop(entry)
-            path = self._block_path(*entry)
-            if os.path.exists(path):
-                os.unlink(path)
+        for entry in self._disk_tier.entries_of(key):
+            self._disk_tier.remove(entry)
+            self._unlink(self._block_path(*entry))
 
     # ----- session records ------------------------------------------------------------
 
@@ -223,7 +205,7 @@ class AttentionStore:
             except disk_entry.CorruptEntry as error:
                 log.warning("dropping the record of session %s: %s", key, error)
                 self._delete_disk_session(key)
-                os.unlink(self._record_path(key))
+                self._unlink(self._record_path(key))
                 return None
             if meta.get("session_id") != session_id:
                 return None
@@ -240,11 +222,10 @@ class AttentionStore:
         with self._lock:
             self._last_used[key] = next(self._clock)
             if entry in self._host:
-                self._host.move_to_end(entry)
                 block = self._host[entry]
                 self._count_hit("host", block.nbytes)
                 return block, "host"
-            if entry not in self._disk:
+            if entry not in self._disk_tier:
                 self._stats["misses"] += 1
                 return None
         block = self._read_disk(key, serial)
@@ -266,12 +247,9 @@ class AttentionStore:
         except disk_entry.CorruptEntry as error:
             log.warning("dropping KV block %s/%d from disk: %s", key, serial, error)
             with self._lock:
-                if (key, serial) in self._disk:
-                    self._disk_bytes -= self._disk.pop((key, serial))
+                self._disk_tier.remove((key, serial))
                 self._stats["corrupt_entries"] += 1
-            path = self._block_path(key, serial)
-            if os.path.exists(path):
-                os.unlink(path)
+                self._unlink(self._block_path(key, serial))
             return None
         return BlockKV(arrays["k"], arrays["v"])
 
@@ -300,7 +278,8 @@ class AttentionStore:
         fetched = 0
         for key in keys:
             with self._lock:
-                serials = sorted(s for k, s in self._disk if k == key and (k, s) not in self._host)
+                serials = sorted(s for k, s in self._disk_tier.entries_of(key)
+                                 if (k, s) not in self._host)
             for serial in serials:
                 block = self._read_disk(key, serial)
                 if block is None:
@@ -331,14 +310,14 @@ class AttentionStore:
         key = session_key(session_id)
         self.flush()
         with self._lock:
-            for entry in [e for e in self._host if e[0] == key]:
-                self._host_bytes -= self._host.pop(entry).nbytes
+            for entry in self._host_tier.entries_of(key):
+                self._host_tier.remove(entry)
+                del self._host[entry]
             self._records.pop(key, None)
             self._last_used.pop(key, None)
             if self._root is not None:
                 self._delete_disk_session(key)
-                if os.path.exists(self._record_path(key)):
-                    os.unlink(self._record_path(key))
+                self._unlink(self._record_path(key))
 
     def drop_blocks(self, session_id: str, serials) -> None:
         """Forgets some blocks of a session (truncated out of its context)."""
@@ -346,13 +325,11 @@ class AttentionStore:
         with self._lock:
             for serial in serials:
                 entry = (key, serial)
-                if entry in self._host:
-                    self._host_bytes -= self._host.pop(entry).nbytes
-                if entry in self._disk:
-                    self._disk_bytes -= self._disk.pop(entry)
-                    path = self._block_path(key, serial)
-                    if os.path.exists(path):
-                        os.unlink(path)
+                if self._host.pop(entry, None) is not None:
+                    self._host_tier.remove(entry)
+                if entry in self._disk_tier:
+                    self._disk_tier.remove(entry)
+                    self._unlink(self._block_path(key, serial))
 
     def flush(self) -> None:
         """Waits for every save in flight."""
@@ -373,7 +350,7 @@ class AttentionStore:
                 "host_bytes_loaded", "disk_bytes_loaded", "host_evictions", "disk_evictions",
                 "prefetched_blocks", "corrupt_entries", "saves", "save_seconds",
                 "disk_bytes_written")}
-            stats.update(host_bytes=self._host_bytes, disk_bytes=self._disk_bytes,
-                         host_blocks=len(self._host), disk_blocks=len(self._disk),
+            stats.update(host_bytes=self._host_tier.used, disk_bytes=self._disk_tier.used,
+                         host_blocks=len(self._host), disk_blocks=len(self._disk_tier.sizes),
                          sessions=len(self._records))
         return stats

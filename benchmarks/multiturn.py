@@ -1,0 +1,154 @@
+"""Multi-turn time to first token: the AttentionStore against recomputing the history.
+
+    python benchmarks/multiturn.py [--model smollm2-135m] [--first-turn 3000] [--turns 6]
+
+A random-weight model of a real shape (`configs/models/<model>`) holds one conversation:
+a long first message, then short ones. Every turn runs, in the same process, with:
+
+  hbm        the store keeps the session's KV in the device pool between turns;
+  host       the device tier is off: each turn loads the KV from host memory;
+  disk       device and host tiers are off: each turn loads it from disk files;
+  replay     no store: the turn log is replayed (the exact recompute path);
+  one-shot   the strongest plain baseline: the whole context prefilled in one pass.
+
+It prints TTFT per turn and the ratio to one-shot, and writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jattn import LLM
+from jattn.model.kv_cache import blocks_for
+from jattn.store import StoreConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("hbm", "host", "disk", "replay")
+
+
+def build(model_dir: str, mode: str, disk_path: str, max_context: int) -> LLM:
+    pool = 2 * blocks_for(max_context, 16)
+    stores = {
+        "hbm": StoreConfig(hbm_bytes=2**40, host_bytes=2**40),
+        "host": StoreConfig(hbm_bytes=0, host_bytes=2**40),
+        "disk": StoreConfig(hbm_bytes=0, host_bytes=0, disk_bytes=2**40,
+                            disk_path=disk_path),
+        "replay": None,
+    }
+    return LLM(model_dir, random_weights=True, seed=0, max_context=max_context,
+               num_blocks=pool, store=stores[mode])
+
+
+def one_shot_ttft(llm: LLM, tokens: list[int]) -> float:
+    """Prefill of the whole context in one pass and the first token's logits."""
+    runner = llm.runner
+    blocks = runner.allocator.allocate(blocks_for(len(tokens) + 1, runner.block_size))
+    try:
+        start = time.perf_counter()
+        np.asarray(runner.prefill(tokens, 0, blocks))
+        return time.perf_counter() - start
+    finally:
+        runner.allocator.free(blocks)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--first-turn", type=int, default=3000)
+    parser.add_argument("--later-turns", type=int, default=32)
+    parser.add_argument("--answer", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    model_dir = os.path.join(ROOT, "configs", "models", args.model)
+    max_context = blocks_for(args.first_turn + args.turns * (args.later_turns + args.answer)
+                             + 64, 16) * 16
+    rng = np.random.default_rng(0)
+    messages = [rng.integers(3, 1000, size=args.first_turn).tolist()] + [
+        rng.integers(3, 1000, size=args.later_turns).tolist() for _ in range(args.turns - 1)]
+    results = {mode: [] for mode in MODES}
+    tokens_per_turn = {mode: [] for mode in MODES}
+    one_shot, context = [], []
+    with tempfile.TemporaryDirectory() as disk_path:
+        for mode in MODES:
+            llm = build(model_dir, mode, disk_path, max_context)
+            llm.chat("warm-up", messages[1], max_tokens=2, ignore_eos=True)  # compile
+            for turn, message in enumerate(tqdm(messages, desc=mode, unit="turn")):
+                result = llm.chat("conversation", message, max_tokens=args.answer,
+                                  ignore_eos=True)
+                if llm.store is not None:
+                    llm.store.flush()
+                results[mode].append(result.ttft_s)
+                tokens_per_turn[mode].append(result.token_ids)
+                if mode == "hbm":
+                    history = llm.chats.sessions["conversation"].tokens
+                    context.append(len(history) - len(result.token_ids))
+                    prompt = history[:context[-1]]
+                    one_shot.append(one_shot_ttft(llm, prompt))
+            if llm.store is not None:
+                stats = llm.store.stats()
+                print(f"{mode}: store stats {stats}")
+            llm.close()
+            del llm
+
+    same = all(tokens_per_turn[m] == tokens_per_turn["replay"] for m in MODES)
+    device = jax.devices()[0].device_kind
+    print(f"\nmulti-turn TTFT on {device} ({jax.default_backend()}), {args.model} shape, "
+          f"random weights; identical tokens in every mode: {same}")
+    header = f"{'turn':>4} {'context':>8} " + " ".join(f"{m + ' s':>9}" for m in MODES) + \
+        f" {'one-shot s':>10} {'hbm/one-shot':>12} {'host/one-shot':>13} {'disk/one-shot':>13}"
+    print(header)
+    for turn in range(args.turns):
+        row = f"{turn + 1:>4} {context[turn]:>8} " + " ".join(
+            f"{results[m][turn]:>9.3f}" for m in MODES)
+        row += f" {one_shot[turn]:>10.3f}" + "".join(
+            f" {results[m][turn] / one_shot[turn]:>12.3f}" for m in ("hbm", "host", "disk"))
+        print(row)
+    out = args.json or os.path.join(ROOT, "benchmarks", "results",
+                                    f"multiturn-{jax.default_backend()}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"machine": {"platform": jax.default_backend(), "device_kind": device,
+                               "cpu": platform.processor(), "cpu_count": os.cpu_count(),
+                               "jax": jax.__version__},
+                   "args": vars(args), "context_tokens": context, "ttft_s": results,
+                   "one_shot_ttft_s": one_shot, "identical_tokens": same}, f, indent=2)
+    plot(out.replace(".json", ".png"), context, results, one_shot, args.model)
+    print(f"\nwrote {out}")
+
+
+def plot(path, context, results, one_shot, model) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    turns = np.arange(1, len(context) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in MODES:
+        ax.plot(turns, results[mode], marker="o", label=f"store: {mode}" if mode != "replay"
+                else "no store (replay)")
+    ax.plot(turns, one_shot, marker="s", linestyle="--", color="black",
+            label="one-shot prefill of the history")
+    ax.set_yscale("log")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"TTFT per turn, {model} shape on {jax.default_backend()}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

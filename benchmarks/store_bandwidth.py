@@ -1,0 +1,120 @@
+"""AttentionStore load bandwidth from host memory and from disk, against raw copies.
+
+    python benchmarks/store_bandwidth.py [--blocks 128] [--repeats 5]
+
+Blocks have the shape of a Llama-3-8B KV block (32 layers, 16 tokens, 8 KV heads, dim 128,
+bfloat16: 2 MiB of keys and values). In the same run:
+
+  host tier   `get` every block, stack and hand to the device (the chat path's loading),
+              against `np.copyto` of the same bytes into a preallocated buffer;
+  disk tier   `get` every block from its file (read, checksum, parse), against a raw
+              sequential read of the same files.
+
+Both read the files from the page cache, as a repeated load does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jattn.store import AttentionStore, BlockKV, StoreConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (32, 16, 8, 128)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    blocks = [BlockKV(rng.standard_normal(SHAPE).astype(ml_dtypes.bfloat16),
+                      rng.standard_normal(SHAPE).astype(ml_dtypes.bfloat16))
+              for _ in range(args.blocks)]
+    total = sum(b.nbytes for b in blocks)
+    rows = {}
+    with tempfile.TemporaryDirectory() as disk_path:
+        host = AttentionStore(StoreConfig(host_bytes=2 * total), fingerprint="b" * 64)
+        disk = AttentionStore(StoreConfig(host_bytes=0, disk_bytes=2 * total,
+                                          disk_path=disk_path), fingerprint="b" * 64)
+        for serial, block in enumerate(blocks):
+            host.save("s", serial, lambda b=block: b)
+            disk.save("s", serial, lambda b=block: b)
+        host.flush()
+        disk.flush()
+
+        def load_host():
+            found = [host.get("s", i)[0] for i in range(args.blocks)]
+            k = jnp.asarray(np.stack([b.k for b in found], axis=1))
+            v = jnp.asarray(np.stack([b.v for b in found], axis=1))
+            jax.block_until_ready((k, v))
+
+        source = np.concatenate([np.concatenate([b.k.ravel(), b.v.ravel()]) for b in blocks])
+        target = np.empty_like(source)
+        rows["host"] = (median_time(load_host, args.repeats),
+                        median_time(lambda: np.copyto(target, source), args.repeats))
+
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(disk_path) for f in fs
+                       if f.endswith(".kv"))
+
+        def load_disk():
+            for i in range(args.blocks):
+                assert disk.get("s", i)[1] == "disk"
+
+        def raw_read():
+            for path in files:
+                with open(path, "rb") as f:
+                    f.read()
+
+        rows["disk"] = (median_time(load_disk, args.repeats),
+                        median_time(raw_read, args.repeats))
+        host.close()
+        disk.close()
+
+    print(f"\nstore load bandwidth, {args.blocks} blocks of {SHAPE} bf16 K+V "
+          f"({total / 2**20:.0f} MiB), median of {args.repeats}")
+    print(f"{'tier':6} {'store GB/s':>11} {'baseline':>22} {'baseline GB/s':>14} {'ratio':>6}")
+    result = {}
+    for tier, (store_s, base_s) in rows.items():
+        baseline = "np.copyto" if tier == "host" else "raw sequential read"
+        ratio = base_s / store_s
+        print(f"{tier:6} {total / store_s / 1e9:>11.2f} {baseline:>22} "
+              f"{total / base_s / 1e9:>14.2f} {ratio:>6.2f}")
+        result[tier] = {"store_gbytes_per_s": total / store_s / 1e9, "baseline": baseline,
+                        "baseline_gbytes_per_s": total / base_s / 1e9, "ratio": ratio}
+    out = args.json or os.path.join(ROOT, "benchmarks", "results",
+                                    f"store-bandwidth-{jax.default_backend()}.json")
+    with open(out, "w") as f:
+        json.dump({"machine": {"platform": jax.default_backend(), "cpu": platform.processor(),
+                               "cpu_count": os.cpu_count(), "jax": jax.__version__},
+                   "bytes": total, "blocks": args.blocks, "repeats": args.repeats,
+                   "tiers": result}, f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
