@@ -151,3 +151,20 @@ def test_concurrent_sessions_from_many_threads(tmp_path):
 def test_bad_store_config_is_named(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         StoreConfig(**kwargs)
+
+
+def test_first_victim_is_the_head_of_the_eviction_order():
+    import random
+
+    from jattn.store.policy import first_victim, window_rank
+
+    rng = random.Random(0)
+    for _ in range(200):
+        sessions = rng.sample(range(30), rng.randint(1, 12))
+        last_used = {s: rng.randint(0, 100) for s in sessions if rng.random() < 0.8}
+        upcoming = rng.sample(range(30), rng.randint(0, 8))
+        order = eviction_order(sessions, last_used=last_used, upcoming=upcoming)
+        head = first_victim(sessions, last_used=last_used, upcoming_rank=window_rank(upcoming))
+        key = (lambda s: last_used.get(s, -1)) if head not in upcoming else \
+            (lambda s: -window_rank(upcoming)[s])
+        assert key(head) == key(order[0])

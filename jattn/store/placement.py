@@ -7,7 +7,7 @@ policy simulator drives the same `Tier` objects with a trace. Entries are
 
 from __future__ import annotations
 
-from jattn.store.policy import eviction_order
+from jattn.store.policy import first_victim, window_rank
 
 
 class Tier:
@@ -16,19 +16,26 @@ class Tier:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.sizes: dict[tuple[str, int], int] = {}
+        self._by_session: dict[str, set[tuple[str, int]]] = {}
         self.used = 0
 
     def __contains__(self, entry) -> bool:
         return entry in self.sizes
 
     def sessions(self) -> set[str]:
-        return {key for key, _ in self.sizes}
+        return set(self._by_session)
 
     def entries_of(self, key: str) -> list[tuple[str, int]]:
-        return [entry for entry in self.sizes if entry[0] == key]
+        return sorted(self._by_session.get(key, ()))
 
     def remove(self, entry) -> None:
-        self.used -= self.sizes.pop(entry, 0)
+        if entry not in self.sizes:
+            return
+        self.used -= self.sizes.pop(entry)
+        members = self._by_session[entry[0]]
+        members.discard(entry)
+        if not members:
+            del self._by_session[entry[0]]
 
     def admit(self, entry, nbytes: int, *, last_used: dict, upcoming: list
               ) -> tuple[bool, list]:
@@ -39,15 +46,18 @@ class Tier:
         if nbytes > self.capacity:
             return False, []
         evicted = []
-        others = self.sessions() - {entry[0]}
-        for victim in eviction_order(others, last_used=last_used, upcoming=upcoming):
-            if self.used + nbytes <= self.capacity:
-                break
-            for old in self.entries_of(victim):
-                self.remove(old)
-                evicted.append(old)
+        if self.used + nbytes > self.capacity:
+            rank = window_rank(upcoming)
+            others = self.sessions() - {entry[0]}
+            while others and self.used + nbytes > self.capacity:
+                victim = first_victim(others, last_used=last_used, upcoming_rank=rank)
+                others.discard(victim)
+                for old in self.entries_of(victim):
+                    self.remove(old)
+                    evicted.append(old)
         if self.used + nbytes > self.capacity:
             return False, evicted
         self.sizes[entry] = nbytes
+        self._by_session.setdefault(entry[0], set()).add(entry)
         self.used += nbytes
         return True, evicted

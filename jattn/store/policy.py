@@ -11,9 +11,24 @@ def eviction_order(candidates, *, last_used: dict, upcoming: list) -> list:
     future first (the most imminent is kept longest). `last_used` maps a session to a
     monotone use counter; unknown sessions count as never used.
     """
-    rank = {session: i for i, session in reversed(list(enumerate(upcoming)))}
+    rank = window_rank(upcoming)
     outside = [s for s in candidates if s not in rank]
     inside = [s for s in candidates if s in rank]
     outside.sort(key=lambda s: last_used.get(s, -1))
     inside.sort(key=lambda s: -rank[s])
     return outside + inside
+
+
+def first_victim(candidates, *, last_used: dict, upcoming_rank: dict):
+    """The head of `eviction_order` in one pass (no sort): the least recently used
+    session outside the window, else the in-window session needed farthest ahead.
+    `upcoming_rank` maps a session to its first position in the window."""
+    outside = [s for s in candidates if s not in upcoming_rank]
+    if outside:
+        return min(outside, key=lambda s: last_used.get(s, -1))
+    return max(candidates, key=lambda s: upcoming_rank[s], default=None)
+
+
+def window_rank(upcoming: list) -> dict:
+    """Each session's first position in the look-ahead window."""
+    return {session: i for i, session in reversed(list(enumerate(upcoming)))}
