@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation
-from jattn.generation import Generation, IncrementalText
+from jattn.decoding import decode_loop
+from jattn.generation import Generation
 from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for, bucket
 from jattn.model.runner import ModelRunner
-from jattn.sampling import SamplingParams, sample
+from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, BlockKV
 
 
@@ -151,7 +152,7 @@ class ChatEngine:
             raise ValueError("message is empty: give at least one token")
         block_size = self.runner.block_size
         dropped = plan_truncation(conversation, len(new_ids), params.max_tokens,
-                                  max_context=self.max_context, block_size=block_size,
+                                  max_context=self.max_context,
                                   sink_blocks=self.sink_blocks)
         kept = [b for b in conversation.blocks if b[0] not in set(dropped)]
         prefix = len(kept) * block_size
@@ -190,34 +191,12 @@ class ChatEngine:
 
     def _generate(self, table, prefix, turn_tokens, budget, params, ignore_eos, result,
                   start_time) -> list[int]:
-        runner = self.runner
-        logits = runner.prefill(turn_tokens, prefix, table)[None]
-        key = jax.random.key(params.seed if params.seed is not None else time.time_ns())
-        text = IncrementalText(self.tokenizer.decode) if self.tokenizer else None
-        eos = set() if ignore_eos else set(self.eos_ids)
-        answer: list[int] = []
-        position = prefix + len(turn_tokens)
-        for step in range(budget):
-            key, subkey = jax.random.split(key)
-            token = int(sample(logits, subkey, params.temperature, params.top_k,
-                               params.top_p)[0])
-            if step == 0:
-                result.ttft_s = time.perf_counter() - start_time
-            if token in eos:
-                result.finish_reason = "stop"
-                break
-            if text:
-                text.push(token)
-                if params.stop and any(s in text.text for s in params.stop):
-                    result.finish_reason = "stop"
-                    break
-            answer.append(token)
-            if step + 1 < budget:
-                logits = runner.decode([token], [position + step], [table])
+        logits = self.runner.prefill(turn_tokens, prefix, table)
+        answer = [token.id for token in decode_loop(
+            self.runner, logits, table, prefix + len(turn_tokens), budget, params,
+            eos=set() if ignore_eos else set(self.eos_ids), tokenizer=self.tokenizer,
+            result=result, start_time=start_time)]
         result.token_ids = answer
-        if text:
-            cuts = [text.text.find(s) for s in params.stop if s in text.text]
-            result.text = text.text[:min(cuts)] if cuts else text.text
         return answer
 
     def _finish_turn(self, session_id, conversation, turn, table, kept_count) -> None:

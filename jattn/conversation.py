@@ -62,7 +62,7 @@ class Conversation:
 
 
 def plan_truncation(conversation: Conversation, new_tokens: int, reserve: int, *,
-                    max_context: int, block_size: int, sink_blocks: int) -> list[int]:
+                    max_context: int, sink_blocks: int) -> list[int]:
     """Serials of the oldest non-sink blocks to drop so that the context, the new
     tokens and `reserve` answer tokens fit `max_context`. Drops nothing if it fits."""
     length = conversation.context_length() + new_tokens + reserve

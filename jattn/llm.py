@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from jattn.chat import ChatEngine, ChatTurn
-from jattn.generation import Generation, IncrementalText, StreamedToken
+from jattn.decoding import decode_loop
+from jattn.generation import Generation, StreamedToken
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
 from jattn.model.runner import ModelRunner
@@ -21,7 +22,7 @@ from jattn.model.weights import (
     restore_params,
     save_params,
 )
-from jattn.sampling import SamplingParams, sample
+from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, StoreConfig
 from jattn.store.fingerprint import model_fingerprint
 from jattn.tokenizer import Tokenizer
@@ -180,39 +181,14 @@ class LLM:
         budget = min(params.max_tokens, self.max_context - len(prompt_ids))
         blocks = runner.allocator.allocate(blocks_for(len(prompt_ids) + budget,
                                                       runner.block_size))
-        text = IncrementalText(self.tokenizer.decode) if self.tokenizer else None
-        key = jax.random.key(params.seed if params.seed is not None else time.time_ns())
-        eos = set() if ignore_eos else set(self.config.eos_token_ids)
-        finish = "length"
+        result = result if result is not None else Generation("", [], "length")
+        result.prompt_token_ids = prompt_ids
         start = time.perf_counter()
         try:
-            logits = runner.prefill(prompt_ids, 0, blocks)[None]
-            for step in range(budget):
-                key, subkey = jax.random.split(key)
-                token = int(sample(logits, subkey, params.temperature, params.top_k,
-                                   params.top_p)[0])
-                if result is not None and step == 0:
-                    result.ttft_s = time.perf_counter() - start
-                if token in eos:
-                    finish = "stop"
-                    break
-                delta = text.push(token) if text else ""
-                if text and params.stop and any(s in text.text for s in params.stop):
-                    finish = "stop"
-                    break
-                yield StreamedToken(token, delta)
-                if step + 1 < budget:
-                    logits = runner.decode([token], [len(prompt_ids) + step], [blocks])
+            logits = runner.prefill(prompt_ids, 0, blocks)
+            yield from decode_loop(
+                runner, logits, blocks, len(prompt_ids), budget, params,
+                eos=set() if ignore_eos else set(self.config.eos_token_ids),
+                tokenizer=self.tokenizer, result=result, start_time=start)
         finally:
             runner.allocator.free(blocks)
-        if result is not None:
-            result.prompt_token_ids = prompt_ids
-            result.finish_reason = finish
-            if text:
-                result.text = _cut_at_stop(text.text, params.stop)
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    """`text` up to the earliest stop string, or all of it."""
-    cuts = [text.find(s) for s in stops if s in text]
-    return text[:min(cuts)] if cuts else text
