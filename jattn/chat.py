@@ -27,30 +27,6 @@ from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, BlockKV
 
 
-@functools.partial(jax.jit, donate_argnames=("pool",))
-def _write_blocks(pool: KVPool, ids, k, v):
-    """Writes blocks `k, v [L, n, bs, Hkv, D]` into pool blocks `ids [n]`; ids past the
-    pool (padding) are dropped."""
-    return KVPool(
-        tuple(p.at[ids].set(k[i].astype(p.dtype), mode="drop") for i, p in enumerate(pool.k)),
-        tuple(p.at[ids].set(v[i].astype(p.dtype), mode="drop") for i, p in enumerate(pool.v)))
-
-
-def _load_into_pool(pool: KVPool, ids: list[int], blocks) -> KVPool:
-    """Copies host blocks into pool blocks `ids`. The count is padded to a power of two
-    (padding ids point past the pool) so a handful of compilations serve every turn."""
-    rows = bucket(len(ids), minimum=1)
-    padded_ids = np.full(rows, pool.num_blocks, np.int32)
-    padded_ids[:len(ids)] = ids
-    shape = (blocks[0].k.shape[0], rows, *blocks[0].k.shape[1:])
-    k = np.zeros(shape, blocks[0].k.dtype)
-    v = np.zeros(shape, blocks[0].v.dtype)
-    for i, block in enumerate(blocks):
-        k[:, i] = block.k
-        v[:, i] = block.v
-    return _write_blocks(pool, jnp.asarray(padded_ids), jnp.asarray(k), jnp.asarray(v))
-
-
 @jax.jit
 def _read_blocks(pool: KVPool, ids):
     """Copies pool blocks `ids [n]` out: `k, v [L, n, bs, Hkv, D]`."""
@@ -165,8 +141,8 @@ class ChatEngine:
         if self.store:
             self.store.touch(session_id)
 
-        table, tiers, recomputed = self._context_blocks(session_id, conversation, kept,
-                                                        dropped)
+        table, tiers, recomputed, arriving = self._context_blocks(session_id, conversation,
+                                                                  kept, dropped)
         turn_tokens = conversation.tail + new_ids
         table += self._allocate(blocks_for(len(turn_tokens) + budget, block_size), session_id)
         result = ChatTurn(text="", token_ids=[], finish_reason="length",
@@ -175,7 +151,7 @@ class ChatEngine:
                           recomputed_tokens=recomputed + len(turn_tokens))
         try:
             answer = self._generate(table, prefix, turn_tokens, budget, params, ignore_eos,
-                                    result, start_time)
+                                    result, start_time, arriving)
         except BaseException:
             self.runner.allocator.free(table)
             self.resident.pop(session_id, None)
@@ -190,8 +166,13 @@ class ChatEngine:
         return result
 
     def _generate(self, table, prefix, turn_tokens, budget, params, ignore_eos, result,
-                  start_time) -> list[int]:
-        logits = self.runner.prefill(turn_tokens, prefix, table)
+                  start_time, arriving) -> list[int]:
+        if arriving:
+            ids, blocks = arriving
+            load = self.store.load_layers(blocks, rows=bucket(len(ids), minimum=1))
+            logits = self.runner.prefill_loading(turn_tokens, prefix, table, ids, load)
+        else:
+            logits = self.runner.prefill(turn_tokens, prefix, table)
         answer = [token.id for token in decode_loop(
             self.runner, logits, table, prefix + len(turn_tokens), budget, params,
             eos=set() if ignore_eos else set(self.eos_ids), tokenizer=self.tokenizer,
@@ -235,8 +216,9 @@ class ChatEngine:
     # ----- context --------------------------------------------------------------------
 
     def _context_blocks(self, session_id, conversation, kept, dropped):
-        """Pool blocks holding the KV of `kept` (in order), the tiers they came from,
-        and how many tokens had to be recomputed (all of them when any block is lost)."""
+        """Pool blocks for the KV of `kept` (in order), the tiers it came from, how many
+        tokens had to be recomputed (all of them when any block is lost), and the blocks
+        still to arrive from host memory or disk: `(pool ids, BlockKVs)` or None."""
         resident = self.resident.setdefault(session_id, {})
         for serial in dropped:
             if serial in resident:
@@ -250,22 +232,23 @@ class ChatEngine:
                 continue
             found = self.store.get(session_id, serial) if self.store else None
             if found is None:
-                return self._replay(session_id, conversation, kept), {}, \
-                    len(kept) * self.runner.block_size
+                return (self._replay(session_id, conversation, kept), {},
+                        len(kept) * self.runner.block_size, None)
             block, tier = found
             tiers[tier] += 1
             loads.append((serial, block))
             table.append(None)
         if self.store and tiers["hbm"]:
             self.store.count_device_hits(tiers["hbm"], tiers["hbm"] * self.block_bytes)
+        arriving = None
         if loads:
             ids = self._allocate(len(loads), session_id)
-            self.runner.pool = _load_into_pool(self.runner.pool, ids, [b for _, b in loads])
+            arriving = (ids, [block for _, block in loads])
             fill = iter(ids)
             table = [t if t is not None else next(fill) for t in table]
             for (serial, _), block_id in zip(loads, ids):
                 resident[serial] = block_id
-        return table, {k: v for k, v in tiers.items() if v}, 0
+        return table, {k: v for k, v in tiers.items() if v}, 0, arriving
 
     def _replay(self, session_id, conversation, kept) -> list[int]:
         """Recomputes the KV of the context blocks `kept` by replaying the turn log."""

@@ -83,6 +83,10 @@ def test_every_tier_and_misses_give_the_same_tokens(recomputed, tmp_path, caplog
         "no turn had to recompute a lost context"
     stats = llm.store.stats()
     assert stats["host_evictions"] > 0 and stats["disk_evictions"] > 0
+    loaded_turns = [r for r in answers.values() if {"host", "disk"} & set(r.tiers or {})]
+    assert stats["layerwise_loads"] == len(loaded_turns)
+    assert stats["load_seconds"] > 0
+    assert 0 <= stats["load_hidden_seconds"] <= stats["load_seconds"]
 
 
 def test_restart_finds_sessions_on_disk(recomputed, tmp_path):

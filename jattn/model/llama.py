@@ -133,16 +133,22 @@ class LlamaForCausalLM(nnx.Module):
         Returns:
           `(logits [T, vocab] float32, pool)`.
         """
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         new_k, new_v = [], []
         for layer, block in enumerate(self.layers):
             x, k_pages, v_pages = block(x, positions, slots, layer, pool.k[layer],
                                         pool.v[layer], attend)
             new_k.append(k_pages)
             new_v.append(v_pages)
+        return self.logits(x), KVPool(tuple(new_k), tuple(new_v))
+
+    def embed(self, tokens):
+        """int32 `[T]` -> hidden states `[T, hidden]`."""
+        return self.embed_tokens(tokens)
+
+    def logits(self, x):
+        """Last hidden states `[T, hidden]` -> logits `[T, vocab]` float32."""
         x = self.norm(x)
         if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32), KVPool(tuple(new_k), tuple(new_v))
+            return self.embed_tokens.attend(x).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)

@@ -75,6 +75,47 @@ def _decode_step(graphdef, state, pool, tokens, positions, tables, *, backend):
     return model(tokens, jnp.maximum(positions, 0), slots, pool, attend)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed_step(graphdef, state, tokens):
+    """tokens `[T]` -> hidden states `[T, hidden]`."""
+    return nnx.merge(graphdef, state).embed(tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logits_step(graphdef, state, x, count):
+    """The last real token's logits `[V]` from hidden states `x [T, hidden]`."""
+    return nnx.merge(graphdef, state).logits(x[count - 1][None])[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"),
+                   donate_argnames=("k_pages", "v_pages"))
+def _layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, tokens_start,
+                count, table, inv_freq, *, backend):
+    """One decoder layer of a prefill chunk, after writing the blocks that arrived for it.
+
+    x `[T, hidden]`; k_pages, v_pages: this layer's pool; load_k, load_v
+    `[R, block_size, Hkv, D]` go to pool blocks `load_ids [R]` (ids past the pool: padding,
+    dropped). The chunk's `count` real tokens sit at positions `tokens_start...` of the
+    sequence whose block table is `table [M]`. Returns (x, k_pages, v_pages).
+    """
+    layer = nnx.merge(graphdef, state)
+    k_pages = k_pages.at[load_ids].set(load_k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[load_ids].set(load_v.astype(v_pages.dtype), mode="drop")
+    block_size, num_blocks = k_pages.shape[1], k_pages.shape[0]
+    index = jnp.arange(x.shape[0], dtype=jnp.int32)
+    positions = tokens_start + index
+    slots = token_slots(table, jnp.where(index < count, positions, -1),
+                        block_size=block_size, num_blocks=num_blocks)
+
+    def attend(_, q, keys, values):
+        return flash_attention(q, gather_sequence(keys, table), gather_sequence(values, table),
+                               causal=True, q_offset=tokens_start,
+                               kv_length=tokens_start + count, key_rope_inv_freq=inv_freq,
+                               backend=backend)[0]
+
+    return layer(x, positions, slots, 0, k_pages, v_pages, attend)
+
+
 class ModelRunner:
     """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps."""
 
@@ -84,6 +125,9 @@ class ModelRunner:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
+        self.layer_graphdef = nnx.split(model.layers[0])[0]
+        self.layer_states = [nnx.split(layer)[1] for layer in model.layers]
+        self.inv_freq = jnp.asarray(inverse_frequencies(self.config.rope, self.config.head_dim))
         self.dtype = model.embed_tokens.embedding[...].dtype
         self.pool = KVPool.create(num_layers=self.config.num_layers, num_blocks=num_blocks,
                                   block_size=block_size, num_kv_heads=self.config.num_kv_heads,
@@ -120,6 +164,44 @@ class ModelRunner:
                 backend=self.backend, all_logits=all_logits)
             outputs.append(logits[:len(piece)] if all_logits else logits)
         return jnp.concatenate(outputs) if all_logits else outputs[-1]
+
+    def prefill_loading(self, tokens, start: int, blocks: list[int], load_ids: list[int],
+                        load) -> jax.Array:
+        """`prefill`, while the KV of pool blocks `load_ids` arrives layer by layer.
+
+        `load.layer(l, after=x)` gives layer l's `(k, v)` `[R, block_size, Hkv, D]`
+        (R >= len(load_ids), extra rows ignored), e.g. an `AttentionStore.load_layers`.
+        The first chunk runs one layer per step, each writing its layer's arrivals before
+        attending, so layer l+1 is still in transit while layer l computes; the rest runs
+        as `prefill`. Returns the last token's logits `[V]` float32.
+        """
+        tokens = np.asarray(tokens, np.int32)
+        if len(tokens) == 0:
+            raise ValueError("prefill needs at least one token")
+        first = tokens[:self.prefill_chunk]
+        padded = np.zeros(bucket(len(first)), np.int32)
+        padded[:len(first)] = first
+        table = self._table(blocks)
+        x = _embed_step(self.graphdef, self.state, jnp.asarray(padded))
+        ids = None
+        new_k, new_v = list(self.pool.k), list(self.pool.v)
+        self.pool = None  # its layers are donated one by one below
+        try:
+            for layer, state in enumerate(self.layer_states):
+                k, v = load.layer(layer, after=x)
+                if ids is None:
+                    ids = np.full(k.shape[0], new_k[0].shape[0], np.int32)
+                    ids[:len(load_ids)] = load_ids
+                    ids = jnp.asarray(ids)
+                x, new_k[layer], new_v[layer] = _layer_step(
+                    self.layer_graphdef, state, x, new_k[layer], new_v[layer], ids, k, v,
+                    jnp.int32(start), jnp.int32(len(first)), table, self.inv_freq,
+                    backend=self.backend)
+        finally:
+            self.pool = KVPool(tuple(new_k), tuple(new_v))
+        if len(tokens) > len(first):
+            return self.prefill(tokens[len(first):], start + len(first), blocks)
+        return _logits_step(self.graphdef, self.state, x, len(first))
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are

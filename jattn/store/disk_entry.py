@@ -1,8 +1,10 @@
 """Self-checking files: one KV block (or one session record) per file.
 
-Layout: the magic `JATTNKV1`, a little-endian u32 header length, a JSON header, then the
-payload. The header carries the format version, the model fingerprint, each array's
-dtype and shape, and the SHA-256 of the payload. Files are written atomically (a
+Layout: the magic `JATTNKV1`, a little-endian u32 header length, a JSON header padded
+with spaces so the payload starts 64-byte aligned, then the payload. The header carries the format version, the model fingerprint, each array's
+dtype and shape, and the XXH3-64 checksum of the payload (a non-cryptographic hash at
+memory speed: it detects corruption, while trust in the files comes from the directory's
+permissions). Files are written atomically (a
 temporary file in the same directory, fsync, rename, fsync of the directory), so a crash
 leaves either the old file or the new one, never a torn one that is believed. A file
 that fails any check raises `CorruptEntry` and the caller drops it.
@@ -10,7 +12,6 @@ that fails any check raises `CorruptEntry` and the caller drops it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -18,9 +19,11 @@ import tempfile
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
+import xxhash
 
 MAGIC = b"JATTNKV1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_ALIGNMENT = 64  # payload arrays handed to the device must be aligned to be used in place
 
 
 class CorruptEntry(Exception):
@@ -61,21 +64,24 @@ def encode(arrays: dict[str, np.ndarray], *, fingerprint: str, meta: dict) -> by
         "fingerprint": fingerprint,
         "arrays": [{"name": n, "dtype": str(a.dtype), "shape": list(a.shape)}
                    for n, a in arrays.items()],
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "xxh3_64": xxhash.xxh3_64_hexdigest(payload),
         "meta": meta,
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
+    header_bytes += b" " * (-(len(MAGIC) + 4 + len(header_bytes)) % _ALIGNMENT)
     return MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + payload
 
 
-def decode(data: bytes, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Checks and parses `encode`'s bytes; raises `CorruptEntry` saying what failed."""
-    if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
+def decode(data, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Checks and parses `encode`'s bytes (any bytes-like object); raises `CorruptEntry`
+    saying what failed. The arrays are read-only views of `data`, not copies."""
+    data = memoryview(data).cast("B")
+    if len(data) < len(MAGIC) + 4 or bytes(data[:len(MAGIC)]) != MAGIC:
         raise CorruptEntry("bad magic (not a jattn entry, or truncated)")
     (header_length,) = struct.unpack_from("<I", data, len(MAGIC))
     start = len(MAGIC) + 4
     try:
-        header = json.loads(data[start:start + header_length])
+        header = json.loads(bytes(data[start:start + header_length]))
     except ValueError as error:
         raise CorruptEntry(f"unreadable header: {error}") from None
     if header.get("format_version") != FORMAT_VERSION:
@@ -84,7 +90,7 @@ def decode(data: bytes, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dic
     if header.get("fingerprint") != fingerprint:
         raise CorruptEntry("written by another model (fingerprint differs)")
     payload = data[start + header_length:]
-    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+    if xxhash.xxh3_64_hexdigest(payload) != header.get("xxh3_64"):
         raise CorruptEntry("checksum mismatch (altered or truncated payload)")
     arrays, offset = {}, 0
     for spec in header["arrays"]:
@@ -93,7 +99,9 @@ def decode(data: bytes, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dic
         size = count * dtype.itemsize
         if offset + size > len(payload):
             raise CorruptEntry("payload shorter than its header says")
-        arrays[spec["name"]] = np.frombuffer(payload, dtype, count, offset).reshape(spec["shape"])
+        array = np.frombuffer(payload, dtype, count, offset).reshape(spec["shape"])
+        array.flags.writeable = False
+        arrays[spec["name"]] = array
         offset += size
     if offset != len(payload):
         raise CorruptEntry("payload longer than its header says")
@@ -103,8 +111,18 @@ def decode(data: bytes, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dic
 def read(path: str, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
     """Reads and checks a file; a missing or unreadable file is `CorruptEntry` too."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            data = aligned_empty(size)
+            if f.readinto(data) != size:
+                raise CorruptEntry("file changed size while read")
     except OSError as error:
         raise CorruptEntry(f"cannot read: {error}") from None
     return decode(data, fingerprint=fingerprint)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer of `nbytes` whose start is 64-byte aligned."""
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    shift = -raw.ctypes.data % _ALIGNMENT
+    return raw[shift:shift + nbytes]

@@ -30,6 +30,7 @@ import numpy as np
 
 from jattn.store import disk_entry
 from jattn.store.config import StoreConfig
+from jattn.store.layer_load import LayerwiseLoad, LoadTiming
 from jattn.store.placement import Tier
 from jattn.store.policy import eviction_order
 
@@ -71,6 +72,7 @@ class AttentionStore:
         self._upcoming: list[str] = []
         self._pending: set[concurrent.futures.Future] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-load")
         self._stats = collections.Counter()
         self._root = None
         if config.disk_bytes > 0:
@@ -253,6 +255,21 @@ class AttentionStore:
             return None
         return BlockKV(arrays["k"], arrays["v"])
 
+    def load_layers(self, blocks: list[BlockKV], *, rows: int, device=None) -> LayerwiseLoad:
+        """Starts moving `blocks` (from `get`) to `device` one layer at a time, in the
+        background; the engine takes each layer as its computation reaches it (see
+        `LayerwiseLoad`). The load's transfer, stall and hidden seconds go to `stats()`
+        when its last layer is taken."""
+        return LayerwiseLoad(blocks, rows=rows, executor=self._loader, device=device,
+                             on_finish=self._count_load)
+
+    def _count_load(self, timing: LoadTiming) -> None:
+        with self._lock:
+            self._stats["layerwise_loads"] += 1
+            self._stats["load_seconds"] += timing.transfer
+            self._stats["load_stall_seconds"] += timing.stall
+            self._stats["load_hidden_seconds"] += timing.hidden
+
     def _count_hit(self, tier: str, nbytes: int) -> None:
         self._stats[f"{tier}_hits"] += 1
         self._stats[f"{tier}_bytes_loaded"] += nbytes
@@ -341,15 +358,19 @@ class AttentionStore:
         """Flushes and stops the background thread."""
         self.flush()
         self._executor.shutdown(wait=True)
+        self._loader.shutdown(wait=True)
 
     def stats(self) -> dict:
-        """Hits, bytes loaded per tier, evictions, prefetches, bytes held per tier."""
+        """Hits, bytes loaded per tier, evictions, prefetches, bytes held per tier, and
+        the layer-wise loads: their transfer seconds, the seconds the engine stalled on
+        them, and the seconds hidden behind compute."""
         with self._lock:
             stats = {name: self._stats[name] for name in (
                 "hbm_hits", "host_hits", "disk_hits", "misses", "hbm_bytes_loaded",
                 "host_bytes_loaded", "disk_bytes_loaded", "host_evictions", "disk_evictions",
                 "prefetched_blocks", "corrupt_entries", "saves", "save_seconds",
-                "disk_bytes_written")}
+                "disk_bytes_written", "layerwise_loads", "load_seconds",
+                "load_stall_seconds", "load_hidden_seconds")}
             stats.update(host_bytes=self._host_tier.used, disk_bytes=self._disk_tier.used,
                          host_blocks=len(self._host), disk_blocks=len(self._disk_tier.sizes),
                          sessions=len(self._records))

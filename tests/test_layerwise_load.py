@@ -1,0 +1,80 @@
+"""Layer-wise pre-loading: what arrives per layer, and a prefill that consumes it layer by
+layer gives the logits and the KV of a prefill over a pool that already held the blocks."""
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+from jattn import LLM
+from jattn.model.kv_cache import KVPool, blocks_for
+from jattn.store import BlockKV
+from jattn.store.layer_load import LayerwiseLoad
+from model_references import model_dir
+
+
+def random_blocks(count, seed, layers=3, shape=(4, 2, 8)):
+    rng = np.random.default_rng(seed)
+    return [BlockKV(rng.standard_normal((layers, *shape)).astype(np.float32),
+                    rng.standard_normal((layers, *shape)).astype(np.float32))
+            for _ in range(count)]
+
+
+def test_each_layer_arrives_stacked_in_order_with_zero_padding():
+    blocks = random_blocks(5, seed=0)
+    finished = []
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        load = LayerwiseLoad(blocks, rows=8, executor=executor, on_finish=finished.append)
+        with pytest.raises(ValueError, match="in order: expected 0, got 1"):
+            load.layer(1)
+        for layer in range(3):
+            k, v = load.layer(layer)
+            assert k.shape == (8, 4, 2, 8)
+            np.testing.assert_array_equal(np.asarray(k)[:5], [b.k[layer] for b in blocks])
+            np.testing.assert_array_equal(np.asarray(v)[:5], [b.v[layer] for b in blocks])
+            assert not np.asarray(k)[5:].any() and not np.asarray(v)[5:].any()
+    (timing,) = finished
+    assert timing.transfer > 0 and 0 <= timing.hidden <= timing.transfer
+
+
+def test_a_failed_staging_reaches_the_engine():
+    blocks = random_blocks(2, seed=1) + [BlockKV(np.zeros((1, 4, 2, 8)), np.zeros((1, 4, 2, 8)))]
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        load = LayerwiseLoad(blocks, rows=4, executor=executor)
+        load.layer(0)
+        with pytest.raises(IndexError):
+            load.layer(1)
+
+
+@pytest.mark.parametrize("name,seed,new_tokens", [("stories260K", 0, 23),
+                                                  ("tiny-qwen2-random", 1, 600)])
+def test_prefill_loading_equals_prefill_over_resident_blocks(name, seed, new_tokens):
+    llm = LLM(model_dir(name), store=None, prefill_chunk=256)
+    runner = llm.runner
+    rng = np.random.default_rng(seed)
+    history = rng.integers(3, llm.config.vocab_size, size=4 * runner.block_size).tolist()
+    turn = rng.integers(3, llm.config.vocab_size, size=new_tokens).tolist()
+    total = blocks_for(len(history) + len(turn), runner.block_size)
+
+    blocks = runner.allocator.allocate(total)
+    runner.prefill(history, 0, blocks)
+    expected_logits = np.asarray(runner.prefill(turn, len(history), blocks))
+    expected_kv = [np.asarray(p[np.asarray(blocks)]) for p in runner.pool.k + runner.pool.v]
+    history_blocks = [BlockKV(np.stack([np.asarray(p[b]) for p in runner.pool.k]),
+                              np.stack([np.asarray(p[b]) for p in runner.pool.v]))
+                      for b in blocks[:4]]
+
+    # The same blocks land elsewhere in a pool poisoned with NaN, layer by layer.
+    moved = runner.allocator.allocate(total)
+    runner.pool = KVPool(tuple(p.at[np.asarray(moved)].set(np.nan) for p in runner.pool.k),
+                         tuple(p.at[np.asarray(moved)].set(np.nan) for p in runner.pool.v))
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        load = LayerwiseLoad(history_blocks, rows=8, executor=executor)
+        logits = np.asarray(runner.prefill_loading(turn, len(history), moved, moved[:4], load))
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    got_kv = [np.asarray(p[np.asarray(moved)]) for p in runner.pool.k + runner.pool.v]
+    written = len(history) + len(turn)  # slots past it were never written
+    for got, want in zip(got_kv, expected_kv):
+        np.testing.assert_allclose(got.reshape(-1, *got.shape[2:])[:written],
+                                   want.reshape(-1, *want.shape[2:])[:written],
+                                   atol=1e-5, rtol=1e-5)
