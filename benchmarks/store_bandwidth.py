@@ -5,8 +5,9 @@
 Blocks have the shape of a Llama-3-8B KV block (32 layers, 16 tokens, 8 KV heads, dim 128,
 bfloat16: 2 MiB of keys and values). In the same run:
 
-  host tier   `get` every block, stack and hand to the device (the chat path's loading),
-              against `np.copyto` of the same bytes into a preallocated buffer;
+  host tier   `get` every block and move it to the device layer by layer
+              (`load_layers`, the chat path's loading), against `np.copyto` of the same
+              bytes into a preallocated buffer;
   disk tier   `get` every block from its file (read, checksum, parse), against a raw
               sequential read of the same files.
 
@@ -24,7 +25,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -69,9 +69,8 @@ def main(argv=None) -> None:
 
         def load_host():
             found = [host.get("s", i)[0] for i in range(args.blocks)]
-            k = jnp.asarray(np.stack([b.k for b in found], axis=1))
-            v = jnp.asarray(np.stack([b.v for b in found], axis=1))
-            jax.block_until_ready((k, v))
+            load = host.load_layers(found, rows=args.blocks)
+            jax.block_until_ready([load.layer(layer) for layer in range(SHAPE[0])])
 
         source = np.concatenate([np.concatenate([b.k.ravel(), b.v.ravel()]) for b in blocks])
         target = np.empty_like(source)

@@ -59,6 +59,10 @@ class ChatEngine:
         self.resident: dict[str, dict[int, int]] = {}  # session -> serial -> pool block
         block_tokens = runner.block_size
         self.block_bytes = runner.config.kv_bytes_per_token(runner.dtype.itemsize) * block_tokens
+        device = runner.pool.k[0].devices().pop()
+        kind = store.config.memory_kind_for(device) if store else None
+        self.host_sharding = (jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+                              if kind else None)
 
     # ----- sessions --------------------------------------------------------------------
 
@@ -197,11 +201,14 @@ class ChatEngine:
         self._enforce_hbm_budget(keep=session_id)
 
     def _save(self, session_id, serials, block_ids) -> None:
-        """Starts the device-to-host copy now (the pool is donated by the next step) and
-        lets the store's thread wait for it and file the blocks."""
+        """Starts the device-to-host copy now (the pool is donated by the next step), into
+        the store's host memory kind, and lets the store's thread wait for it and file
+        the blocks as numpy arrays."""
         if not serials:
             return
         k, v = _read_blocks(self.runner.pool, jnp.asarray(block_ids, jnp.int32))
+        if self.host_sharding is not None:
+            k, v = jax.device_put((k, v), self.host_sharding)  # starts the copy out now
         host = {}
 
         def produce(i):

@@ -61,6 +61,18 @@ def test_device_tier_reuse_equals_recompute(recomputed, tmp_path):
     assert all(r.recomputed_tokens < 80 for r in later)
 
 
+@pytest.mark.parametrize("kind", ["pinned_host", "numpy"])
+def test_host_tier_reuse_equals_recompute(recomputed, kind):
+    """No device budget: every later turn loads its history from host memory, saved
+    there through the memory kind asked for."""
+    llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**9, host_memory_kind=kind))
+    assert (llm.chats.host_sharding is not None) == (kind == "pinned_host")
+    answers = run(llm)
+    assert_same_tokens(answers, recomputed)
+    later = [r for (_, turn), r in answers.items() if turn > 0]
+    assert all(set(r.tiers) == {"host"} and r.cached_tokens > 0 for r in later)
+
+
 def test_every_tier_and_misses_give_the_same_tokens(recomputed, tmp_path, caplog):
     """The device pool holds one session, host memory two sessions' worth of blocks,
     disk the rest: turns reuse from all three and lose some entries to eviction."""

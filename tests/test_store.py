@@ -172,3 +172,13 @@ def test_first_victim_is_the_head_of_the_eviction_order():
         key = (lambda s: last_used.get(s, -1)) if head not in upcoming else \
             (lambda s: -window_rank(upcoming)[s])
         assert key(head) == key(order[0])
+
+
+def test_host_memory_kind_choice():
+    import jax
+    cpu = jax.devices("cpu")[0]
+    assert StoreConfig().memory_kind_for(cpu) is None  # on CPU the device is host memory
+    assert StoreConfig(host_memory_kind="pinned_host").memory_kind_for(cpu) == "pinned_host"
+    assert StoreConfig(host_memory_kind="numpy").memory_kind_for(cpu) is None
+    with pytest.raises(ValueError, match="host_memory_kind must be one of"):
+        StoreConfig(host_memory_kind="gpu")

@@ -13,6 +13,9 @@ def _machine_memory_bytes() -> int:
         return 8 * 2**30
 
 
+HOST_MEMORY_KINDS = ("auto", "pinned_host", "unpinned_host", "numpy")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Byte budgets are hard limits: a tier never holds more.
@@ -26,6 +29,10 @@ class StoreConfig:
       sink_tokens: first tokens a truncated conversation always keeps (rounded up to
         whole blocks).
       lookahead: how many upcoming sessions of a `hint` count as "about to run".
+      host_memory_kind: where saved blocks land when they leave the device: "auto"
+        (`pinned_host` on an accelerator that has it, so the copy out is a DMA that does
+        not stall compute; plain host memory on CPU, where the device is host memory),
+        "pinned_host", "unpinned_host", or "numpy" (a plain host copy).
     """
 
     hbm_bytes: int = 256 * 2**20
@@ -35,6 +42,7 @@ class StoreConfig:
     block_size: int = 16
     sink_tokens: int = 4
     lookahead: int = 8
+    host_memory_kind: str = "auto"
 
     def __post_init__(self):
         for name in ("hbm_bytes", "host_bytes", "disk_bytes"):
@@ -49,6 +57,18 @@ class StoreConfig:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        if self.host_memory_kind not in HOST_MEMORY_KINDS:
+            raise ValueError(f"host_memory_kind must be one of {HOST_MEMORY_KINDS}, "
+                             f"got {self.host_memory_kind!r}")
+
+    def memory_kind_for(self, device) -> str | None:
+        """The jax memory kind saved blocks are copied to on `device`, or None for a
+        plain numpy copy (also when the device does not have the kind asked for)."""
+        kinds = {memory.kind for memory in device.addressable_memories()}
+        if self.host_memory_kind == "auto":
+            return "pinned_host" if device.platform != "cpu" and "pinned_host" in kinds \
+                else None
+        return self.host_memory_kind if self.host_memory_kind in kinds else None
 
     @classmethod
     def sized_for_machine(cls, **overrides) -> "StoreConfig":
