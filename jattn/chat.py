@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation
-from jattn.decoding import decode_loop
+from jattn.decoding import Continuation, decode_loop
 from jattn.generation import Generation
 from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for, bucket
 from jattn.model.runner import ModelRunner
@@ -41,6 +41,39 @@ class ChatTurn(Generation):
     cached_tokens: int = 0
     recomputed_tokens: int = 0
     tiers: dict | None = None
+
+
+@dataclass
+class ActiveTurn:
+    """A turn between `ChatEngine.begin` and `complete`/`abort`: its session, the new
+    message ids, the pool `table` (context blocks, then the turn's), `prefix` tokens of
+    reused context, `turn_tokens` to prefill (the history's tail plus the message), of
+    which `prefilled` are done, blocks still `arriving` from the store, and the decode
+    state."""
+
+    session_id: str
+    conversation: Conversation
+    new_ids: list[int]
+    dropped: list[int]
+    kept_count: int
+    table: list[int]
+    prefix: int
+    turn_tokens: list[int]
+    arriving: tuple | None
+    result: ChatTurn
+    continuation: Continuation
+    ephemeral: bool = False
+    prefilled: int = 0
+
+    @property
+    def decode_start(self) -> int:
+        """Position of the first sampled token."""
+        return self.prefix + len(self.turn_tokens)
+
+    @property
+    def next_position(self) -> int:
+        """Position at which the last sampled token is fed back."""
+        return self.decode_start + self.continuation.steps - 1
 
 
 class ChatEngine:
@@ -125,7 +158,28 @@ class ChatEngine:
 
     def chat(self, session_id: str, message, params: SamplingParams, *,
              ignore_eos: bool = False) -> ChatTurn:
-        start_time = time.perf_counter()
+        """One whole turn: `begin`, every prefill chunk, the decode loop, `complete`."""
+        turn = self.begin(session_id, message, params, ignore_eos=ignore_eos,
+                          start_time=time.perf_counter())
+        try:
+            logits = None
+            while logits is None:
+                logits = self.prefill_chunk(turn)
+            for _ in decode_loop(self.runner, logits, turn.table, turn.decode_start,
+                                 turn.continuation):
+                pass
+        except BaseException:
+            self.abort(turn)
+            raise
+        self.complete(turn)
+        return turn.result
+
+    def begin(self, session_id: str, message, params: SamplingParams, *, ignore_eos: bool,
+              start_time: float, ephemeral: bool = False) -> ActiveTurn:
+        """Starts a turn: encodes the message, truncates the history if the window needs
+        it, finds the context's KV (device, host, disk, or a replay), and allocates the
+        turn's blocks. An `ephemeral` turn leaves nothing behind (a one-off generation).
+        Raises ValueError for a message that cannot run, changing nothing."""
         conversation = self.conversation(session_id)
         new_ids = self.encode_message(conversation, message)
         if not new_ids:
@@ -138,51 +192,76 @@ class ChatEngine:
         prefix = len(kept) * block_size
         room = self.max_context - prefix - len(conversation.tail) - len(new_ids)
         if room < 1:
+            if not conversation.tokens:
+                self.sessions.pop(session_id, None)
             raise ValueError(
                 f"message of {len(new_ids)} tokens does not fit the context window of "
                 f"{self.max_context} tokens, even after truncating the history")
         budget = min(params.max_tokens, room)
-        if self.store:
+        if self.store and not ephemeral:
             self.store.touch(session_id)
 
         table, tiers, recomputed, arriving = self._context_blocks(session_id, conversation,
                                                                   kept, dropped)
         turn_tokens = conversation.tail + new_ids
-        table += self._allocate(blocks_for(len(turn_tokens) + budget, block_size), session_id)
+        try:
+            table += self._allocate(blocks_for(len(turn_tokens) + budget, block_size),
+                                    session_id)
+        except BaseException:
+            self._release(session_id)
+            raise
         result = ChatTurn(text="", token_ids=[], finish_reason="length",
                           prompt_token_ids=new_ids, tiers=tiers,
                           cached_tokens=0 if recomputed else prefix,
                           recomputed_tokens=recomputed + len(turn_tokens))
-        try:
-            answer = self._generate(table, prefix, turn_tokens, budget, params, ignore_eos,
-                                    result, start_time, arriving)
-        except BaseException:
-            self.runner.allocator.free(table)
-            self.resident.pop(session_id, None)
-            raise
-        history_start = conversation.tail_start
-        conversation.tokens.extend(new_ids)
-        user_end = len(conversation.tokens)
-        conversation.tokens.extend(answer)
-        turn = Turn(dropped=dropped, start=history_start, user_end=user_end,
-                    end=len(conversation.tokens), table_blocks=len(table))
-        self._finish_turn(session_id, conversation, turn, table, len(kept))
-        return result
+        continuation = Continuation(params, budget=budget,
+                                    eos=set() if ignore_eos else set(self.eos_ids),
+                                    tokenizer=self.tokenizer, result=result,
+                                    start_time=start_time)
+        return ActiveTurn(session_id, conversation, new_ids, dropped, len(kept), table,
+                          prefix, turn_tokens, arriving, result, continuation, ephemeral)
 
-    def _generate(self, table, prefix, turn_tokens, budget, params, ignore_eos, result,
-                  start_time, arriving) -> list[int]:
-        if arriving:
-            ids, blocks = arriving
+    def prefill_chunk(self, turn: ActiveTurn):
+        """Prefills the turn's next chunk (`runner.prefill_chunk` tokens). Returns the
+        last token's logits `[V]` once the whole turn is prefilled, else None. The first
+        chunk takes blocks arriving from host memory or disk layer by layer."""
+        chunk = self.runner.prefill_chunk
+        done = turn.prefilled
+        tokens = turn.turn_tokens[done:done + chunk]
+        if turn.arriving:
+            ids, blocks = turn.arriving
+            turn.arriving = None
             load = self.store.load_layers(blocks, rows=bucket(len(ids), minimum=1))
-            logits = self.runner.prefill_loading(turn_tokens, prefix, table, ids, load)
+            logits = self.runner.prefill_loading(tokens, turn.prefix, turn.table, ids, load)
         else:
-            logits = self.runner.prefill(turn_tokens, prefix, table)
-        answer = [token.id for token in decode_loop(
-            self.runner, logits, table, prefix + len(turn_tokens), budget, params,
-            eos=set() if ignore_eos else set(self.eos_ids), tokenizer=self.tokenizer,
-            result=result, start_time=start_time)]
-        result.token_ids = answer
-        return answer
+            logits = self.runner.prefill(tokens, turn.prefix + done, turn.table)
+        turn.prefilled += len(tokens)
+        return logits if turn.prefilled == len(turn.turn_tokens) else None
+
+    def complete(self, turn: ActiveTurn) -> None:
+        """Appends the message and the answer to the history and keeps the new KV (or,
+        for an ephemeral turn, forgets the session)."""
+        if turn.ephemeral:
+            self.runner.allocator.free(turn.table)
+            self.resident.pop(turn.session_id, None)
+            self.sessions.pop(turn.session_id, None)
+            return
+        conversation = turn.conversation
+        history_start = conversation.tail_start
+        conversation.tokens.extend(turn.new_ids)
+        user_end = len(conversation.tokens)
+        conversation.tokens.extend(turn.result.token_ids)
+        record = Turn(dropped=turn.dropped, start=history_start, user_end=user_end,
+                      end=len(conversation.tokens), table_blocks=len(turn.table))
+        self._finish_turn(turn.session_id, conversation, record, turn.table, turn.kept_count)
+
+    def abort(self, turn: ActiveTurn) -> None:
+        """Frees a turn that will not complete; the history stays as it was (its KV is
+        found again in the store, or replayed)."""
+        self.runner.allocator.free(turn.table)
+        self.resident.pop(turn.session_id, None)
+        if turn.ephemeral or not turn.conversation.tokens:
+            self.sessions.pop(turn.session_id, None)
 
     def _finish_turn(self, session_id, conversation, turn, table, kept_count) -> None:
         block_size = self.runner.block_size

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.chat import ChatEngine, ChatTurn
-from jattn.decoding import decode_loop
+from jattn.decoding import Continuation, decode_loop
 from jattn.generation import Generation, StreamedToken
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
@@ -170,8 +170,8 @@ class LLM:
         """
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, stop or ())
         result = Generation(text="", token_ids=[], finish_reason="length")
-        for token in self._run(prompt, params, ignore_eos, result):
-            result.token_ids.append(token.id)
+        for _ in self._run(prompt, params, ignore_eos, result):
+            pass
         return result
 
     def _run(self, prompt, params: SamplingParams, ignore_eos: bool,
@@ -186,9 +186,9 @@ class LLM:
         start = time.perf_counter()
         try:
             logits = runner.prefill(prompt_ids, 0, blocks)
-            yield from decode_loop(
-                runner, logits, blocks, len(prompt_ids), budget, params,
+            yield from decode_loop(runner, logits, blocks, len(prompt_ids), Continuation(
+                params, budget=budget,
                 eos=set() if ignore_eos else set(self.config.eos_token_ids),
-                tokenizer=self.tokenizer, result=result, start_time=start)
+                tokenizer=self.tokenizer, result=result, start_time=start))
         finally:
             runner.allocator.free(blocks)
