@@ -9,7 +9,8 @@ The attention primitive lives in the sibling package `pallas_kernels`.
 
 from jattn.generation import Generation, StreamedToken
 from jattn.llm import LLM
+from jattn.store import AttentionStore, StoreConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "Generation", "StreamedToken"]
+__all__ = ["LLM", "AttentionStore", "Generation", "StoreConfig", "StreamedToken"]

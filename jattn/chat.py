@@ -90,6 +90,7 @@ class ChatEngine:
         self.hbm_bytes = hbm_bytes
         self.sessions: dict[str, Conversation] = {}
         self.resident: dict[str, dict[int, int]] = {}  # session -> serial -> pool block
+        self.busy: set[str] = set()  # sessions with a turn between begin and complete
         block_tokens = runner.block_size
         self.block_bytes = runner.config.kv_bytes_per_token(runner.dtype.itemsize) * block_tokens
         device = runner.pool.k[0].devices().pop()
@@ -126,7 +127,8 @@ class ChatEngine:
             try:
                 return self.runner.allocator.allocate(count)
             except PoolExhausted:
-                victims = [s for s in self.resident if s != keep and self.resident[s]]
+                victims = [s for s in self.resident
+                           if s != keep and s not in self.busy and self.resident[s]]
                 if not victims:
                     raise
                 order = (self.store.device_eviction_order(victims) if self.store
@@ -135,7 +137,9 @@ class ChatEngine:
 
     def _enforce_hbm_budget(self, keep: str) -> None:
         while self._resident_bytes() > self.hbm_bytes:
-            victims = [s for s in self.resident if self.resident[s]]
+            victims = [s for s in self.resident if self.resident[s] and s not in self.busy]
+            if not victims:
+                return  # every resident block belongs to a turn in flight
             order = self.store.device_eviction_order(victims) if self.store else victims
             others = [s for s in order if s != keep]
             self._release((others or order)[0])
@@ -218,6 +222,7 @@ class ChatEngine:
                                     eos=set() if ignore_eos else set(self.eos_ids),
                                     tokenizer=self.tokenizer, result=result,
                                     start_time=start_time)
+        self.busy.add(session_id)
         return ActiveTurn(session_id, conversation, new_ids, dropped, len(kept), table,
                           prefix, turn_tokens, arriving, result, continuation, ephemeral)
 
@@ -241,6 +246,7 @@ class ChatEngine:
     def complete(self, turn: ActiveTurn) -> None:
         """Appends the message and the answer to the history and keeps the new KV (or,
         for an ephemeral turn, forgets the session)."""
+        self.busy.discard(turn.session_id)
         if turn.ephemeral:
             self.runner.allocator.free(turn.table)
             self.resident.pop(turn.session_id, None)
@@ -258,6 +264,7 @@ class ChatEngine:
     def abort(self, turn: ActiveTurn) -> None:
         """Frees a turn that will not complete; the history stays as it was (its KV is
         found again in the store, or replayed)."""
+        self.busy.discard(turn.session_id)
         self.runner.allocator.free(turn.table)
         self.resident.pop(turn.session_id, None)
         if turn.ephemeral or not turn.conversation.tokens:

@@ -1,0 +1,350 @@
+"""The serving engine: a bounded queue of turns, run with continuous batching.
+
+One thread owns the model. Each step it admits waiting turns while the batch has room
+(a turn whose session already has one in flight waits its turn; a turn that does not
+fit the block pool waits for blocks), runs one prefill chunk of the oldest turn still
+prefilling — so a long prompt is spread over many steps and never stalls the batch —
+and one decode step for every turn past its prefill, together. A turn reuses its
+session's KV through the `ChatEngine` and the AttentionStore; the queue's next
+sessions go to `AttentionStore.hint`, which prefetches them from disk and keeps them
+from eviction. Tokens reach each `TurnStream` as they are sampled; a cancelled turn
+frees its blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+
+from jattn.chat import ActiveTurn
+from jattn.model.kv_cache import PoolExhausted
+from jattn.serving.requests import (
+    INPUT_KINDS,
+    EngineStopped,
+    QueueFull,
+    SessionNotFound,
+    TooManySessions,
+    TurnRequest,
+    TurnStream,
+)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Limits of an engine: `max_queue` turns waiting, `max_running` turns in the batch,
+    `max_prompt_tokens` new tokens per turn, `max_tokens` per answer, `max_sessions`
+    conversations known at once."""
+
+    max_queue: int = 256
+    max_running: int = 32
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 2048
+    max_sessions: int = 100_000
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class Engine:
+    """Runs the turns of many conversations of one `LLM` at once. The LLM is the
+    engine's from now on: use it only through the engine."""
+
+    def __init__(self, llm, limits: EngineLimits = EngineLimits()):
+        self.llm = llm
+        self.chats = llm.chats
+        self.limits = limits
+        self._condition = threading.Condition()
+        self._waiting: collections.deque[TurnStream] = collections.deque()
+        self._cancelled: list[TurnStream] = []
+        self._calls: list[tuple] = []
+        self._active: dict[TurnStream, ActiveTurn] = {}
+        self._accepting = True
+        self._stopped = False
+        self._one_off = itertools.count()
+        self.counters = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="jattn-engine", daemon=True)
+        self._thread.start()
+
+    # ----- the clients' side ---------------------------------------------------------------
+
+    def submit(self, request: TurnRequest) -> TurnStream:
+        """Queues a turn. Raises ValueError for a request that can never run (naming what
+        is wrong), QueueFull, TooManySessions, or EngineStopped."""
+        self._validate(request)
+        stream = TurnStream(request, self._cancel)
+        with self._condition:
+            if not self._accepting:
+                raise EngineStopped("the engine is shutting down")
+            if len(self._waiting) >= self.limits.max_queue:
+                self.counters["rejected_queue_full"] += 1
+                raise QueueFull(f"the queue holds {self.limits.max_queue} turns already")
+            session = request.session_id
+            if session is not None and session not in self.chats.sessions and \
+                    len(self.chats.sessions) >= self.limits.max_sessions:
+                raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
+            self._waiting.append(stream)
+            self.counters["requests"] += 1
+            self._condition.notify()
+        return stream
+
+    def _validate(self, request: TurnRequest) -> None:
+        session = request.session_id
+        if session is not None and (not isinstance(session, str) or not session):
+            raise ValueError(f"session_id must be a non-empty string, got {session!r}")
+        if request.kind not in INPUT_KINDS:
+            raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {request.kind!r}")
+        if request.kind == "tokens":
+            ids = request.value
+            vocab = self.llm.config.vocab_size
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                   or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            size = len(ids)
+        else:
+            if not isinstance(request.value, str):
+                raise ValueError(f"{request.kind} must be a string")
+            if self.llm.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send token ids")
+            size = len(request.value)  # characters bound tokens from above
+            if size > 8 * self.limits.max_prompt_tokens:
+                raise ValueError(f"{request.kind} of {size} characters is longer than the "
+                                 f"limit of {self.limits.max_prompt_tokens} tokens allows")
+        if size == 0 or (request.kind != "tokens" and not request.value.strip()):
+            raise ValueError(f"{request.kind} is empty")
+        if request.kind == "tokens" and size > self.limits.max_prompt_tokens:
+            raise ValueError(f"{size} tokens is more than the limit of "
+                             f"{self.limits.max_prompt_tokens} per turn")
+        if request.params.max_tokens > self.limits.max_tokens:
+            raise ValueError(f"max_tokens {request.params.max_tokens} is more than the limit "
+                             f"of {self.limits.max_tokens}")
+
+    def _cancel(self, stream: TurnStream) -> None:
+        with self._condition:
+            if stream in self._waiting:
+                self._waiting.remove(stream)
+                self.counters["cancelled"] += 1
+                stream.close()
+            else:
+                self._cancelled.append(stream)
+            self._condition.notify()
+
+    def _call(self, function, *args):
+        """Runs `function(*args)` on the engine's thread (which owns the model) and
+        returns its result or raises its error."""
+        done = threading.Event()
+        outcome = {}
+        with self._condition:
+            if self._stopped:
+                raise EngineStopped("the engine has stopped")
+            self._calls.append((function, args, done, outcome))
+            self._condition.notify()
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def end_session(self, session_id: str) -> None:
+        """Forgets a session everywhere; SessionNotFound if it is unknown; ValueError if
+        a turn of it is in flight."""
+        self._call(self._end_session, session_id)
+
+    def describe(self, session_id: str) -> dict:
+        """A session's turns, history and context tokens, and where its blocks are."""
+        return self._call(self._describe, session_id)
+
+    def stats(self) -> dict:
+        """Requests, queue and batch sizes, sessions, and the store's counters."""
+        with self._condition:
+            stats = dict(self.counters, queued=len(self._waiting), running=len(self._active),
+                         sessions=len(self.chats.sessions))
+        if self.llm.store is not None:
+            stats["store"] = self.llm.store.stats()
+        return stats
+
+    def shutdown(self, *, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stops accepting turns; finishes (or with `cancel`, cancels) those queued and
+        running; flushes the store. Returns when the engine's thread has ended."""
+        with self._condition:
+            self._accepting = False
+            if cancel:
+                for stream in list(self._waiting) + list(self._active):
+                    stream.cancelled = True
+                    self._cancelled.append(stream)
+                while self._waiting:
+                    self._waiting.popleft().close()
+            self._condition.notify()
+        self._thread.join(timeout)
+        self.llm.close()
+
+    # ----- the engine's thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not (self._waiting or self._active or self._calls or self._cancelled
+                           or not self._accepting):
+                    self._condition.wait()
+                if not self._accepting and not (self._waiting or self._active or self._calls):
+                    self._stopped = True
+                    return
+                calls, self._calls = self._calls, []
+                cancelled, self._cancelled = self._cancelled, []
+            for function, args, done, outcome in calls:
+                try:
+                    outcome["value"] = function(*args)
+                except Exception as error:  # handed to the caller
+                    outcome["error"] = error
+                done.set()
+            for stream in cancelled:
+                self._stop_turn(stream)
+            self._admit()
+            self._hint()
+            self._prefill_step()
+            self._decode_step()
+
+    def _admit(self) -> None:
+        while len(self._active) < self.limits.max_running:
+            with self._condition:
+                busy = self.chats.busy
+                stream = next((s for s in self._waiting
+                               if s.request.session_id is None
+                               or s.request.session_id not in busy), None)
+                if stream is None:
+                    return
+                self._waiting.remove(stream)
+            try:
+                turn = self._begin(stream.request)
+            except PoolExhausted:
+                if self._active:  # blocks come back as running turns end
+                    with self._condition:
+                        self._waiting.appendleft(stream)
+                    return
+                stream.fail(ValueError("the turn does not fit the KV block pool"))
+                continue
+            except (ValueError, TooManySessions) as error:
+                self.counters["invalid"] += 1
+                stream.fail(error)
+                continue
+            self._active[stream] = turn
+            stream.start(turn.result)
+
+    def _begin(self, request: TurnRequest) -> ActiveTurn:
+        session = request.session_id
+        ephemeral = session is None
+        if ephemeral:
+            session = f"\0one-off-{next(self._one_off)}"
+        elif session not in self.chats.sessions and \
+                len(self.chats.sessions) >= self.limits.max_sessions:
+            raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
+        conversation = self.chats.conversation(session)
+        message = request.value
+        if request.kind == "text":
+            message = self.llm.tokenizer.encode(
+                message, add_special_tokens=not conversation.tokens)
+        elif request.kind == "tokens":
+            message = list(message)
+        try:
+            if request.kind == "message":
+                message = self.chats.encode_message(conversation, message)
+            if len(message) > self.limits.max_prompt_tokens:
+                raise ValueError(f"the turn has {len(message)} new tokens, more than the "
+                                 f"limit of {self.limits.max_prompt_tokens}")
+            return self.chats.begin(session, message, request.params,
+                                    ignore_eos=request.ignore_eos,
+                                    start_time=time.perf_counter(), ephemeral=ephemeral)
+        except BaseException:
+            if not conversation.tokens and session not in self.chats.busy:
+                self.chats.sessions.pop(session, None)
+            raise
+
+    def _hint(self) -> None:
+        if self.llm.store is None:
+            return
+        with self._condition:
+            upcoming = [s.request.session_id for s in self._waiting
+                        if s.request.session_id is not None]
+        if upcoming:
+            self.llm.store.hint(upcoming)
+
+    def _prefill_step(self) -> None:
+        stream = next((s for s, t in self._active.items()
+                       if t.prefilled < len(t.turn_tokens)), None)
+        if stream is None:
+            return
+        turn = self._active[stream]
+        try:
+            logits = self.chats.prefill_chunk(turn)
+            if logits is not None:
+                self._deliver(stream, turn, turn.continuation.sample(logits))
+        except Exception as error:
+            self._fail_turn(stream, error)
+
+    def _decode_step(self) -> None:
+        ready = [(s, t) for s, t in self._active.items()
+                 if t.prefilled == len(t.turn_tokens) and t.continuation.steps > 0]
+        if not ready:
+            return
+        try:
+            logits = self.llm.runner.decode(
+                [t.result.token_ids[-1] for _, t in ready],
+                [t.next_position for _, t in ready], [t.table for _, t in ready])
+        except Exception as error:
+            for stream, _ in ready:
+                self._fail_turn(stream, error)
+            return
+        for row, (stream, turn) in enumerate(ready):
+            self._deliver(stream, turn, turn.continuation.sample(logits[row]))
+
+    def _deliver(self, stream: TurnStream, turn: ActiveTurn, token: int) -> None:
+        streamed = turn.continuation.take(token)
+        if streamed is not None:
+            stream.push(streamed)
+            self.counters["tokens_generated"] += 1
+        if turn.continuation.finished:
+            del self._active[stream]
+            self.chats.complete(turn)
+            self.counters["completed"] += 1
+            self.counters["tokens_reused"] += turn.result.cached_tokens
+            stream.close()
+
+    def _stop_turn(self, stream: TurnStream) -> None:
+        turn = self._active.pop(stream, None)
+        if turn is None:
+            return
+        turn.continuation.finish("cancelled")
+        self.chats.abort(turn)
+        self.counters["cancelled"] += 1
+        stream.close()
+
+    def _fail_turn(self, stream: TurnStream, error: Exception) -> None:
+        turn = self._active.pop(stream)
+        self.chats.abort(turn)
+        self.counters["failed"] += 1
+        stream.fail(error)
+
+    def _end_session(self, session_id: str) -> None:
+        if session_id in self.chats.busy:
+            raise ValueError(f"session {session_id!r} has a turn in flight")
+        if session_id not in self.chats.sessions and not (
+                self.llm.store and self.llm.store.get_record(session_id)):
+            raise SessionNotFound(session_id)
+        self.chats.end(session_id)
+
+    def _describe(self, session_id: str) -> dict:
+        if session_id not in self.chats.sessions and not (
+                self.llm.store and self.llm.store.get_record(session_id)):
+            raise SessionNotFound(session_id)
+        conversation = self.chats.conversation(session_id)
+        resident = self.chats.resident.get(session_id, {})
+        return {"session_id": session_id, "turns": len(conversation.turns),
+                "history_tokens": len(conversation.tokens),
+                "context_tokens": conversation.context_length(),
+                "dropped_tokens": len(conversation.tokens) - conversation.context_length(),
+                "resident_blocks": {"hbm": len(resident)},
+                "busy": session_id in self.chats.busy}

@@ -1,0 +1,115 @@
+"""The serving engine: many conversations at once give the tokens of one at a time;
+cancellation, limits and shutdown."""
+
+import threading
+
+import pytest
+
+from jattn import LLM, StoreConfig
+from jattn.sampling import SamplingParams
+from jattn.serving import Engine, EngineLimits, QueueFull, SessionNotFound, TurnRequest
+
+MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
+            "Then it started to rain."]
+GREEDY = SamplingParams(max_tokens=24)
+
+
+def store():
+    return StoreConfig(hbm_bytes=10**8, host_bytes=10**8)
+
+
+def turn(session, message, params=GREEDY, kind="message"):
+    return TurnRequest(session, kind, message, params, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """Each session's answers, one turn at a time, without a store."""
+    llm = LLM(store=None)
+    return {(s, t): llm.chat(f"s{s}", MESSAGES[t], max_tokens=24, ignore_eos=True).token_ids
+            for s in range(8) for t in range(len(MESSAGES))}
+
+
+def test_concurrent_sessions_equal_one_at_a_time(alone):
+    engine = Engine(LLM(store=store(), num_blocks=512), EngineLimits(max_running=8))
+    answers, errors = {}, []
+
+    def client(s):
+        try:
+            for t, message in enumerate(MESSAGES):
+                stream = engine.submit(turn(f"s{s}", message))
+                answers[(s, t)] = [token.id for token in stream]
+                assert stream.result.token_ids == answers[(s, t)]
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert answers == alone
+    stats = engine.stats()
+    assert stats["completed"] == 32 and stats["tokens_reused"] > 0
+    assert engine.describe("s3")["turns"] == len(MESSAGES)
+    engine.shutdown()
+
+
+def test_one_off_equals_generate_and_leaves_nothing():
+    llm = LLM(store=store())
+    expected = llm.generate("The cat sat", max_tokens=30, ignore_eos=True).token_ids
+    engine = Engine(llm)
+    free = llm.runner.allocator.free_blocks
+    stream = engine.submit(turn(None, "The cat sat", SamplingParams(max_tokens=30), "text"))
+    assert [t.id for t in stream] == expected
+    assert llm.runner.allocator.free_blocks == free and not llm.chats.sessions
+    engine.shutdown()
+
+
+def test_cancel_frees_blocks_and_keeps_the_history():
+    llm = LLM(store=store(), num_blocks=256)
+    engine = Engine(llm)
+    list(engine.submit(turn("a", MESSAGES[0])))
+    before = engine.describe("a")
+    free = llm.runner.allocator.free_blocks
+    stream = engine.submit(turn("a", MESSAGES[1], SamplingParams(max_tokens=400)))
+    first = next(iter(stream))
+    stream.cancel()
+    rest = list(stream)
+    assert first.id is not None and len(rest) < 399
+    assert stream.result.finish_reason == "cancelled"
+    assert engine.describe("a")["history_tokens"] == before["history_tokens"]
+    assert llm.runner.allocator.free_blocks >= free - 4  # only resident context blocks
+    assert engine.stats()["cancelled"] == 1
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("request_, pattern", [
+    (turn("a", ""), "message is empty"),
+    (turn("a", (), kind="tokens"), "tokens is empty"),
+    (turn("a", (5, 99999), kind="tokens"), r"token ids must be integers in \[0, 512\)"),
+    (turn("a", "hi", SamplingParams(max_tokens=5000)), "max_tokens 5000 is more than"),
+    (turn("", "hi"), "session_id must be a non-empty string"),
+    (TurnRequest("a", "audio", "hi", GREEDY), "input kind must be one of"),
+])
+def test_bad_requests_are_refused_by_name(request_, pattern):
+    engine = Engine(LLM(store=None), EngineLimits(max_tokens=1000))
+    with pytest.raises(ValueError, match=pattern):
+        engine.submit(request_)
+    assert [t.id for t in engine.submit(turn("b", "Hello"))]  # still serving
+    with pytest.raises(SessionNotFound):
+        engine.describe("nobody")
+    engine.shutdown()
+
+
+def test_full_queue_and_shutdown_with_turns_in_flight():
+    engine = Engine(LLM(store=store(), num_blocks=512), EngineLimits(max_queue=2,
+                                                                      max_running=1))
+    streams = []
+    with pytest.raises(QueueFull):
+        for s in range(10):
+            streams.append(engine.submit(turn(f"q{s}", MESSAGES[0])))
+    engine.shutdown()
+    for stream in streams:  # every accepted turn ran to its end
+        assert len(list(stream)) == 24
