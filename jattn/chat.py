@@ -36,10 +36,13 @@ def _read_blocks(pool: KVPool, ids):
 @dataclass
 class ChatTurn(Generation):
     """A `Generation` plus what the turn reused: `cached_tokens` (context tokens whose KV
-    was not recomputed), `tiers` (blocks reused per tier), `recomputed_tokens`."""
+    was not recomputed), `tiers` (blocks reused per tier), `recomputed_tokens`
+    (prefilled: the new tokens plus any history that had to be recomputed), and
+    `dropped_tokens` (history truncated out of the window before this turn)."""
 
     cached_tokens: int = 0
     recomputed_tokens: int = 0
+    dropped_tokens: int = 0
     tiers: dict | None = None
 
 
@@ -217,7 +220,8 @@ class ChatEngine:
         result = ChatTurn(text="", token_ids=[], finish_reason="length",
                           prompt_token_ids=new_ids, tiers=tiers,
                           cached_tokens=0 if recomputed else prefix,
-                          recomputed_tokens=recomputed + len(turn_tokens))
+                          recomputed_tokens=recomputed + len(turn_tokens),
+                          dropped_tokens=len(dropped) * block_size)
         continuation = Continuation(params, budget=budget,
                                     eos=set() if ignore_eos else set(self.eos_ids),
                                     tokenizer=self.tokenizer, result=result,

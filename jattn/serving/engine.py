@@ -64,6 +64,7 @@ class Engine:
         self._calls: list[tuple] = []
         self._active: dict[TurnStream, ActiveTurn] = {}
         self._accepting = True
+        self._cancel_all = False
         self._stopped = False
         self._one_off = itertools.count()
         self.counters = collections.Counter()
@@ -158,6 +159,10 @@ class Engine:
         """A session's turns, history and context tokens, and where its blocks are."""
         return self._call(self._describe, session_id)
 
+    def is_live(self) -> bool:
+        """True while the engine's thread runs and accepts turns."""
+        return self._accepting and self._thread.is_alive()
+
     def stats(self) -> dict:
         """Requests, queue and batch sizes, sessions, and the store's counters."""
         with self._condition:
@@ -167,19 +172,19 @@ class Engine:
             stats["store"] = self.llm.store.stats()
         return stats
 
-    def shutdown(self, *, cancel: bool = False, timeout: float | None = None) -> None:
-        """Stops accepting turns; finishes (or with `cancel`, cancels) those queued and
-        running; flushes the store. Returns when the engine's thread has ended."""
+    def shutdown(self, *, grace: float | None = None) -> None:
+        """Stops accepting turns; those queued and running get `grace` seconds to finish
+        (None: as long as they need), then are cancelled; flushes the store. Returns
+        when the engine's thread has ended."""
         with self._condition:
             self._accepting = False
-            if cancel:
-                for stream in list(self._waiting) + list(self._active):
-                    stream.cancelled = True
-                    self._cancelled.append(stream)
-                while self._waiting:
-                    self._waiting.popleft().close()
             self._condition.notify()
-        self._thread.join(timeout)
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            with self._condition:
+                self._cancel_all = True
+                self._condition.notify()
+            self._thread.join()
         self.llm.close()
 
     # ----- the engine's thread -----------------------------------------------------------------
@@ -195,6 +200,10 @@ class Engine:
                     return
                 calls, self._calls = self._calls, []
                 cancelled, self._cancelled = self._cancelled, []
+                if self._cancel_all:
+                    while self._waiting:
+                        self._waiting.popleft().close()
+                    cancelled += list(self._active)
             for function, args, done, outcome in calls:
                 try:
                     outcome["value"] = function(*args)
@@ -311,6 +320,7 @@ class Engine:
             self.chats.complete(turn)
             self.counters["completed"] += 1
             self.counters["tokens_reused"] += turn.result.cached_tokens
+            self.counters["tokens_prefilled"] += turn.result.recomputed_tokens
             stream.close()
 
     def _stop_turn(self, stream: TurnStream) -> None:
@@ -341,10 +351,11 @@ class Engine:
                 self.llm.store and self.llm.store.get_record(session_id)):
             raise SessionNotFound(session_id)
         conversation = self.chats.conversation(session_id)
-        resident = self.chats.resident.get(session_id, {})
+        held = self.llm.store.session_blocks(session_id) if self.llm.store else {}
+        held["hbm"] = len(self.chats.resident.get(session_id, {}))
         return {"session_id": session_id, "turns": len(conversation.turns),
                 "history_tokens": len(conversation.tokens),
                 "context_tokens": conversation.context_length(),
                 "dropped_tokens": len(conversation.tokens) - conversation.context_length(),
-                "resident_blocks": {"hbm": len(resident)},
+                "resident_blocks": held,
                 "busy": session_id in self.chats.busy}

@@ -3,11 +3,18 @@
 The store keeps its data beside a `Tier` per memory and asks it what to evict; the
 policy simulator drives the same `Tier` objects with a trace. Entries are
 `(session_key, serial)`; eviction takes whole sessions, in `eviction_order`.
+
+A victim is found without scanning the sessions: two heaps with lazy deletion (an item
+whose session has left, or whose key is out of date, is dropped or re-keyed when it
+reaches the top). This relies on `last_used` being a monotone use counter: a held
+session's value may grow between calls, never shrink.
 """
 
 from __future__ import annotations
 
-from jattn.store.policy import first_victim, window_rank
+import heapq
+
+from jattn.store.policy import window_rank
 
 
 class Tier:
@@ -18,6 +25,18 @@ class Tier:
         self.sizes: dict[tuple[str, int], int] = {}
         self._by_session: dict[str, set[tuple[str, int]]] = {}
         self.used = 0
+        # (last_used value when pushed, session): every held session that is not parked
+        # has an item whose value is at most its current `last_used`.
+        self._lru: list[tuple[int, str]] = []
+        # The look-ahead window the next three describe (a copy of the last `upcoming`
+        # an eviction was made under).
+        self._window: list[str] = []
+        self._rank: dict[str, int] = {}
+        # (-first position in the window, session): every held session of the window
+        # has one; the top is the one needed farthest ahead.
+        self._near: list[tuple[int, str]] = []
+        # `_lru` items of window sessions, set aside while the window lasts.
+        self._parked: list[tuple[int, str]] = []
 
     def __contains__(self, entry) -> bool:
         return entry in self.sizes
@@ -41,23 +60,81 @@ class Tier:
               ) -> tuple[bool, list]:
         """Makes room for `entry` of `nbytes` by evicting other sessions whole, in policy
         order, and takes it. Returns `(admitted, evicted entries)`; an entry larger than
-        the tier, or one that cannot fit without evicting its own session, is refused."""
+        the tier, or one that cannot fit without evicting its own session, is refused.
+        Among sessions outside the window with the same `last_used`, the smaller key
+        goes first."""
         self.remove(entry)
         if nbytes > self.capacity:
             return False, []
         evicted = []
         if self.used + nbytes > self.capacity:
-            rank = window_rank(upcoming)
-            others = self.sessions() - {entry[0]}
-            while others and self.used + nbytes > self.capacity:
-                victim = first_victim(others, last_used=last_used, upcoming_rank=rank)
-                others.discard(victim)
+            self._set_window(upcoming)
+            own, kept = entry[0], []
+            while self.used + nbytes > self.capacity:
+                victim = self._next_victim(own, kept, last_used)
+                if victim is None:
+                    break
                 for old in self.entries_of(victim):
                     self.remove(old)
                     evicted.append(old)
+            for heap, item in kept:
+                heapq.heappush(heap, item)
         if self.used + nbytes > self.capacity:
             return False, evicted
+        key = entry[0]
+        if key not in self._by_session:
+            self._by_session[key] = set()
+            heapq.heappush(self._lru, (last_used.get(key, -1), key))
+            if key in self._rank:
+                heapq.heappush(self._near, (-self._rank[key], key))
+            if len(self._lru) + len(self._near) > 4 * len(self._by_session) + 64:
+                self._reindex(last_used)
+        self._by_session[key].add(entry)
         self.sizes[entry] = nbytes
-        self._by_session.setdefault(entry[0], set()).add(entry)
         self.used += nbytes
         return True, evicted
+
+    def _next_victim(self, own: str, kept: list, last_used: dict):
+        """The held session to evict next, other than `own` (whose items go to `kept`,
+        as `(heap, item)`, to be pushed back), or None when only `own` is left."""
+        lru, near = self._lru, self._near
+        while lru:
+            value, key = lru[0]
+            if key not in self._by_session:
+                heapq.heappop(lru)
+            elif last_used.get(key, -1) != value:
+                heapq.heapreplace(lru, (last_used.get(key, -1), key))
+            elif key in self._rank:
+                self._parked.append(heapq.heappop(lru))
+            elif key == own:
+                kept.append((lru, heapq.heappop(lru)))
+            else:
+                heapq.heappop(lru)
+                return key
+        while near:
+            item = heapq.heappop(near)
+            if item[1] == own:
+                kept.append((near, item))
+            elif item[1] in self._by_session:
+                return item[1]
+        return None
+
+    def _set_window(self, upcoming: list) -> None:
+        """Makes `upcoming` the window eviction works under, if it is not already."""
+        if upcoming == self._window:
+            return
+        for item in self._parked:
+            heapq.heappush(self._lru, item)
+        self._parked = []
+        self._window = list(upcoming)
+        self._rank = window_rank(upcoming)
+        self._near = [(-i, key) for key, i in self._rank.items() if key in self._by_session]
+        heapq.heapify(self._near)
+
+    def _reindex(self, last_used: dict) -> None:
+        """Rebuilds both heaps from the held sessions (drops the items of departed ones)."""
+        self._lru = [(last_used.get(key, -1), key) for key in self._by_session]
+        heapq.heapify(self._lru)
+        self._parked = []
+        self._near = [(-self._rank[key], key) for key in self._by_session if key in self._rank]
+        heapq.heapify(self._near)

@@ -315,6 +315,13 @@ class AttentionStore:
                                    upcoming=self._upcoming)
         return [by_key[k] for k in order]
 
+    def session_blocks(self, session_id: str) -> dict[str, int]:
+        """How many blocks of a session host memory and disk hold."""
+        key = session_key(session_id)
+        with self._lock:
+            return {"host": len(self._host_tier.entries_of(key)),
+                    "disk": len(self._disk_tier.entries_of(key))}
+
     def touch(self, session_id: str) -> None:
         """Marks a session as just used (for least-recently-used eviction)."""
         with self._lock:

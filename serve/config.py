@@ -1,0 +1,136 @@
+"""`jattn-serve` configuration: every key, from a YAML file and/or command-line flags.
+
+Flags override the file; the file overrides the defaults below. Byte sizes accept
+suffixes (`512MiB`, `8GiB`, `1GB`). `configs/serve/default.yaml` lists every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value) -> int:
+    """An integer byte count from `4096`, `"512MiB"`, `"1.5GB"`..."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a byte size: {value!r}")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a byte size: {value!r} (use e.g. 4096, 512MiB, 8GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class ServeConfig:
+    """Everything `jattn-serve` can be told. Sizes in bytes, times in seconds."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "model directory (Hugging Face layout); default: the embedded stories260K"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "float32 or bfloat16; default: bfloat16 on accelerators, float32 on CPU"})
+    random_weights: bool = field(default=False, metadata={
+        "help": "run the model's shape with random weights (a config-only directory)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "port to listen on (0: any free)"})
+    max_context: int | None = field(default=None, metadata={
+        "help": "context window in tokens; default: the model's"})
+    num_blocks: int | None = field(default=None, metadata={
+        "help": "KV blocks in the device pool; default: twice the context window"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    prefill_chunk: int = field(default=512, metadata={
+        "help": "tokens per prefill chunk interleaved with decode steps"})
+    store: bool = field(default=True, metadata={
+        "help": "keep conversations' KV between turns (false: recompute every turn)"})
+    hbm_bytes: int | None = field(default=None, metadata={
+        "help": "KV kept in the device pool between turns; default: half the pool"})
+    host_bytes: int | None = field(default=None, metadata={
+        "help": "KV kept in host memory; default: a quarter of the machine's memory"})
+    disk_bytes: int = field(default=0, metadata={"help": "KV kept on disk (0: no disk tier)"})
+    disk_path: str | None = field(default=None, metadata={"help": "directory of the disk tier"})
+    max_queue: int = field(default=256, metadata={"help": "turns waiting; more: RESOURCE_EXHAUSTED"})
+    max_running: int = field(default=32, metadata={"help": "turns decoded together"})
+    max_prompt_tokens: int = field(default=8192, metadata={"help": "new tokens per turn"})
+    max_tokens: int = field(default=2048, metadata={"help": "tokens per answer, at most"})
+    default_max_tokens: int = field(default=256, metadata={
+        "help": "tokens per answer when a request does not say"})
+    max_sessions: int = field(default=100_000, metadata={"help": "conversations held at once"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: serve TLS"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    auth_tokens: list[str] = field(default_factory=list, metadata={
+        "help": "bearer tokens accepted (repeat the flag for several clients); each "
+                "token's sessions are its own"})
+    metrics_port: int | None = field(default=None, metadata={
+        "help": "serve Prometheus metrics on this port (default: off)"})
+    shutdown_grace_s: float = field(default=30.0, metadata={
+        "help": "on SIGTERM, seconds turns in flight get to finish before they are cancelled"})
+
+    def __post_init__(self):
+        for name in ("hbm_bytes", "host_bytes", "disk_bytes"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, parse_bytes(value))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.disk_bytes and not self.disk_path:
+            raise ValueError("disk_bytes > 0 needs a disk_path")
+        if isinstance(self.auth_tokens, str):
+            self.auth_tokens = [self.auth_tokens]
+        if any(not isinstance(t, str) or len(t) < 8 for t in self.auth_tokens):
+            raise ValueError("auth tokens must be strings of at least 8 characters")
+        if not 1 <= self.default_max_tokens <= self.max_tokens:
+            raise ValueError(f"default_max_tokens must be in [1, max_tokens={self.max_tokens}]")
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "ServeConfig":
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        return cls.from_dict(values, source=path)
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "configuration") -> "ServeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in {source}: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `ServeConfig` key (`max_queue` -> `--max-queue`), plus `--config`."""
+    parser.add_argument("--config", help="YAML file of these keys (flags override it)")
+    for f in dataclasses.fields(ServeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "auth_tokens":
+            parser.add_argument("--auth-token", dest="auth_tokens", action="append",
+                                default=None, help=f.metadata["help"])
+        elif f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f.metadata["help"])
+        else:
+            kind = str if f.name.endswith("_bytes") else {
+                "int": int, "int | None": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None,
+                                help=f.metadata["help"])
+
+
+def from_arguments(args: argparse.Namespace) -> ServeConfig:
+    """The configuration the file (if any) and the flags given describe."""
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        ServeConfig.from_dict(values, source=args.config)
+    for f in dataclasses.fields(ServeConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return ServeConfig.from_dict(values)

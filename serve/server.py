@@ -1,0 +1,103 @@
+"""The gRPC server: our Conversations service, JetStream's Orchestrator, the standard
+health service and server reflection, over one engine.
+
+`Server(config).start()` loads the model and listens; `stop()` stops accepting turns,
+lets those in flight finish for `shutdown_grace_s` (then cancels them), flushes the
+store and closes the port.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jattn import LLM
+from jattn.serving import Engine, EngineLimits
+from jattn.store import StoreConfig
+from serve.auth import Tenants
+from serve.config import ServeConfig
+from serve.conversations import ConversationsServicer
+from serve.jetstream import OrchestratorServicer
+from serve.metrics import Metrics
+from serve.protos import jattn_pb2, jattn_pb2_grpc, jetstream_pb2, jetstream_pb2_grpc
+
+log = logging.getLogger("jattn.serve")
+
+SERVICES = (jattn_pb2.DESCRIPTOR.services_by_name["Conversations"].full_name,
+            jetstream_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name)
+
+
+def build_llm(config: ServeConfig) -> LLM:
+    store = None
+    if config.store:
+        overrides = {k: getattr(config, k) for k in ("hbm_bytes", "host_bytes")
+                     if getattr(config, k) is not None}
+        store = StoreConfig.sized_for_machine(
+            block_size=config.block_size, disk_bytes=config.disk_bytes,
+            disk_path=config.disk_path, **overrides)
+    llm = LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
+              block_size=config.block_size, max_context=config.max_context,
+              num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
+              store=store)
+    if store is not None and "hbm_bytes" not in overrides:
+        llm.chats.hbm_bytes = llm.runner.pool.nbytes() // 2
+    return llm
+
+
+class Server:
+    """A configured jattn server. `port` is the bound port once started."""
+
+    def __init__(self, config: ServeConfig, llm: LLM | None = None):
+        self.config = config
+        self.llm = llm or build_llm(config)
+        self.engine = Engine(self.llm, EngineLimits(
+            max_queue=config.max_queue, max_running=config.max_running,
+            max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
+            max_sessions=config.max_sessions))
+        self.metrics = Metrics(self.engine, port=config.metrics_port)
+        tenants = Tenants(config.auth_tokens)
+        workers = config.max_queue + config.max_running + 8
+        self.grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="jattn-grpc"), maximum_concurrent_rpcs=workers)
+        jattn_pb2_grpc.add_ConversationsServicer_to_server(ConversationsServicer(
+            self.engine, tenants, default_max_tokens=config.default_max_tokens,
+            metrics=self.metrics), self.grpc)
+        jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(
+            self.engine, tenants, default_max_tokens=config.default_max_tokens,
+            metrics=self.metrics), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                        reflection.SERVICE_NAME), self.grpc)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+
+    def start(self) -> "Server":
+        self.grpc.start()
+        for service in ("",) + SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("jattn serving on %s:%d", self.config.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stops accepting turns, finishes (then cancels) those in flight, flushes the
+        store, closes the port."""
+        self.health.enter_graceful_shutdown()
+        self.engine.shutdown(grace=self.config.shutdown_grace_s)
+        self.grpc.stop(grace=1.0).wait()
+        self.metrics.close()
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()
