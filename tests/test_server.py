@@ -1,0 +1,264 @@
+"""jattn-serve end to end over loopback: both services, equality with the library,
+concurrency, every bad input, fuzzing, shutdown, restart, TLS and token isolation."""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jattn import LLM, StoreConfig
+from serve.client import Client
+from serve.config import ServeConfig
+from serve.protos import jattn_pb2
+from serve.server import Server
+
+MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
+            "Then it started to rain.", "Tom found a big red ball."]
+
+
+def start(**overrides):
+    values = dict(port=0, max_tokens=256, default_max_tokens=16, num_blocks=2048,
+                  hbm_bytes=1 << 26, host_bytes=1 << 26, shutdown_grace_s=5.0)
+    values.update(overrides)
+    server = Server(ServeConfig(**values)).start()
+    return server, Client(f"127.0.0.1:{server.port}")
+
+
+@pytest.fixture(scope="module")
+def served():
+    server, client = start(metrics_port=0)
+    client.wait_ready()
+    yield server, client
+    client.close()
+    server.stop()
+
+
+def test_conversation_and_one_off_equal_the_library(served):
+    _, client = served
+    library = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
+    for message in MESSAGES[:3]:
+        reply = client.chat("lib", message, max_tokens=20, ignore_eos=True)
+        expected = library.chat("lib", message, max_tokens=20, ignore_eos=True)
+        assert reply.token_ids == expected.token_ids and reply.text == expected.text
+        assert reply.finish_reason == "length"
+        assert reply.facts.cached_tokens == expected.cached_tokens
+        assert dict(reply.facts.tier_blocks) == expected.tiers
+    generated = library.generate("The cat sat on", max_tokens=24)
+    responses = list(client.decode(text="The cat sat on", max_tokens=24))
+    assert all(len(r.stream_content.samples) == 1 for r in responses)
+    assert [t for r in responses for t in r.stream_content.samples[0].token_ids] == \
+        generated.token_ids
+    info = client.describe("lib")
+    assert info.turns == 3 and info.history_tokens > 0
+
+
+def test_jetstream_session_continues_a_conversation(served):
+    _, client = served
+    first = [t for r in client.decode(text="Once upon a time", max_tokens=10,
+                                      session_id="js") for t in r.stream_content.samples[0].token_ids]
+    assert len(first) == 10
+    assert client.describe("js").turns == 1
+    list(client.decode(token_ids=[5, 6, 7], max_tokens=5, session_id="js"))
+    assert client.describe("js").turns == 2
+    assert client.end_session("js") and not client.end_session("js")
+
+
+def test_32_sessions_5_turns_equal_single_session_runs(served):
+    _, client = served
+    reference = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26),
+                    num_blocks=2048)
+    expected = {(s, t): reference.chat(f"c{s}", MESSAGES[t], max_tokens=12,
+                                       ignore_eos=True).token_ids
+                for s in range(32) for t in range(5)}
+    got, errors = {}, []
+
+    def converse(s):
+        try:
+            for t in range(5):
+                got[(s, t)] = client.chat(f"c{s}", MESSAGES[t], max_tokens=12,
+                                          ignore_eos=True).token_ids
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=converse, args=(s,)) for s in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert got == expected
+
+
+@pytest.mark.parametrize("call, code, pattern", [
+    (lambda c: c.chat("x", ""), "INVALID_ARGUMENT", "message is empty"),
+    (lambda c: c.chat("x", "a" * 100_000), "INVALID_ARGUMENT", "longer than the limit"),
+    (lambda c: c.chat("x", token_ids=[1, 99999]), "INVALID_ARGUMENT", "token ids must be"),
+    (lambda c: c.chat("x", "hi", temperature=-1), "INVALID_ARGUMENT", "temperature"),
+    (lambda c: c.chat("x", "hi", top_p=2.0), "INVALID_ARGUMENT", "top_p"),
+    (lambda c: c.chat("x", "hi", max_tokens=10_000), "INVALID_ARGUMENT", "max_tokens"),
+    (lambda c: c.chat("", "hi"), "INVALID_ARGUMENT", "session_id is empty"),
+    (lambda c: c.chat("x"), "INVALID_ARGUMENT", "no input"),
+    (lambda c: c.describe("nobody"), "NOT_FOUND", "no such session"),
+    (lambda c: list(c.decode(text="hi", max_tokens=5).__iter__()) and
+     c.orchestrator.Decode(__import__("serve.protos.jetstream_pb2").protos.jetstream_pb2
+                           .DecodeRequest(num_samples=3)).next(),
+     "INVALID_ARGUMENT", "num_samples"),
+])
+def test_bad_input_gets_a_status_that_names_it(served, call, code, pattern):
+    _, client = served
+    with pytest.raises(grpc.RpcError) as raised:
+        call(client)
+    assert raised.value.code().name == code
+    assert pattern in raised.value.details()
+    assert client.chat("ok", "Hello", max_tokens=3).token_ids  # still serving
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(session=st.text(max_size=12), kind=st.sampled_from(["message", "text", "tokens", None]),
+       text=st.text(max_size=40), ids=st.lists(st.integers(-5, 600), max_size=20),
+       max_tokens=st.integers(-3, 300), temperature=st.floats(allow_nan=True),
+       top_p=st.floats(allow_nan=True), top_k=st.integers(-3, 50))
+def test_fuzzed_requests_never_break_the_server(served, session, kind, text, ids, max_tokens,
+                                                temperature, top_p, top_k):
+    _, client = served
+    request = jattn_pb2.ChatRequest(session_id=session, max_tokens=max_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k)
+    if kind == "tokens":
+        request.token_ids.ids.extend(ids)
+    elif kind is not None:
+        setattr(request, kind, text)
+    try:
+        for _ in client.conversations.Chat(request, timeout=60):
+            pass
+    except grpc.RpcError as error:
+        assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.RESOURCE_EXHAUSTED), error.details()
+
+
+def test_health_reflection_and_metrics(served):
+    server, client = served
+    health = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", "jattn.v1.Conversations", "jetstream_proto.Orchestrator"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    reply = next(reflect.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"jattn.v1.Conversations", "jetstream_proto.Orchestrator",
+            "grpc.health.v1.Health"} <= names
+    assert client.orchestrator.HealthCheck(
+        __import__("serve.protos.jetstream_pb2").protos.jetstream_pb2.HealthCheckRequest()
+    ).is_live
+    client.chat("metrics", "Hello", max_tokens=4)
+    page = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics").read()
+    assert b"jattn_ttft_seconds_count" in page and b"jattn_store_hbm_hits" in page
+
+
+def test_full_queue_is_resource_exhausted():
+    server, client = start(max_queue=1, max_running=1)
+    calls = [client.chat_events(f"q{i}", "Once upon a time", max_tokens=200,
+                                ignore_eos=True) for i in range(6)]
+    codes = []
+    for call in calls:
+        try:
+            for _ in call:
+                pass
+            codes.append("OK")
+        except grpc.RpcError as error:
+            codes.append(error.code().name)
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+    server.stop()
+
+
+def test_stop_with_streams_in_flight_and_restart_finds_sessions(tmp_path):
+    disk = dict(disk_bytes=1 << 26, disk_path=str(tmp_path), shutdown_grace_s=0.0)
+    server, client = start(**disk)
+    client.chat("kept", MESSAGES[0], max_tokens=40, ignore_eos=True)  # 2 full blocks
+    long_call = client.chat_events("long", MESSAGES[1], max_tokens=250, ignore_eos=True)
+    next(iter(long_call))  # the turn is running
+    server.stop()
+    events = list(long_call)  # ends: cancelled by the stop, not hung
+    assert events[-1].finish_reason == "cancelled"
+    client.close()
+
+    server, client = start(**disk)
+    assert client.describe("kept").turns == 1
+    reply = client.chat("kept", MESSAGES[1], max_tokens=8, ignore_eos=True)
+    assert reply.facts.cached_tokens > 0 and "disk" in reply.facts.tier_blocks
+    server.stop()
+
+
+def self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_pem
+
+
+def test_tls_and_tokens_keep_clients_apart(tmp_path):
+    cert = self_signed(tmp_path)
+    server = Server(ServeConfig(port=0, tls_cert=str(tmp_path / "cert.pem"),
+                                tls_key=str(tmp_path / "key.pem"),
+                                auth_tokens=["token-of-alice", "token-of-bob"])).start()
+    address = f"localhost:{server.port}"
+    alice = Client(address, token="token-of-alice", tls_ca=cert)
+    bob = Client(address, token="token-of-bob", tls_ca=cert)
+    nobody = Client(address, tls_ca=cert)
+    alice.chat("shared-name", "Once upon a time", max_tokens=4)
+    with pytest.raises(grpc.RpcError) as raised:
+        bob.describe("shared-name")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert alice.describe("shared-name").turns == 1
+    with pytest.raises(grpc.RpcError) as raised:
+        nobody.chat("shared-name", "hi")
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as raised:  # TLS required: plaintext is refused
+        Client(address, token="token-of-alice").chat("x", "hi", timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    server.stop()
+
+
+def test_sigterm_stops_jattn_serve_cleanly(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--disk-bytes", "64MiB",
+         "--disk-path", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    port = None
+    for line in process.stdout:
+        if "listening on" in line:
+            port = int(line.rsplit(":", 1)[1])
+            break
+    assert port, "the server did not start"
+    client = Client(f"127.0.0.1:{port}")
+    client.chat("s", "Once upon a time", max_tokens=40, ignore_eos=True)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert any(name.endswith(".kv") for _, _, names in os.walk(tmp_path) for name in names)
