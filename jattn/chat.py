@@ -296,7 +296,9 @@ class ChatEngine:
         the blocks as numpy arrays."""
         if not serials:
             return
-        k, v = _read_blocks(self.runner.pool, jnp.asarray(block_ids, jnp.int32))
+        padded = np.full(bucket(len(block_ids), minimum=1), block_ids[-1], np.int32)
+        padded[:len(block_ids)] = block_ids  # a few shapes, so a few compilations
+        k, v = _read_blocks(self.runner.pool, jnp.asarray(padded))
         if self.host_sharding is not None:
             k, v = jax.device_put((k, v), self.host_sharding)  # starts the copy out now
         host = {}

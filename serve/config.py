@@ -70,6 +70,10 @@ class ServeConfig:
                 "token's sessions are its own"})
     metrics_port: int | None = field(default=None, metadata={
         "help": "serve Prometheus metrics on this port (default: off)"})
+    compilation_cache_dir: str | None = field(default="~/.cache/jattn/xla", metadata={
+        "help": "where compiled programs are kept across restarts (null: nowhere)"})
+    warm_up: bool = field(default=True, metadata={
+        "help": "compile every batch and chunk shape before serving (no compile stalls)"})
     shutdown_grace_s: float = field(default=30.0, metadata={
         "help": "on SIGTERM, seconds turns in flight get to finish before they are cancelled"})
 

@@ -32,7 +32,7 @@ def converse(client: Client, session: str, turns: int, max_tokens: int):
 
 def run_demo(*, turns: int = 6, max_tokens: int = 32) -> list[dict]:
     """Runs the conversation on both servers, prints the table, returns its rows."""
-    servers = {reuse: Server(ServeConfig(port=0, store=reuse)).start()
+    servers = {reuse: Server(ServeConfig(port=0, store=reuse, warm_up=False)).start()
                for reuse in (True, False)}
     try:
         replies = {}

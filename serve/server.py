@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 
 import grpc
+import jax
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -53,11 +55,15 @@ class Server:
 
     def __init__(self, config: ServeConfig, llm: LLM | None = None):
         self.config = config
+        if config.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir",
+                              os.path.expanduser(config.compilation_cache_dir))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         self.llm = llm or build_llm(config)
         self.engine = Engine(self.llm, EngineLimits(
             max_queue=config.max_queue, max_running=config.max_running,
             max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
-            max_sessions=config.max_sessions))
+            max_sessions=config.max_sessions), warm_up=config.warm_up)
         self.metrics = Metrics(self.engine, port=config.metrics_port)
         tenants = Tenants(config.auth_tokens)
         workers = config.max_queue + config.max_running + 8

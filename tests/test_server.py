@@ -28,7 +28,8 @@ MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
 
 def start(**overrides):
     values = dict(port=0, max_tokens=256, default_max_tokens=16, num_blocks=2048,
-                  hbm_bytes=1 << 26, host_bytes=1 << 26, shutdown_grace_s=5.0)
+                  hbm_bytes=1 << 26, host_bytes=1 << 26, shutdown_grace_s=5.0,
+                  warm_up=False, compilation_cache_dir=None)
     values.update(overrides)
     server = Server(ServeConfig(**values)).start()
     return server, Client(f"127.0.0.1:{server.port}")
@@ -225,7 +226,8 @@ def self_signed(tmp_path):
 
 def test_tls_and_tokens_keep_clients_apart(tmp_path):
     cert = self_signed(tmp_path)
-    server = Server(ServeConfig(port=0, tls_cert=str(tmp_path / "cert.pem"),
+    server = Server(ServeConfig(port=0, warm_up=False, compilation_cache_dir=None,
+                                tls_cert=str(tmp_path / "cert.pem"),
                                 tls_key=str(tmp_path / "key.pem"),
                                 auth_tokens=["token-of-alice", "token-of-bob"])).start()
     address = f"localhost:{server.port}"
@@ -249,7 +251,7 @@ def test_tls_and_tokens_keep_clients_apart(tmp_path):
 def test_sigterm_stops_jattn_serve_cleanly(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--disk-bytes", "64MiB",
-         "--disk-path", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         "--disk-path", str(tmp_path), "--no-warm-up", "--compilation-cache-dir", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     port = None
     for line in process.stdout:

@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from jattn.model.kv_cache import (
     BlockAllocator,
     KVPool,
+    blocks_for,
     bucket,
     gather_sequence,
     padded_table,
@@ -116,6 +118,11 @@ def _layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, 
     return layer(x, positions, slots, 0, k_pages, v_pages, attend)
 
 
+def _powers(low: int, high: int) -> list[int]:
+    """low, 2 low, 4 low, ... up to high (powers of two)."""
+    return [low << i for i in range((high // low).bit_length())]
+
+
 class ModelRunner:
     """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps."""
 
@@ -202,6 +209,28 @@ class ModelRunner:
         if len(tokens) > len(first):
             return self.prefill(tokens[len(first):], start + len(first), blocks)
         return _logits_step(self.graphdef, self.state, x, len(first))
+
+    def warm_up(self, *, max_context: int, max_batch: int) -> int:
+        """Compiles every prefill and decode shape a server can meet (chunk lengths and
+        batch sizes by power of two, block-table widths up to `max_context` tokens), so
+        no request pays for a compilation. Writes nothing. Returns the shapes compiled."""
+        widths = _powers(4, bucket(blocks_for(max_context, self.block_size), minimum=4))
+        shapes = [("prefill", t, w) for w in widths
+                  for t in _powers(16, bucket(min(self.prefill_chunk, max_context)))]
+        shapes += [("decode", b, w) for w in widths for b in _powers(1, bucket(max_batch, 1))]
+        for kind, size, width in tqdm(shapes, desc="compiling", unit="shape"):
+            table = padded_table([], width)
+            if kind == "prefill":
+                _, self.pool = _prefill_step(
+                    self.graphdef, self.state, self.pool, jnp.zeros(size, jnp.int32),
+                    jnp.int32(0), jnp.int32(0), table, backend=self.backend, all_logits=False)
+            else:
+                _, self.pool = _decode_step(
+                    self.graphdef, self.state, self.pool, jnp.zeros(size, jnp.int32),
+                    jnp.full(size, -1, jnp.int32), jnp.stack([table] * size),
+                    backend=self.backend)
+        jax.block_until_ready(self.pool)
+        return len(shapes)
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are

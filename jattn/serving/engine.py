@@ -19,8 +19,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+import jax.numpy as jnp
+
 from jattn.chat import ActiveTurn
+from jattn.decoding import Continuation
+from jattn.generation import Generation
 from jattn.model.kv_cache import PoolExhausted
+from jattn.sampling import SamplingParams
 from jattn.serving.requests import (
     INPUT_KINDS,
     EngineStopped,
@@ -52,9 +57,15 @@ class EngineLimits:
 
 class Engine:
     """Runs the turns of many conversations of one `LLM` at once. The LLM is the
-    engine's from now on: use it only through the engine."""
+    engine's from now on: use it only through the engine. `warm_up` compiles every
+    shape first, so no request waits for a compilation."""
 
-    def __init__(self, llm, limits: EngineLimits = EngineLimits()):
+    def __init__(self, llm, limits: EngineLimits = EngineLimits(), *, warm_up: bool = False):
+        if warm_up:
+            llm.runner.warm_up(max_context=llm.max_context, max_batch=limits.max_running)
+            Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
+                         result=Generation("", [], "length"), start_time=0.0).sample(
+                jnp.zeros(llm.config.vocab_size, jnp.float32))
         self.llm = llm
         self.chats = llm.chats
         self.limits = limits
