@@ -264,3 +264,28 @@ def test_sigterm_stops_jattn_serve_cleanly(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     assert any(name.endswith(".kv") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+def test_chat_command_holds_a_conversation(served, monkeypatch, capsys):
+    from serve.cli import main
+
+    server, _ = served
+    lines = iter(["Once upon a time", "The dog ran to the park.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--server", f"127.0.0.1:{server.port}", "--session", "cli",
+                 "--max-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2 and "tokens reused" in out
+    assert main(["describe", "cli", "--server", f"127.0.0.1:{server.port}"]) == 0
+    assert "turns: 2" in capsys.readouterr().out
+    assert main(["end", "nobody", "--server", f"127.0.0.1:{server.port}"]) == 0
+    assert "no such session" in capsys.readouterr().out
+
+
+def test_demo_reuses_history_and_matches_recompute():
+    from serve.demo import run_demo
+
+    rows = run_demo(turns=3, max_tokens=8)
+    assert all(row["same_answer"] for row in rows)
+    assert rows[0]["reused_tokens"] == 0
+    assert all(row["reused_tokens"] > 0 and row["tiers"] for row in rows[1:])
