@@ -99,12 +99,14 @@ def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "choice", "num_splits"))
-def _paged(q, k_pages, v_pages, block_tables, lengths, inv_freq, *, sm_scale, choice,
-           num_splits):
+def _paged(q, k_pages, v_pages, block_tables, lengths, inv_freq, block_positions, *,
+           sm_scale, choice, num_splits):
     tables, lengths = sanitize_block_tables(
         block_tables, lengths, num_blocks=k_pages.shape[0], block_size=k_pages.shape[1])
     args = (q, k_pages, v_pages, tables, lengths)
     kwargs = dict(sm_scale=sm_scale, key_rope_inv_freq=inv_freq)
+    if block_positions is not None:
+        kwargs["block_positions"] = block_positions.astype(jnp.int32)
     if choice.kind == "reference":
         return paged_attention_reference(*args, **kwargs)
     if choice.kind == "xla":
@@ -118,7 +120,8 @@ def _paged(q, k_pages, v_pages, block_tables, lengths, inv_freq, *, sm_scale, ch
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
                     sm_scale: float | None = None, backend: str = "auto",
-                    key_rope_inv_freq=None, num_splits: int | None = None):
+                    key_rope_inv_freq=None, num_splits: int | None = None,
+                    block_positions=None):
     """Decode attention, one query per sequence, over a paged KV cache, with its LSE.
 
     Args:
@@ -135,6 +138,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
         position and token i's key is rotated to position i (half-split RoPE) inside the
         kernel; q must already be rotated to its own position.
       num_splits: split-K factor for the Pallas kernels; `None` picks one.
+      block_positions: int32 `[B, max_blocks]` or None: the position of the first token
+        of each table entry, for `key_rope_inv_freq` (default `j * block_size` for entry
+        j). A table may then list any subset of a sequence's blocks, in any order, each
+        full but the last: the keys still take their true positions (DistAttention
+        attends each device's share of a sequence this way).
 
     Returns:
       `(out [B, Hq, D] in q's dtype, lse [B, Hq] float32)`; a sequence of length 0 gets
@@ -142,10 +150,15 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
     """
     check_paged_args(q, k_pages, v_pages, block_tables, lengths)
     check_inv_freq(key_rope_inv_freq, q.shape[-1])
+    if block_positions is not None and (block_positions.shape != block_tables.shape or not
+                                        jnp.issubdtype(block_positions.dtype, jnp.integer)):
+        raise ValueError(f"block_positions must be integers shaped like block_tables "
+                         f"{tuple(block_tables.shape)}, got {tuple(block_positions.shape)} "
+                         f"{block_positions.dtype}")
     choice = backends.resolve(backend)
     batch, hq, d = q.shape
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     if batch == 0 or block_tables.shape[1] == 0 or k_pages.shape[0] == 0:
         return _empty_result((batch, hq), d, q.dtype)
     return _paged(q, k_pages, v_pages, block_tables, lengths, key_rope_inv_freq,
-                  sm_scale=sm_scale, choice=choice, num_splits=num_splits)
+                  block_positions, sm_scale=sm_scale, choice=choice, num_splits=num_splits)

@@ -47,17 +47,22 @@ def flash_attention_reference(q, k, v, *, causal, q_offset, kv_length, sm_scale,
 
 
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
-                              key_rope_inv_freq=None):
+                              key_rope_inv_freq=None, block_positions=None):
     """Dense decode attention over gathered pages; arguments as `paged_attention`."""
     num_blocks, block_size = k_pages.shape[:2]
     max_blocks = block_tables.shape[1]
+    if block_positions is None:
+        block_positions = jnp.broadcast_to(jnp.arange(max_blocks) * block_size,
+                                           block_tables.shape)
+    key_positions = (block_positions[:, :, None] + jnp.arange(block_size)).reshape(
+        block_tables.shape[0], -1)
     owned = jnp.arange(max_blocks)[None, :] * block_size < lengths[:, None]
     tables = jnp.where(owned, jnp.clip(block_tables, 0, num_blocks - 1), 0)
     outs, lses = [], []
     for b in range(q.shape[0]):
         k = k_pages[tables[b]].reshape(max_blocks * block_size, *k_pages.shape[2:])
         if key_rope_inv_freq is not None:
-            k = rotary.rotate(k, jnp.arange(k.shape[0]), key_rope_inv_freq).astype(k.dtype)
+            k = rotary.rotate(k, key_positions[b], key_rope_inv_freq).astype(k.dtype)
         v = v_pages[tables[b]].reshape(max_blocks * block_size, *v_pages.shape[2:])
         visible = (jnp.arange(max_blocks * block_size) < lengths[b])[None, :]
         out, lse = _masked_softmax_attention(q[b][None], k, v, visible, sm_scale)

@@ -72,7 +72,8 @@ def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
 
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
-                        key_rope_inv_freq=None, chunk_tokens: int = 64):
+                        key_rope_inv_freq=None, block_positions=None,
+                        chunk_tokens: int = 64):
     """Split-K decode over a paged cache; arguments and results as `paged_attention`.
 
     `block_tables` must already be sanitised (entries past a sequence's pages in range).
@@ -80,7 +81,8 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     gathers about `chunk_tokens` tokens per sequence; small chunks stay in cache (64 ran
     fastest on a 2-core x86 host, 7.8 GB/s of KV at 32K context). With
     `key_rope_inv_freq [D/2]`, each chunk's keys are rotated to their positions as they
-    are gathered (the angles are shared by the whole batch: token i is at position i).
+    are gathered: token i at position i, or with `block_positions [B, max_blocks]` the
+    slot r of table entry j at `block_positions[b, j] + r`.
     """
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_pages.shape
@@ -88,13 +90,20 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     pages_per_chunk = min(max(1, chunk_tokens // block_size), block_tables.shape[1])
     tables = pad_to(block_tables, pages_per_chunk, axis=1)
     step_tokens = pages_per_chunk * block_size
+    if block_positions is not None:
+        starts = pad_to(block_positions, pages_per_chunk, axis=1)
     q_grouped = q.reshape(batch, hkv, group, d).astype(jnp.float32) * sm_scale
 
     def body(c, state):
         ids = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)
         k = k_pages[ids].reshape(batch, step_tokens, hkv, d)
         if key_rope_inv_freq is not None:
-            positions = c * step_tokens + jnp.arange(step_tokens)
+            if block_positions is None:
+                positions = c * step_tokens + jnp.arange(step_tokens)
+            else:
+                first = jax.lax.dynamic_slice_in_dim(starts, c * pages_per_chunk,
+                                                     pages_per_chunk, axis=1)
+                positions = (first[:, :, None] + jnp.arange(block_size)).reshape(batch, -1)
             k = rotary.rotate(k, positions, key_rope_inv_freq).astype(k.dtype)
         k = k.transpose(0, 2, 1, 3)
         v = v_pages[ids].reshape(batch, step_tokens, hkv, d).transpose(0, 2, 1, 3)
