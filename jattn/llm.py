@@ -36,6 +36,19 @@ def _default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+def kv_mesh(devices: int):
+    """A one-axis ("kv") mesh over the first `devices` devices, or None for one."""
+    available = len(jax.devices())
+    if isinstance(devices, bool) or not isinstance(devices, int) or \
+            not 1 <= devices <= available:
+        raise ValueError(f"kv_parallel must be an integer in [1, {available}] (the devices "
+                         f"present), got {devices!r}")
+    if devices == 1:
+        return None
+    return jax.make_mesh((devices,), ("kv",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:devices])
+
+
 class LLM:
     """A Llama-family model ready to generate.
 
@@ -55,13 +68,16 @@ class LLM:
         present, written after loading safetensors otherwise.
       store: a `StoreConfig` to keep each chat session's KV across turns (the default
         sizes one from the machine), or None to recompute the history every turn.
+      kv_parallel: spread the KV pool over this many devices (DistAttention): each
+        holds `num_blocks / kv_parallel` blocks, a sequence's blocks may lie on any of
+        them, and attention merges the devices' partials exactly. 1: one device.
     """
 
     def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
                  seed: int = 0, block_size: int = 16, max_context: int | None = None,
                  num_blocks: int | None = None, prefill_chunk: int = 512,
                  backend: str = "auto", params_cache: str | None = None,
-                 store: StoreConfig | None | str = "auto"):
+                 store: StoreConfig | None | str = "auto", kv_parallel: int = 1):
         path = EMBEDDED_MODEL if model is None else os.fspath(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
@@ -73,10 +89,11 @@ class LLM:
             raise ValueError(
                 f"max_context must be in [1, {self.config.max_position_embeddings}] for this "
                 f"model, got {self.max_context}")
+        num_blocks = num_blocks or 2 * blocks_for(self.max_context, block_size)
         self.runner = ModelRunner(
             self._build(path, random_weights, seed, params_cache),
-            num_blocks=num_blocks or 2 * blocks_for(self.max_context, block_size),
-            block_size=block_size, prefill_chunk=prefill_chunk, backend=backend)
+            num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
+            prefill_chunk=prefill_chunk, backend=backend, mesh=kv_mesh(kv_parallel))
         if store == "auto":
             store = StoreConfig.sized_for_machine(block_size=block_size,
                                                   hbm_bytes=self.runner.pool.nbytes() // 2)

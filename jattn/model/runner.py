@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from jattn.dist import DistributedBlockAllocator, prefill_attention
+from jattn.dist import paged_attention as dist_paged_attention
 from jattn.model.kv_cache import (
     BlockAllocator,
     KVPool,
@@ -29,14 +32,35 @@ from jattn.model.llama import LlamaForCausalLM
 from jattn.positions import inverse_frequencies
 from pallas_kernels import flash_attention, paged_attention
 
+KV_AXIS = "kv"  # the mesh axis a KV pool is sharded over
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "all_logits"),
+
+def _prefill_attend(table, start, count, inv_freq, backend, mesh):
+    """How a prefill chunk's queries meet a layer's pool: the sequence's blocks gathered
+    for `flash_attention`, or with a `mesh` attended where they lie (DistAttention)."""
+
+    def attend(layer, q, k_pages, v_pages):
+        if mesh is not None:
+            return prefill_attention(q, k_pages, v_pages, table, q_offset=start,
+                                     kv_length=start + count, mesh=mesh, axis=KV_AXIS,
+                                     key_rope_inv_freq=inv_freq)[0]
+        return flash_attention(q, gather_sequence(k_pages, table),
+                               gather_sequence(v_pages, table), causal=True, q_offset=start,
+                               kv_length=start + count, key_rope_inv_freq=inv_freq,
+                               backend=backend)[0]
+
+    return attend
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "all_logits", "mesh"),
                    donate_argnames=("pool",))
-def _prefill_step(graphdef, state, pool, tokens, start, count, table, *, backend, all_logits):
+def _prefill_step(graphdef, state, pool, tokens, start, count, table, *, backend, all_logits,
+                  mesh=None):
     """Prefills `count` of the `T` (bucketed) `tokens` at positions `start...`.
 
     table `[M]` is the sequence's block table. Returns (logits `[T, V]` if `all_logits`
-    else `[V]` of the last real token, pool).
+    else `[V]` of the last real token, pool). With a `mesh`, the pool is sharded over
+    its "kv" axis and attention runs as DistAttention.
     """
     model = nnx.merge(graphdef, state)
     config = model.config
@@ -46,18 +70,14 @@ def _prefill_step(graphdef, state, pool, tokens, start, count, table, *, backend
     slots = token_slots(table, jnp.where(index < count, positions, -1),
                         block_size=pool.block_size, num_blocks=pool.num_blocks)
 
-    def attend(layer, q, k_pages, v_pages):
-        return flash_attention(q, gather_sequence(k_pages, table),
-                               gather_sequence(v_pages, table), causal=True, q_offset=start,
-                               kv_length=start + count, key_rope_inv_freq=inv_freq,
-                               backend=backend)[0]
-
+    attend = _prefill_attend(table, start, count, inv_freq, backend, mesh)
     logits, pool = model(tokens, positions, slots, pool, attend)
     return (logits if all_logits else logits[count - 1]), pool
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("pool",))
-def _decode_step(graphdef, state, pool, tokens, positions, tables, *, backend):
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "mesh"),
+                   donate_argnames=("pool",))
+def _decode_step(graphdef, state, pool, tokens, positions, tables, *, backend, mesh=None):
     """One token for each of `B` sequences: tokens, positions `[B]`, tables `[B, M]`.
 
     A row with position -1 is padding: nothing is written and its logits are unused.
@@ -71,6 +91,10 @@ def _decode_step(graphdef, state, pool, tokens, positions, tables, *, backend):
             tables, positions)
 
     def attend(layer, q, k_pages, v_pages):
+        if mesh is not None:
+            return dist_paged_attention(q, k_pages, v_pages, tables, positions + 1, mesh=mesh,
+                                        axis=KV_AXIS, key_rope_inv_freq=inv_freq,
+                                        backend=backend)[0]
         return paged_attention(q, k_pages, v_pages, tables, positions + 1,
                                key_rope_inv_freq=inv_freq, backend=backend)[0]
 
@@ -89,10 +113,10 @@ def _logits_step(graphdef, state, x, count):
     return nnx.merge(graphdef, state).logits(x[count - 1][None])[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "mesh"),
                    donate_argnames=("k_pages", "v_pages"))
 def _layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, tokens_start,
-                count, table, inv_freq, *, backend):
+                count, table, inv_freq, *, backend, mesh=None):
     """One decoder layer of a prefill chunk, after writing the blocks that arrived for it.
 
     x `[T, hidden]`; k_pages, v_pages: this layer's pool; load_k, load_v
@@ -109,12 +133,7 @@ def _layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, 
     slots = token_slots(table, jnp.where(index < count, positions, -1),
                         block_size=block_size, num_blocks=num_blocks)
 
-    def attend(_, q, keys, values):
-        return flash_attention(q, gather_sequence(keys, table), gather_sequence(values, table),
-                               causal=True, q_offset=tokens_start,
-                               kv_length=tokens_start + count, key_rope_inv_freq=inv_freq,
-                               backend=backend)[0]
-
+    attend = _prefill_attend(table, tokens_start, count, inv_freq, backend, mesh)
     return layer(x, positions, slots, 0, k_pages, v_pages, attend)
 
 
@@ -127,10 +146,11 @@ class ModelRunner:
     """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps."""
 
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int = 16,
-                 prefill_chunk: int = 512, backend: str = "auto"):
+                 prefill_chunk: int = 512, backend: str = "auto", mesh=None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.config = model.config
+        self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         self.layer_graphdef = nnx.split(model.layers[0])[0]
         self.layer_states = [nnx.split(layer)[1] for layer in model.layers]
@@ -140,6 +160,16 @@ class ModelRunner:
                                   block_size=block_size, num_kv_heads=self.config.num_kv_heads,
                                   head_dim=self.config.head_dim, dtype=self.dtype)
         self.allocator = BlockAllocator(num_blocks)
+        if mesh is not None:
+            devices = mesh.shape[KV_AXIS]
+            if num_blocks % devices:
+                raise ValueError(f"num_blocks ({num_blocks}) must split evenly over the "
+                                 f"{devices} devices of the KV mesh")
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self.state = jax.device_put(self.state, replicated)
+            self.layer_states = jax.device_put(self.layer_states, replicated)
+            self.pool = jax.device_put(self.pool, NamedSharding(mesh, PartitionSpec(KV_AXIS)))
+            self.allocator = DistributedBlockAllocator(devices, num_blocks // devices)
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         self.backend = backend
@@ -168,7 +198,7 @@ class ModelRunner:
             logits, self.pool = _prefill_step(
                 self.graphdef, self.state, self.pool, jnp.asarray(padded),
                 jnp.int32(start + offset), jnp.int32(len(piece)), table,
-                backend=self.backend, all_logits=all_logits)
+                backend=self.backend, all_logits=all_logits, mesh=self.mesh)
             outputs.append(logits[:len(piece)] if all_logits else logits)
         return jnp.concatenate(outputs) if all_logits else outputs[-1]
 
@@ -203,7 +233,7 @@ class ModelRunner:
                 x, new_k[layer], new_v[layer] = _layer_step(
                     self.layer_graphdef, state, x, new_k[layer], new_v[layer], ids, k, v,
                     jnp.int32(start), jnp.int32(len(first)), table, self.inv_freq,
-                    backend=self.backend)
+                    backend=self.backend, mesh=self.mesh)
         finally:
             self.pool = KVPool(tuple(new_k), tuple(new_v))
         if len(tokens) > len(first):
@@ -223,12 +253,13 @@ class ModelRunner:
             if kind == "prefill":
                 _, self.pool = _prefill_step(
                     self.graphdef, self.state, self.pool, jnp.zeros(size, jnp.int32),
-                    jnp.int32(0), jnp.int32(0), table, backend=self.backend, all_logits=False)
+                    jnp.int32(0), jnp.int32(0), table, backend=self.backend, all_logits=False,
+                    mesh=self.mesh)
             else:
                 _, self.pool = _decode_step(
                     self.graphdef, self.state, self.pool, jnp.zeros(size, jnp.int32),
                     jnp.full(size, -1, jnp.int32), jnp.stack([table] * size),
-                    backend=self.backend)
+                    backend=self.backend, mesh=self.mesh)
         jax.block_until_ready(self.pool)
         return len(shapes)
 
@@ -246,5 +277,5 @@ class ModelRunner:
         padded_positions[:batch] = positions
         logits, self.pool = _decode_step(
             self.graphdef, self.state, self.pool, jnp.asarray(padded_tokens),
-            jnp.asarray(padded_positions), tables, backend=self.backend)
+            jnp.asarray(padded_positions), tables, backend=self.backend, mesh=self.mesh)
         return logits[:batch]
