@@ -46,6 +46,8 @@ class ServeConfig:
     num_blocks: int | None = field(default=None, metadata={
         "help": "KV blocks in the device pool; default: twice the context window"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    kv_parallel: int = field(default=1, metadata={
+        "help": "devices the KV pool is spread over (DistAttention); 1: one device"})
     prefill_chunk: int = field(default=512, metadata={
         "help": "tokens per prefill chunk interleaved with decode steps"})
     store: bool = field(default=True, metadata={

@@ -44,7 +44,7 @@ def build_llm(config: ServeConfig) -> LLM:
     llm = LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
               block_size=config.block_size, max_context=config.max_context,
               num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
-              store=store)
+              store=store, kv_parallel=config.kv_parallel)
     if store is not None and "hbm_bytes" not in overrides:
         llm.chats.hbm_bytes = llm.runner.pool.nbytes() // 2
     return llm

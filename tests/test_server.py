@@ -289,3 +289,12 @@ def test_demo_reuses_history_and_matches_recompute():
     assert all(row["same_answer"] for row in rows)
     assert rows[0]["reused_tokens"] == 0
     assert all(row["reused_tokens"] > 0 and row["tiers"] for row in rows[1:])
+
+
+def test_a_server_over_8_devices_serves_the_same_tokens(served):
+    _, single = served
+    server, client = start(kv_parallel=8)
+    for message in MESSAGES[:2]:
+        want = single.chat("mesh", message, max_tokens=12, ignore_eos=True).token_ids
+        assert client.chat("mesh", message, max_tokens=12, ignore_eos=True).token_ids == want
+    server.stop()
