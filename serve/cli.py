@@ -5,6 +5,7 @@
     jattn chat [--server ADDR] [--session ID]   an interactive conversation
     jattn describe ID | end ID | stats   one call each
     jattn demo                           a scripted conversation, reuse on against off
+    jattn bench replay --trace PATH ...  replay a Mooncake-format trace
 """
 
 from __future__ import annotations
@@ -100,6 +101,46 @@ def _demo(args) -> int:
     return 0
 
 
+def _replay(args) -> int:
+    import json
+
+    from jattn.bench.replay import replay, run_in_process, run_over_grpc
+    from jattn.bench.trace import conversations, load_trace
+
+    turns = conversations(load_trace(args.trace, scale=args.scale, limit=args.limit))
+    if args.server:
+        client = _client(args)
+        vocab = args.vocab_size
+        if vocab is None:
+            raise SystemExit("jattn bench replay --server needs --vocab-size (the "
+                             "served model's)")
+        summary = replay(turns, run_over_grpc(client), vocab_size=vocab,
+                         speedup=args.speedup)
+    else:
+        from jattn import LLM
+        from jattn.compile_cache import use_compilation_cache
+        from jattn.serving import Engine, EngineLimits
+        from jattn.store import StoreConfig
+
+        use_compilation_cache(args.compilation_cache_dir)
+        store = StoreConfig.sized_for_machine(hbm_bytes=1 << 30) if args.store == "on" else None
+        llm = LLM(args.model, random_weights=args.random_weights, store=store,
+                  num_blocks=args.num_blocks)
+        engine = Engine(llm, EngineLimits(max_running=args.max_running,
+                                          max_queue=max(len(turns), 1)),
+                        warm_up=args.warm_up)
+        summary = replay(turns, run_in_process(engine), vocab_size=llm.config.vocab_size,
+                         speedup=args.speedup)
+        engine.shutdown()
+    summary.update(trace=args.trace, scale=args.scale, store=args.store,
+                   server=args.server, speedup=args.speedup)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jattn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +162,33 @@ def main(argv=None) -> int:
             command.add_argument("--temperature", type=float, default=0.0)
         elif name in ("describe", "end"):
             command.add_argument("session_id")
+    bench = commands.add_parser("bench", help="replay a trace or simulate the store")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    replay = benches.add_parser("replay", help="replay a Mooncake-format trace")
+    replay.add_argument("--trace", required=True, help="JSONL: timestamp, input_length, "
+                        "output_length, hash_ids")
+    replay.add_argument("--scale", type=float, default=1.0,
+                        help="shrink lengths and the 512-token block by this factor")
+    replay.add_argument("--limit", type=int, default=None, help="first N requests only")
+    replay.add_argument("--store", choices=("on", "off"), default="on")
+    replay.add_argument("--speedup", type=float, default=1.0,
+                        help="divide the trace's timestamps by this")
+    replay.add_argument("--server", default=None, help="host:port of a jattn-serve "
+                        "(default: run the model in this process)")
+    replay.add_argument("--token", help="bearer token for --server")
+    replay.add_argument("--tls-ca", help="PEM CA file for --server")
+    replay.add_argument("--vocab-size", type=int, default=None,
+                        help="with --server: the served model's vocabulary size")
+    replay.add_argument("--model", default=None, help="in process: model directory "
+                        "(default: the embedded stories260K)")
+    replay.add_argument("--random-weights", action="store_true")
+    replay.add_argument("--num-blocks", type=int, default=4096)
+    replay.add_argument("--max-running", type=int, default=32)
+    replay.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                        help="in process: compile every shape before replaying")
+    replay.add_argument("--compilation-cache-dir", default="~/.cache/jattn/xla")
+    replay.add_argument("--json", default=None, help="write the summary here")
+    replay.set_defaults(run=_replay)
     demo = commands.add_parser("demo", help="a scripted conversation over gRPC, reuse on and off")
     demo.add_argument("--turns", type=int, default=6)
     demo.set_defaults(run=_demo)

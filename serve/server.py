@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 
 import grpc
-import jax
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jattn import LLM
+from jattn.compile_cache import use_compilation_cache
 from jattn.serving import Engine, EngineLimits
 from jattn.store import StoreConfig
 from serve.auth import Tenants
@@ -55,10 +54,7 @@ class Server:
 
     def __init__(self, config: ServeConfig, llm: LLM | None = None):
         self.config = config
-        if config.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir",
-                              os.path.expanduser(config.compilation_cache_dir))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        use_compilation_cache(config.compilation_cache_dir)
         self.llm = llm or build_llm(config)
         self.engine = Engine(self.llm, EngineLimits(
             max_queue=config.max_queue, max_running=config.max_running,
