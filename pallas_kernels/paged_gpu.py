@@ -24,12 +24,13 @@ TARGET_PROGRAMS = 264
 """About two waves of an H100's 132 SMs: the split count aims for this many programs."""
 
 
-def _paged_kernel(lengths_ref, tables_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref,
-                  lse_ref, *, sm_scale, block_size, pages_per_split, rotate_keys):
+def _paged_kernel(lengths_ref, tables_ref, positions_ref, inv_freq_ref, q_ref, k_ref, v_ref,
+                  out_ref, lse_ref, *, sm_scale, block_size, pages_per_split, rotate_keys):
     """One (sequence, kv head, split).
 
-    lengths_ref `[B]`, tables_ref `[B, max_blocks]` int32; inv_freq_ref `[D/2]` float32
-    (used when `rotate_keys`); q_ref `[G, D]`; k_ref, v_ref the whole pool
+    lengths_ref `[B]`, tables_ref and positions_ref `[B, max_blocks]` int32 (the position
+    of each table entry's first token); inv_freq_ref `[D/2]` float32 (positions and
+    inv_freq used when `rotate_keys`); q_ref `[G, D]`; k_ref, v_ref the whole pool
     `[num_blocks, block_size, Hkv, D]`; out_ref `[G, D]`; lse_ref `[G]`.
     """
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -53,7 +54,7 @@ def _paged_kernel(lengths_ref, tables_ref, inv_freq_ref, q_ref, k_ref, v_ref, ou
         if rotate_keys:
             raw = rotary.rotated_key_scores(
                 q1, q2, k_ref[block, :, h, pl.ds(0, half)], k_ref[block, :, h, pl.ds(half, half)],
-                page * block_size + slot, inv_freq, tile_matmul.dot_nt)
+                positions_ref[b, page] + slot, inv_freq, tile_matmul.dot_nt)
         else:
             raw = tile_matmul.dot_nt(q, k_ref[block, :, h, :])
         scores = jnp.where(page * block_size + slot_row < length, raw * sm_scale, -jnp.inf)
@@ -66,14 +67,17 @@ def _paged_kernel(lengths_ref, tables_ref, inv_freq_ref, q_ref, k_ref, v_ref, ou
 
 
 def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
-                        key_rope_inv_freq=None, num_splits: int | None = None, num_warps: int = 4,
-                        num_stages: int = 2, interpret: bool = False):
+                        key_rope_inv_freq=None, block_positions=None,
+                        num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                        interpret: bool = False):
     """Decode attention; arguments and results as `pallas_kernels.paged_attention`.
 
     `block_tables` must already be sanitised (entries past a sequence's pages in range).
     q `[B, Hq, D]` -> out `[B, Hq, D]` (q's dtype), lse `[B, Hq]` float32. `num_splits`
     defaults to enough splits to fill the GPU (`TARGET_PROGRAMS`). With
-    `key_rope_inv_freq [D/2]`, token i's key is rotated to position i inside the kernel.
+    `key_rope_inv_freq [D/2]`, keys are rotated inside the kernel: slot r of table entry j
+    of sequence b to position `block_positions[b, j] + r` (int32 `[B, max_blocks]`, in
+    tokens; default `j * block_size`, i.e. token i at position i).
     """
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_pages.shape
@@ -87,6 +91,9 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
         num_splits = pl.cdiv(TARGET_PROGRAMS, batch * hkv)
     num_splits = max(1, min(num_splits, max_blocks))
     pages_per_split = pl.cdiv(max_blocks, num_splits)
+    if block_positions is None:
+        block_positions = jnp.broadcast_to(
+            jnp.arange(max_blocks, dtype=jnp.int32) * block_size, block_tables.shape)
     q_grouped = jnp.pad(q.reshape(batch, hkv, group, d),
                         ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
@@ -97,6 +104,7 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
         kernel,
         grid=(batch, hkv, num_splits),
         in_specs=[
+            whole,
             whole,
             whole,
             pl.BlockSpec((d // 2,), lambda b, h, s: (0,)),
@@ -115,6 +123,6 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jattn_paged_gpu",
-    )(lengths, block_tables, inv_freq, q_grouped, k_pages, v_pages)
+    )(lengths, block_tables, block_positions, inv_freq, q_grouped, k_pages, v_pages)
     out, lse = merge_attention(outs[:, :, :, :group], lses[:, :, :, :group])
     return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)

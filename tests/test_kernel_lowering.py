@@ -37,10 +37,11 @@ def test_kernels_lower(platform, flash, paged, custom_call, dtype, head_dim, rop
                   ((320, 2, head_dim), dtype))
     assert custom_call in text
 
-    def decode(q, k_pages, v_pages, tables, lengths):
+    def decode(q, k_pages, v_pages, tables, lengths, block_positions=None):
         return paged(q, k_pages, v_pages, tables, lengths, sm_scale=0.125,
-                     key_rope_inv_freq=inv_freq)
+                     key_rope_inv_freq=inv_freq, block_positions=block_positions)
 
-    text = _lower(decode, platform, ((4, 8, head_dim), dtype), ((64, 16, 2, head_dim), dtype),
-                  ((64, 16, 2, head_dim), dtype), ((4, 16), jnp.int32), ((4,), jnp.int32))
-    assert custom_call in text
+    paged_shapes = [((4, 8, head_dim), dtype), ((64, 16, 2, head_dim), dtype),
+                    ((64, 16, 2, head_dim), dtype), ((4, 16), jnp.int32), ((4,), jnp.int32)]
+    assert custom_call in _lower(decode, platform, *paged_shapes)
+    assert custom_call in _lower(decode, platform, *paged_shapes, ((4, 16), jnp.int32))
