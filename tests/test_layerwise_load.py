@@ -78,3 +78,20 @@ def test_prefill_loading_equals_prefill_over_resident_blocks(name, seed, new_tok
         np.testing.assert_allclose(got.reshape(-1, *got.shape[2:])[:written],
                                    want.reshape(-1, *want.shape[2:])[:written],
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_staging_buffers_are_reused_only_when_nothing_refers_to_them():
+    import jax
+
+    from jattn.store.layer_load import StagingPool
+
+    pool = StagingPool(capacity=4)
+    first = pool.take(4096)
+    held = jax.device_put(first.view(np.float32))  # may alias the buffer (CPU)
+    del first
+    second = pool.take(4096)
+    assert second.ctypes.data % 64 == 0
+    assert second.ctypes.data != held.unsafe_buffer_pointer()  # still aliased: not reused
+    address = second.ctypes.data
+    del second
+    assert pool.take(4096).ctypes.data == address  # free again: reused

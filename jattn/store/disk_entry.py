@@ -23,7 +23,7 @@ import xxhash
 
 MAGIC = b"JATTNKV1"
 FORMAT_VERSION = 2
-_ALIGNMENT = 64  # payload arrays handed to the device must be aligned to be used in place
+ALIGNMENT = 64  # payload arrays handed to the device must be aligned to be used in place
 
 
 class CorruptEntry(Exception):
@@ -68,7 +68,7 @@ def encode(arrays: dict[str, np.ndarray], *, fingerprint: str, meta: dict) -> by
         "meta": meta,
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
-    header_bytes += b" " * (-(len(MAGIC) + 4 + len(header_bytes)) % _ALIGNMENT)
+    header_bytes += b" " * (-(len(MAGIC) + 4 + len(header_bytes)) % ALIGNMENT)
     return MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + payload
 
 
@@ -122,7 +122,12 @@ def read(path: str, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer of `nbytes` whose start is 64-byte aligned."""
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    shift = -raw.ctypes.data % _ALIGNMENT
-    return raw[shift:shift + nbytes]
+    """An uninitialised uint8 buffer of `nbytes` whose start is 64-byte aligned (a view
+    into an allocation of `nbytes + ALIGNMENT`, its `.base`)."""
+    return aligned_view(np.empty(nbytes + ALIGNMENT, np.uint8), nbytes)
+
+
+def aligned_view(allocation: np.ndarray, nbytes: int) -> np.ndarray:
+    """The 64-byte aligned `nbytes` inside a uint8 `allocation` of `nbytes + ALIGNMENT`."""
+    shift = -allocation.ctypes.data % ALIGNMENT
+    return allocation[shift:shift + nbytes]

@@ -9,20 +9,22 @@ first, so the time it then spends waiting is time the device sat idle for the tr
 (the stall). Transfer time minus stall is the time hidden behind compute.
 
 The aliasing trap: on some backends `device_put` of an aligned numpy buffer keeps using
-that very buffer. Every layer therefore gets a fresh staging buffer that nothing else
-holds or writes; it is freed when the device array that may alias it is.
+that very buffer (and elsewhere the copy out of it completes later). Staging buffers are
+therefore reused only when nothing but their pool refers to them: JAX holds a reference
+to a host buffer for as long as any device array, or computation, may read it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 import time
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 
-from jattn.store.disk_entry import aligned_empty
+from jattn.store.disk_entry import ALIGNMENT, aligned_empty, aligned_view
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,37 @@ class LoadTiming:
         return max(self.transfer - self.stall, 0.0)
 
 
-def _stage(arrays: list[np.ndarray], rows: int) -> np.ndarray:
-    """`arrays` (each `[block_size, Hkv, D]`) stacked into a fresh aligned buffer of
-    `rows` rows; padding rows are zero."""
+class StagingPool:
+    """Aligned host buffers for staging, reused once no one else refers to them.
+
+    `take(nbytes)` returns an aligned uint8 view of exactly `nbytes` into a pooled
+    allocation that nothing else refers to — no view of it is alive, so no device array
+    aliases it and no copy out of it is in flight (every view, and JAX while it uses a
+    host buffer, holds a reference to the allocation) — else into a new allocation,
+    pooled while the pool holds fewer than `capacity`. Used from one staging thread.
+    """
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._allocations: list[np.ndarray] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        for allocation in self._allocations:
+            # Free when its only references are the pool's list, this loop's variable and
+            # getrefcount's argument.
+            if allocation.nbytes == nbytes + ALIGNMENT and sys.getrefcount(allocation) == 3:
+                return aligned_view(allocation, nbytes)
+        view = aligned_empty(nbytes)
+        if len(self._allocations) < self.capacity:
+            self._allocations.append(view.base)
+        return view
+
+
+def _stage(arrays: list[np.ndarray], rows: int, pool: StagingPool) -> np.ndarray:
+    """`arrays` (each `[block_size, Hkv, D]`) stacked into an aligned buffer of `rows`
+    rows from `pool`; padding rows are zero."""
     first = arrays[0]
-    buffer = aligned_empty(rows * first.nbytes).view(first.dtype).reshape(rows, *first.shape)
+    buffer = pool.take(rows * first.nbytes).view(first.dtype).reshape(rows, *first.shape)
     np.stack(arrays, out=buffer[:len(arrays)])
     buffer[len(arrays):] = 0
     return buffer
@@ -55,7 +83,7 @@ class LayerwiseLoad:
     device arrays, rows past `len(blocks)` zero."""
 
     def __init__(self, blocks, *, rows: int, executor: concurrent.futures.Executor,
-                 device=None, on_finish=None):
+                 staging: StagingPool | None = None, device=None, on_finish=None):
         if not blocks or rows < len(blocks):
             raise ValueError(f"need 1 <= len(blocks) <= rows, got {len(blocks)} and {rows}")
         self.num_layers = blocks[0].k.shape[0]
@@ -63,6 +91,7 @@ class LayerwiseLoad:
         self._transfer = [0.0] * self.num_layers
         self._stall = 0.0
         self._on_finish = on_finish
+        self._staging = staging or StagingPool(capacity=0)
         self._taken = 0
         self._layers = [concurrent.futures.Future() for _ in range(self.num_layers)]
         executor.submit(self._run, blocks, rows)
@@ -71,8 +100,8 @@ class LayerwiseLoad:
         for layer, future in enumerate(self._layers):
             start = time.perf_counter()
             try:
-                k = _stage([b.k[layer] for b in blocks], rows)
-                v = _stage([b.v[layer] for b in blocks], rows)
+                k = _stage([b.k[layer] for b in blocks], rows, self._staging)
+                v = _stage([b.v[layer] for b in blocks], rows, self._staging)
                 pair = jax.device_put((k, v), self._device)
                 jax.block_until_ready(pair)
             except BaseException as error:  # the engine sees it when it takes the layer

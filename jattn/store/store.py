@@ -30,7 +30,7 @@ import numpy as np
 
 from jattn.store import disk_entry
 from jattn.store.config import StoreConfig
-from jattn.store.layer_load import LayerwiseLoad, LoadTiming
+from jattn.store.layer_load import LayerwiseLoad, LoadTiming, StagingPool
 from jattn.store.placement import Tier
 from jattn.store.policy import eviction_order
 
@@ -73,6 +73,7 @@ class AttentionStore:
         self._pending: set[concurrent.futures.Future] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-load")
+        self._staging = StagingPool()
         self._stats = collections.Counter()
         self._root = None
         if config.disk_bytes > 0:
@@ -260,8 +261,8 @@ class AttentionStore:
         background; the engine takes each layer as its computation reaches it (see
         `LayerwiseLoad`). The load's transfer, stall and hidden seconds go to `stats()`
         when its last layer is taken."""
-        return LayerwiseLoad(blocks, rows=rows, executor=self._loader, device=device,
-                             on_finish=self._count_load)
+        return LayerwiseLoad(blocks, rows=rows, executor=self._loader, staging=self._staging,
+                             device=device, on_finish=self._count_load)
 
     def _count_load(self, timing: LoadTiming) -> None:
         with self._lock:
