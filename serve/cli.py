@@ -6,6 +6,7 @@
     jattn describe ID | end ID | stats   one call each
     jattn demo                           a scripted conversation, reuse on against off
     jattn bench replay --trace PATH ...  replay a Mooncake-format trace
+    jattn bench simulate --trace PATH ...   the store's placement at the trace's size
 """
 
 from __future__ import annotations
@@ -141,6 +142,35 @@ def _replay(args) -> int:
     return 0
 
 
+def _simulate(args) -> int:
+    import json
+
+    from jattn.bench.simulate import Machine, simulate
+    from jattn.bench.trace import load_trace
+    from jattn.model.config import ModelConfig
+    from serve.config import parse_bytes
+
+    directory = args.model if os.path.isdir(args.model) else os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
+        args.model)
+    kv_bytes_per_token = ModelConfig.from_dir(directory).kv_bytes_per_token(args.kv_dtype_bytes)
+    machine = Machine(
+        hbm_bytes=parse_bytes(args.hbm_bytes), host_bytes=parse_bytes(args.host_bytes),
+        disk_bytes=parse_bytes(args.disk_bytes), hbm_bytes_per_s=args.hbm_gbps * 1e9,
+        host_bytes_per_s=args.host_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9,
+        prefill_tokens_per_s=args.prefill_tokens_per_s)
+    result = simulate(load_trace(args.trace, limit=args.limit), machine,
+                      kv_bytes_per_token=kv_bytes_per_token, policy=args.policy,
+                      lookahead=args.lookahead)
+    result.update(trace=args.trace, model=args.model, kv_bytes_per_token=kv_bytes_per_token,
+                  machine=vars(machine))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jattn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +219,24 @@ def main(argv=None) -> int:
     replay.add_argument("--compilation-cache-dir", default="~/.cache/jattn/xla")
     replay.add_argument("--json", default=None, help="write the summary here")
     replay.set_defaults(run=_replay)
+    simulate = benches.add_parser("simulate", help="the store's placement on a trace, "
+                                  "at full size, without a model")
+    simulate.add_argument("--trace", required=True)
+    simulate.add_argument("--hbm-bytes", required=True, help="e.g. 16GiB")
+    simulate.add_argument("--host-bytes", required=True)
+    simulate.add_argument("--disk-bytes", required=True)
+    simulate.add_argument("--policy", choices=("lru", "scheduler"), default="scheduler")
+    simulate.add_argument("--lookahead", type=int, default=16)
+    simulate.add_argument("--model", default="llama-3.2-1b",
+                          help="a directory, or a shape under configs/models")
+    simulate.add_argument("--kv-dtype-bytes", type=int, default=2)
+    simulate.add_argument("--hbm-gbps", type=float, default=1000.0)
+    simulate.add_argument("--host-gbps", type=float, default=25.0)
+    simulate.add_argument("--disk-gbps", type=float, default=5.0)
+    simulate.add_argument("--prefill-tokens-per-s", type=float, default=10_000.0)
+    simulate.add_argument("--limit", type=int, default=None)
+    simulate.add_argument("--json", default=None)
+    simulate.set_defaults(run=_simulate)
     demo = commands.add_parser("demo", help="a scripted conversation over gRPC, reuse on and off")
     demo.add_argument("--turns", type=int, default=6)
     demo.set_defaults(run=_demo)
