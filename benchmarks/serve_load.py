@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py [--clients 16] [--turns 4] [--first-words 120]
                                     [--max-tokens 16] [--model DIR --random-weights]
+                                    [--mt-bench ../shared/data/mt_bench_question.jsonl]
 
 In the same run, a server with the AttentionStore and one without (every turn replays its
 session's history) each serve `--clients` conversations at once: a long first message,
@@ -40,9 +41,16 @@ def first_message(client_index: int, words: int) -> str:
     return " ".join(rng.choice(WORDS, size=words))
 
 
+def conversation(index: int, args) -> list[str]:
+    """Client `index`'s messages: an MT-bench question's two turns with `--mt-bench`,
+    else a long random first message and short follow-ups."""
+    if args.questions:
+        return args.questions[index % len(args.questions)]
+    return [first_message(index, args.first_words)] + FOLLOW_UPS[:args.turns - 1]
+
+
 def converse(client: Client, session: str, args, record: list | None, progress) -> None:
-    messages = [first_message(int(session.rsplit("-", 1)[1]), args.first_words)]
-    messages += FOLLOW_UPS[:args.turns - 1]
+    messages = conversation(int(session.rsplit("-", 1)[1]), args)
     for turn, message in enumerate(messages):
         start = time.perf_counter()
         first = None
@@ -107,13 +115,21 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="default: the embedded stories260K")
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--mt-bench", default=None, help="JSONL of MT-bench questions: "
+                        "each client holds one question's two turns instead")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    args.questions = None
+    if args.mt_bench:
+        with open(args.mt_bench) as f:
+            args.questions = [json.loads(line)["turns"] for line in f if line.strip()]
+        args.turns = 2
 
     rows = [run_server(args, store) for store in (True, False)]
     on, off = rows
+    source = f"MT-bench questions ({args.mt_bench})" if args.mt_bench else "synthetic"
     print(f"\njattn-serve under load: {args.clients} concurrent clients x {args.turns} turns, "
-          f"{args.max_tokens} tokens per answer ({jax.default_backend()})")
+          f"{args.max_tokens} tokens per answer, {source} ({jax.default_backend()})")
     print(f"{'store':6} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'later-turn p50 ms':>18} "
           f"{'TPOT p50 ms':>12} {'tokens/s':>9}")
     for row in rows:
@@ -127,11 +143,13 @@ def main(argv=None) -> None:
           f"{(on['later_turn_ttft_p50_s'] or 0) / (off['later_turn_ttft_p50_s'] or 1):.2f}, "
           f"tokens/s {on['tokens_per_s'] / off['tokens_per_s']:.2f}")
     out = args.json or os.path.join(ROOT, "benchmarks", "results",
-                                    f"serve-load-{jax.default_backend()}.json")
+                                    f"serve-load{'-mtbench' if args.mt_bench else ''}-"
+                                    f"{jax.default_backend()}.json")
     with open(out, "w") as f:
         json.dump({"machine": {"platform": jax.default_backend(), "cpu": platform.processor(),
                                "cpu_count": os.cpu_count(), "jax": jax.__version__},
-                   "arguments": vars(args), "rows": rows}, f, indent=2)
+                   "arguments": {k: v for k, v in vars(args).items() if k != "questions"},
+                   "rows": rows}, f, indent=2)
     print(f"wrote {out}")
 
 
