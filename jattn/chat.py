@@ -240,7 +240,8 @@ class ChatEngine:
         if turn.arriving:
             ids, blocks = turn.arriving
             turn.arriving = None
-            load = self.store.load_layers(blocks, rows=bucket(len(ids), minimum=1))
+            # As many rows as the block table is wide: one compiled step per table width.
+            load = self.store.load_layers(blocks, rows=bucket(len(turn.table), minimum=4))
             logits = self.runner.prefill_loading(tokens, turn.prefix, turn.table, ids, load)
         else:
             logits = self.runner.prefill(tokens, turn.prefix + done, turn.table)

@@ -238,19 +238,24 @@ class ModelRunner:
             self.pool = KVPool(tuple(new_k), tuple(new_v))
         if len(tokens) > len(first):
             return self.prefill(tokens[len(first):], start + len(first), blocks)
-        return _logits_step(self.graphdef, self.state, x, len(first))
+        return _logits_step(self.graphdef, self.state, x, jnp.int32(len(first)))
 
-    def warm_up(self, *, max_context: int, max_batch: int) -> int:
+    def warm_up(self, *, max_context: int, max_batch: int, loading: bool = False) -> int:
         """Compiles every prefill and decode shape a server can meet (chunk lengths and
-        batch sizes by power of two, block-table widths up to `max_context` tokens), so
-        no request pays for a compilation. Writes nothing. Returns the shapes compiled."""
+        batch sizes by power of two, block-table widths up to `max_context` tokens) and,
+        with `loading`, every shape of `prefill_loading`, so no request pays for a
+        compilation. Writes nothing. Returns the shapes compiled."""
         widths = _powers(4, bucket(blocks_for(max_context, self.block_size), minimum=4))
-        shapes = [("prefill", t, w) for w in widths
-                  for t in _powers(16, bucket(min(self.prefill_chunk, max_context)))]
+        chunks = _powers(16, bucket(min(self.prefill_chunk, max_context)))
+        shapes = [("prefill", t, w) for w in widths for t in chunks]
         shapes += [("decode", b, w) for w in widths for b in _powers(1, bucket(max_batch, 1))]
+        if loading:
+            shapes += [("loading", t, w) for w in widths for t in chunks]
         for kind, size, width in tqdm(shapes, desc="compiling", unit="shape"):
             table = padded_table([], width)
-            if kind == "prefill":
+            if kind == "loading":
+                self._warm_up_loading(size, table)
+            elif kind == "prefill":
                 _, self.pool = _prefill_step(
                     self.graphdef, self.state, self.pool, jnp.zeros(size, jnp.int32),
                     jnp.int32(0), jnp.int32(0), table, backend=self.backend, all_logits=False,
@@ -262,6 +267,22 @@ class ModelRunner:
                     backend=self.backend, mesh=self.mesh)
         jax.block_until_ready(self.pool)
         return len(shapes)
+
+    def _warm_up_loading(self, tokens: int, table) -> None:
+        """Runs `prefill_loading`'s steps once for a chunk of `tokens` and a table of its
+        width, loading `width` rows of zeros to ids past the pool (dropped)."""
+        width = table.shape[0]
+        pages = self.pool.k[0]
+        rows = jnp.zeros((width, *pages.shape[1:]), pages.dtype)
+        ids = jnp.full(width, pages.shape[0], jnp.int32)
+        x = _embed_step(self.graphdef, self.state, jnp.zeros(tokens, jnp.int32))
+        new_k, new_v = list(self.pool.k), list(self.pool.v)
+        x, new_k[0], new_v[0] = _layer_step(
+            self.layer_graphdef, self.layer_states[0], x, new_k[0], new_v[0], ids, rows, rows,
+            jnp.int32(0), jnp.int32(0), table, self.inv_freq, backend=self.backend,
+            mesh=self.mesh)
+        self.pool = KVPool(tuple(new_k), tuple(new_v))
+        _logits_step(self.graphdef, self.state, x, jnp.int32(1))
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are

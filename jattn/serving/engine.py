@@ -62,7 +62,8 @@ class Engine:
 
     def __init__(self, llm, limits: EngineLimits = EngineLimits(), *, warm_up: bool = False):
         if warm_up:
-            llm.runner.warm_up(max_context=llm.max_context, max_batch=limits.max_running)
+            llm.runner.warm_up(max_context=llm.max_context, max_batch=limits.max_running,
+                               loading=llm.store is not None)
             Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
                          result=Generation("", [], "length"), start_time=0.0).sample(
                 jnp.zeros(llm.config.vocab_size, jnp.float32))
