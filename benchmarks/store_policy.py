@@ -39,13 +39,16 @@ def simulate(requests, *, block_bytes: int, hbm: int, host: int, disk: int, poli
     hits = {name: 0 for name, _ in tiers}
     clock = itertools.count()
     last_used: dict[str, int] = {}
+    keys = [[str(b) for b in r] for r in requests]
+    flat = list(itertools.chain.from_iterable(keys))  # request i's: starts[i]:starts[i + 1]
+    starts = list(itertools.accumulate(map(len, keys), initial=0))
     total = 0
-    for index, blocks in enumerate(requests):
-        upcoming = [] if policy == "lru" else [
-            str(b) for r in requests[index + 1:index + 1 + lookahead] for b in r]
+    for index, blocks in enumerate(keys):
+        upcoming = [] if policy == "lru" else flat[
+            starts[index + 1]:starts[min(index + 1 + lookahead, len(keys))]]
         reusing = True
         for block in blocks:
-            entry = (str(block), 0)
+            entry = (block, 0)
             total += 1
             where = next((name for name, tier in tiers if entry in tier), None)
             if reusing and where is not None:
