@@ -77,6 +77,7 @@ class Engine:
         self._active: dict[TurnStream, ActiveTurn] = {}
         self._accepting = True
         self._cancel_all = False
+        self._hinted: list[str] = []  # the upcoming sessions last passed to the store
         self._stopped = False
         self._one_off = itertools.count()
         self.counters = collections.Counter()
@@ -290,8 +291,10 @@ class Engine:
         with self._condition:
             upcoming = [s.request.session_id for s in self._waiting
                         if s.request.session_id is not None]
-        if upcoming:
+        upcoming = upcoming[:self.llm.store.config.lookahead]
+        if upcoming and upcoming != self._hinted:
             self.llm.store.hint(upcoming)
+            self._hinted = upcoming
 
     def _prefill_step(self) -> None:
         stream = next((s for s, t in self._active.items()

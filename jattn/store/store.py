@@ -70,6 +70,7 @@ class AttentionStore:
         self._last_used: dict[str, int] = {}
         self._clock = itertools.count()
         self._upcoming: list[str] = []
+        self._prefetching: concurrent.futures.Future | None = None
         self._pending: set[concurrent.futures.Future] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-load")
@@ -290,9 +291,13 @@ class AttentionStore:
         keys = [session_key(s) for s in list(upcoming_session_ids)[:self.config.lookahead]]
         with self._lock:
             self._upcoming = keys
-        return self._executor.submit(self._prefetch, keys)
+            if self._prefetching is None or self._prefetching.done():
+                self._prefetching = self._executor.submit(self._prefetch)
+            return self._prefetching  # a prefetch not yet started reads the latest hint
 
-    def _prefetch(self, keys: list[str]) -> int:
+    def _prefetch(self) -> int:
+        with self._lock:
+            keys = list(self._upcoming)
         fetched = 0
         for key in keys:
             with self._lock:
