@@ -2,73 +2,26 @@
 
     python benchmarks/store_policy.py [--trace PATH] [--model-bytes-per-token 131072]
 
-Drives the store's own placement code (`jattn.store.placement.Tier`, one per tier,
-with `eviction_order`) with the trace's requests, without data. Each `hash_id` is a
-512-token prefix block; a request reuses the longest prefix of its blocks that some tier
-holds (a block after a miss is recomputed), then every block of the request is placed in
-the device tier, whose evictions fall to host memory, whose evictions fall to disk.
-`scheduler` passes the blocks of the next `--lookahead` requests as the upcoming window;
-`lru` passes none. Reports the fraction of prefix blocks served by each tier, writes JSON
+Drives the store's own placement code with the trace's requests, without data, through
+`jattn.bench.simulate` (which says how blocks are reused and placed). `scheduler` passes
+the blocks of the next `--lookahead` requests as the upcoming window; `lru` passes none. Reports the fraction of prefix blocks served by each tier, writes JSON
 and a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 
 from tqdm import tqdm
 
-from jattn.store.placement import Tier
+from jattn.bench.simulate import Machine, simulate
+from jattn.bench.trace import load_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TRACE = os.path.join(ROOT, "..", "shared", "data", "mooncake_synthetic_trace.jsonl")
 GIB = 2**30
-
-
-def load_trace(path: str) -> list[list[int]]:
-    with open(path) as f:
-        return [json.loads(line)["hash_ids"] for line in f if line.strip()]
-
-
-def simulate(requests, *, block_bytes: int, hbm: int, host: int, disk: int, policy: str,
-             lookahead: int) -> dict:
-    tiers = [("hbm", Tier(hbm)), ("host", Tier(host)), ("disk", Tier(disk))]
-    hits = {name: 0 for name, _ in tiers}
-    clock = itertools.count()
-    last_used: dict[str, int] = {}
-    keys = [[str(b) for b in r] for r in requests]
-    flat = list(itertools.chain.from_iterable(keys))  # request i's: starts[i]:starts[i + 1]
-    starts = list(itertools.accumulate(map(len, keys), initial=0))
-    total = 0
-    for index, blocks in enumerate(keys):
-        upcoming = [] if policy == "lru" else flat[
-            starts[index + 1]:starts[min(index + 1 + lookahead, len(keys))]]
-        reusing = True
-        for block in blocks:
-            entry = (block, 0)
-            total += 1
-            where = next((name for name, tier in tiers if entry in tier), None)
-            if reusing and where is not None:
-                hits[where] += 1
-            else:
-                reusing = False
-            for _, tier in tiers:
-                tier.remove(entry)
-            last_used[entry[0]] = next(clock)
-            falling = [entry]
-            for _, tier in tiers:
-                evicted = []
-                for item in falling:
-                    _, out = tier.admit(item, block_bytes, last_used=last_used,
-                                        upcoming=upcoming)
-                    evicted += out
-                falling = evicted
-    rates = {name: count / total for name, count in hits.items()}
-    rates["miss"] = 1 - sum(rates.values())
-    return rates
 
 
 def main(argv=None) -> None:
@@ -84,17 +37,18 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    requests = load_trace(args.trace)[:args.limit]
+    requests = load_trace(args.trace, limit=args.limit)
     block_bytes = 512 * args.model_bytes_per_token
-    unique = len({b for r in requests for b in r})
-    total = sum(len(r) for r in requests)
+    unique = len({b for r in requests for b in r.hash_ids})
+    total = sum(len(r.hash_ids) for r in requests)
     rows = []
     cases = [(policy, float(h)) for h in args.host_gib.split(",") for policy in
              ("lru", "scheduler")]
     for policy, host_gib in tqdm(cases, desc="simulating", unit="run"):
-        rates = simulate(requests, block_bytes=block_bytes, hbm=int(args.hbm_gib * GIB),
-                         host=int(host_gib * GIB), disk=int(args.disk_gib * GIB),
-                         policy=policy, lookahead=args.lookahead)
+        machine = Machine(int(args.hbm_gib * GIB), int(host_gib * GIB),
+                          int(args.disk_gib * GIB))
+        rates = simulate(requests, machine, kv_bytes_per_token=args.model_bytes_per_token,
+                         policy=policy, lookahead=args.lookahead)["hit_rate"]
         rows.append(dict(policy=policy, host_gib=host_gib, **rates))
     print(f"\n{len(requests)} requests, {total} prefix blocks, {unique} distinct: at most "
           f"{1 - unique / total:.1%} reusable. Block {block_bytes / 2**20:.0f} MiB; "

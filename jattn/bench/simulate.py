@@ -54,12 +54,14 @@ def simulate(requests: list[TraceRequest], machine: Machine, *, kv_bytes_per_tok
     clock = itertools.count()
     last_used: dict[str, int] = {}
     keys = [[str(h) for h in r.hash_ids] for r in requests]
+    flat = list(itertools.chain.from_iterable(keys))  # request i's: starts[i]:starts[i + 1]
+    starts = list(itertools.accumulate(map(len, keys), initial=0))
     total = 0
     ttft, ttft_without = [], []
     for index, request in enumerate(requests):
         block_bytes = request.block_tokens * kv_bytes_per_token
-        upcoming = [] if policy == "lru" else [
-            k for later in keys[index + 1:index + 1 + lookahead] for k in later]
+        upcoming = [] if policy == "lru" else flat[
+            starts[index + 1]:starts[min(index + 1 + lookahead, len(keys))]]
         reusing = True
         reused_tokens = 0
         load_s = 0.0
