@@ -25,6 +25,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from jattn.llm import EMBEDDED_MODEL
+from jattn.model.config import ModelConfig
+from jattn.tokenizer import Tokenizer
 from serve.client import Client
 from serve.config import ServeConfig
 from serve.server import Server
@@ -47,6 +50,22 @@ def conversation(index: int, args) -> list[str]:
     if args.questions:
         return args.questions[index % len(args.questions)]
     return [first_message(index, args.first_words)] + FOLLOW_UPS[:args.turns - 1]
+
+
+def fitting_questions(args) -> list[list[str]]:
+    """MT-bench's two-turn questions whose turns and answers fit the model's context
+    window (the embedded stories260K's is 512 tokens; a conversation that outgrows it is
+    truncated, one whose first turn does not fit is refused)."""
+    directory = args.model or EMBEDDED_MODEL
+    tokenizer = Tokenizer.from_dir(directory)
+    window = ModelConfig.from_dir(directory).max_position_embeddings
+    with open(args.mt_bench) as f:
+        questions = [json.loads(line)["turns"] for line in f if line.strip()]
+    fitting = [turns for turns in questions
+               if sum(len(tokenizer.encode(t)) + args.max_tokens for t in turns) <= window]
+    print(f"{len(fitting)} of {len(questions)} MT-bench questions fit a {window}-token window "
+          f"with {args.max_tokens}-token answers")
+    return fitting
 
 
 def converse(client: Client, session: str, args, record: list | None, progress) -> None:
@@ -121,8 +140,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.questions = None
     if args.mt_bench:
-        with open(args.mt_bench) as f:
-            args.questions = [json.loads(line)["turns"] for line in f if line.strip()]
+        args.questions = fitting_questions(args)
         args.turns = 2
 
     rows = [run_server(args, store) for store in (True, False)]
