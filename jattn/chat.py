@@ -241,7 +241,8 @@ class ChatEngine:
             ids, blocks = turn.arriving
             turn.arriving = None
             # As many rows as the block table is wide: one compiled step per table width.
-            load = self.store.load_layers(blocks, rows=bucket(len(turn.table), minimum=4))
+            load = self.store.load_layers(blocks, rows=bucket(len(turn.table), minimum=4),
+                                          device=self.runner.load_sharding)
             logits = self.runner.prefill_loading(tokens, turn.prefix, turn.table, ids, load)
         else:
             logits = self.runner.prefill(tokens, turn.prefix + done, turn.table)
@@ -291,6 +292,21 @@ class ChatEngine:
         self.store.put_record(session_id, conversation.to_record())
         self._enforce_hbm_budget(keep=session_id)
 
+    def warm_up_saves(self) -> int:
+        """Compiles the copy out of the pool for every count of blocks a save can hold
+        (powers of two up to a full context), so that no turn's save compiles. Returns the
+        shapes compiled (none without a store)."""
+        if self.store is None:
+            return 0
+        largest = bucket(blocks_for(self.max_context, self.runner.block_size), minimum=1)
+        counts = [1 << i for i in range(largest.bit_length())]
+        for count in counts:
+            k, v = _read_blocks(self.runner.pool, np.zeros(count, np.int32))
+            if self.host_sharding is not None:
+                k, v = jax.device_put((k, v), self.host_sharding)
+            jax.block_until_ready((k, v))
+        return len(counts)
+
     def _save(self, session_id, serials, block_ids) -> None:
         """Starts the device-to-host copy now (the pool is donated by the next step), into
         the store's host memory kind, and lets the store's thread wait for it and file
@@ -299,7 +315,7 @@ class ChatEngine:
             return
         padded = np.full(bucket(len(block_ids), minimum=1), block_ids[-1], np.int32)
         padded[:len(block_ids)] = block_ids  # a few shapes, so a few compilations
-        k, v = _read_blocks(self.runner.pool, jnp.asarray(padded))
+        k, v = _read_blocks(self.runner.pool, padded)
         if self.host_sharding is not None:
             k, v = jax.device_put((k, v), self.host_sharding)  # starts the copy out now
         host = {}

@@ -1,8 +1,10 @@
 """The serving engine: many conversations at once give the tokens of one at a time;
 cancellation, limits and shutdown."""
 
+import logging
 import threading
 
+import jax
 import pytest
 
 from jattn import LLM, StoreConfig
@@ -113,3 +115,30 @@ def test_full_queue_and_shutdown_with_turns_in_flight():
     engine.shutdown()
     for stream in streams:  # every accepted turn ran to its end
         assert len(list(stream)) == 24
+
+
+def test_warm_up_leaves_nothing_to_compile(caplog):
+    """After `warm_up`, turns that prefill, decode in batches, save to host memory and
+    load their history back layer by layer compile nothing."""
+    llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**8), max_context=128)
+    engine = Engine(llm, EngineLimits(max_running=4), warm_up=True)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            def client(s):
+                for t, message in enumerate(MESSAGES[:3]):
+                    params = SamplingParams(max_tokens=4 + 3 * s + t)
+                    list(engine.submit(turn(f"w{s}", message * (1 + s % 2), params)))
+
+            threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    stats = llm.store.stats()
+    assert stats["layerwise_loads"] >= 4 and engine.stats()["completed"] == 12
+    compiled = [r.getMessage()[:160] for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not compiled, compiled
+    engine.shutdown()

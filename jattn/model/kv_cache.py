@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 
 class KVPool(NamedTuple):
@@ -121,11 +122,14 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def padded_table(blocks: list[int], width: int):
-    """int32 `[width]` block table: `blocks` then zeros (never read past the length)."""
+def padded_table(blocks: list[int], width: int) -> np.ndarray:
+    """int32 `[width]` block table: `blocks` then zeros (never read past the length).
+    A numpy array: jitted steps take it as it is (no per-shape conversion op)."""
     if len(blocks) > width:
         raise ValueError(f"{len(blocks)} blocks do not fit a block table of width {width}")
-    return jnp.asarray(list(blocks) + [0] * (width - len(blocks)), jnp.int32)
+    table = np.zeros(width, np.int32)
+    table[:len(blocks)] = blocks
+    return table
 
 
 def bucket(n: int, minimum: int = 16) -> int:

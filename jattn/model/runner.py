@@ -170,6 +170,14 @@ class ModelRunner:
             self.layer_states = jax.device_put(self.layer_states, replicated)
             self.pool = jax.device_put(self.pool, NamedSharding(mesh, PartitionSpec(KV_AXIS)))
             self.allocator = DistributedBlockAllocator(devices, num_blocks // devices)
+            self.load_sharding = replicated
+        else:
+            # Committed to one device from the start: a layer-wise load hands the steps
+            # committed arrays, and jit keys its cache on committedness, so an uncommitted
+            # pool would be compiled again for every shape at the first load.
+            self.load_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            self.state, self.layer_states, self.pool = jax.device_put(
+                (self.state, self.layer_states, self.pool), self.load_sharding)
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         self.backend = backend
@@ -196,7 +204,7 @@ class ModelRunner:
             padded = np.zeros(bucket(len(piece)), np.int32)
             padded[:len(piece)] = piece
             logits, self.pool = _prefill_step(
-                self.graphdef, self.state, self.pool, jnp.asarray(padded),
+                self.graphdef, self.state, self.pool, padded,
                 jnp.int32(start + offset), jnp.int32(len(piece)), table,
                 backend=self.backend, all_logits=all_logits, mesh=self.mesh)
             outputs.append(logits[:len(piece)] if all_logits else logits)
@@ -207,7 +215,8 @@ class ModelRunner:
         """`prefill`, while the KV of pool blocks `load_ids` arrives layer by layer.
 
         `load.layer(l, after=x)` gives layer l's `(k, v)` `[R, block_size, Hkv, D]`
-        (R >= len(load_ids), extra rows ignored), e.g. an `AttentionStore.load_layers`.
+        (R >= len(load_ids), extra rows ignored) placed by `load_sharding`, e.g. an
+        `AttentionStore.load_layers`.
         The first chunk runs one layer per step, each writing its layer's arrivals before
         attending, so layer l+1 is still in transit while layer l computes; the rest runs
         as `prefill`. Returns the last token's logits `[V]` float32.
@@ -219,7 +228,7 @@ class ModelRunner:
         padded = np.zeros(bucket(len(first)), np.int32)
         padded[:len(first)] = first
         table = self._table(blocks)
-        x = _embed_step(self.graphdef, self.state, jnp.asarray(padded))
+        x = _embed_step(self.graphdef, self.state, padded)
         ids = None
         new_k, new_v = list(self.pool.k), list(self.pool.v)
         self.pool = None  # its layers are donated one by one below
@@ -229,7 +238,6 @@ class ModelRunner:
                 if ids is None:
                     ids = np.full(k.shape[0], new_k[0].shape[0], np.int32)
                     ids[:len(load_ids)] = load_ids
-                    ids = jnp.asarray(ids)
                 x, new_k[layer], new_v[layer] = _layer_step(
                     self.layer_graphdef, state, x, new_k[layer], new_v[layer], ids, k, v,
                     jnp.int32(start), jnp.int32(len(first)), table, self.inv_freq,
@@ -257,13 +265,13 @@ class ModelRunner:
                 self._warm_up_loading(size, table)
             elif kind == "prefill":
                 _, self.pool = _prefill_step(
-                    self.graphdef, self.state, self.pool, jnp.zeros(size, jnp.int32),
+                    self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
                     jnp.int32(0), jnp.int32(0), table, backend=self.backend, all_logits=False,
                     mesh=self.mesh)
             else:
                 _, self.pool = _decode_step(
-                    self.graphdef, self.state, self.pool, jnp.zeros(size, jnp.int32),
-                    jnp.full(size, -1, jnp.int32), jnp.stack([table] * size),
+                    self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
+                    np.full(size, -1, np.int32), np.stack([table] * size),
                     backend=self.backend, mesh=self.mesh)
         jax.block_until_ready(self.pool)
         return len(shapes)
@@ -273,9 +281,10 @@ class ModelRunner:
         width, loading `width` rows of zeros to ids past the pool (dropped)."""
         width = table.shape[0]
         pages = self.pool.k[0]
-        rows = jnp.zeros((width, *pages.shape[1:]), pages.dtype)
-        ids = jnp.full(width, pages.shape[0], jnp.int32)
-        x = _embed_step(self.graphdef, self.state, jnp.zeros(tokens, jnp.int32))
+        rows = jax.device_put(jnp.zeros((width, *pages.shape[1:]), pages.dtype),
+                              self.load_sharding)  # where a load delivers them
+        ids = np.full(width, pages.shape[0], np.int32)
+        x = _embed_step(self.graphdef, self.state, np.zeros(tokens, np.int32))
         new_k, new_v = list(self.pool.k), list(self.pool.v)
         x, new_k[0], new_v[0] = _layer_step(
             self.layer_graphdef, self.layer_states[0], x, new_k[0], new_v[0], ids, rows, rows,
@@ -286,17 +295,19 @@ class ModelRunner:
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are
-        `block_lists[i]`. Returns logits `[B, V]` float32."""
+        `block_lists[i]`. Returns logits `[R, V]` float32, R = B rounded up to a power of
+        two: row i is sequence i's, rows from B on are padding (returned as they are, so
+        that reading a row never compiles a slice for a new batch size)."""
         batch = len(tokens)
         width = bucket(max(len(b) for b in block_lists), minimum=4)
         rows = bucket(batch, minimum=1)
-        tables = jnp.stack([padded_table(b, width) for b in block_lists] +
-                           [padded_table([], width)] * (rows - batch))
+        tables = np.stack([padded_table(b, width) for b in block_lists] +
+                          [padded_table([], width)] * (rows - batch))
         padded_tokens = np.zeros(rows, np.int32)
         padded_tokens[:batch] = tokens
         padded_positions = np.full(rows, -1, np.int32)
         padded_positions[:batch] = positions
         logits, self.pool = _decode_step(
-            self.graphdef, self.state, self.pool, jnp.asarray(padded_tokens),
-            jnp.asarray(padded_positions), tables, backend=self.backend, mesh=self.mesh)
-        return logits[:batch]
+            self.graphdef, self.state, self.pool, padded_tokens, padded_positions, tables,
+            backend=self.backend, mesh=self.mesh)
+        return logits

@@ -19,12 +19,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 
 from jattn.chat import ActiveTurn
 from jattn.decoding import Continuation
 from jattn.generation import Generation
-from jattn.model.kv_cache import PoolExhausted
+from jattn.model.kv_cache import PoolExhausted, bucket
 from jattn.sampling import SamplingParams
 from jattn.serving.requests import (
     INPUT_KINDS,
@@ -55,6 +56,18 @@ class EngineLimits:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _warm_up_sampling(llm, max_batch: int) -> None:
+    """Compiles sampling from a row of the logits of every decode batch size (and of a
+    prefill's), placed where the model's steps leave them."""
+    sizes = [1 << i for i in range(bucket(max_batch, 1).bit_length())]
+    continuation = Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
+                                result=Generation("", [], "length"), start_time=0.0)
+    for rows in sizes:
+        logits = jax.device_put(jnp.zeros((rows, llm.config.vocab_size), jnp.float32),
+                                llm.runner.load_sharding)
+        continuation.sample(logits[rows - 1])
+
+
 class Engine:
     """Runs the turns of many conversations of one `LLM` at once. The LLM is the
     engine's from now on: use it only through the engine. `warm_up` compiles every
@@ -64,9 +77,8 @@ class Engine:
         if warm_up:
             llm.runner.warm_up(max_context=llm.max_context, max_batch=limits.max_running,
                                loading=llm.store is not None)
-            Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
-                         result=Generation("", [], "length"), start_time=0.0).sample(
-                jnp.zeros(llm.config.vocab_size, jnp.float32))
+            llm.chats.warm_up_saves()
+            _warm_up_sampling(llm, limits.max_running)
         self.llm = llm
         self.chats = llm.chats
         self.limits = limits
