@@ -7,10 +7,11 @@ import time
 from typing import Iterator
 
 import jax
+import numpy as np
 
 from jattn.generation import Generation, IncrementalText, StreamedToken
 from jattn.model.runner import ModelRunner
-from jattn.sampling import SamplingParams, sample
+from jattn.sampling import SamplingParams, sample_rows
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
@@ -38,18 +39,15 @@ class Continuation:
         self.start_time = start_time
         self.steps = 0
         self.finished = False
-        self._key = jax.random.key(params.seed if params.seed is not None else time.time_ns())
+        seed = params.seed if params.seed is not None else time.time_ns()
+        self.key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+        self.draws = 0  # the key of draw n is `key` folded with n
         self._text = IncrementalText(tokenizer.decode) if tokenizer else None
         result.finish_reason = "length"
 
-    def next_key(self):
-        self._key, subkey = jax.random.split(self._key)
-        return subkey
-
     def sample(self, logits) -> int:
         """A token from this sequence's logits `[V]` under its sampling parameters."""
-        p = self.params
-        return int(sample(logits[None], self.next_key(), p.temperature, p.top_k, p.top_p)[0])
+        return sample_next([self], logits[None])[0]
 
     def take(self, token: int) -> StreamedToken | None:
         if self.steps == 0:
@@ -78,16 +76,37 @@ class Continuation:
         return None
 
 
+def sample_next(continuations: list[Continuation], logits) -> list[int]:
+    """The next token of each continuation, continuation i's from row i of
+    `logits [R, V]` (R >= len(continuations); later rows are ignored), in one call: a
+    decode batch costs one sampling dispatch and one transfer of R token ids."""
+    rows = logits.shape[0]
+    key_data = np.zeros((rows, *continuations[0].key_data.shape),
+                        continuations[0].key_data.dtype)
+    draws = np.zeros(rows, np.int32)
+    temperature = np.zeros(rows, np.float32)  # padding rows: greedy, the cheapest
+    top_k = np.zeros(rows, np.int32)
+    top_p = np.ones(rows, np.float32)
+    for row, continuation in enumerate(continuations):
+        p = continuation.params
+        key_data[row], draws[row] = continuation.key_data, continuation.draws
+        temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
+        continuation.draws += 1
+    tokens = np.asarray(sample_rows(logits, key_data, draws, temperature, top_k, top_p))
+    return tokens[:len(continuations)].tolist()
+
+
 def decode_loop(runner: ModelRunner, logits, blocks: list[int], position: int,
                 continuation: Continuation) -> Iterator[StreamedToken]:
     """Samples after the prefill's last `logits [V]`, feeding each token back at
     `position, position + 1, ...` of the sequence in `blocks`, until `continuation` is
     finished. Yields each delivered token."""
+    token = continuation.sample(logits)
     while not continuation.finished:
-        streamed = continuation.take(continuation.sample(logits))
+        streamed = continuation.take(token)
         if streamed is None:
             return
         yield streamed
         if not continuation.finished:
-            logits = runner.decode([streamed.id], [position + continuation.steps - 1],
-                                   [blocks])[0]
+            token = sample_next([continuation], runner.decode(
+                [streamed.id], [position + continuation.steps - 1], [blocks]))[0]

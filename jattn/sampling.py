@@ -48,26 +48,34 @@ def _finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-@jax.jit
-def sample(logits, key, temperature, top_k, top_p):
-    """Next token ids from `logits [B, V]` float32 -> int32 `[B]`.
-
-    `temperature`, `top_k`, `top_p` are scalars (traced, so one compiled function serves
-    every setting). Temperature 0 is argmax. Top-k keeps the k largest logits (ties at
-    the k-th kept); top-p keeps the smallest set of most likely tokens whose probability
-    reaches p (the most likely token always stays).
-    """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _sample_row(logits, key, temperature, top_k, top_p):
+    """One row: `logits [V]` float32 and its parameters (scalars) -> an int32 token."""
+    greedy = jnp.argmax(logits).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
     vocab = logits.shape[-1]
-    kth = jnp.take(ordered, jnp.clip(top_k, 1, vocab) - 1, axis=-1)[:, None]
+    ordered = jnp.sort(scaled)[::-1]
+    kth = ordered[jnp.clip(top_k, 1, vocab) - 1]
     scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.sum(before < top_p, axis=-1)
-    cutoff = jnp.take_along_axis(ordered, (kept - 1)[:, None], axis=-1)
-    scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
-    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    ordered = jnp.sort(scaled)[::-1]
+    probs = jax.nn.softmax(ordered)
+    before = jnp.cumsum(probs) - probs
+    kept = jnp.sum(before < top_p)
+    scaled = jnp.where(scaled < ordered[kept - 1], -jnp.inf, scaled)
+    drawn = jax.random.categorical(key, scaled).astype(jnp.int32)
     return jnp.where(temperature == 0, greedy, drawn)
+
+
+@jax.jit
+def sample_rows(logits, key_data, draws, temperature, top_k, top_p):
+    """Next token of every row of `logits [R, V]` float32 -> int32 `[R]`, each row with
+    its own parameters, all `[R]`: `key_data` (raw PRNG key data, `[R, ...]` uint32, from
+    `jax.random.key_data`), `draws` (the row's key is folded with it: the sequence's
+    count of earlier draws), `temperature` float32, `top_k` int32, `top_p` float32.
+
+    One call samples a whole decode batch (parameters are traced, so one compiled
+    function serves every mix of settings). Temperature 0 is argmax. Top-k keeps the k
+    largest logits (ties at the k-th kept); top-p keeps the smallest set of most likely
+    tokens whose probability reaches p (the most likely token always stays).
+    """
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data), draws)
+    return jax.vmap(_sample_row)(logits, keys, temperature, top_k, top_p)

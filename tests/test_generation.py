@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from jattn import LLM
-from jattn.sampling import SamplingParams, sample
+from jattn.decoding import Continuation, sample_next
+from jattn.generation import Generation
+from jattn.sampling import SamplingParams, sample_rows
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +71,49 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm):
                         seed=3).token_ids == greedy
 
 
+def draws_of(logits, n, temperature=1.0, top_k=0, top_p=1.0):
+    """`n` draws from one row of logits, each with its own key, in one batch."""
+    rows = jnp.repeat(jnp.asarray(logits, jnp.float32)[None], n, axis=0)
+    key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), n)))
+    return np.asarray(sample_rows(rows, key_data, np.zeros(n, np.int32),
+                                  np.full(n, temperature, np.float32),
+                                  np.full(n, top_k, np.int32), np.full(n, top_p, np.float32)))
+
+
 def test_sampling_follows_the_softmax():
-    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    keys = jax.random.split(jax.random.key(0), 4000)
-    draws = np.asarray(jax.vmap(lambda k: sample(logits, k, 1.0, 0, 1.0)[0])(keys))
-    freq = np.bincount(draws, minlength=4) / len(draws)
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    freq = np.bincount(draws_of(logits, 4000), minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
-    top2 = np.asarray(jax.vmap(lambda k: sample(logits, k, 1.0, 2, 1.0)[0])(keys))
-    np.testing.assert_allclose(np.bincount(top2, minlength=4) / len(top2),
+    top2 = draws_of(logits, 4000, top_k=2)
+    np.testing.assert_allclose(np.bincount(top2, minlength=4) / 4000,
                                [0.625, 0.375, 0, 0], atol=0.03)
-    nucleus = np.asarray(jax.vmap(lambda k: sample(logits, k, 1.0, 0, 0.7)[0])(keys))
-    np.testing.assert_allclose(np.bincount(nucleus, minlength=4) / len(nucleus),
+    nucleus = draws_of(logits, 4000, top_p=0.7)
+    np.testing.assert_allclose(np.bincount(nucleus, minlength=4) / 4000,
                                [0.625, 0.375, 0, 0], atol=0.03)
+    assert set(draws_of(logits + 5.0, 50, temperature=0.0)) == {0}
+
+
+def test_a_batch_samples_each_row_as_it_would_alone():
+    """Rows of one `sample_next` call, each with its own parameters and key, give the
+    tokens each continuation samples on its own, whatever the padding rows hold."""
+    rng = np.random.default_rng(7)
+    settings = [SamplingParams(), SamplingParams(temperature=0.9, seed=1),
+                SamplingParams(temperature=1.3, top_k=5, seed=2),
+                SamplingParams(temperature=0.7, top_p=0.8, seed=3),
+                SamplingParams(temperature=1.0, top_k=3, top_p=0.5, seed=4)]
+    logits = rng.normal(0, 3, (8, 64)).astype(np.float32)
+    logits[len(settings):] = np.nan  # padding rows must not matter
+
+    def continuation(params):
+        return Continuation(params, budget=10, eos=set(), tokenizer=None,
+                            result=Generation("", [], "length"), start_time=0.0)
+
+    together = [continuation(p) for p in settings]
+    alone = [continuation(p) for p in settings]
+    for _ in range(3):
+        batch = sample_next(together, jnp.asarray(logits))
+        assert batch == [c.sample(jnp.asarray(logits[i])) for i, c in enumerate(alone)]
+    assert batch[0] == int(np.argmax(logits[0]))
 
 
 @pytest.mark.parametrize("kwargs,pattern", [

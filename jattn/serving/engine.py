@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.chat import ActiveTurn
-from jattn.decoding import Continuation
+from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.model.kv_cache import PoolExhausted, bucket
 from jattn.sampling import SamplingParams
@@ -57,15 +57,16 @@ class EngineLimits:
 
 
 def _warm_up_sampling(llm, max_batch: int) -> None:
-    """Compiles sampling from a row of the logits of every decode batch size (and of a
-    prefill's), placed where the model's steps leave them."""
+    """Compiles sampling from the logits of every decode batch size and of a prefill,
+    placed where the model's steps leave them."""
     sizes = [1 << i for i in range(bucket(max_batch, 1).bit_length())]
     continuation = Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
                                 result=Generation("", [], "length"), start_time=0.0)
     for rows in sizes:
         logits = jax.device_put(jnp.zeros((rows, llm.config.vocab_size), jnp.float32),
                                 llm.runner.load_sharding)
-        continuation.sample(logits[rows - 1])
+        sample_next([continuation], logits)
+    continuation.sample(logits[0])
 
 
 class Engine:
@@ -334,8 +335,9 @@ class Engine:
             for stream, _ in ready:
                 self._fail_turn(stream, error)
             return
-        for row, (stream, turn) in enumerate(ready):
-            self._deliver(stream, turn, turn.continuation.sample(logits[row]))
+        tokens = sample_next([t.continuation for _, t in ready], logits)
+        for (stream, turn), token in zip(ready, tokens):
+            self._deliver(stream, turn, token)
 
     def _deliver(self, stream: TurnStream, turn: ActiveTurn, token: int) -> None:
         streamed = turn.continuation.take(token)
