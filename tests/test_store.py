@@ -182,3 +182,24 @@ def test_host_memory_kind_choice():
     assert StoreConfig(host_memory_kind="numpy").memory_kind_for(cpu) is None
     with pytest.raises(ValueError, match="host_memory_kind must be one of"):
         StoreConfig(host_memory_kind="gpu")
+
+
+def test_records_are_written_after_their_blocks_and_the_latest_wins(tmp_path):
+    config = StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    release = threading.Event()
+    store.save("s", 0, lambda: release.wait(30) and block(0))
+    store.put_record("s", {"tokens": [0]})  # returns at once, queued behind the save
+    assert store.get_record("s") == {"tokens": [0]}
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files if f == "session.rec"]
+    release.set()
+    for n in range(1, 20):
+        store.save("s", n, lambda n=n: block(n))
+        store.put_record("s", {"tokens": list(range(n + 1))})
+    store.close()
+    again = AttentionStore(config, fingerprint=FINGERPRINT)
+    assert again.get_record("s") == {"tokens": list(range(20))}
+    for n in range(20):
+        found, tier = again.get("s", n)
+        assert tier == "disk"
+        np.testing.assert_array_equal(found.k, block(n).k)

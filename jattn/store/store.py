@@ -128,7 +128,7 @@ class AttentionStore:
         with self._lock:
             self._pending.discard(future)
         if future.exception() is not None:
-            log.error("saving a KV block failed: %s", future.exception())
+            log.error("a store write failed: %s", future.exception())
 
     def _save(self, key: str, serial: int, produce) -> tuple[str, ...]:
         start = time.perf_counter()
@@ -185,16 +185,29 @@ class AttentionStore:
     # ----- session records ------------------------------------------------------------
 
     def put_record(self, session_id: str, record: dict) -> None:
-        """Keeps a session's record (its token history and turn log: JSON-able), on disk
-        too when the disk tier exists, atomically."""
+        """Keeps a session's record (its token history and turn log: JSON-able, not to be
+        mutated afterwards); with the disk tier, also writes it atomically on the store's
+        thread, after the saves submitted before it (so a record on disk never names a
+        block that was not written first). A write that a newer record of the session
+        supersedes before it starts is skipped."""
         key = session_key(session_id)
         with self._lock:
             self._records[key] = record
             self._last_used[key] = next(self._clock)
-            if self._root is not None:
-                data = disk_entry.encode({}, fingerprint=self.fingerprint,
-                                         meta={"session_id": session_id, "record": record})
-                disk_entry.write_atomic(self._record_path(key), data)
+        if self._root is None:
+            return
+        future = self._executor.submit(self._write_record, key, session_id, record)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+
+    def _write_record(self, key: str, session_id: str, record: dict) -> None:
+        with self._lock:
+            if self._records.get(key) is not record:
+                return
+        data = disk_entry.encode({}, fingerprint=self.fingerprint,
+                                 meta={"session_id": session_id, "record": record})
+        disk_entry.write_atomic(self._record_path(key), data)
 
     def get_record(self, session_id: str) -> dict | None:
         """The session's record, from memory or (after a restart) from disk."""
