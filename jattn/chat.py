@@ -319,12 +319,15 @@ class ChatEngine:
         if self.host_sharding is not None:
             k, v = jax.device_put((k, v), self.host_sharding)  # starts the copy out now
         host = {}
+        count = len(serials)
 
         def produce(i):
+            # Views of one layer-major `[L, count, ...]` array per turn (padding rows cut
+            # off), so that a load copies a layer of the turn's blocks as one piece.
             if "k" not in host:
-                host["k"], host["v"] = np.asarray(k), np.asarray(v)
-            return BlockKV(np.ascontiguousarray(host["k"][:, i]),
-                           np.ascontiguousarray(host["v"][:, i]))
+                host["k"], host["v"] = (np.ascontiguousarray(np.asarray(a)[:, :count])
+                                        for a in (k, v))
+            return BlockKV(host["k"][:, i], host["v"][:, i])
 
         for i, serial in enumerate(serials):
             self.store.save(session_id, serial, functools.partial(produce, i))

@@ -9,7 +9,7 @@ import pytest
 from jattn import LLM
 from jattn.model.kv_cache import KVPool, blocks_for
 from jattn.store import BlockKV
-from jattn.store.layer_load import LayerwiseLoad
+from jattn.store.layer_load import LayerwiseLoad, StagingPool, _runs, _stage
 from model_references import model_dir
 
 
@@ -35,6 +35,39 @@ def test_each_layer_arrives_stacked_in_order_with_zero_padding():
             assert not np.asarray(k)[5:].any() and not np.asarray(v)[5:].any()
     (timing,) = finished
     assert timing.transfer > 0 and 0 <= timing.hidden <= timing.transfer
+
+
+def turn_blocks(count, seed, layers=3, shape=(4, 2, 8)):
+    """`count` blocks saved as one turn: views of one layer-major `[L, count, ...]` array
+    each for keys and values, as the chat engine files them."""
+    rng = np.random.default_rng(seed)
+    k, v = (rng.standard_normal((layers, count, *shape)).astype(np.float32) for _ in "kv")
+    return [BlockKV(k[:, i], v[:, i]) for i in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_of_a_turns_blocks_stage_like_a_stack(seed):
+    """Blocks of several turns and single blocks, in any order, with gaps: each layer
+    stages exactly as `np.stack`, and back-to-back blocks of a turn are one copy."""
+    rng = np.random.default_rng(seed)
+    pieces = turn_blocks(7, seed) + random_blocks(3, seed + 50) + turn_blocks(5, seed + 99)
+    order = list(range(len(pieces)))
+    if seed % 2:
+        order = sorted(rng.choice(len(pieces), size=11, replace=False).tolist())
+    if seed % 3 == 2:
+        rng.shuffle(order)
+    blocks = [pieces[i] for i in order]
+    pool = StagingPool(capacity=4)
+    runs = _runs([b.v for b in blocks])
+    adjacent = sum(1 for a, b in zip(order, order[1:]) if b == a + 1 and
+                   (a < 6 or 10 <= a < 14))  # neighbours inside one turn
+    assert len(runs) == len(blocks) - adjacent
+    assert sum(count for _, count in runs) == len(blocks)
+    for layer in range(3):
+        staged = _stage(runs, layer, 16, pool)
+        np.testing.assert_array_equal(staged[:len(blocks)],
+                                      np.stack([b.v[layer] for b in blocks]))
+        assert not staged[len(blocks):].any()
 
 
 def test_a_failed_staging_reaches_the_engine():

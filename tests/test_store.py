@@ -203,3 +203,26 @@ def test_records_are_written_after_their_blocks_and_the_latest_wins(tmp_path):
         found, tier = again.get("s", n)
         assert tier == "disk"
         np.testing.assert_array_equal(found.k, block(n).k)
+
+
+def test_dropping_some_blocks_of_a_turn_frees_their_shared_array():
+    """A turn's blocks are views of one array; after some are dropped, the kept ones own
+    their memory (so the array is not kept alive for them) and keep their values."""
+    rng = np.random.default_rng(3)
+    k, v = (rng.standard_normal((2, 6, 4, 2, 8)).astype(np.float32) for _ in "kv")
+    store = AttentionStore(StoreConfig(host_bytes=10**6), fingerprint=FINGERPRINT)
+    for serial in range(6):
+        store.save("s", serial, lambda i=serial: BlockKV(k[:, i], v[:, i]))
+    store.save("other", 0, lambda: BlockKV(k[:, 0], v[:, 0]))
+    store.flush()
+    store.drop_blocks("s", [1, 2, 3])
+    for serial in (0, 4, 5):
+        found, tier = store.get("s", serial)
+        assert tier == "host"
+        assert not np.shares_memory(found.k, k) and not np.shares_memory(found.v, v)
+        np.testing.assert_array_equal(found.k, k[:, serial])
+        np.testing.assert_array_equal(found.v, v[:, serial])
+    for serial in (1, 2, 3):
+        assert store.get("s", serial) is None
+    assert np.shares_memory(store.get("other", 0)[0].k, k)  # another session's, untouched
+    store.close()

@@ -67,13 +67,46 @@ class StagingPool:
         return view
 
 
-def _stage(arrays: list[np.ndarray], rows: int, pool: StagingPool) -> np.ndarray:
-    """`arrays` (each `[block_size, Hkv, D]`) stacked into an aligned buffer of `rows`
-    rows from `pool`; padding rows are zero."""
-    first = arrays[0]
-    buffer = pool.take(rows * first.nbytes).view(first.dtype).reshape(rows, *first.shape)
-    np.stack(arrays, out=buffer[:len(arrays)])
-    buffer[len(arrays):] = 0
+def _runs(blocks: list) -> list[tuple[object, int]]:
+    """`blocks` (keys or values, `[L, *piece]` each) grouped into runs `(first, count)`:
+    neighbours that are back-to-back views of one layer-major `[L, count, *piece]` array
+    (a turn's blocks, saved together) share a run, whose every layer is then one
+    contiguous piece of memory, copied at once. Found once per load. A block that is not
+    a numpy array (anything indexable by layer) is a run of its own."""
+    runs, start = [], 0
+    for i in range(1, len(blocks) + 1):
+        if i == len(blocks) or not _follows(blocks[i - 1], blocks[i]):
+            runs.append((blocks[start], i - start))
+            start = i
+    return runs
+
+
+def _follows(a, b) -> bool:
+    """Whether `b` is the block after `a` in the same layer-major array: same allocation
+    and strides, contiguous layers, `b`'s layers each right after `a`'s."""
+    return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.base is not None
+            and b.base is a.base and a.strides == b.strides and a[0].flags.c_contiguous
+            and b.__array_interface__["data"][0] - a.__array_interface__["data"][0]
+            == a[0].nbytes)
+
+
+def _stage(runs: list[tuple[object, int]], layer: int, rows: int,
+           pool: StagingPool) -> np.ndarray:
+    """Layer `layer` of `runs` (from `_runs`) stacked into an aligned buffer of `rows`
+    rows of `[block_size, Hkv, D]` from `pool`, one copy per run; padding rows are zero."""
+    pieces = [(np.asarray(first[layer]), count) for first, count in runs]
+    piece = pieces[0][0]
+    buffer = pool.take(rows * piece.nbytes).view(piece.dtype).reshape(rows, *piece.shape)
+    row = 0
+    for first, count in pieces:
+        if count == 1:
+            buffer[row] = first
+        else:
+            np.copyto(buffer[row:row + count], np.lib.stride_tricks.as_strided(
+                first, (count, *first.shape), (first.nbytes, *first.strides),
+                writeable=False))
+        row += count
+    buffer[row:] = 0
     return buffer
 
 
@@ -100,8 +133,10 @@ class LayerwiseLoad:
         for layer, future in enumerate(self._layers):
             start = time.perf_counter()
             try:
-                k = _stage([b.k[layer] for b in blocks], rows, self._staging)
-                v = _stage([b.v[layer] for b in blocks], rows, self._staging)
+                if layer == 0:
+                    k_runs, v_runs = _runs([b.k for b in blocks]), _runs([b.v for b in blocks])
+                k = _stage(k_runs, layer, rows, self._staging)
+                v = _stage(v_runs, layer, rows, self._staging)
                 pair = jax.device_put((k, v), self._device)
                 jax.block_until_ready(pair)
             except BaseException as error:  # the engine sees it when it takes the layer

@@ -363,16 +363,28 @@ class AttentionStore:
                 self._unlink(self._record_path(key))
 
     def drop_blocks(self, session_id: str, serials) -> None:
-        """Forgets some blocks of a session (truncated out of its context)."""
+        """Forgets some blocks of a session (truncated out of its context).
+
+        A turn's blocks arrive as views of one array; a kept block that shares its
+        array with a dropped one is copied out, so the dropped blocks' memory is freed
+        (the host budget counts blocks, and a view keeps its whole array alive)."""
         key = session_key(session_id)
         with self._lock:
+            arrays = []
             for serial in serials:
                 entry = (key, serial)
-                if self._host.pop(entry, None) is not None:
+                block = self._host.pop(entry, None)
+                if block is not None:
                     self._host_tier.remove(entry)
+                    arrays += [a.base for a in (block.k, block.v) if a.base is not None]
                 if entry in self._disk_tier:
                     self._disk_tier.remove(entry)
                     self._unlink(self._block_path(key, serial))
+            shared = {id(a) for a in arrays}  # `arrays` keeps these ids alive meanwhile
+            for entry in self._host_tier.entries_of(key) if shared else ():
+                block = self._host[entry]
+                if id(block.k.base) in shared or id(block.v.base) in shared:
+                    self._host[entry] = BlockKV(block.k.copy(), block.v.copy())
 
     def flush(self) -> None:
         """Waits for every save in flight."""
