@@ -4,9 +4,11 @@
                                     [--max-tokens 16] [--model DIR --random-weights]
                                     [--mt-bench ../shared/data/mt_bench_question.jsonl]
 
-In the same run, a server with the AttentionStore and one without (every turn replays its
-session's history) each serve `--clients` conversations at once: a long first message,
-then short ones, greedy, `--max-tokens` per answer. Each server first serves the same
+In the same run, a server with the AttentionStore (each turn sends only its new message,
+as raw text, to its session) and one without KV reuse (each turn is a one-off request
+carrying the whole conversation so far as text, which the server prefills) each serve
+`--clients` conversations at once: a long first message, then short ones, greedy,
+`--max-tokens` per answer. Each server first serves the same
 load under other session ids, so compilation is in neither measurement. Prints TTFT p50/p99 (client side:
 request sent to first event), TPOT p50 (time per output token after the first),
 generated tokens/s over the run, and the ratio of the two servers; writes JSON.
@@ -68,17 +70,28 @@ def fitting_questions(args) -> list[list[str]]:
     return fitting
 
 
-def converse(client: Client, session: str, args, record: list | None, progress) -> None:
+def converse(client: Client, session: str, args, record: list | None, progress, *,
+             stateless: bool) -> None:
+    """One client's conversation: turns of `session`, or with `stateless` one-off
+    requests that each carry the whole conversation so far as text (what a client of a
+    server without KV reuse sends)."""
     messages = conversation(int(session.rsplit("-", 1)[1]), args)
+    history = ""
     for turn, message in enumerate(messages):
         start = time.perf_counter()
         first = None
         tokens = 0
-        for event in client.chat_events(session, message, max_tokens=args.max_tokens,
-                                        ignore_eos=True):
+        events = (client.chat_events("", text=history + message, max_tokens=args.max_tokens,
+                                     ignore_eos=True) if stateless else
+                  client.chat_events(session, text=message, max_tokens=args.max_tokens,
+                                     ignore_eos=True))
+        answer = ""
+        for event in events:
             if first is None and event.token_ids:
                 first = time.perf_counter()
             tokens += len(event.token_ids)
+            answer += event.text
+        history += message + answer
         end = time.perf_counter()
         if record is not None:
             record.append({"turn": turn, "ttft_s": first - start, "tokens": tokens,
@@ -86,12 +99,14 @@ def converse(client: Client, session: str, args, record: list | None, progress) 
         progress.update()
 
 
-def load(client: Client, prefix: str, args, records, label: str) -> float:
+def load(client: Client, prefix: str, args, records, label: str, *, stateless: bool
+         ) -> float:
     """`--clients` conversations at once; returns the seconds they took together."""
     with tqdm(total=args.clients * args.turns, desc=label, unit="turn") as progress:
         start = time.perf_counter()
         threads = [threading.Thread(target=converse, args=(client, f"{prefix}-{i}", args,
-                                                           records, progress))
+                                                           records, progress),
+                                    kwargs={"stateless": stateless})
                    for i in range(args.clients)]
         for thread in threads:
             thread.start()
@@ -109,9 +124,9 @@ def run_server(args, store: bool) -> dict:
     client.wait_ready()
     try:
         label = "store on " if store else "store off"
-        load(client, "warm-up", args, None, f"{label} warm-up")
+        load(client, "warm-up", args, None, f"{label} warm-up", stateless=not store)
         records: list[dict] = []
-        elapsed = load(client, "client", args, records, label)
+        elapsed = load(client, "client", args, records, label, stateless=not store)
     finally:
         client.close()
         server.stop()

@@ -110,6 +110,9 @@ def _replay(args) -> int:
 
     turns = conversations(load_trace(args.trace, scale=args.scale, limit=args.limit))
     if args.server:
+        if args.store == "off":
+            raise SystemExit("jattn bench replay --store off runs in process (a server's "
+                             "store is its own configuration)")
         client = _client(args)
         vocab = args.vocab_size
         if vocab is None:
@@ -131,7 +134,7 @@ def _replay(args) -> int:
                                           max_queue=max(len(turns), 1)),
                         warm_up=args.warm_up)
         summary = replay(turns, run_in_process(engine), vocab_size=llm.config.vocab_size,
-                         speedup=args.speedup)
+                         speedup=args.speedup, stateless=args.store == "off")
         engine.shutdown()
     summary.update(trace=args.trace, scale=args.scale, store=args.store,
                    server=args.server, speedup=args.speedup)
@@ -200,7 +203,9 @@ def main(argv=None) -> int:
     replay.add_argument("--scale", type=float, default=1.0,
                         help="shrink lengths and the 512-token block by this factor")
     replay.add_argument("--limit", type=int, default=None, help="first N requests only")
-    replay.add_argument("--store", choices=("on", "off"), default="on")
+    replay.add_argument("--store", choices=("on", "off"), default="on",
+                        help="in process: off runs every request as a one-off carrying "
+                        "its whole prompt, as to a server without KV reuse")
     replay.add_argument("--speedup", type=float, default=1.0,
                         help="divide the trace's timestamps by this")
     replay.add_argument("--server", default=None, help="host:port of a jattn-serve "

@@ -37,7 +37,7 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
         return scoped(namespace, request.session_id)
 
     def Chat(self, request, context):
-        session = self._session(request, context)
+        session = self._session(request, context) if request.session_id else None
         kind = request.WhichOneof("input")
 
         def build():

@@ -63,8 +63,9 @@ def test_replay_in_process_reuses_what_the_trace_allows(tmp_path, store):
     llm = LLM(store=StoreConfig(hbm_bytes=1 << 24, host_bytes=1 << 24) if store else None)
     engine = Engine(llm)
     summary = replay(turns, run_in_process(engine), vocab_size=llm.config.vocab_size,
-                     speedup=20)
+                     speedup=20, stateless=not store)
     engine.shutdown()
+    assert not llm.chats.sessions or store  # without reuse every request is a one-off
     assert summary["completed"] == summary["requests"] == 12
     assert summary["prefill_tokens_total"] == sum(t.request.input_length for t in turns)
     if store:

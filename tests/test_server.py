@@ -61,6 +61,10 @@ def test_conversation_and_one_off_equal_the_library(served):
         generated.token_ids
     info = client.describe("lib")
     assert info.turns == 3 and info.history_tokens > 0
+    sessions = client.stats().active_sessions
+    one_off = client.chat("", text="The cat sat on", max_tokens=24)  # no session: a one-off
+    assert list(one_off.token_ids) == generated.token_ids
+    assert one_off.facts.cached_tokens == 0 and client.stats().active_sessions == sessions
 
 
 def test_jetstream_session_continues_a_conversation(served):
@@ -107,7 +111,7 @@ def test_32_sessions_5_turns_equal_single_session_runs(served):
     (lambda c: c.chat("x", "hi", temperature=-1), "INVALID_ARGUMENT", "temperature"),
     (lambda c: c.chat("x", "hi", top_p=2.0), "INVALID_ARGUMENT", "top_p"),
     (lambda c: c.chat("x", "hi", max_tokens=10_000), "INVALID_ARGUMENT", "max_tokens"),
-    (lambda c: c.chat("", "hi"), "INVALID_ARGUMENT", "session_id is empty"),
+    (lambda c: c.describe(""), "INVALID_ARGUMENT", "session_id is empty"),
     (lambda c: c.chat("x"), "INVALID_ARGUMENT", "no input"),
     (lambda c: c.describe("nobody"), "NOT_FOUND", "no such session"),
     (lambda c: list(c.decode(text="hi", max_tokens=5).__iter__()) and

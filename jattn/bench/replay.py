@@ -3,6 +3,7 @@
 Each request runs as a turn of its conversation (`jattn.bench.trace.conversations`): the
 prompt tokens past the blocks it shares with the conversation's previous turn are sent
 as token ids, with `max_tokens` the request's output length (end-of-sequence ignored).
+Without reuse (`stateless`), each request is a one-off carrying its whole prompt.
 Requests start at their timestamps, divided by `speedup`, but a turn waits for the
 answer to its conversation's previous turn, as a user does. Per request the time to
 first token is measured from its start; reused prompt tokens are those whose KV the turn did
@@ -84,8 +85,12 @@ def run_over_grpc(client):
 
 
 def replay(turns: list[Turn], run_turn, *, vocab_size: int, speedup: float = 1.0,
-           max_workers: int = 64) -> dict:
-    """Replays `turns` through `run_turn(session, token_ids, max_tokens)` and summarises."""
+           max_workers: int = 64, stateless: bool = False) -> dict:
+    """Replays `turns` through `run_turn(session, token_ids, max_tokens)` and summarises.
+
+    `stateless`: every request is a one-off (`session` None) carrying its whole prompt,
+    as a client of a server without KV reuse sends it, and the server prefills all of
+    it; a conversation's turns still wait for each other."""
     outcomes: list[TurnOutcome | None] = [None] * len(turns)
     turns_before: list[int | None] = [None] * len(turns)
     start = time.perf_counter()
@@ -106,9 +111,10 @@ def replay(turns: list[Turn], run_turn, *, vocab_size: int, speedup: float = 1.0
         if turns_before[index] is not None:  # a user sends a turn once it has the answer
             finished[turns_before[index]].wait()
         ids = prompt_token_ids(turn.request, vocab_size=vocab_size,
-                               first_block=turn.shared_blocks)
+                               first_block=0 if stateless else turn.shared_blocks)
         try:
-            outcome = run_turn(turn.session, ids or [3], turn.request.output_length)
+            outcome = run_turn(None if stateless else turn.session, ids or [3],
+                               turn.request.output_length)
         except Exception as error:  # recorded: a replay reports failures, it does not stop
             outcome = TurnOutcome(error=f"{type(error).__name__}: {error}")
         with lock:
