@@ -21,7 +21,7 @@ import numpy as np
 from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation
 from jattn.decoding import Continuation, decode_loop
 from jattn.generation import Generation
-from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for, bucket
+from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for, bucket, powers_of_two
 from jattn.model.runner import ModelRunner
 from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, BlockKV
@@ -298,8 +298,8 @@ class ChatEngine:
         shapes compiled (none without a store)."""
         if self.store is None:
             return 0
-        largest = bucket(blocks_for(self.max_context, self.runner.block_size), minimum=1)
-        counts = [1 << i for i in range(largest.bit_length())]
+        counts = powers_of_two(1, bucket(blocks_for(self.max_context, self.runner.block_size),
+                                          minimum=1))
         for count in counts:
             k, v = _read_blocks(self.runner.pool, np.zeros(count, np.int32))
             if self.host_sharding is not None:

@@ -132,6 +132,11 @@ def padded_table(blocks: list[int], width: int) -> np.ndarray:
     return table
 
 
+def powers_of_two(low: int, high: int) -> list[int]:
+    """low, 2 low, 4 low, ... up to high: the buckets (`bucket`) from low to high."""
+    return [low << i for i in range((high // low).bit_length())]
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """The power of two >= max(n, minimum): shapes for jit that recompile rarely."""
     size = minimum

@@ -26,6 +26,7 @@ from jattn.model.kv_cache import (
     bucket,
     gather_sequence,
     padded_table,
+    powers_of_two,
     token_slots,
 )
 from jattn.model.llama import LlamaForCausalLM
@@ -135,11 +136,6 @@ def _layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, 
 
     attend = _prefill_attend(table, tokens_start, count, inv_freq, backend, mesh)
     return layer(x, positions, slots, 0, k_pages, v_pages, attend)
-
-
-def _powers(low: int, high: int) -> list[int]:
-    """low, 2 low, 4 low, ... up to high (powers of two)."""
-    return [low << i for i in range((high // low).bit_length())]
 
 
 class ModelRunner:
@@ -253,10 +249,10 @@ class ModelRunner:
         batch sizes by power of two, block-table widths up to `max_context` tokens) and,
         with `loading`, every shape of `prefill_loading`, so no request pays for a
         compilation. Writes nothing. Returns the shapes compiled."""
-        widths = _powers(4, bucket(blocks_for(max_context, self.block_size), minimum=4))
-        chunks = _powers(16, bucket(min(self.prefill_chunk, max_context)))
+        widths = powers_of_two(4, bucket(blocks_for(max_context, self.block_size), minimum=4))
+        chunks = powers_of_two(16, bucket(min(self.prefill_chunk, max_context)))
         shapes = [("prefill", t, w) for w in widths for t in chunks]
-        shapes += [("decode", b, w) for w in widths for b in _powers(1, bucket(max_batch, 1))]
+        shapes += [("decode", b, w) for w in widths for b in powers_of_two(1, bucket(max_batch, 1))]
         if loading:
             shapes += [("loading", t, w) for w in widths for t in chunks]
         for kind, size, width in tqdm(shapes, desc="compiling", unit="shape"):

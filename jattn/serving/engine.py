@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jattn.chat import ActiveTurn
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
-from jattn.model.kv_cache import PoolExhausted, bucket
+from jattn.model.kv_cache import PoolExhausted, bucket, powers_of_two
 from jattn.sampling import SamplingParams
 from jattn.serving.requests import (
     INPUT_KINDS,
@@ -59,10 +59,9 @@ class EngineLimits:
 def _warm_up_sampling(llm, max_batch: int) -> None:
     """Compiles sampling from the logits of every decode batch size and of a prefill,
     placed where the model's steps leave them."""
-    sizes = [1 << i for i in range(bucket(max_batch, 1).bit_length())]
     continuation = Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
                                 result=Generation("", [], "length"), start_time=0.0)
-    for rows in sizes:
+    for rows in powers_of_two(1, bucket(max_batch, 1)):
         logits = jax.device_put(jnp.zeros((rows, llm.config.vocab_size), jnp.float32),
                                 llm.runner.load_sharding)
         sample_next([continuation], logits)
