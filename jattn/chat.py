@@ -9,6 +9,7 @@ same KV. With no store, every turn replays the log: the same tokens, at full cos
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 import time
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation
+from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation, turn_entry
 from jattn.decoding import Continuation, decode_loop
 from jattn.generation import Generation
 from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for, bucket, powers_of_two
@@ -31,6 +32,39 @@ from jattn.store import AttentionStore, BlockKV
 def _read_blocks(pool: KVPool, ids):
     """Copies pool blocks `ids [n]` out: `k, v [L, n, bs, Hkv, D]`."""
     return jnp.stack([p[ids] for p in pool.k]), jnp.stack([p[ids] for p in pool.v])
+
+
+@dataclass(frozen=True)
+class OneOff:
+    """The name of a one-off turn's transient session. Not a string, so no session id
+    a client chooses can ever equal it (or reach its KV)."""
+
+    number: int
+
+
+@dataclass(frozen=True)
+class BlockCensus:
+    """Where the blocks of the device pool are: `free`, `resident` (a session's context
+    kept between turns), `in_flight` (held by a running turn and no session), of
+    `total`; `double_counted` blocks are in two of these places at once. Every block
+    is in exactly one place when `balanced`."""
+
+    total: int
+    free: int
+    resident: int
+    in_flight: int
+    double_counted: int
+
+    @property
+    def balanced(self) -> bool:
+        return (self.double_counted == 0
+                and self.free + self.resident + self.in_flight == self.total)
+
+
+def _done(value=True) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
 
 
 @dataclass
@@ -93,7 +127,7 @@ class ChatEngine:
         self.hbm_bytes = hbm_bytes
         self.sessions: dict[str, Conversation] = {}
         self.resident: dict[str, dict[int, int]] = {}  # session -> serial -> pool block
-        self.busy: set[str] = set()  # sessions with a turn between begin and complete
+        self.busy: dict[str, ActiveTurn] = {}  # turns between begin and complete/abort
         block_tokens = runner.block_size
         self.block_bytes = runner.config.kv_bytes_per_token(runner.dtype.itemsize) * block_tokens
         device = runner.pool.k[0].devices().pop()
@@ -105,10 +139,25 @@ class ChatEngine:
 
     def conversation(self, session_id: str) -> Conversation:
         if session_id not in self.sessions:
-            record = self.store.get_record(session_id) if self.store else None
-            self.sessions[session_id] = (Conversation.from_record(record) if record
-                                         else Conversation())
+            entries = (self.store.get_record(session_id)
+                       if self.store and isinstance(session_id, str) else None)
+            self.sessions[session_id] = (
+                Conversation.from_entries(entries, self.runner.block_size) if entries
+                else Conversation())
         return self.sessions[session_id]
+
+    def block_census(self) -> BlockCensus:
+        """Counts where every pool block is; `balanced` unless a block leaked or is
+        claimed twice."""
+        free = self.runner.allocator.free_ids()
+        resident = [b for blocks in self.resident.values() for b in blocks.values()]
+        resident_set = set(resident)
+        in_flight = {b for turn in self.busy.values() for b in turn.table} - resident_set
+        double = (len(resident) - len(resident_set) + len(free & resident_set)
+                  + len(free & in_flight))
+        return BlockCensus(total=self.runner.allocator.num_blocks, free=len(free),
+                           resident=len(resident_set), in_flight=len(in_flight),
+                           double_counted=double)
 
     def end(self, session_id: str) -> None:
         """Forgets a session everywhere."""
@@ -178,7 +227,7 @@ class ChatEngine:
         except BaseException:
             self.abort(turn)
             raise
-        self.complete(turn)
+        self.complete(turn).result()
         return turn.result
 
     def begin(self, session_id: str, message, params: SamplingParams, *, ignore_eos: bool,
@@ -226,9 +275,10 @@ class ChatEngine:
                                     eos=set() if ignore_eos else set(self.eos_ids),
                                     tokenizer=self.tokenizer, result=result,
                                     start_time=start_time)
-        self.busy.add(session_id)
-        return ActiveTurn(session_id, conversation, new_ids, dropped, len(kept), table,
+        turn = ActiveTurn(session_id, conversation, new_ids, dropped, len(kept), table,
                           prefix, turn_tokens, arriving, result, continuation, ephemeral)
+        self.busy[session_id] = turn
+        return turn
 
     def prefill_chunk(self, turn: ActiveTurn):
         """Prefills the turn's next chunk (`runner.prefill_chunk` tokens). Returns the
@@ -249,34 +299,39 @@ class ChatEngine:
         turn.prefilled += len(tokens)
         return logits if turn.prefilled == len(turn.turn_tokens) else None
 
-    def complete(self, turn: ActiveTurn) -> None:
+    def complete(self, turn: ActiveTurn) -> concurrent.futures.Future:
         """Appends the message and the answer to the history and keeps the new KV (or,
-        for an ephemeral turn, forgets the session)."""
-        self.busy.discard(turn.session_id)
+        for an ephemeral turn, forgets the session). Returns a future that resolves once
+        the turn is as durable as the store makes it (its record on disk, with a disk
+        tier): acknowledge the turn to its client then."""
+        self.busy.pop(turn.session_id, None)
         if turn.ephemeral:
             self.runner.allocator.free(turn.table)
             self.resident.pop(turn.session_id, None)
             self.sessions.pop(turn.session_id, None)
-            return
+            return _done()
         conversation = turn.conversation
         history_start = conversation.tail_start
+        first_token = len(conversation.tokens)
         conversation.tokens.extend(turn.new_ids)
         user_end = len(conversation.tokens)
         conversation.tokens.extend(turn.result.token_ids)
         record = Turn(dropped=turn.dropped, start=history_start, user_end=user_end,
                       end=len(conversation.tokens), table_blocks=len(turn.table))
-        self._finish_turn(turn.session_id, conversation, record, turn.table, turn.kept_count)
+        return self._finish_turn(turn.session_id, conversation, record, turn.table,
+                                 turn.kept_count, first_token)
 
     def abort(self, turn: ActiveTurn) -> None:
         """Frees a turn that will not complete; the history stays as it was (its KV is
         found again in the store, or replayed)."""
-        self.busy.discard(turn.session_id)
+        self.busy.pop(turn.session_id, None)
         self.runner.allocator.free(turn.table)
         self.resident.pop(turn.session_id, None)
         if turn.ephemeral or not turn.conversation.tokens:
             self.sessions.pop(turn.session_id, None)
 
-    def _finish_turn(self, session_id, conversation, turn, table, kept_count) -> None:
+    def _finish_turn(self, session_id, conversation, turn, table, kept_count,
+                     first_token) -> concurrent.futures.Future:
         block_size = self.runner.block_size
         new_blocks = apply_turn(conversation, turn, block_size)
         new_ids = table[kept_count:kept_count + len(new_blocks)]
@@ -286,11 +341,13 @@ class ChatEngine:
         self.runner.allocator.free(table[kept_count + len(new_blocks):])
         if not self.store:
             self._release(session_id)  # without a store nothing outlives the turn
-            return
-        self._save(session_id, [b[0] for b in new_blocks], new_ids)
+            return _done()
+        self._save(session_id, conversation, [b[0] for b in new_blocks], new_ids)
         self.store.drop_blocks(session_id, turn.dropped)
-        self.store.put_record(session_id, conversation.to_record())
+        durable = self.store.append_record(session_id,
+                                           turn_entry(conversation, turn, first_token))
         self._enforce_hbm_budget(keep=session_id)
+        return durable
 
     def warm_up_saves(self) -> int:
         """Compiles the copy out of the pool for every count of blocks a save can hold
@@ -307,10 +364,10 @@ class ChatEngine:
             jax.block_until_ready((k, v))
         return len(counts)
 
-    def _save(self, session_id, serials, block_ids) -> None:
+    def _save(self, session_id, conversation, serials, block_ids) -> None:
         """Starts the device-to-host copy now (the pool is donated by the next step), into
         the store's host memory kind, and lets the store's thread wait for it and file
-        the blocks as numpy arrays."""
+        the blocks as numpy arrays, under their content keys."""
         if not serials:
             return
         padded = np.full(bucket(len(block_ids), minimum=1), block_ids[-1], np.int32)
@@ -330,7 +387,8 @@ class ChatEngine:
             return BlockKV(host["k"][:, i], host["v"][:, i])
 
         for i, serial in enumerate(serials):
-            self.store.save(session_id, serial, functools.partial(produce, i))
+            self.store.save(session_id, serial, functools.partial(produce, i),
+                            block_key=conversation.keys[serial])
 
     # ----- context --------------------------------------------------------------------
 
@@ -349,7 +407,8 @@ class ChatEngine:
                 tiers["hbm"] += 1
                 table.append(resident[serial])
                 continue
-            found = self.store.get(session_id, serial) if self.store else None
+            found = (self.store.get(session_id, serial, block_key=conversation.keys[serial])
+                     if self.store else None)
             if found is None:
                 return (self._replay(session_id, conversation, kept), {},
                         len(kept) * self.runner.block_size, None)
@@ -370,32 +429,48 @@ class ChatEngine:
         return table, {k: v for k, v in tiers.items() if v}, 0, arriving
 
     def _replay(self, session_id, conversation, kept) -> list[int]:
-        """Recomputes the KV of the context blocks `kept` by replaying the turn log."""
+        """Recomputes the KV of the context blocks `kept` by replaying the turn log. On
+        any error (the pool running out) every block it took is freed again."""
         self._release(session_id)
         block_size = self.runner.block_size
         replayed = Conversation(tokens=conversation.tokens)
         placed: dict[int, int] = {}
-        for turn in conversation.turns:
-            for serial in turn.dropped:
-                self.runner.allocator.free([placed.pop(serial)])
-            replayed.blocks = [b for b in replayed.blocks if b[0] not in set(turn.dropped)]
-            table = [placed[s] for s in replayed.serials()]
-            prefix = len(table) * block_size
-            table += self._allocate(turn.table_blocks - len(table), session_id)
-            tokens = conversation.tokens[turn.start:turn.user_end]
-            self.runner.prefill(tokens, prefix, table)
-            position = prefix + len(tokens)
-            for step, token in enumerate(conversation.tokens[turn.user_end:turn.end - 1]):
-                self.runner.decode([token], [position + step], [table])
-            new_blocks = apply_turn(replayed, turn, block_size)
-            kept_count = len(replayed.blocks) - len(new_blocks)
-            for (serial, _, _), block in zip(new_blocks, table[kept_count:]):
-                placed[serial] = block
-            self.runner.allocator.free(table[kept_count + len(new_blocks):])
-        wanted = {serial for serial, _, _ in kept}
-        self.runner.allocator.free([b for s, b in placed.items() if s not in wanted])
+        owned: set[int] = set()  # every block taken and not yet freed or handed over
+
+        def take(count):
+            ids = self._allocate(count, session_id)
+            owned.update(ids)
+            return ids
+
+        def give_back(ids):
+            ids = list(ids)
+            self.runner.allocator.free(ids)
+            owned.difference_update(ids)
+
+        try:
+            for turn in conversation.turns:
+                give_back(placed.pop(serial) for serial in turn.dropped)
+                replayed.blocks = [b for b in replayed.blocks if b[0] not in set(turn.dropped)]
+                table = [placed[s] for s in replayed.serials()]
+                prefix = len(table) * block_size
+                table += take(turn.table_blocks - len(table))
+                tokens = conversation.tokens[turn.start:turn.user_end]
+                self.runner.prefill(tokens, prefix, table)
+                position = prefix + len(tokens)
+                for step, token in enumerate(conversation.tokens[turn.user_end:turn.end - 1]):
+                    self.runner.decode([token], [position + step], [table])
+                new_blocks = apply_turn(replayed, turn, block_size)
+                kept_count = len(replayed.blocks) - len(new_blocks)
+                for (serial, _, _), block in zip(new_blocks, table[kept_count:]):
+                    placed[serial] = block
+                give_back(table[kept_count + len(new_blocks):])
+            wanted = {serial for serial, _, _ in kept}
+            give_back(b for s, b in placed.items() if s not in wanted)
+        except BaseException:
+            self.runner.allocator.free(owned)
+            raise
         placed = {s: b for s, b in placed.items() if s in wanted}
         self.resident[session_id] = placed
         if self.store:
-            self._save(session_id, list(placed), list(placed.values()))
+            self._save(session_id, conversation, list(placed), list(placed.values()))
         return [placed[serial] for serial, _, _ in kept]

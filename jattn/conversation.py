@@ -11,11 +11,37 @@ then a tail of fewer than `block_size` tokens whose KV is recomputed at the next
 Truncation keeps the first `sink_blocks` blocks and drops the oldest others whole;
 keys are position-free, so the kept blocks simply take the positions of their new
 indices.
+
+Every full block has a 16-byte content key: `key = H(context key, its token ids)`, where
+the context key is the key of the block before it in the context, `ROOT_KEY` for the
+first, and after a truncation `H(context key, "drop", dropped serials)`; H is XXH3-128.
+The key names exactly the tokens and context the block's KV was computed from, so a
+stored copy is used only if its key matches (a copy from another history, left by a
+turn lost in a crash or filed under the wrong name, never is).
+
+A session is recorded as its turns, one entry each (`turn_entry`), appended as they
+complete; `Conversation.from_entries` rebuilds it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import xxhash
+
+ROOT_KEY = xxhash.xxh3_128_digest(b"jattn context v1")
+
+
+def block_key(context_key: bytes, tokens) -> bytes:
+    """The content key of a block of `tokens` (ids) following `context_key`."""
+    return xxhash.xxh3_128_digest(context_key + np.asarray(tokens, "<i8").tobytes())
+
+
+def truncated_key(context_key: bytes, dropped_serials) -> bytes:
+    """The context key after the blocks `dropped_serials` left the context."""
+    return xxhash.xxh3_128_digest(
+        context_key + b"drop" + np.asarray(sorted(dropped_serials), "<i8").tobytes())
 
 
 @dataclass
@@ -33,22 +59,26 @@ class Turn:
 
 @dataclass
 class Conversation:
-    """History, context blocks `[serial, start, end]`, tail start, and the turn log."""
+    """History, context blocks `[serial, start, end]`, tail start, the turn log, each
+    context block's content key (`keys`: serial -> 16 bytes) and the context key the
+    next block chains from."""
 
     tokens: list[int] = field(default_factory=list)
     blocks: list[list[int]] = field(default_factory=list)
     tail_start: int = 0
     next_serial: int = 0
     turns: list[Turn] = field(default_factory=list)
-
-    def to_record(self) -> dict:
-        return asdict(self)
+    keys: dict[int, bytes] = field(default_factory=dict)
+    context_key: bytes = ROOT_KEY
 
     @classmethod
-    def from_record(cls, record: dict) -> "Conversation":
-        fields = dict(record)
-        fields["turns"] = [Turn(**t) for t in record["turns"]]
-        return cls(**fields)
+    def from_entries(cls, entries: list[dict], block_size: int) -> "Conversation":
+        """The conversation whose turns `turn_entry` recorded as `entries`, in order."""
+        conversation = cls()
+        for entry in entries:
+            conversation.tokens.extend(entry["tokens"])
+            apply_turn(conversation, Turn(**entry["turn"]), block_size)
+        return conversation
 
     @property
     def tail(self) -> list[int]:
@@ -75,15 +105,28 @@ def plan_truncation(conversation: Conversation, new_tokens: int, reserve: int, *
     return dropped
 
 
+def turn_entry(conversation: Conversation, turn: Turn, first_token: int) -> dict:
+    """A finished turn as a record entry (JSON-able): the turn and the history tokens
+    it added, `conversation.tokens[first_token:turn.end]`."""
+    return {"turn": asdict(turn), "tokens": conversation.tokens[first_token:turn.end]}
+
+
 def apply_turn(conversation: Conversation, turn: Turn, block_size: int) -> list[list[int]]:
-    """Records a finished turn: drops its blocks and cuts the newly computed tokens into
-    full blocks (new serials). Returns the new `[serial, start, end]` blocks."""
+    """Records a finished turn (its tokens already in the history): drops its blocks and
+    cuts the newly computed tokens into full blocks (new serials, with their keys).
+    Returns the new `[serial, start, end]` blocks."""
     gone = set(turn.dropped)
     conversation.blocks = [b for b in conversation.blocks if b[0] not in gone]
+    if gone:
+        conversation.context_key = truncated_key(conversation.context_key, gone)
+        for serial in gone:
+            conversation.keys.pop(serial, None)
     computed_end = turn.end - 1 if turn.end > turn.user_end else turn.user_end
     new_blocks = []
     start = turn.start
     while start + block_size <= computed_end:
+        key = block_key(conversation.context_key, conversation.tokens[start:start + block_size])
+        conversation.keys[conversation.next_serial] = conversation.context_key = key
         new_blocks.append([conversation.next_serial, start, start + block_size])
         conversation.next_serial += 1
         start += block_size

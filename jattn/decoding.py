@@ -6,12 +6,11 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-import jax
 import numpy as np
 
 from jattn.generation import Generation, IncrementalText, StreamedToken
 from jattn.model.runner import ModelRunner
-from jattn.sampling import SamplingParams, sample_rows
+from jattn.sampling import SamplingParams, sample_rows, seed_key_data
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
@@ -39,8 +38,8 @@ class Continuation:
         self.start_time = start_time
         self.steps = 0
         self.finished = False
-        seed = params.seed if params.seed is not None else time.time_ns()
-        self.key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+        self.key_data = seed_key_data(params.seed if params.seed is not None
+                                      else time.time_ns() % 2**64)
         self.draws = 0  # the key of draw n is `key` folded with n
         self._text = IncrementalText(tokenizer.decode) if tokenizer else None
         result.finish_reason = "length"
@@ -90,7 +89,8 @@ def sample_next(continuations: list[Continuation], logits) -> list[int]:
     for row, continuation in enumerate(continuations):
         p = continuation.params
         key_data[row], draws[row] = continuation.key_data, continuation.draws
-        temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
+        temperature[row], top_p[row] = p.temperature, p.top_p
+        top_k[row] = min(p.top_k, logits.shape[-1])  # past the vocabulary: all of it
         continuation.draws += 1
     tokens = np.asarray(sample_rows(logits, key_data, draws, temperature, top_k, top_p))
     return tokens[:len(continuations)].tolist()

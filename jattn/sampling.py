@@ -7,12 +7,16 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. `temperature=0` is greedy (argmax); `top_k=0` and `top_p=1`
-    disable those filters; `stop` strings end the generation (not included)."""
+    disable those filters (a `top_k` past the vocabulary keeps it all; a `top_p` however
+    small keeps at least the most likely token); `stop` strings end the generation (not
+    included). `seed` is an integer in [0, 2**64): all 64 bits choose the random stream
+    (see `seed_key_data`); None draws one from the clock."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -32,8 +36,10 @@ class SamplingParams:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or
-                                      not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+                                      not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, "
+                             f"got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
@@ -42,6 +48,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+KEY_IMPL = "threefry2x32"
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """The raw PRNG key data `[2]` uint32 of a 64-bit `seed`: its high and low 32-bit
+    halves, so every seed in [0, 2**64) is its own stream (`jax.random.key` would keep
+    only the low 32 bits without x64). Equals `jax.random.key(seed)`'s data for seeds
+    below 2**32."""
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
 def _finite_number(x) -> bool:
@@ -59,7 +76,7 @@ def _sample_row(logits, key, temperature, top_k, top_p):
     ordered = jnp.sort(scaled)[::-1]
     probs = jax.nn.softmax(ordered)
     before = jnp.cumsum(probs) - probs
-    kept = jnp.sum(before < top_p)
+    kept = jnp.maximum(jnp.sum(before < top_p), 1)  # a top_p that rounds to 0 keeps one
     scaled = jnp.where(scaled < ordered[kept - 1], -jnp.inf, scaled)
     drawn = jax.random.categorical(key, scaled).astype(jnp.int32)
     return jnp.where(temperature == 0, greedy, drawn)
@@ -68,8 +85,8 @@ def _sample_row(logits, key, temperature, top_k, top_p):
 @jax.jit
 def sample_rows(logits, key_data, draws, temperature, top_k, top_p):
     """Next token of every row of `logits [R, V]` float32 -> int32 `[R]`, each row with
-    its own parameters, all `[R]`: `key_data` (raw PRNG key data, `[R, ...]` uint32, from
-    `jax.random.key_data`), `draws` (the row's key is folded with it: the sequence's
+    its own parameters, all `[R]`: `key_data` (raw threefry key data, `[R, 2]` uint32, from
+    `seed_key_data`), `draws` (the row's key is folded with it: the sequence's
     count of earlier draws), `temperature` float32, `top_k` int32, `top_p` float32.
 
     One call samples a whole decode batch (parameters are traced, so one compiled
@@ -77,5 +94,6 @@ def sample_rows(logits, key_data, draws, temperature, top_k, top_p):
     largest logits (ties at the k-th kept); top-p keeps the smallest set of most likely
     tokens whose probability reaches p (the most likely token always stays).
     """
-    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data), draws)
+    keys = jax.vmap(jax.random.fold_in)(
+        jax.random.wrap_key_data(key_data, impl=KEY_IMPL), draws)
     return jax.vmap(_sample_row)(logits, keys, temperature, top_k, top_p)

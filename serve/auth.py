@@ -1,9 +1,10 @@
 """Bearer-token authentication, and the session namespace each token gives.
 
-With tokens configured, every call must carry `authorization: Bearer <token>` metadata
-(else UNAUTHENTICATED), and a session id is looked up inside its token's namespace: two
-clients with different tokens never reach each other's conversations, even with the
-same session id. Without tokens, the server is open and there is one namespace.
+With tokens configured, every call but the health service's must carry
+`authorization: Bearer <token>` metadata (else UNAUTHENTICATED, for every call, by
+`serve.interceptors.TokenCheck`), and a session id is looked up inside its token's
+namespace: two clients with different tokens never reach each other's conversations,
+even with the same session id. Without tokens, the server is open and there is one namespace.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import grpc
 
 
 class Tenants:
-    """The accepted tokens, each with a namespace derived from its hash."""
+    """The accepted tokens, each with a namespace derived from its hash. Whether a call
+    may run at all is `serve.interceptors.TokenCheck`'s decision, made with `knows`."""
+
+    REFUSAL = "missing or unknown bearer token (metadata 'authorization: Bearer <token>')"
 
     def __init__(self, tokens):
         self._namespaces = {token: hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -25,19 +29,30 @@ class Tenants:
     def enabled(self) -> bool:
         return bool(self._namespaces)
 
+    def _lookup(self, metadata) -> str | None:
+        """The namespace of the bearer token in call `metadata`, or None."""
+        header = next((value for key, value in metadata or () if key == "authorization"), "")
+        scheme, _, given = str(header).partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        for token, namespace in self._namespaces.items():
+            if hmac.compare_digest(token.encode(), given.strip().encode()):
+                return namespace
+        return None
+
+    def knows(self, metadata) -> bool:
+        """True if call `metadata` carries one of the tokens."""
+        return self._lookup(metadata) is not None
+
     def namespace(self, context: grpc.ServicerContext) -> str:
         """The caller's namespace ("" on an open server); aborts the call with
         UNAUTHENTICATED when the token is missing or wrong."""
         if not self._namespaces:
             return ""
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() == "bearer":
-            for token, namespace in self._namespaces.items():
-                if hmac.compare_digest(token.encode(), given.strip().encode()):
-                    return namespace
-        context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                      "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        namespace = self._lookup(context.invocation_metadata())
+        if namespace is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, self.REFUSAL)
+        return namespace
 
 
 def scoped(namespace: str, session_id: str) -> str:

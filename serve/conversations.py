@@ -86,7 +86,6 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
             resident_blocks_by_tier=info["resident_blocks"])
 
     def ServerStats(self, request, context):
-        self.tenants.namespace(context)
         stats = self.engine.stats()
         store = {k: float(v) for k, v in stats.get("store", {}).items()}
         return jattn_pb2.ServerStatsResponse(

@@ -75,7 +75,10 @@ def grpc_markdown() -> str:
         files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
     lines = ["# gRPC API reference", "",
              "Generated from `serve/protos/*.proto` by `python -m serve.reference`; do not "
-             "edit. Server reflection and `grpc.health.v1.Health` are served too.", ""]
+             "edit. Server reflection and `grpc.health.v1.Health` are served too. With "
+             "`auth_tokens` set, every call but `grpc.health.v1.Health`'s needs "
+             "`authorization: Bearer <token>` metadata (else UNAUTHENTICATED); see "
+             "[the failure model](failure_model.md) for what each fault looks like.", ""]
     for proto in files:
         comments = {tuple(loc.path): loc.leading_comments.strip()
                     for loc in proto.source_code_info.location if loc.leading_comments}

@@ -22,6 +22,7 @@ from jattn.store import StoreConfig
 from serve.auth import Tenants
 from serve.config import ServeConfig
 from serve.conversations import ConversationsServicer
+from serve.interceptors import RequestDecoding, TokenCheck
 from serve.jetstream import OrchestratorServicer
 from serve.metrics import Metrics
 from serve.protos import jattn_pb2, jattn_pb2_grpc, jetstream_pb2, jetstream_pb2_grpc
@@ -56,22 +57,25 @@ class Server:
         self.config = config
         use_compilation_cache(config.compilation_cache_dir)
         self.llm = llm or build_llm(config)
+        self.health = health.HealthServicer()
         self.engine = Engine(self.llm, EngineLimits(
             max_queue=config.max_queue, max_running=config.max_running,
             max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
-            max_sessions=config.max_sessions), warm_up=config.warm_up)
+            max_sessions=config.max_sessions), warm_up=config.warm_up,
+            on_failure=self._engine_failed)
         self.metrics = Metrics(self.engine, port=config.metrics_port)
         tenants = Tenants(config.auth_tokens)
         workers = config.max_queue + config.max_running + 8
-        self.grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(
-            workers, thread_name_prefix="jattn-grpc"), maximum_concurrent_rpcs=workers)
+        self.grpc = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jattn-grpc"),
+            interceptors=(TokenCheck(tenants), RequestDecoding()),
+            maximum_concurrent_rpcs=workers)
         jattn_pb2_grpc.add_ConversationsServicer_to_server(ConversationsServicer(
             self.engine, tenants, default_max_tokens=config.default_max_tokens,
             metrics=self.metrics), self.grpc)
         jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(
             self.engine, tenants, default_max_tokens=config.default_max_tokens,
             metrics=self.metrics), self.grpc)
-        self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -88,10 +92,20 @@ class Server:
 
     def start(self) -> "Server":
         self.grpc.start()
-        for service in ("",) + SERVICES:
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING
+                         if self.engine.is_live() else health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("jattn serving on %s:%d", self.config.host, self.port)
         return self
+
+    def _set_health(self, status) -> None:
+        for service in ("",) + SERVICES:
+            self.health.set(service, status)
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """The engine's thread stopped: say so to health checks (calls already fail
+        with UNAVAILABLE); the process keeps running until it is stopped."""
+        log.critical("the engine has stopped (%r): health is NOT_SERVING", error)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self) -> None:
         """Stops accepting turns, finishes (then cancels) those in flight, flushes the

@@ -10,7 +10,7 @@ import pytest
 from jattn import LLM
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
-from jattn.sampling import SamplingParams, sample_rows
+from jattn.sampling import SamplingParams, sample_rows, seed_key_data
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,48 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm):
                         seed=3).token_ids == greedy
     assert llm.generate("The little dog", max_tokens=20, temperature=1.5, top_p=1e-6,
                         seed=3).token_ids == greedy
+
+
+def test_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    """float32 rounds 1e-50 to 0; the nucleus still holds the argmax (greedy), as at any
+    other small top_p, where before it filtered nothing."""
+    logits = np.log([0.2, 0.5, 0.3])
+    assert set(draws_of(logits, 400, temperature=2.0, top_p=1e-50)) == {1}
+    assert set(draws_of(logits, 400, temperature=2.0, top_p=1e-6)) == {1}
+
+
+def test_top_k_past_the_vocabulary_keeps_it_all():
+    """A top_k beyond the vocabulary (even past int32) filters nothing: the frequencies
+    are the plain softmax's."""
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    continuations = [Continuation(SamplingParams(temperature=1.0, top_k=2**40, seed=s),
+                                  budget=1, eos=set(), tokenizer=None,
+                                  result=Generation("", [], "length"), start_time=0.0)
+                     for s in range(2000)]
+    rows = np.repeat(logits[None].astype(np.float32), len(continuations), axis=0)
+    freq = np.bincount(sample_next(continuations, rows), minlength=4) / len(continuations)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.035)
+
+
+def test_every_64_bit_seed_is_its_own_stream():
+    """Seeds that agree in their low 32 bits, or sit past 2**63, give different and
+    reproducible streams; below 2**32 a seed's key is `jax.random.key(seed)`'s."""
+    seeds = [5, 2**32 + 5, 2**63, 2**64 - 1]
+    datas = [seed_key_data(s) for s in seeds]
+    assert len({d.tobytes() for d in datas}) == len(seeds)
+    np.testing.assert_array_equal(seed_key_data(5),
+                                  jax.random.key_data(jax.random.key(5)))
+    assert seed_key_data(2**64 - 1).tolist() == [2**32 - 1, 2**32 - 1]
+    for bad in (-1, 2**64, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=bad)
+
+
+def test_seeds_past_2_63_sample_reproducibly(llm):
+    a = llm.generate("Once upon a time", max_tokens=12, temperature=1.0, seed=2**63)
+    b = llm.generate("Once upon a time", max_tokens=12, temperature=1.0, seed=2**63)
+    c = llm.generate("Once upon a time", max_tokens=12, temperature=1.0, seed=2**64 - 1)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12 and len(c.token_ids) == 12
 
 
 def draws_of(logits, n, temperature=1.0, top_k=0, top_p=1.0):

@@ -1,5 +1,6 @@
 """AttentionStore on its own: entries, budgets, eviction order, hints, threads."""
 
+import hashlib
 import os
 import threading
 
@@ -20,6 +21,18 @@ def block(seed, layers=2, size=4):
 
 
 BLOCK_BYTES = block(0).nbytes
+
+
+def content_key(session, serial):
+    """A 16-byte block key, distinct per session and serial (as the engine's are)."""
+    return hashlib.blake2b(f"{session}/{serial}".encode(), digest_size=16).digest()
+
+
+def disk_usage(root):
+    """What the disk budget counts under `root`: file sizes, 4096 bytes per directory
+    below it."""
+    return sum(sum(os.path.getsize(os.path.join(d, f)) for f in files) + 4096 * len(dirs)
+               for d, dirs, files in os.walk(root))
 
 
 def test_disk_entry_round_trip_and_every_check(tmp_path):
@@ -64,17 +77,18 @@ def test_host_budget_is_never_exceeded_and_evicts_by_policy():
     store = AttentionStore(StoreConfig(host_bytes=4 * BLOCK_BYTES), fingerprint=FINGERPRINT)
     for session in ("s1", "s2", "s3"):
         for serial in range(2):
-            store.save(session, serial, lambda: block(serial))
+            store.save(session, serial, lambda: block(serial),
+                       block_key=content_key(session, serial))
             store.flush()
             assert store.stats()["host_bytes"] <= 4 * BLOCK_BYTES
-    assert store.get("s1", 0) is None  # the least recently used session went first
-    assert store.get("s3", 1)[1] == "host"
+    assert store.get("s1", 0, block_key=content_key("s1", 0)) is None  # LRU went first
+    assert store.get("s3", 1, block_key=content_key("s3", 1))[1] == "host"
     store.hint(["s2"]).result()
-    store.save("s4", 0, lambda: block(9))
-    store.save("s4", 1, lambda: block(9))
+    store.save("s4", 0, lambda: block(9), block_key=content_key("s4", 0))
+    store.save("s4", 1, lambda: block(9), block_key=content_key("s4", 1))
     store.flush()
-    assert store.get("s2", 0) is not None  # hinted: kept over the older-used s3
-    assert store.get("s3", 0) is None
+    assert store.get("s2", 0, block_key=content_key("s2", 0)) is not None  # hinted: kept
+    assert store.get("s3", 0, block_key=content_key("s3", 0)) is None  # over older-used s3
     store.close()
 
 
@@ -82,13 +96,14 @@ def test_hint_prefetches_from_disk_into_host(tmp_path):
     config = StoreConfig(host_bytes=2 * BLOCK_BYTES, disk_bytes=10**6, disk_path=str(tmp_path))
     store = AttentionStore(config, fingerprint=FINGERPRINT)
     for serial in range(2):
-        store.save("old", serial, lambda s=serial: block(s))
+        store.save("old", serial, lambda s=serial: block(s), block_key=content_key("old", serial))
     for serial in range(2):
-        store.save("new", serial, lambda s=serial: block(10 + s))
+        store.save("new", serial, lambda s=serial: block(10 + s),
+                   block_key=content_key("new", serial))
     store.flush()
     assert store.stats()["host_blocks"] == 2  # "old" was pushed out of host memory
     assert store.hint(["old"]).result() == 2
-    found, tier = store.get("old", 1)
+    found, tier = store.get("old", 1, block_key=content_key("old", 1))
     assert tier == "host"
     np.testing.assert_array_equal(found.k, block(1).k)
     assert store.stats()["prefetched_blocks"] == 2
@@ -98,19 +113,20 @@ def test_hint_prefetches_from_disk_into_host(tmp_path):
 def test_restart_reindexes_disk_and_ignores_torn_writes(tmp_path):
     config = StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path))
     store = AttentionStore(config, fingerprint=FINGERPRINT)
-    store.save("s", 0, lambda: block(4))
-    store.put_record("s", {"tokens": [1, 2, 3]})
+    store.save("s", 0, lambda: block(4), block_key=content_key("s", 0))
+    assert store.append_record("s", {"tokens": [1, 2, 3]}).result() is True
     store.close()
-    session_dir = next(p for p, _, files in os.walk(tmp_path) if "session.rec" in files)
+    session_dir = next(p for p, _, files in os.walk(tmp_path) if "session.log" in files)
     open(os.path.join(session_dir, ".tmp-abandoned"), "wb").write(b"half a file")
     again = AttentionStore(config, fingerprint=FINGERPRINT)
-    assert again.get_record("s") == {"tokens": [1, 2, 3]}
-    found, tier = again.get("s", 0)
+    assert again.get_record("s") == [{"tokens": [1, 2, 3]}]
+    found, tier = again.get("s", 0, block_key=content_key("s", 0))
     assert tier == "disk"
     np.testing.assert_array_equal(found.v, block(4).v)
     assert not [f for f in os.listdir(session_dir) if f.startswith(".tmp-")]
     other_model = AttentionStore(config, fingerprint="0" * 64)
-    assert other_model.get_record("s") is None and other_model.get("s", 0) is None
+    assert other_model.get_record("s") is None
+    assert other_model.get("s", 0, block_key=content_key("s", 0)) is None
 
 
 def test_concurrent_sessions_from_many_threads(tmp_path):
@@ -123,10 +139,12 @@ def test_concurrent_sessions_from_many_threads(tmp_path):
         try:
             session = f"user-{index}"
             for serial in range(6):
-                store.save(session, serial, lambda s=serial: block(index * 100 + s))
+                store.save(session, serial, lambda s=serial: block(index * 100 + s),
+                           block_key=content_key(session, serial))
+            store.append_record(session, {"turn": 0})
             store.hint([session])
             for serial in range(6):
-                found = store.get(session, serial)
+                found = store.get(session, serial, block_key=content_key(session, serial))
                 if found is not None:
                     np.testing.assert_array_equal(found[0].k, block(index * 100 + serial).k)
                 stats = store.stats()
@@ -142,9 +160,8 @@ def test_concurrent_sessions_from_many_threads(tmp_path):
         thread.join()
     store.close()
     assert not errors, errors
-    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path)
-                  for f in fs if f.endswith(".kv"))
-    assert on_disk == store.stats()["disk_bytes"] <= config.disk_bytes
+    root = os.path.join(tmp_path, FINGERPRINT[:16])
+    assert disk_usage(root) == store.stats()["disk_bytes"] <= config.disk_bytes
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -184,23 +201,25 @@ def test_host_memory_kind_choice():
         StoreConfig(host_memory_kind="gpu")
 
 
-def test_records_are_written_after_their_blocks_and_the_latest_wins(tmp_path):
+def test_record_entries_are_appended_after_their_blocks(tmp_path):
     config = StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path))
     store = AttentionStore(config, fingerprint=FINGERPRINT)
     release = threading.Event()
-    store.save("s", 0, lambda: release.wait(30) and block(0))
-    store.put_record("s", {"tokens": [0]})  # returns at once, queued behind the save
-    assert store.get_record("s") == {"tokens": [0]}
-    assert not [f for _, _, files in os.walk(tmp_path) for f in files if f == "session.rec"]
+    store.save("s", 0, lambda: release.wait(30) and block(0), block_key=content_key("s", 0))
+    durable = store.append_record("s", {"tokens": [0]})  # queued behind the save
+    assert store.get_record("s") == [{"tokens": [0]}]
+    assert not durable.done()
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files if f == "session.log"]
     release.set()
+    assert durable.result() is True
     for n in range(1, 20):
-        store.save("s", n, lambda n=n: block(n))
-        store.put_record("s", {"tokens": list(range(n + 1))})
+        store.save("s", n, lambda n=n: block(n), block_key=content_key("s", n))
+        store.append_record("s", {"tokens": [n]})
     store.close()
     again = AttentionStore(config, fingerprint=FINGERPRINT)
-    assert again.get_record("s") == {"tokens": list(range(20))}
+    assert again.get_record("s") == [{"tokens": [n]} for n in range(20)]
     for n in range(20):
-        found, tier = again.get("s", n)
+        found, tier = again.get("s", n, block_key=content_key("s", n))
         assert tier == "disk"
         np.testing.assert_array_equal(found.k, block(n).k)
 
@@ -212,17 +231,19 @@ def test_dropping_some_blocks_of_a_turn_frees_their_shared_array():
     k, v = (rng.standard_normal((2, 6, 4, 2, 8)).astype(np.float32) for _ in "kv")
     store = AttentionStore(StoreConfig(host_bytes=10**6), fingerprint=FINGERPRINT)
     for serial in range(6):
-        store.save("s", serial, lambda i=serial: BlockKV(k[:, i], v[:, i]))
-    store.save("other", 0, lambda: BlockKV(k[:, 0], v[:, 0]))
+        store.save("s", serial, lambda i=serial: BlockKV(k[:, i], v[:, i]),
+                   block_key=content_key("s", serial))
+    store.save("other", 0, lambda: BlockKV(k[:, 0], v[:, 0]), block_key=content_key("other", 0))
     store.flush()
     store.drop_blocks("s", [1, 2, 3])
     for serial in (0, 4, 5):
-        found, tier = store.get("s", serial)
+        found, tier = store.get("s", serial, block_key=content_key("s", serial))
         assert tier == "host"
         assert not np.shares_memory(found.k, k) and not np.shares_memory(found.v, v)
         np.testing.assert_array_equal(found.k, k[:, serial])
         np.testing.assert_array_equal(found.v, v[:, serial])
     for serial in (1, 2, 3):
-        assert store.get("s", serial) is None
-    assert np.shares_memory(store.get("other", 0)[0].k, k)  # another session's, untouched
+        assert store.get("s", serial, block_key=content_key("s", serial)) is None
+    other = store.get("other", 0, block_key=content_key("other", 0))
+    assert np.shares_memory(other[0].k, k)  # another session's, untouched
     store.close()

@@ -93,6 +93,10 @@ class BlockAllocator:
     def free_blocks(self) -> int:
         return len(self._free)
 
+    def free_ids(self) -> set[int]:
+        """The ids free now."""
+        return set(self._free)
+
     def allocate(self, count: int) -> list[int]:
         """Takes `count` blocks; raises `PoolExhausted` (and takes none) if too few are free."""
         if count > len(self._free):

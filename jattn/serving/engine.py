@@ -9,12 +9,20 @@ session's KV through the `ChatEngine` and the AttentionStore; the queue's next
 sessions go to `AttentionStore.hint`, which prefetches them from disk and keeps them
 from eviction. Tokens reach each `TurnStream` as they are sampled; a cancelled turn
 frees its blocks at the next step.
+
+No request can stop the engine: an error while running one turn fails that turn (its
+blocks freed), an error in a step shared by several turns fails those turns, and the
+loop goes on. Should the thread itself ever end unexpectedly, every waiting and running
+turn and every pending call fails with `EngineStopped`, later calls fail at once with
+it, `is_live()` turns False and `on_failure` is told (the server's health goes
+NOT_SERVING).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jattn.chat import ActiveTurn
+from jattn.chat import ActiveTurn, BlockCensus, OneOff
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.model.kv_cache import PoolExhausted, bucket, powers_of_two
@@ -35,7 +43,11 @@ from jattn.serving.requests import (
     TooManySessions,
     TurnRequest,
     TurnStream,
+    check_session_id,
+    check_stop_strings,
 )
+
+log = logging.getLogger("jattn.engine")
 
 
 @dataclass(frozen=True)
@@ -71,9 +83,11 @@ def _warm_up_sampling(llm, max_batch: int) -> None:
 class Engine:
     """Runs the turns of many conversations of one `LLM` at once. The LLM is the
     engine's from now on: use it only through the engine. `warm_up` compiles every
-    shape first, so no request waits for a compilation."""
+    shape first, so no request waits for a compilation. `on_failure(error)` is called
+    (on the engine's thread) if that thread ever stops unexpectedly."""
 
-    def __init__(self, llm, limits: EngineLimits = EngineLimits(), *, warm_up: bool = False):
+    def __init__(self, llm, limits: EngineLimits = EngineLimits(), *, warm_up: bool = False,
+                 on_failure=None):
         if warm_up:
             llm.runner.warm_up(max_context=llm.max_context, max_batch=limits.max_running,
                                loading=llm.store is not None)
@@ -91,6 +105,8 @@ class Engine:
         self._cancel_all = False
         self._hinted: list[str] = []  # the upcoming sessions last passed to the store
         self._stopped = False
+        self._failure: BaseException | None = None
+        self._on_failure = on_failure
         self._one_off = itertools.count()
         self.counters = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="jattn-engine", daemon=True)
@@ -105,7 +121,7 @@ class Engine:
         stream = TurnStream(request, self._cancel)
         with self._condition:
             if not self._accepting:
-                raise EngineStopped("the engine is shutting down")
+                raise self._stopped_error()
             if len(self._waiting) >= self.limits.max_queue:
                 self.counters["rejected_queue_full"] += 1
                 raise QueueFull(f"the queue holds {self.limits.max_queue} turns already")
@@ -119,9 +135,9 @@ class Engine:
         return stream
 
     def _validate(self, request: TurnRequest) -> None:
-        session = request.session_id
-        if session is not None and (not isinstance(session, str) or not session):
-            raise ValueError(f"session_id must be a non-empty string, got {session!r}")
+        if request.session_id is not None:
+            check_session_id(request.session_id)
+        check_stop_strings(request.params.stop)
         if request.kind not in INPUT_KINDS:
             raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {request.kind!r}")
         if request.kind == "tokens":
@@ -167,7 +183,7 @@ class Engine:
         outcome = {}
         with self._condition:
             if self._stopped:
-                raise EngineStopped("the engine has stopped")
+                raise self._stopped_error()
             self._calls.append((function, args, done, outcome))
             self._condition.notify()
         done.wait()
@@ -175,18 +191,30 @@ class Engine:
             raise outcome["error"]
         return outcome["value"]
 
+    def _stopped_error(self) -> EngineStopped:
+        if self._failure is not None:
+            return EngineStopped(f"the engine has stopped after an internal error "
+                                 f"({type(self._failure).__name__})")
+        return EngineStopped("the engine is shutting down")
+
     def end_session(self, session_id: str) -> None:
         """Forgets a session everywhere; SessionNotFound if it is unknown; ValueError if
         a turn of it is in flight."""
+        check_session_id(session_id)
         self._call(self._end_session, session_id)
 
     def describe(self, session_id: str) -> dict:
         """A session's turns, history and context tokens, and where its blocks are."""
+        check_session_id(session_id)
         return self._call(self._describe, session_id)
+
+    def block_census(self) -> BlockCensus:
+        """Where every block of the device pool is now (free, resident, in flight)."""
+        return self._call(self.chats.block_census)
 
     def is_live(self) -> bool:
         """True while the engine's thread runs and accepts turns."""
-        return self._accepting and self._thread.is_alive()
+        return self._accepting and self._thread.is_alive() and self._failure is None
 
     def stats(self) -> dict:
         """Requests, queue and batch sizes, sessions, and the store's counters."""
@@ -215,32 +243,65 @@ class Engine:
     # ----- the engine's thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not (self._waiting or self._active or self._calls or self._cancelled
-                           or not self._accepting):
-                    self._condition.wait()
-                if not self._accepting and not (self._waiting or self._active or self._calls):
-                    self._stopped = True
-                    return
-                calls, self._calls = self._calls, []
-                cancelled, self._cancelled = self._cancelled, []
-                if self._cancel_all:
-                    while self._waiting:
-                        self._waiting.popleft().close()
-                    cancelled += list(self._active)
-            for function, args, done, outcome in calls:
-                try:
-                    outcome["value"] = function(*args)
-                except Exception as error:  # handed to the caller
-                    outcome["error"] = error
-                done.set()
-            for stream in cancelled:
-                self._stop_turn(stream)
-            self._admit()
-            self._hint()
-            self._prefill_step()
-            self._decode_step()
+        try:
+            while self._step():
+                pass
+        except BaseException as error:
+            self._fail_engine(error)
+
+    def _step(self) -> bool:
+        """One step: pending calls, cancellations, admission, hints, one prefill chunk,
+        one decode batch. False once the engine has stopped."""
+        with self._condition:
+            while not (self._waiting or self._active or self._calls or self._cancelled
+                       or not self._accepting):
+                self._condition.wait()
+            if not self._accepting and not (self._waiting or self._active or self._calls):
+                self._stopped = True
+                return False
+            calls, self._calls = self._calls, []
+            cancelled, self._cancelled = self._cancelled, []
+            if self._cancel_all:
+                while self._waiting:
+                    self._waiting.popleft().close()
+                cancelled += list(self._active)
+        for function, args, done, outcome in calls:
+            try:
+                outcome["value"] = function(*args)
+            except Exception as error:  # handed to the caller
+                outcome["error"] = error
+            done.set()
+        for stream in cancelled:
+            self._stop_turn(stream)
+        for phase in (self._admit, self._hint, self._prefill_step, self._decode_step):
+            try:
+                phase()
+            except Exception as error:
+                log.exception("engine %s failed: failing the turns it held", phase.__name__)
+                for stream in list(self._active):
+                    self._fail_turn(stream, error)
+        return True
+
+    def _fail_engine(self, error: BaseException) -> None:
+        """The thread is ending unexpectedly: fail everything it held or would have run."""
+        log.critical("the engine's thread stopped: %r; failing every turn and call",
+                     error, exc_info=error)
+        with self._condition:
+            self._failure = error
+            self._accepting = False
+            self._stopped = True
+            streams = list(self._waiting) + list(self._active)
+            self._waiting.clear()
+            self._active.clear()
+            calls, self._calls = self._calls, []
+        stopped = self._stopped_error()
+        for stream in streams:
+            stream.fail(stopped)
+        for _, _, done, outcome in calls:
+            outcome["error"] = stopped
+            done.set()
+        if self._on_failure is not None:
+            self._on_failure(error)
 
     def _admit(self) -> None:
         while len(self._active) < self.limits.max_running:
@@ -265,6 +326,11 @@ class Engine:
                 self.counters["invalid"] += 1
                 stream.fail(error)
                 continue
+            except Exception as error:
+                log.exception("a turn failed to start")
+                self.counters["failed"] += 1
+                stream.fail(error)
+                continue
             self._active[stream] = turn
             stream.start(turn.result)
 
@@ -272,7 +338,7 @@ class Engine:
         session = request.session_id
         ephemeral = session is None
         if ephemeral:
-            session = f"\0one-off-{next(self._one_off)}"
+            session = OneOff(next(self._one_off))
         elif session not in self.chats.sessions and \
                 len(self.chats.sessions) >= self.limits.max_sessions:
             raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
@@ -305,8 +371,8 @@ class Engine:
                         if s.request.session_id is not None]
         upcoming = upcoming[:self.llm.store.config.lookahead]
         if upcoming and upcoming != self._hinted:
-            self.llm.store.hint(upcoming)
             self._hinted = upcoming
+            self.llm.store.hint(upcoming)
 
     def _prefill_step(self) -> None:
         stream = next((s for s, t in self._active.items()
@@ -319,6 +385,7 @@ class Engine:
             if logits is not None:
                 self._deliver(stream, turn, turn.continuation.sample(logits))
         except Exception as error:
+            log.exception("a prefill chunk failed")
             self._fail_turn(stream, error)
 
     def _decode_step(self) -> None:
@@ -330,13 +397,18 @@ class Engine:
             logits = self.llm.runner.decode(
                 [t.result.token_ids[-1] for _, t in ready],
                 [t.next_position for _, t in ready], [t.table for _, t in ready])
+            tokens = sample_next([t.continuation for _, t in ready], logits)
         except Exception as error:
+            log.exception("a decode step of %d turns failed", len(ready))
             for stream, _ in ready:
                 self._fail_turn(stream, error)
             return
-        tokens = sample_next([t.continuation for _, t in ready], logits)
         for (stream, turn), token in zip(ready, tokens):
-            self._deliver(stream, turn, token)
+            try:
+                self._deliver(stream, turn, token)
+            except Exception as error:
+                log.exception("delivering a token failed")
+                self._fail_turn(stream, error)
 
     def _deliver(self, stream: TurnStream, turn: ActiveTurn, token: int) -> None:
         streamed = turn.continuation.take(token)
@@ -344,27 +416,37 @@ class Engine:
             stream.push(streamed)
             self.counters["tokens_generated"] += 1
         if turn.continuation.finished:
+            durable = self.chats.complete(turn)
             del self._active[stream]
-            self.chats.complete(turn)
             self.counters["completed"] += 1
             self.counters["tokens_reused"] += turn.result.cached_tokens
             self.counters["tokens_prefilled"] += turn.result.recomputed_tokens
-            stream.close()
+            # The stream ends (the client's acknowledgement) once the turn is durable.
+            durable.add_done_callback(lambda _: stream.close())
 
     def _stop_turn(self, stream: TurnStream) -> None:
         turn = self._active.pop(stream, None)
         if turn is None:
             return
         turn.continuation.finish("cancelled")
-        self.chats.abort(turn)
         self.counters["cancelled"] += 1
         stream.close()
+        self._free(turn)
+
+    def _free(self, turn: ActiveTurn) -> None:
+        """Frees the blocks of a turn that will not complete (a failure to do so is
+        logged: the block census then shows the leak)."""
+        try:
+            self.chats.abort(turn)
+        except Exception:
+            log.exception("freeing the blocks of a turn failed")
 
     def _fail_turn(self, stream: TurnStream, error: Exception) -> None:
-        turn = self._active.pop(stream)
-        self.chats.abort(turn)
+        turn = self._active.pop(stream, None)
         self.counters["failed"] += 1
         stream.fail(error)
+        if turn is not None:
+            self._free(turn)
 
     def _end_session(self, session_id: str) -> None:
         if session_id in self.chats.busy:

@@ -11,6 +11,9 @@ from jattn.generation import StreamedToken
 from jattn.sampling import SamplingParams
 
 INPUT_KINDS = ("message", "text", "tokens")
+MAX_SESSION_ID_CHARS = 1024
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class QueueFull(Exception):
@@ -27,6 +30,27 @@ class SessionNotFound(KeyError):
 
 class EngineStopped(Exception):
     """The engine no longer accepts work (it is shutting down)."""
+
+
+def check_session_id(session_id) -> None:
+    """Raises ValueError unless `session_id` is a non-empty string of at most
+    `MAX_SESSION_ID_CHARS` characters."""
+    if not isinstance(session_id, str) or not session_id:
+        raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise ValueError(f"session_id of {len(session_id)} characters is longer than "
+                         f"{MAX_SESSION_ID_CHARS}")
+
+
+def check_stop_strings(stop: tuple[str, ...]) -> None:
+    """Raises ValueError for more than `MAX_STOP_STRINGS` stop strings or one longer
+    than `MAX_STOP_CHARS` characters (each is searched for after every token)."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"{len(stop)} stop strings: at most {MAX_STOP_STRINGS}")
+    long = [s for s in stop if len(s) > MAX_STOP_CHARS]
+    if long:
+        raise ValueError(f"a stop string of {len(long[0])} characters is longer than "
+                         f"{MAX_STOP_CHARS}")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,19 @@
-"""Self-checking files: one KV block (or one session record) per file.
+"""Self-checking files: one KV block per file, and append-only logs of framed JSON.
 
-Layout: the magic `JATTNKV1`, a little-endian u32 header length, a JSON header padded
-with spaces so the payload starts 64-byte aligned, then the payload. The header carries the format version, the model fingerprint, each array's
-dtype and shape, and the XXH3-64 checksum of the payload (a non-cryptographic hash at
-memory speed: it detects corruption, while trust in the files comes from the directory's
-permissions). Files are written atomically (a
-temporary file in the same directory, fsync, rename, fsync of the directory), so a crash
-leaves either the old file or the new one, never a torn one that is believed. A file
-that fails any check raises `CorruptEntry` and the caller drops it.
+Entry layout: the magic `JATTNKV1`, a little-endian u32 header length, a JSON header
+padded with spaces so the payload starts 64-byte aligned, then the payload. The header
+carries the format version, the model fingerprint, each array's dtype and shape, and the
+XXH3-64 checksum of the payload (a non-cryptographic hash at memory speed: it detects
+corruption, while trust in the files comes from the directory's permissions). Entries are
+written atomically (a temporary `.tmp-*` file in the same directory, fsync, rename, fsync
+of the directory), so a crash leaves either the old file or the new one, never a torn one
+that is believed. A file that fails any check raises `CorruptEntry` and the caller drops
+it.
+
+Log layout: a sequence of frames, each a little-endian u32 payload length, the u64
+XXH3-64 of the length's 4 bytes and the payload, then the payload (UTF-8 JSON). `append`
+adds frames at the end of a log with one write and an fsync; a crash mid-append leaves a
+torn last frame, which `decode_frames` stops at (the frames before it are whole).
 """
 
 from __future__ import annotations
@@ -39,21 +45,92 @@ def _fsync_dir(path: str) -> None:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old or the new file, whole."""
+    """Writes `data` to `path` so that readers see the old or the new file, whole.
+
+    Raises the `OSError` of a step that failed; then no temporary file is left, the old
+    file (if any) is untouched unless the final fsync of the directory failed, and a
+    directory that this call created is removed again."""
     directory = os.path.dirname(path)
+    created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(os.unlink, tmp)
+            raise
+        _fsync_dir(directory)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if created:
+            _remove_quietly(os.rmdir, directory)
         raise
-    _fsync_dir(directory)
+
+
+def _remove_quietly(remove, path: str) -> None:
+    """Cleans up after a failed write; a cleanup that fails too must not hide why."""
+    try:
+        remove(path)
+    except OSError:
+        pass
+
+
+def append(path: str, data: bytes) -> None:
+    """Appends `data` to the existing file `path` and fsyncs it.
+
+    Raises `FileNotFoundError` when `path` does not exist (nothing is created), or the
+    `OSError` of a failed write or fsync, after cutting the file back to its old length
+    (best effort: if that fails too, the file ends in a torn tail)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        old_length = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, old_length)
+                os.fsync(fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
+_FRAME_HEAD = struct.Struct("<IQ")  # payload length (bytes), XXH3-64 of length + payload
+
+
+def encode_frame(value) -> bytes:
+    """One log frame holding the JSON-able `value`."""
+    payload = json.dumps(value, separators=(",", ":")).encode()
+    length = struct.pack("<I", len(payload))
+    return _FRAME_HEAD.pack(len(payload), xxhash.xxh3_64_intdigest(length + payload)) + payload
+
+
+def decode_frames(data: bytes) -> tuple[list, int]:
+    """The values of the whole, intact frames at the start of `data`, and how many bytes
+    they span: reading stops at the first frame that is torn or fails its checksum."""
+    values, offset = [], 0
+    while offset + _FRAME_HEAD.size <= len(data):
+        length, checksum = _FRAME_HEAD.unpack_from(data, offset)
+        start = offset + _FRAME_HEAD.size
+        payload = data[start:start + length]
+        if len(payload) != length or xxhash.xxh3_64_intdigest(
+                data[offset:offset + 4] + payload) != checksum:
+            break
+        try:
+            values.append(json.loads(payload))
+        except ValueError:
+            break
+        offset = start + length
+    return values, offset
 
 
 def encode(arrays: dict[str, np.ndarray], *, fingerprint: str, meta: dict) -> bytes:

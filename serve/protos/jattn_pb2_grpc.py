@@ -65,7 +65,11 @@ class ConversationsServicer:
         """Runs one turn of a session and streams what it produces, usually one event per
         generated token. A session_id the server does not know starts a new conversation.
         Errors: INVALID_ARGUMENT (empty input, bad sampling values, an input that does not
-        fit the context window), RESOURCE_EXHAUSTED (no room for the turn right now).
+        fit the context window, a request that is not valid protobuf or UTF-8),
+        RESOURCE_EXHAUSTED (no room for the turn right now), UNAUTHENTICATED (tokens are
+        configured and the call has none of them), UNAVAILABLE (the server is stopping).
+        The last event (with finish_reason) is sent once the turn is durable: with a disk
+        tier, a restarted server holds every turn whose last event a client received.
         The server stops generating when the client cancels the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
