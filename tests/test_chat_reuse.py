@@ -146,6 +146,34 @@ def test_corrupt_entries_are_dropped_and_recomputed(recomputed, tmp_path, caplog
         assert second.store.stats()["corrupt_entries"] == 1
 
 
+def test_a_block_of_another_history_is_never_used(recomputed, tmp_path):
+    """Block files of bob's conversation copied over alice's (same serials, same model,
+    valid checksums): after a restart alice's next turn recomputes and gives her own
+    tokens, because each block's content key names the history it was computed from."""
+    import shutil
+
+    from jattn.store.store import session_key
+
+    config = StoreConfig(hbm_bytes=10**9, host_bytes=10**9, disk_bytes=10**9,
+                         disk_path=str(tmp_path))
+    first = LLM(store=config)
+    for turn in range(3):
+        first.chat("alice", MESSAGES[turn], max_tokens=64, ignore_eos=True)
+        first.chat("bob", MESSAGES[turn + 4], max_tokens=64, ignore_eos=True)
+    first.close()
+    root = os.path.join(str(tmp_path), first.store.fingerprint[:16])
+    alice, bob = (os.path.join(root, session_key(s)) for s in ("alice", "bob"))
+    copied = sorted(set(os.listdir(alice)) & set(os.listdir(bob)))
+    copied = [name for name in copied if name.endswith(".kv")]
+    assert len(copied) >= 8
+    for name in copied:
+        shutil.copyfile(os.path.join(bob, name), os.path.join(alice, name))
+    second = LLM(store=config)
+    result = second.chat("alice", MESSAGES[3], max_tokens=64, ignore_eos=True)
+    assert result.token_ids == recomputed[("alice", 3)]
+    assert result.cached_tokens == 0 and second.store.stats()["stale_entries"] >= 1
+
+
 def test_disk_names_never_hold_the_session_id(tmp_path):
     config = StoreConfig(disk_bytes=10**8, disk_path=str(tmp_path))
     llm = LLM(store=config)
@@ -183,3 +211,32 @@ def test_bad_chat_input_changes_nothing(args, pattern):
     assert llm.chats.sessions["a"].tokens == before
     assert llm.runner.allocator.free_blocks == free
     assert np.isfinite(llm.chat("a", "The end.", max_tokens=3).ttft_s)
+
+
+@pytest.mark.parametrize("failing_call", [1, 2, 3])
+def test_a_replay_that_fails_midway_frees_every_block(failing_call):
+    """A history replay that stops partway (the pool running out, a failing step) gives
+    back every block it took: the census balances, nothing is in flight, and the session
+    still gives the recomputed tokens afterwards."""
+    llm = LLM(store=None, num_blocks=96)
+    for turn in range(3):
+        llm.chat("a", MESSAGES[turn], max_tokens=24, ignore_eos=True)
+    real, calls = llm.runner.prefill, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise RuntimeError("the pool ran out")
+        return real(*args, **kwargs)
+
+    llm.runner.prefill = failing
+    with pytest.raises(RuntimeError, match="pool ran out"):
+        llm.chat("a", MESSAGES[3], max_tokens=24, ignore_eos=True)
+    llm.runner.prefill = real
+    census = llm.chats.block_census()
+    assert census.balanced and census.free == census.total, census
+    reference = LLM(store=None)
+    for turn in range(4):
+        want = reference.chat("a", MESSAGES[turn], max_tokens=24, ignore_eos=True)
+    assert llm.chat("a", MESSAGES[3], max_tokens=24, ignore_eos=True).token_ids == \
+        want.token_ids

@@ -140,14 +140,14 @@ def messages(draw, descriptor, depth=0):
             if depth > 2 or field.message_type.GetOptions().map_entry:
                 continue
             values = draw(st.lists(messages(field.message_type, depth + 1), max_size=2)
-                          if field.label == field.LABEL_REPEATED
+                          if field.is_repeated
                           else messages(field.message_type, depth + 1).map(lambda m: [m]))
             for value in values:
-                if field.label == field.LABEL_REPEATED:
+                if field.is_repeated:
                     getattr(message, field.name).add().CopyFrom(value)
                 else:
                     getattr(message, field.name).CopyFrom(value)
-        elif field.label == field.LABEL_REPEATED:
+        elif field.is_repeated:
             values = draw(st.lists(_scalar(field), max_size=20))
             if field.type == field.TYPE_STRING:
                 values = values[:20]
