@@ -46,10 +46,10 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def block_key(serial: int) -> bytes:
-    """The 16-byte block key the benchmark's blocks are saved and loaded under (the
+def block_key(index: int) -> bytes:
+    """The 16-byte block key the benchmark's block `index` is saved and loaded under (the
     engine computes it from the block's tokens and context; any distinct key will do)."""
-    return serial.to_bytes(16, "little")
+    return index.to_bytes(16, "little")
 
 
 def main(argv=None) -> None:
@@ -69,21 +69,20 @@ def main(argv=None) -> None:
                       for name in ("k", "v"))  # [L, blocks, ...], as a turn is saved
     with tempfile.TemporaryDirectory() as disk_path:
         turns = AttentionStore(StoreConfig(host_bytes=2 * total), fingerprint="b" * 64)
-        for serial in range(args.blocks):
-            turns.save("s", serial, lambda i=serial: BlockKV(turn_k[:, i], turn_v[:, i]),
-                       block_key=block_key(serial))
+        for index in range(args.blocks):
+            turns.save(block_key(index), lambda i=index: BlockKV(turn_k[:, i], turn_v[:, i]))
         turns.flush()
         host = AttentionStore(StoreConfig(host_bytes=2 * total), fingerprint="b" * 64)
         disk = AttentionStore(StoreConfig(host_bytes=0, disk_bytes=2 * total,
                                           disk_path=disk_path), fingerprint="b" * 64)
-        for serial, block in enumerate(blocks):
-            host.save("s", serial, lambda b=block: b, block_key=block_key(serial))
-            disk.save("s", serial, lambda b=block: b, block_key=block_key(serial))
+        for index, block in enumerate(blocks):
+            host.save(block_key(index), lambda b=block: b)
+            disk.save(block_key(index), lambda b=block: b)
         host.flush()
         disk.flush()
 
         def load_from(store):
-            found = [store.get("s", i, block_key=block_key(i))[0] for i in range(args.blocks)]
+            found = [store.get(block_key(i))[0] for i in range(args.blocks)]
             load = store.load_layers(found, rows=args.blocks)
             jax.block_until_ready([load.layer(layer) for layer in range(SHAPE[0])])
 
@@ -99,7 +98,7 @@ def main(argv=None) -> None:
 
         def load_disk():
             for i in range(args.blocks):
-                assert disk.get("s", i, block_key=block_key(i))[1] == "disk"
+                assert disk.get(block_key(i))[1] == "disk"
 
         def raw_read():
             for path in files:

@@ -1,10 +1,14 @@
-"""Multi-turn chat over a `ModelRunner`, reusing each session's KV across turns.
+"""Turns over a `ModelRunner`, reusing KV by content across turns and requests.
 
-Between turns a session's full blocks stay in the device pool (the HBM tier) and are
-saved in the background to the `AttentionStore` (host, disk). At the next turn each
-context block comes from the first tier that has it; if any is missing, the context is
-recomputed by replaying the turn log (see `jattn.conversation`), which gives the very
-same KV. With no store, every turn replays the log: the same tokens, at full cost.
+Every full block of KV a turn computes is published under its content key (see
+`jattn.conversation`): it stays in the device pool (`DeviceBlocks`, the HBM tier) while
+the budget allows and is saved in the background to the `AttentionStore` (host, disk).
+A turn — of a session, or a one-off carrying its whole prompt — reuses the longest run of
+its context's leading blocks that some tier holds, whoever computed them, and prefills
+the rest. A session's context block missing from every tier is recomputed: by prefill
+from the last block present when the context is the history's leading blocks, by
+replaying the turn log when truncation made it something else (which gives its very
+same KV). With no store, nothing outlives a turn: every turn recomputes its context.
 """
 
 from __future__ import annotations
@@ -13,19 +17,31 @@ import concurrent.futures
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.conversation import Conversation, Turn, apply_turn, plan_truncation, turn_entry
+from jattn.conversation import (
+    Conversation,
+    Turn,
+    apply_turn,
+    chained_keys,
+    context_keys,
+    is_history_prefix,
+    plan_truncation,
+    root_key,
+    truncated_key,
+    turn_entry,
+)
 from jattn.decoding import Continuation, decode_loop
 from jattn.generation import Generation
-from jattn.model.kv_cache import KVPool, PoolExhausted, blocks_for, bucket, powers_of_two
+from jattn.model.kv_cache import KVPool, blocks_for, bucket, powers_of_two
 from jattn.model.runner import ModelRunner
 from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, BlockKV
+from jattn.store.device import DeviceBlocks
 
 
 @jax.jit
@@ -44,10 +60,10 @@ class OneOff:
 
 @dataclass(frozen=True)
 class BlockCensus:
-    """Where the blocks of the device pool are: `free`, `resident` (a session's context
-    kept between turns), `in_flight` (held by a running turn and no session), of
-    `total`; `double_counted` blocks are in two of these places at once. Every block
-    is in exactly one place when `balanced`."""
+    """Where the blocks of the device pool are: `free`, `resident` (held by the device
+    tier under a content key, referenced or cached), `in_flight` (a running turn's own,
+    not yet published), of `total`; `double_counted` blocks are in two of these places at
+    once. Every block is in exactly one place when `balanced`."""
 
     total: int
     free: int
@@ -84,9 +100,11 @@ class ChatTurn(Generation):
 class ActiveTurn:
     """A turn between `ChatEngine.begin` and `complete`/`abort`: its session, the new
     message ids, the pool `table` (context blocks, then the turn's), `prefix` tokens of
-    reused context, `turn_tokens` to prefill (the history's tail plus the message), of
-    which `prefilled` are done, blocks still `arriving` from the store, and the decode
-    state."""
+    reused context, `turn_tokens` to prefill (any history recomputed, the history's tail,
+    the message), of which `prefilled` are done, blocks still `arriving` from the store,
+    and the decode state. `acquired` are the device tier's keys it references; the other
+    table blocks are its own until `complete` publishes them; `loaded` keys came from
+    the store (not saved back)."""
 
     session_id: str
     conversation: Conversation
@@ -99,8 +117,15 @@ class ActiveTurn:
     arriving: tuple | None
     result: ChatTurn
     continuation: Continuation
+    acquired: list[bytes]
+    loaded: set[bytes]
     ephemeral: bool = False
     prefilled: int = 0
+
+    def own_blocks(self, device: DeviceBlocks) -> list[int]:
+        """The table's pool blocks that are not the device tier's."""
+        shared = {device.block_of(key) for key in self.acquired}
+        return [b for b in self.table if b not in shared]
 
     @property
     def decode_start(self) -> int:
@@ -114,87 +139,118 @@ class ActiveTurn:
 
 
 class ChatEngine:
-    """Sessions, their device-resident blocks, and the turn procedure."""
+    """Sessions, the device tier of published blocks, and the turn procedure."""
 
     def __init__(self, runner: ModelRunner, tokenizer, *, max_context: int, eos_ids,
-                 store: AttentionStore | None, sink_tokens: int, hbm_bytes: int):
+                 store: AttentionStore | None, sink_tokens: int, hbm_bytes: int,
+                 fingerprint: str):
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.eos_ids = eos_ids
         self.store = store
+        self.fingerprint = fingerprint
         self.sink_blocks = math.ceil(sink_tokens / runner.block_size)
-        self.hbm_bytes = hbm_bytes
         self.sessions: dict[str, Conversation] = {}
-        self.resident: dict[str, dict[int, int]] = {}  # session -> serial -> pool block
         self.busy: dict[str, ActiveTurn] = {}  # turns between begin and complete/abort
         block_tokens = runner.block_size
         self.block_bytes = runner.config.kv_bytes_per_token(runner.dtype.itemsize) * block_tokens
+        self.device = DeviceBlocks(runner.allocator,
+                                   capacity_blocks=hbm_bytes // self.block_bytes if store else 0)
         device = runner.pool.k[0].devices().pop()
         kind = store.config.memory_kind_for(device) if store else None
         self.host_sharding = (jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
                               if kind else None)
 
+    @property
+    def hbm_bytes(self) -> int:
+        """The device tier's budget for cached blocks, in bytes."""
+        return self.device.capacity_blocks * self.block_bytes
+
+    @hbm_bytes.setter
+    def hbm_bytes(self, value: int) -> None:
+        self.device.capacity_blocks = value // self.block_bytes
+
+    def root_key(self, scope: str = "") -> bytes:
+        """The root of the content keys of a conversation in cache `scope`."""
+        return root_key(self.fingerprint, self.runner.block_size, scope)
+
     # ----- sessions --------------------------------------------------------------------
 
-    def conversation(self, session_id: str) -> Conversation:
+    def conversation(self, session_id, *, scope: str = "") -> Conversation:
+        """The session's conversation: in memory, from the store's record, or new (then
+        its blocks' keys are rooted in cache `scope`)."""
         if session_id not in self.sessions:
             entries = (self.store.get_record(session_id)
                        if self.store and isinstance(session_id, str) else None)
             self.sessions[session_id] = (
                 Conversation.from_entries(entries, self.runner.block_size) if entries
-                else Conversation())
+                else Conversation(context_key=self.root_key(scope)))
         return self.sessions[session_id]
+
+    def known(self, session_id: str) -> bool:
+        """True if the session is in memory or recorded in the store."""
+        return session_id in self.sessions or bool(
+            self.store and self.store.get_record(session_id))
+
+    def end(self, session_id: str) -> None:
+        """Forgets a session: its history and record. Its blocks stay cached by content
+        (other requests may share them) until evicted."""
+        self.sessions.pop(session_id, None)
+        if self.store:
+            self.store.drop(session_id)
+
+    def describe(self, session_id: str) -> dict:
+        """A session's turns, history and context tokens, and how many of its context
+        blocks each tier holds now."""
+        conversation = self.conversation(session_id)
+        keys = context_keys(conversation)
+        held = {"hbm": sum(1 for key in keys if key in self.device), "host": 0, "disk": 0}
+        for key in keys if self.store else ():
+            tier = self.store.contains(key)
+            if tier:
+                held[tier] += 1
+        return {"session_id": session_id, "turns": len(conversation.turns),
+                "history_tokens": len(conversation.tokens),
+                "context_tokens": conversation.context_length(),
+                "dropped_tokens": len(conversation.tokens) - conversation.context_length(),
+                "resident_blocks": held, "busy": session_id in self.busy}
+
+    def hint(self, upcoming_session_ids) -> None:
+        """The scheduler's next sessions, most imminent first: their context blocks are
+        kept longest in every tier, and prefetched from disk."""
+        keys = [key for session in upcoming_session_ids if session in self.sessions
+                for key in context_keys(self.sessions[session])]
+        self.device.hint(keys)
+        if self.store:
+            self.store.hint(keys)
+
+    def device_stats(self) -> dict:
+        """The device tier's blocks: held (one per key, however many sequences share
+        it), referenced by running turns, and evicted so far."""
+        stats = self.device.stats()
+        return {"hbm_blocks": stats.held, "hbm_blocks_referenced": stats.referenced,
+                "hbm_evictions": stats.evicted}
 
     def block_census(self) -> BlockCensus:
         """Counts where every pool block is; `balanced` unless a block leaked or is
         claimed twice."""
         free = self.runner.allocator.free_ids()
-        resident = [b for blocks in self.resident.values() for b in blocks.values()]
-        resident_set = set(resident)
-        in_flight = {b for turn in self.busy.values() for b in turn.table} - resident_set
-        double = (len(resident) - len(resident_set) + len(free & resident_set)
-                  + len(free & in_flight))
+        held = self.device.held_blocks()
+        held_set = set(held)
+        in_flight = {b for turn in self.busy.values() for b in turn.table} - held_set
+        double = len(held) - len(held_set) + len(free & held_set) + len(free & in_flight)
         return BlockCensus(total=self.runner.allocator.num_blocks, free=len(free),
-                           resident=len(resident_set), in_flight=len(in_flight),
+                           resident=len(held_set), in_flight=len(in_flight),
                            double_counted=double)
 
-    def end(self, session_id: str) -> None:
-        """Forgets a session everywhere."""
-        self._release(session_id)
-        self.sessions.pop(session_id, None)
-        if self.store:
-            self.store.drop(session_id)
-
-    def _release(self, session_id: str) -> None:
-        blocks = self.resident.pop(session_id, {})
-        self.runner.allocator.free(blocks.values())
-
-    def _resident_bytes(self) -> int:
-        return sum(len(b) for b in self.resident.values()) * self.block_bytes
-
-    def _allocate(self, count: int, keep: str) -> list[int]:
-        """Pool blocks, evicting other sessions' resident blocks when the pool is short."""
-        while True:
-            try:
-                return self.runner.allocator.allocate(count)
-            except PoolExhausted:
-                victims = [s for s in self.resident
-                           if s != keep and s not in self.busy and self.resident[s]]
-                if not victims:
-                    raise
-                order = (self.store.device_eviction_order(victims) if self.store
-                         else victims)
-                self._release(order[0])
-
-    def _enforce_hbm_budget(self, keep: str) -> None:
-        while self._resident_bytes() > self.hbm_bytes:
-            victims = [s for s in self.resident if self.resident[s] and s not in self.busy]
-            if not victims:
-                return  # every resident block belongs to a turn in flight
-            order = self.store.device_eviction_order(victims) if self.store else victims
-            others = [s for s in order if s != keep]
-            self._release((others or order)[0])
+    def _allocate(self, count: int) -> list[int]:
+        """Pool blocks, evicting cached blocks of the device tier when the pool is short;
+        PoolExhausted (taking none) if that is not enough."""
+        allocator = self.runner.allocator
+        if count > allocator.free_blocks:
+            self.device.evict(count - allocator.free_blocks)
+        return allocator.allocate(count)
 
     # ----- turns -----------------------------------------------------------------------
 
@@ -230,13 +286,15 @@ class ChatEngine:
         self.complete(turn).result()
         return turn.result
 
-    def begin(self, session_id: str, message, params: SamplingParams, *, ignore_eos: bool,
-              start_time: float, ephemeral: bool = False) -> ActiveTurn:
+    def begin(self, session_id, message, params: SamplingParams, *, ignore_eos: bool,
+              start_time: float, ephemeral: bool = False, scope: str = "") -> ActiveTurn:
         """Starts a turn: encodes the message, truncates the history if the window needs
-        it, finds the context's KV (device, host, disk, or a replay), and allocates the
-        turn's blocks. An `ephemeral` turn leaves nothing behind (a one-off generation).
-        Raises ValueError for a message that cannot run, changing nothing."""
-        conversation = self.conversation(session_id)
+        it, finds the longest run of the context's leading blocks some tier holds (device,
+        host, disk), recomputes what is missing, and allocates the turn's blocks. An
+        `ephemeral` turn (a one-off generation) keeps no history, but publishes its blocks
+        like any other. A new conversation's keys are rooted in cache `scope`. Raises
+        ValueError for a message that cannot run, changing nothing."""
+        conversation = self.conversation(session_id, scope=scope)
         new_ids = self.encode_message(conversation, message)
         if not new_ids:
             raise ValueError("message is empty: give at least one token")
@@ -245,8 +303,8 @@ class ChatEngine:
                                   max_context=self.max_context,
                                   sink_blocks=self.sink_blocks)
         kept = [b for b in conversation.blocks if b[0] not in set(dropped)]
-        prefix = len(kept) * block_size
-        room = self.max_context - prefix - len(conversation.tail) - len(new_ids)
+        room = (self.max_context - len(kept) * block_size - len(conversation.tail)
+                - len(new_ids))
         if room < 1:
             if not conversation.tokens:
                 self.sessions.pop(session_id, None)
@@ -254,29 +312,28 @@ class ChatEngine:
                 f"message of {len(new_ids)} tokens does not fit the context window of "
                 f"{self.max_context} tokens, even after truncating the history")
         budget = min(params.max_tokens, room)
-        if self.store and not ephemeral:
-            self.store.touch(session_id)
-
-        table, tiers, recomputed, arriving = self._context_blocks(session_id, conversation,
-                                                                  kept, dropped)
-        turn_tokens = conversation.tail + new_ids
+        context = self._context(conversation, kept, dropped, conversation.tail + new_ids)
         try:
-            table += self._allocate(blocks_for(len(turn_tokens) + budget, block_size),
-                                    session_id)
+            context.table += self._allocate(
+                blocks_for(len(context.turn_tokens) + budget, block_size))
         except BaseException:
-            self._release(session_id)
+            self._undo(context)
             raise
+        reused = len(context.acquired) + len(context.loaded)
+        tiers = {tier: count for tier, count in context.tiers.items() if count}
         result = ChatTurn(text="", token_ids=[], finish_reason="length",
                           prompt_token_ids=new_ids, tiers=tiers,
-                          cached_tokens=0 if recomputed else prefix,
-                          recomputed_tokens=recomputed + len(turn_tokens),
+                          cached_tokens=reused * block_size,
+                          recomputed_tokens=len(context.turn_tokens) + context.replayed_tokens,
                           dropped_tokens=len(dropped) * block_size)
         continuation = Continuation(params, budget=budget,
                                     eos=set() if ignore_eos else set(self.eos_ids),
                                     tokenizer=self.tokenizer, result=result,
                                     start_time=start_time)
-        turn = ActiveTurn(session_id, conversation, new_ids, dropped, len(kept), table,
-                          prefix, turn_tokens, arriving, result, continuation, ephemeral)
+        turn = ActiveTurn(session_id, conversation, new_ids, dropped, len(kept),
+                          context.table, context.prefix, context.turn_tokens,
+                          context.arriving, result, continuation, context.acquired,
+                          set(context.loaded), ephemeral)
         self.busy[session_id] = turn
         return turn
 
@@ -300,54 +357,56 @@ class ChatEngine:
         return logits if turn.prefilled == len(turn.turn_tokens) else None
 
     def complete(self, turn: ActiveTurn) -> concurrent.futures.Future:
-        """Appends the message and the answer to the history and keeps the new KV (or,
-        for an ephemeral turn, forgets the session). Returns a future that resolves once
-        the turn is as durable as the store makes it (its record on disk, with a disk
-        tier): acknowledge the turn to its client then."""
+        """Appends the message and the answer to the history, publishes every full block
+        the turn holds under its key, and (unless the turn is ephemeral) records it.
+        Returns a future that resolves once the turn is as durable as the store makes it
+        (its record on disk, with a disk tier): acknowledge the turn to its client then."""
         self.busy.pop(turn.session_id, None)
-        if turn.ephemeral:
-            self.runner.allocator.free(turn.table)
-            self.resident.pop(turn.session_id, None)
-            self.sessions.pop(turn.session_id, None)
-            return _done()
         conversation = turn.conversation
         history_start = conversation.tail_start
         first_token = len(conversation.tokens)
+        root = conversation.context_key if not conversation.turns else None
         conversation.tokens.extend(turn.new_ids)
         user_end = len(conversation.tokens)
         conversation.tokens.extend(turn.result.token_ids)
         record = Turn(dropped=turn.dropped, start=history_start, user_end=user_end,
                       end=len(conversation.tokens), table_blocks=len(turn.table))
-        return self._finish_turn(turn.session_id, conversation, record, turn.table,
-                                 turn.kept_count, first_token)
+        apply_turn(conversation, record, self.runner.block_size)
+        keys = context_keys(conversation)
+        self._publish(turn, keys)
+        self.runner.allocator.free(turn.table[len(keys):])
+        for key in turn.acquired:
+            self.device.release(key)
+        self.device.trim()
+        if turn.ephemeral:
+            self.sessions.pop(turn.session_id, None)
+        if turn.ephemeral or not self.store:
+            return _done()
+        return self.store.append_record(turn.session_id,
+                                        turn_entry(conversation, record, first_token, root))
+
+    def _publish(self, turn: ActiveTurn, keys: list[bytes]) -> None:
+        """Hands the turn's own full blocks (`turn.table[i]` holds the block of
+        `keys[i]`) to the device tier, and saves to the store those it did not have."""
+        saved_keys, saved_ids = [], []
+        shared = {self.device.block_of(key) for key in turn.acquired}
+        for key, block in zip(keys, turn.table):
+            if block in shared:
+                continue
+            held, new = self.device.publish(key, block)
+            if new and self.store and key not in turn.loaded and not self.store.contains(key):
+                saved_keys.append(key)
+                saved_ids.append(held)
+        self._save(saved_keys, saved_ids)
 
     def abort(self, turn: ActiveTurn) -> None:
-        """Frees a turn that will not complete; the history stays as it was (its KV is
-        found again in the store, or replayed)."""
+        """Frees a turn that will not complete; the history stays as it was."""
         self.busy.pop(turn.session_id, None)
-        self.runner.allocator.free(turn.table)
-        self.resident.pop(turn.session_id, None)
+        self.runner.allocator.free(turn.own_blocks(self.device))
+        for key in turn.acquired:
+            self.device.release(key)
         if turn.ephemeral or not turn.conversation.tokens:
             self.sessions.pop(turn.session_id, None)
-
-    def _finish_turn(self, session_id, conversation, turn, table, kept_count,
-                     first_token) -> concurrent.futures.Future:
-        block_size = self.runner.block_size
-        new_blocks = apply_turn(conversation, turn, block_size)
-        new_ids = table[kept_count:kept_count + len(new_blocks)]
-        resident = self.resident.setdefault(session_id, {})
-        for (serial, _, _), block in zip(new_blocks, new_ids):
-            resident[serial] = block
-        self.runner.allocator.free(table[kept_count + len(new_blocks):])
-        if not self.store:
-            self._release(session_id)  # without a store nothing outlives the turn
-            return _done()
-        self._save(session_id, conversation, [b[0] for b in new_blocks], new_ids)
-        self.store.drop_blocks(session_id, turn.dropped)
-        durable = self.store.append_record(session_id,
-                                           turn_entry(conversation, turn, first_token))
-        self._enforce_hbm_budget(keep=session_id)
-        return durable
 
     def warm_up_saves(self) -> int:
         """Compiles the copy out of the pool for every count of blocks a save can hold
@@ -364,11 +423,11 @@ class ChatEngine:
             jax.block_until_ready((k, v))
         return len(counts)
 
-    def _save(self, session_id, conversation, serials, block_ids) -> None:
-        """Starts the device-to-host copy now (the pool is donated by the next step), into
-        the store's host memory kind, and lets the store's thread wait for it and file
-        the blocks as numpy arrays, under their content keys."""
-        if not serials:
+    def _save(self, keys: list[bytes], block_ids: list[int]) -> None:
+        """Starts the device-to-host copy of pool blocks `block_ids` now (the pool is
+        donated by the next step), into the store's host memory kind, and lets the
+        store's thread wait for it and file each block under its key."""
+        if not keys:
             return
         padded = np.full(bucket(len(block_ids), minimum=1), block_ids[-1], np.int32)
         padded[:len(block_ids)] = block_ids  # a few shapes, so a few compilations
@@ -376,7 +435,7 @@ class ChatEngine:
         if self.host_sharding is not None:
             k, v = jax.device_put((k, v), self.host_sharding)  # starts the copy out now
         host = {}
-        count = len(serials)
+        count = len(keys)
 
         def produce(i):
             # Views of one layer-major `[L, count, ...]` array per turn (padding rows cut
@@ -386,59 +445,98 @@ class ChatEngine:
                                         for a in (k, v))
             return BlockKV(host["k"][:, i], host["v"][:, i])
 
-        for i, serial in enumerate(serials):
-            self.store.save(session_id, serial, functools.partial(produce, i),
-                            block_key=conversation.keys[serial])
+        for i, key in enumerate(keys):
+            self.store.save(key, functools.partial(produce, i))
 
     # ----- context --------------------------------------------------------------------
 
-    def _context_blocks(self, session_id, conversation, kept, dropped):
-        """Pool blocks for the KV of `kept` (in order), the tiers it came from, how many
-        tokens had to be recomputed (all of them when any block is lost), and the blocks
-        still to arrive from host memory or disk: `(pool ids, BlockKVs)` or None."""
-        resident = self.resident.setdefault(session_id, {})
-        for serial in dropped:
-            if serial in resident:
-                self.runner.allocator.free([resident.pop(serial)])
-        tiers = {"hbm": 0, "host": 0, "disk": 0}
-        table, loads = [], []
-        for serial, _, _ in kept:
-            if serial in resident:
-                tiers["hbm"] += 1
-                table.append(resident[serial])
-                continue
-            found = (self.store.get(session_id, serial, block_key=conversation.keys[serial])
-                     if self.store else None)
-            if found is None:
-                return (self._replay(session_id, conversation, kept), {},
-                        len(kept) * self.runner.block_size, None)
-            block, tier = found
-            tiers[tier] += 1
-            loads.append((serial, block))
-            table.append(None)
-        if self.store and tiers["hbm"]:
-            self.store.count_device_hits(tiers["hbm"], tiers["hbm"] * self.block_bytes)
-        arriving = None
-        if loads:
-            ids = self._allocate(len(loads), session_id)
-            arriving = (ids, [block for _, block in loads])
-            fill = iter(ids)
-            table = [t if t is not None else next(fill) for t in table]
-            for (serial, _), block_id in zip(loads, ids):
-                resident[serial] = block_id
-        return table, {k: v for k, v in tiers.items() if v}, 0, arriving
+    def _context(self, conversation, kept, dropped, turn_tokens) -> "_Context":
+        """The pool blocks of the turn's reused context and what is left to prefill.
 
-    def _replay(self, session_id, conversation, kept) -> list[int]:
+        Looks the context's keys up in order — the kept blocks', then those of the
+        leading full blocks of `turn_tokens` (chained after the truncation, if any) —
+        and stops at the first no tier holds. A missing kept block is recomputed: with
+        the rest of the history by prefill if the kept blocks are the history's leading
+        blocks, else by replaying the turn log (`_replay`)."""
+        block_size = self.runner.block_size
+        context_key = (truncated_key(conversation.context_key, dropped) if dropped
+                       else conversation.context_key)
+        kept_keys = [conversation.keys[serial] for serial, _, _ in kept]
+        ahead = chained_keys(context_key, turn_tokens[:len(turn_tokens) - 1], block_size)
+        found = _Context(turn_tokens=turn_tokens)
+        try:
+            for key in kept_keys + ahead:
+                if not self._reuse(key, found):
+                    break
+            if len(found.table) < len(kept):
+                if is_history_prefix(kept, block_size):
+                    start = len(found.table) * block_size
+                    found.turn_tokens = conversation.tokens[start:conversation.tail_start] \
+                        + turn_tokens
+                else:
+                    self._undo(found)
+                    found = _Context(turn_tokens=turn_tokens,
+                                     table=self._replay(conversation, kept),
+                                     replayed_tokens=len(kept) * block_size)
+                    found.prefix = len(kept) * block_size
+                    return found
+            else:
+                found.turn_tokens = turn_tokens[(len(found.table) - len(kept)) * block_size:]
+            found.prefix = len(found.table) * block_size
+            self._start_loads(found)
+        except BaseException:
+            self._undo(found)
+            raise
+        if self.store and found.tiers["hbm"]:
+            self.store.count_device_hits(found.tiers["hbm"], found.tiers["hbm"] * self.block_bytes)
+        return found
+
+    def _reuse(self, key: bytes, found: "_Context") -> bool:
+        """Appends the block of `key` to the context from the fastest tier holding it;
+        False if none does."""
+        if key in self.device:
+            found.table.append(self.device.acquire(key))
+            found.acquired.append(key)
+            found.tiers["hbm"] += 1
+            return True
+        got = self.store.get(key) if self.store else None
+        if got is None:
+            return False
+        block, tier = got
+        found.tiers[tier] += 1
+        found.table.append(None)
+        found.loaded.append(key)
+        found.loads.append(block)
+        return True
+
+    def _start_loads(self, found: "_Context") -> None:
+        """Allocates pool blocks for the blocks coming from the store."""
+        if not found.loads:
+            return
+        ids = self._allocate(len(found.loads))
+        fill = iter(ids)
+        found.table[:] = [b if b is not None else next(fill) for b in found.table]
+        found.arriving = (ids, found.loads)
+
+    def _undo(self, found: "_Context") -> None:
+        """Gives back what `_context` took: references and allocated blocks."""
+        own = found.own_blocks(self.device)
+        for key in found.acquired:
+            self.device.release(key)
+        self.runner.allocator.free(own)
+        found.acquired, found.table = [], []
+
+    def _replay(self, conversation, kept) -> list[int]:
         """Recomputes the KV of the context blocks `kept` by replaying the turn log. On
         any error (the pool running out) every block it took is freed again."""
-        self._release(session_id)
         block_size = self.runner.block_size
-        replayed = Conversation(tokens=conversation.tokens)
+        replayed = Conversation(tokens=conversation.tokens,
+                                context_key=conversation.context_key)
         placed: dict[int, int] = {}
         owned: set[int] = set()  # every block taken and not yet freed or handed over
 
         def take(count):
-            ids = self._allocate(count, session_id)
+            ids = self._allocate(count)
             owned.update(ids)
             return ids
 
@@ -469,8 +567,29 @@ class ChatEngine:
         except BaseException:
             self.runner.allocator.free(owned)
             raise
-        placed = {s: b for s, b in placed.items() if s in wanted}
-        self.resident[session_id] = placed
-        if self.store:
-            self._save(session_id, conversation, list(placed), list(placed.values()))
         return [placed[serial] for serial, _, _ in kept]
+
+
+@dataclass
+class _Context:
+    """What `ChatEngine._context` finds: the pool `table` of the reused context blocks
+    (None while a block from the store has no pool block yet), the device tier's keys it
+    `acquired` (they lead the table), the keys `loaded` from the store and their blocks
+    (`loads`), the blocks `arriving` `(pool ids, BlockKVs)`, reused blocks per tier, the
+    `prefix` tokens reused, the `turn_tokens` left to prefill, and the history tokens
+    `replayed` to recompute a truncated context."""
+
+    turn_tokens: list[int]
+    table: list = field(default_factory=list)
+    acquired: list[bytes] = field(default_factory=list)
+    loaded: list[bytes] = field(default_factory=list)
+    loads: list = field(default_factory=list)
+    arriving: tuple | None = None
+    tiers: dict = field(default_factory=lambda: {"hbm": 0, "host": 0, "disk": 0})
+    prefix: int = 0
+    replayed_tokens: int = 0
+
+    def own_blocks(self, device: DeviceBlocks) -> list[int]:
+        """The table's pool blocks that are not the device tier's."""
+        shared = {device.block_of(key) for key in self.acquired}
+        return [b for b in self.table if b is not None and b not in shared]

@@ -13,11 +13,12 @@ keys are position-free, so the kept blocks simply take the positions of their ne
 indices.
 
 Every full block has a 16-byte content key: `key = H(context key, its token ids)`, where
-the context key is the key of the block before it in the context, `ROOT_KEY` for the
-first, and after a truncation `H(context key, "drop", dropped serials)`; H is XXH3-128.
-The key names exactly the tokens and context the block's KV was computed from, so a
-stored copy is used only if its key matches (a copy from another history, left by a
-turn lost in a crash or filed under the wrong name, never is).
+the context key is the key of the block before it in the context, the conversation's
+root key (`root_key`: model, block size, the tenant's cache scope) for the first, and
+after a truncation `H(context key, "drop", dropped serials)`; H is XXH3-128. The key names
+exactly the tokens and context the block's KV was computed from: any request whose
+context has the same key may use the block, whoever computed it, and a copy from another
+history (left by a turn lost in a crash, or filed under the wrong name) never matches.
 
 A session is recorded as its turns, one entry each (`turn_entry`), appended as they
 complete; `Conversation.from_entries` rebuilds it.
@@ -30,7 +31,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import xxhash
 
-ROOT_KEY = xxhash.xxh3_128_digest(b"jattn context v1")
+
+def root_key(fingerprint: str, block_size: int, scope: str = "") -> bytes:
+    """The context key before a conversation's first block: the model (its fingerprint
+    covers weights and dtype), the block size and the cache `scope` (the tenant's
+    namespace and any per-request salt: different scopes never share a block)."""
+    return xxhash.xxh3_128_digest(
+        f"jattn context v1\0{fingerprint}\0{block_size}\0{scope}".encode())
 
 
 def block_key(context_key: bytes, tokens) -> bytes:
@@ -69,12 +76,12 @@ class Conversation:
     next_serial: int = 0
     turns: list[Turn] = field(default_factory=list)
     keys: dict[int, bytes] = field(default_factory=dict)
-    context_key: bytes = ROOT_KEY
+    context_key: bytes = b""
 
     @classmethod
     def from_entries(cls, entries: list[dict], block_size: int) -> "Conversation":
         """The conversation whose turns `turn_entry` recorded as `entries`, in order."""
-        conversation = cls()
+        conversation = cls(context_key=bytes.fromhex(entries[0]["root"]))
         for entry in entries:
             conversation.tokens.extend(entry["tokens"])
             apply_turn(conversation, Turn(**entry["turn"]), block_size)
@@ -105,10 +112,35 @@ def plan_truncation(conversation: Conversation, new_tokens: int, reserve: int, *
     return dropped
 
 
-def turn_entry(conversation: Conversation, turn: Turn, first_token: int) -> dict:
+def turn_entry(conversation: Conversation, turn: Turn, first_token: int,
+               root: bytes | None = None) -> dict:
     """A finished turn as a record entry (JSON-able): the turn and the history tokens
-    it added, `conversation.tokens[first_token:turn.end]`."""
-    return {"turn": asdict(turn), "tokens": conversation.tokens[first_token:turn.end]}
+    it added, `conversation.tokens[first_token:turn.end]`; the first turn's also holds
+    the conversation's `root` key."""
+    entry = {"turn": asdict(turn), "tokens": conversation.tokens[first_token:turn.end]}
+    if root is not None:
+        entry["root"] = root.hex()
+    return entry
+
+
+def context_keys(conversation: Conversation) -> list[bytes]:
+    """The content keys of the conversation's context blocks, in context order."""
+    return [conversation.keys[serial] for serial, _, _ in conversation.blocks]
+
+
+def is_history_prefix(blocks: list[list[int]], block_size: int) -> bool:
+    """True if context `blocks` are the history's leading blocks, in order (nothing
+    was ever truncated out of them): their KV is then a prefill of the history."""
+    return all(start == i * block_size for i, (_, start, _) in enumerate(blocks))
+
+
+def chained_keys(context_key: bytes, tokens: list[int], block_size: int) -> list[bytes]:
+    """The keys of the full blocks of `tokens`, chained from `context_key`."""
+    keys = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        context_key = block_key(context_key, tokens[start:start + block_size])
+        keys.append(context_key)
+    return keys
 
 
 def apply_turn(conversation: Conversation, turn: Turn, block_size: int) -> list[list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Iterator
@@ -9,9 +10,9 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from jattn.chat import ChatEngine, ChatTurn
-from jattn.decoding import Continuation, decode_loop
-from jattn.generation import Generation, StreamedToken
+from jattn.chat import ChatEngine, ChatTurn, OneOff
+from jattn.decoding import decode_loop
+from jattn.generation import StreamedToken
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
 from jattn.model.runner import ModelRunner
@@ -100,13 +101,15 @@ class LLM:
         if store is not None and store.block_size != block_size:
             raise ValueError(f"store.block_size ({store.block_size}) must equal block_size "
                              f"({block_size})")
-        self.store = (AttentionStore(store, fingerprint=model_fingerprint(
-            self.config, self.runner.state, self.dtype)) if store is not None else None)
+        fingerprint = model_fingerprint(self.config, self.runner.state, self.dtype)
+        self.store = (AttentionStore(store, fingerprint=fingerprint)
+                      if store is not None else None)
+        self._one_off = itertools.count()
         self.chats = ChatEngine(
             self.runner, self.tokenizer, max_context=self.max_context,
             eos_ids=self.config.eos_token_ids, store=self.store,
             sink_tokens=store.sink_tokens if store is not None else 4,
-            hbm_bytes=store.hbm_bytes if store is not None else 0)
+            hbm_bytes=store.hbm_bytes if store is not None else 0, fingerprint=fingerprint)
 
     def _build(self, path, random_weights, seed, params_cache):
         if random_weights:
@@ -175,37 +178,41 @@ class LLM:
                ignore_eos: bool = False) -> Iterator[StreamedToken]:
         """Yields each new token as it is produced; arguments as `generate`."""
         yield from self._run(prompt, SamplingParams(max_tokens, temperature, top_p, top_k,
-                                                    seed, stop or ()), ignore_eos, None)
+                                                    seed, stop or ()), ignore_eos)
 
     def generate(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
-                 ignore_eos: bool = False) -> Generation:
+                 ignore_eos: bool = False) -> ChatTurn:
         """Generates up to `max_tokens` new tokens after `prompt` (a string or token ids).
 
         `temperature=0` is greedy. Generation stops at an end-of-sequence token (unless
-        `ignore_eos`), at a stop string (cut from the text), or at `max_tokens`.
+        `ignore_eos`), at a stop string (cut from the text), or at `max_tokens`. The
+        prompt's leading blocks are reused from any tier that holds them (whoever
+        computed them: `.cached_tokens` says how many tokens), and its blocks and the
+        answer's are published for later requests.
         """
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, stop or ())
-        result = Generation(text="", token_ids=[], finish_reason="length")
-        for _ in self._run(prompt, params, ignore_eos, result):
-            pass
-        return result
+        run = self._run(prompt, params, ignore_eos)
+        while True:
+            try:
+                next(run)
+            except StopIteration as stop:
+                return stop.value
 
-    def _run(self, prompt, params: SamplingParams, ignore_eos: bool,
-             result: Generation | None) -> Iterator[StreamedToken]:
+    def _run(self, prompt, params: SamplingParams, ignore_eos: bool):
+        """A one-off turn: yields each `StreamedToken`, returns the `ChatTurn`."""
         prompt_ids = self.encode_prompt(prompt)
-        runner = self.runner
-        budget = min(params.max_tokens, self.max_context - len(prompt_ids))
-        blocks = runner.allocator.allocate(blocks_for(len(prompt_ids) + budget,
-                                                      runner.block_size))
-        result = result if result is not None else Generation("", [], "length")
-        result.prompt_token_ids = prompt_ids
-        start = time.perf_counter()
+        turn = self.chats.begin(OneOff(next(self._one_off)), prompt_ids, params,
+                                ignore_eos=ignore_eos, start_time=time.perf_counter(),
+                                ephemeral=True)
         try:
-            logits = runner.prefill(prompt_ids, 0, blocks)
-            yield from decode_loop(runner, logits, blocks, len(prompt_ids), Continuation(
-                params, budget=budget,
-                eos=set() if ignore_eos else set(self.config.eos_token_ids),
-                tokenizer=self.tokenizer, result=result, start_time=start))
-        finally:
-            runner.allocator.free(blocks)
+            logits = None
+            while logits is None:
+                logits = self.chats.prefill_chunk(turn)
+            yield from decode_loop(self.runner, logits, turn.table, turn.decode_start,
+                                   turn.continuation)
+        except BaseException:
+            self.chats.abort(turn)
+            raise
+        self.chats.complete(turn)
+        return turn.result

@@ -37,6 +37,7 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
         return scoped(namespace, request.session_id)
 
     def Chat(self, request, context):
+        namespace = self.tenants.namespace(context)
         session = self._session(request, context) if request.session_id else None
         kind = request.WhichOneof("input")
 
@@ -47,7 +48,7 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
                      else getattr(request, kind))
             return TurnRequest(session, "tokens" if kind == "token_ids" else kind, value,
                                sampling(request, default_max_tokens=self.default_max_tokens),
-                               request.ignore_eos)
+                               request.ignore_eos, cache_scope=namespace)
 
         first = True
         for stream, token in run_turn(self.engine, self.metrics, "Chat", context, build):

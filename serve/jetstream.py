@@ -42,7 +42,8 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
             else:
                 kind, value = "tokens", tuple(request.token_content.token_ids)
             return TurnRequest(session, kind, value,
-                               sampling(request, default_max_tokens=self.default_max_tokens))
+                               sampling(request, default_max_tokens=self.default_max_tokens),
+                               cache_scope=namespace)
 
         for _, token in run_turn(self.engine, self.metrics, "Decode", context, build):
             if token is None:

@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 
 from jattn import LLM
+from jattn.conversation import context_keys
 from jattn.store import StoreConfig
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
             "Then it started to rain.", "Tom found a big red ball.", "They played all day.",
             "At night the stars came out.", "The end."]
 SESSIONS = ["alice", "bob", "carol"]
+# Each session opens differently, so their histories (and blocks) differ from block 0.
+OPENINGS = {"alice": MESSAGES[0], "bob": "One day a little dog", "carol": "The sun was bright"}
+
+
+def message(session: str, turn: int) -> str:
+    return OPENINGS[session] if turn == 0 else MESSAGES[turn]
 BLOCK_BYTES = 2 * 5 * 4 * 8 * 4 * 16  # K and V, 5 layers, 4 KV heads, dim 8, f32, 16 tokens
 
 
@@ -25,7 +32,8 @@ def conversation_schedule():
 def run(llm, max_tokens=64):
     answers = {}
     for session, turn in conversation_schedule():
-        result = llm.chat(session, MESSAGES[turn], max_tokens=max_tokens, ignore_eos=True)
+        result = llm.chat(session, message(session, turn), max_tokens=max_tokens,
+                          ignore_eos=True)
         answers[(session, turn)] = result
     return answers
 
@@ -81,13 +89,13 @@ def test_every_tier_and_misses_give_the_same_tokens(recomputed, tmp_path, caplog
     llm = LLM(store=config, num_blocks=80)
     answers = {}
     for session, turn in conversation_schedule():
-        result = llm.chat(session, MESSAGES[turn], max_tokens=64, ignore_eos=True)
+        result = llm.chat(session, message(session, turn), max_tokens=64, ignore_eos=True)
         answers[(session, turn)] = result
         llm.store.flush()
         stats = llm.store.stats()
         assert stats["host_bytes"] <= config.host_bytes
         assert stats["disk_bytes"] <= config.disk_bytes
-        assert llm.chats._resident_bytes() <= config.hbm_bytes
+        assert llm.chats.device_stats()["hbm_blocks"] * BLOCK_BYTES <= config.hbm_bytes
     assert_same_tokens(answers, recomputed)
     tiers = set().union(*(r.tiers or {} for r in answers.values()))
     assert {"hbm", "host", "disk"} <= tiers
@@ -106,7 +114,7 @@ def test_restart_finds_sessions_on_disk(recomputed, tmp_path):
                          disk_path=str(tmp_path))
     first = LLM(store=config)
     for session, turn in conversation_schedule()[:9]:  # three turns of each session
-        first.chat(session, MESSAGES[turn], max_tokens=64, ignore_eos=True)
+        first.chat(session, message(session, turn), max_tokens=64, ignore_eos=True)
     first.close()
     second = LLM(store=config)
     result = second.chat("alice", MESSAGES[3], max_tokens=64, ignore_eos=True)
@@ -122,9 +130,8 @@ def test_corrupt_entries_are_dropped_and_recomputed(recomputed, tmp_path, caplog
     for turn in range(3):
         first.chat("alice", MESSAGES[turn], max_tokens=64, ignore_eos=True)
     first.close()
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
-                   if f.endswith(".kv"))
-    victim = files[1]
+    keys = context_keys(first.chats.sessions["alice"])
+    victim = block_file(tmp_path, first, keys[3])
     data = open(victim, "rb").read()
     if damage == "flip":
         data = data[:-10] + bytes([data[-10] ^ 0x40]) + data[-9:]
@@ -140,19 +147,17 @@ def test_corrupt_entries_are_dropped_and_recomputed(recomputed, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="jattn.store"):
         result = second.chat("alice", MESSAGES[3], max_tokens=64, ignore_eos=True)
     assert result.token_ids == recomputed[("alice", 3)]
-    assert result.cached_tokens == 0  # a lost block after truncation-free turns: replayed
+    assert result.cached_tokens == 3 * 16  # the blocks before the lost one; then prefill
     if damage != "missing":
         assert "dropping KV block" in caplog.text
         assert second.store.stats()["corrupt_entries"] == 1
 
 
 def test_a_block_of_another_history_is_never_used(recomputed, tmp_path):
-    """Block files of bob's conversation copied over alice's (same serials, same model,
-    valid checksums): after a restart alice's next turn recomputes and gives her own
-    tokens, because each block's content key names the history it was computed from."""
+    """Block files of bob's conversation copied over alice's (same model, valid
+    checksums): after a restart alice's next turn recomputes them and gives her own
+    tokens, because each file's header names the content key it was computed for."""
     import shutil
-
-    from jattn.store.store import session_key
 
     config = StoreConfig(hbm_bytes=10**9, host_bytes=10**9, disk_bytes=10**9,
                          disk_path=str(tmp_path))
@@ -161,17 +166,19 @@ def test_a_block_of_another_history_is_never_used(recomputed, tmp_path):
         first.chat("alice", MESSAGES[turn], max_tokens=64, ignore_eos=True)
         first.chat("bob", MESSAGES[turn + 4], max_tokens=64, ignore_eos=True)
     first.close()
-    root = os.path.join(str(tmp_path), first.store.fingerprint[:16])
-    alice, bob = (os.path.join(root, session_key(s)) for s in ("alice", "bob"))
-    copied = sorted(set(os.listdir(alice)) & set(os.listdir(bob)))
-    copied = [name for name in copied if name.endswith(".kv")]
-    assert len(copied) >= 8
-    for name in copied:
-        shutil.copyfile(os.path.join(bob, name), os.path.join(alice, name))
+    alice, bob = (context_keys(first.chats.sessions[s]) for s in ("alice", "bob"))
+    for mine, theirs in zip(alice, bob):
+        shutil.copyfile(block_file(tmp_path, first, theirs), block_file(tmp_path, first, mine))
     second = LLM(store=config)
     result = second.chat("alice", MESSAGES[3], max_tokens=64, ignore_eos=True)
     assert result.token_ids == recomputed[("alice", 3)]
     assert result.cached_tokens == 0 and second.store.stats()["stale_entries"] >= 1
+
+
+def block_file(root, llm, key: bytes) -> str:
+    """Where the disk tier under `root` keeps the block of `key`."""
+    return os.path.join(str(root), llm.store.fingerprint[:16], "blocks", key.hex()[:2],
+                        key.hex() + ".kv")
 
 
 def test_disk_names_never_hold_the_session_id(tmp_path):
@@ -183,15 +190,22 @@ def test_disk_names_never_hold_the_session_id(tmp_path):
     assert names and not any("secret" in n or "@" in n for n in names)
 
 
-def test_end_session_forgets_everywhere(tmp_path):
+def test_end_session_forgets_the_session_and_keeps_its_blocks_by_content(tmp_path):
+    """Ending a session removes its history and record everywhere; the blocks it
+    computed stay a cache by content (another request with the same prefix reuses
+    them) and every pool block stays accounted for."""
     config = StoreConfig(disk_bytes=10**8, disk_path=str(tmp_path))
     llm = LLM(store=config)
-    free = llm.runner.allocator.free_blocks
-    llm.chat("a", "Once upon a time", max_tokens=40)
+    prompt = [5, 6, 7] * 20
+    first = llm.chat("a", prompt, max_tokens=8, ignore_eos=True)
     llm.end_session("a")
-    assert llm.runner.allocator.free_blocks == free
-    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]
-    assert llm.chat("a", "Once upon a time", max_tokens=5).cached_tokens == 0
+    llm.store.flush()
+    assert "a" not in llm.chats.sessions and llm.store.get_record("a") is None
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".log")]
+    assert llm.chats.block_census().balanced
+    again = llm.chat("a", prompt, max_tokens=8, ignore_eos=True)
+    assert again.token_ids == first.token_ids and again.cached_tokens == 48
+    assert len(llm.chats.sessions["a"].turns) == 1  # a new conversation
 
 
 @pytest.mark.parametrize("args,pattern", [
@@ -215,12 +229,13 @@ def test_bad_chat_input_changes_nothing(args, pattern):
 
 @pytest.mark.parametrize("failing_call", [1, 2, 3])
 def test_a_replay_that_fails_midway_frees_every_block(failing_call):
-    """A history replay that stops partway (the pool running out, a failing step) gives
-    back every block it took: the census balances, nothing is in flight, and the session
-    still gives the recomputed tokens afterwards."""
-    llm = LLM(store=None, num_blocks=96)
-    for turn in range(3):
+    """Without a store a truncated session replays its turn log each turn; a replay
+    that stops partway (the pool running out, a failing step) gives back every block it
+    took: the census balances, and the session still gives its tokens afterwards."""
+    llm = LLM(store=None, num_blocks=96, max_context=96)
+    for turn in range(4):
         llm.chat("a", MESSAGES[turn], max_tokens=24, ignore_eos=True)
+    assert any(t.dropped for t in llm.chats.sessions["a"].turns)  # truncated: replayed
     real, calls = llm.runner.prefill, []
 
     def failing(*args, **kwargs):
@@ -231,12 +246,12 @@ def test_a_replay_that_fails_midway_frees_every_block(failing_call):
 
     llm.runner.prefill = failing
     with pytest.raises(RuntimeError, match="pool ran out"):
-        llm.chat("a", MESSAGES[3], max_tokens=24, ignore_eos=True)
+        llm.chat("a", MESSAGES[4], max_tokens=24, ignore_eos=True)
     llm.runner.prefill = real
     census = llm.chats.block_census()
     assert census.balanced and census.free == census.total, census
-    reference = LLM(store=None)
-    for turn in range(4):
+    reference = LLM(store=None, max_context=96)
+    for turn in range(5):
         want = reference.chat("a", MESSAGES[turn], max_tokens=24, ignore_eos=True)
-    assert llm.chat("a", MESSAGES[3], max_tokens=24, ignore_eos=True).token_ids == \
+    assert llm.chat("a", MESSAGES[4], max_tokens=24, ignore_eos=True).token_ids == \
         want.token_ids

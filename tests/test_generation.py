@@ -1,6 +1,5 @@
 """LLM.generate / stream: sampling, stop conditions, streaming, bad arguments."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ def test_end_of_sequence_stops_unless_ignored():
     greedy = llm.generate("Once upon a time", max_tokens=20).token_ids
     eos = greedy[6]
     first = greedy.index(eos)
-    llm.config = dataclasses.replace(llm.config, eos_token_ids=(eos,))
+    llm.chats.eos_ids = (eos,)  # as if the model's end-of-sequence token were `eos`
     stopped = llm.generate("Once upon a time", max_tokens=20)
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == greedy[:first]  # the end token itself is not returned

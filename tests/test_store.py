@@ -1,4 +1,5 @@
-"""AttentionStore on its own: entries, budgets, eviction order, hints, threads."""
+"""AttentionStore on its own: blocks by content key, budgets, eviction order, hints,
+records, restarts, threads."""
 
 import hashlib
 import os
@@ -12,6 +13,7 @@ from jattn.store import disk_entry
 from jattn.store.policy import eviction_order
 
 FINGERPRINT = "f" * 64
+DIRECTORY_BYTES = 4096  # what the store counts per directory below its root (documented)
 
 
 def block(seed, layers=2, size=4):
@@ -23,23 +25,48 @@ def block(seed, layers=2, size=4):
 BLOCK_BYTES = block(0).nbytes
 
 
-def content_key(session, serial):
-    """A 16-byte block key, distinct per session and serial (as the engine's are)."""
-    return hashlib.blake2b(f"{session}/{serial}".encode(), digest_size=16).digest()
+def key(name):
+    """A 16-byte block key per name (the engine's are content hashes too)."""
+    return hashlib.blake2b(str(name).encode(), digest_size=16).digest()
+
+
+def seed(name):
+    """The random seed of the test data of block `name`."""
+    return int.from_bytes(key(name)[:4], "little")
+
+
+def save(store, name):
+    """Saves block `name` (data from `seed(name)`); returns the future."""
+    return store.save(key(name), lambda: block(seed(name)))
+
+
+def assert_block(store, name, tier):
+    found = store.get(key(name))
+    assert found is not None and found[1] == tier, (name, found and found[1])
+    np.testing.assert_array_equal(found[0].k, block(seed(name)).k)
+    np.testing.assert_array_equal(found[0].v, block(seed(name)).v)
+
+
+def root_of(path):
+    return os.path.join(path, FINGERPRINT[:16])
 
 
 def disk_usage(root):
-    """What the disk budget counts under `root`: file sizes, 4096 bytes per directory
+    """What the disk budget counts under `root`: file sizes, DIRECTORY_BYTES per directory
     below it."""
-    return sum(sum(os.path.getsize(os.path.join(d, f)) for f in files) + 4096 * len(dirs)
-               for d, dirs, files in os.walk(root))
+    return sum(sum(os.path.getsize(os.path.join(d, f)) for f in files)
+               + DIRECTORY_BYTES * len(dirs) for d, dirs, files in os.walk(root))
+
+
+def block_files(root):
+    return sorted(f for _, _, files in os.walk(root) for f in files if f.endswith(".kv"))
 
 
 def test_disk_entry_round_trip_and_every_check(tmp_path):
     arrays = {"k": block(1).k, "v": block(1).v.astype("bfloat16")}
-    data = disk_entry.encode(arrays, fingerprint=FINGERPRINT, meta={"serial": 3})
+    data = disk_entry.encode(arrays, fingerprint=FINGERPRINT, meta={"block_key": "ab"})
     decoded, meta = disk_entry.decode(data, fingerprint=FINGERPRINT)
-    assert meta == {"serial": 3}
+    assert meta == {"block_key": "ab"}
     for name in arrays:
         assert decoded[name].dtype == arrays[name].dtype
         np.testing.assert_array_equal(decoded[name], arrays[name])
@@ -58,12 +85,23 @@ def test_disk_entry_round_trip_and_every_check(tmp_path):
     disk_entry.write_atomic(path, data)
     assert os.listdir(tmp_path / "a") == ["entry.kv"]
     read_back, meta = disk_entry.read(path, fingerprint=FINGERPRINT)
-    assert meta == {"serial": 3}
+    assert meta == {"block_key": "ab"}
     for name in arrays:  # aligned, read-only views: safe to hand to a device in place
         np.testing.assert_array_equal(read_back[name], arrays[name])
         assert read_back[name].ctypes.data % 64 == 0 and not read_back[name].flags.writeable
     with pytest.raises(disk_entry.CorruptEntry, match="cannot read"):
         disk_entry.read(str(tmp_path / "nothing.kv"), fingerprint=FINGERPRINT)
+
+
+def test_a_failed_write_removes_the_directories_it_created(tmp_path, monkeypatch):
+    def no_rename(*args):
+        raise OSError(28, "No space left on device")
+
+    os.makedirs(tmp_path / "kept")
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError):
+        disk_entry.write_atomic(str(tmp_path / "kept" / "a" / "b" / "entry.kv"), b"data")
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
 
 
 def test_eviction_order_is_scheduler_aware_then_lru():
@@ -73,60 +111,182 @@ def test_eviction_order_is_scheduler_aware_then_lru():
     assert order == ["b", "d", "e", "a", "c"]  # outside by LRU, then farthest-upcoming
 
 
-def test_host_budget_is_never_exceeded_and_evicts_by_policy():
+def test_host_budget_holds_and_hinted_blocks_outlive_older_unhinted_ones():
     store = AttentionStore(StoreConfig(host_bytes=4 * BLOCK_BYTES), fingerprint=FINGERPRINT)
-    for session in ("s1", "s2", "s3"):
-        for serial in range(2):
-            store.save(session, serial, lambda: block(serial),
-                       block_key=content_key(session, serial))
-            store.flush()
-            assert store.stats()["host_bytes"] <= 4 * BLOCK_BYTES
-    assert store.get("s1", 0, block_key=content_key("s1", 0)) is None  # LRU went first
-    assert store.get("s3", 1, block_key=content_key("s3", 1))[1] == "host"
-    store.hint(["s2"]).result()
-    store.save("s4", 0, lambda: block(9), block_key=content_key("s4", 0))
-    store.save("s4", 1, lambda: block(9), block_key=content_key("s4", 1))
-    store.flush()
-    assert store.get("s2", 0, block_key=content_key("s2", 0)) is not None  # hinted: kept
-    assert store.get("s3", 0, block_key=content_key("s3", 0)) is None  # over older-used s3
+    for n in range(6):
+        assert save(store, n).result() == ("host",)
+        assert store.stats()["host_bytes"] == min(n + 1, 4) * BLOCK_BYTES
+    assert [store.contains(key(n)) for n in range(6)] == [None, None] + ["host"] * 4
+    assert_block(store, 5, "host")  # used last: 2, 3, 4, 5 from least recently used
+    store.hint([key(2)]).result()
+    save(store, 6).result()
+    save(store, 7).result()
+    # Block 2, the least recently used, is hinted: 3 and 4 go instead.
+    assert {n for n in range(8) if store.contains(key(n))} == {2, 5, 6, 7}
+    assert store.stats()["host_evictions"] == 4
     store.close()
 
 
-def test_hint_prefetches_from_disk_into_host(tmp_path):
+def test_touch_marks_blocks_as_just_used():
+    store = AttentionStore(StoreConfig(host_bytes=2 * BLOCK_BYTES), fingerprint=FINGERPRINT)
+    save(store, "a").result()
+    save(store, "b").result()
+    store.touch([key("a"), key("never saved")])
+    save(store, "c").result()
+    assert [store.contains(key(n)) for n in "abc"] == ["host", None, "host"]
+    store.close()
+
+
+def test_contains_names_the_fastest_tier_and_counts_nothing(tmp_path):
+    config = StoreConfig(host_bytes=BLOCK_BYTES, disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    save(store, "old").result()
+    save(store, "new").result()  # pushes "old" out of host memory
+    before = store.stats()
+    assert [store.contains(key(n)) for n in ("new", "old", "never")] == ["host", "disk", None]
+    assert store.stats() == before
+    store.close()
+
+
+def test_one_copy_per_tier_however_many_sessions_save_a_key(tmp_path):
+    config = StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    calls = []
+
+    def produce():
+        calls.append(1)
+        return block(seed("shared"))
+
+    assert store.save(key("shared"), produce).result() == ("host", "disk")
+    release = threading.Event()
+    busy = store.save(key("busy"), lambda: release.wait(30) and block(0))  # holds the thread
+    for session in range(5):  # other sessions publish the same content
+        held = store.save(key("shared"), lambda: pytest.fail("produce of a held block"))
+        assert held.done() and held.result() == ("host", "disk")  # not queued
+        store.append_record(f"s{session}", {"blocks": [key("shared").hex()]})
+    release.set()
+    busy.result()
+    store.flush()
+    assert len(calls) == 1
+    stats = store.stats()
+    assert (stats["host_blocks"], stats["disk_blocks"]) == (2, 2)
+    assert (stats["saves"], stats["saves_skipped_held"]) == (2, 5)
+    assert stats["host_bytes"] == 2 * BLOCK_BYTES
+    assert block_files(tmp_path) == sorted(key(n).hex() + ".kv" for n in ("shared", "busy"))
+    assert stats["disk_records"] == 5
+    assert disk_usage(root_of(tmp_path)) == stats["disk_bytes"]
+    store.close()
+
+
+def test_saving_a_key_held_in_one_tier_fills_the_other(tmp_path):
+    config = StoreConfig(host_bytes=BLOCK_BYTES, disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    save(store, "a").result()
+    save(store, "b").result()  # "a" is on disk only now
+    path = os.path.join(root_of(tmp_path), "blocks", key("a").hex()[:2], key("a").hex() + ".kv")
+    written = os.stat(path).st_mtime_ns, store.stats()["disk_bytes_written"]
+    assert save(store, "a").result() == ("host", "disk")  # produced again into host memory
+    assert (os.stat(path).st_mtime_ns, store.stats()["disk_bytes_written"]) == written
+    assert_block(store, "a", "host")
+    store.close()
+    host_only = AttentionStore(StoreConfig(host_bytes=BLOCK_BYTES), fingerprint=FINGERPRINT)
+    assert save(host_only, "a").result() == ("host",)
+    held = host_only.save(key("a"), lambda: pytest.fail("produce of a held block"))
+    assert held.done() and held.result() == ("host",)
+    host_only.close()
+
+
+def test_hint_prefetches_disk_only_blocks_into_host_memory(tmp_path):
     config = StoreConfig(host_bytes=2 * BLOCK_BYTES, disk_bytes=10**6, disk_path=str(tmp_path))
     store = AttentionStore(config, fingerprint=FINGERPRINT)
-    for serial in range(2):
-        store.save("old", serial, lambda s=serial: block(s), block_key=content_key("old", serial))
-    for serial in range(2):
-        store.save("new", serial, lambda s=serial: block(10 + s),
-                   block_key=content_key("new", serial))
-    store.flush()
-    assert store.stats()["host_blocks"] == 2  # "old" was pushed out of host memory
-    assert store.hint(["old"]).result() == 2
-    found, tier = store.get("old", 1, block_key=content_key("old", 1))
-    assert tier == "host"
-    np.testing.assert_array_equal(found.k, block(1).k)
+    for name in ("old0", "old1", "new0", "new1"):
+        save(store, name).result()
+    assert [store.contains(key(n)) for n in ("old0", "old1")] == ["disk", "disk"]
+    assert store.hint([key("old0"), key("old1")]).result() == 2
+    assert [store.contains(key(n)) for n in ("old0", "old1")] == ["host", "host"]
+    assert_block(store, "old1", "host")
     assert store.stats()["prefetched_blocks"] == 2
     store.close()
 
 
-def test_restart_reindexes_disk_and_ignores_torn_writes(tmp_path):
+def test_a_prefetch_never_pushes_out_a_more_imminent_hinted_block(tmp_path):
+    config = StoreConfig(host_bytes=2 * BLOCK_BYTES, disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    for name in "abcdxy":
+        save(store, name).result()  # a to d pushed out of host memory by x and y
+    assert store.hint([key(n) for n in "abcd"]).result() == 2
+    assert [store.contains(key(n)) for n in "abcdxy"] == ["host"] * 2 + ["disk"] * 4
+    store.close()
+
+
+def test_a_restarted_store_finds_blocks_by_key_and_records_by_session(tmp_path):
     config = StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path))
     store = AttentionStore(config, fingerprint=FINGERPRINT)
-    store.save("s", 0, lambda: block(4), block_key=content_key("s", 0))
-    assert store.append_record("s", {"tokens": [1, 2, 3]}).result() is True
+    for name in ("prompt", "a1", "b1"):
+        save(store, name)
+    assert store.append_record("a", {"blocks": ["prompt", "a1"]}).result() is True
+    assert store.append_record("b", {"blocks": ["prompt", "b1"]}).result() is True
     store.close()
-    session_dir = next(p for p, _, files in os.walk(tmp_path) if "session.log" in files)
-    open(os.path.join(session_dir, ".tmp-abandoned"), "wb").write(b"half a file")
+    fan_out = os.path.join(root_of(tmp_path), "blocks", key("a1").hex()[:2])
+    open(os.path.join(fan_out, ".tmp-abandoned"), "wb").write(b"half a file")
+
     again = AttentionStore(config, fingerprint=FINGERPRINT)
-    assert again.get_record("s") == [{"tokens": [1, 2, 3]}]
-    found, tier = again.get("s", 0, block_key=content_key("s", 0))
-    assert tier == "disk"
-    np.testing.assert_array_equal(found.v, block(4).v)
-    assert not [f for f in os.listdir(session_dir) if f.startswith(".tmp-")]
+    assert [again.contains(key(n)) for n in ("prompt", "a1", "b1")] == ["disk"] * 3
+    assert again.get_record("a") == [{"blocks": ["prompt", "a1"]}]
+    assert again.get_record("b") == [{"blocks": ["prompt", "b1"]}]
+    for name in ("prompt", "a1", "b1"):
+        assert_block(again, name, "disk")
+    assert not [f for f in os.listdir(fan_out) if f.startswith(".tmp-")]
+    assert disk_usage(root_of(tmp_path)) == again.stats()["disk_bytes"]
+    again.close()
     other_model = AttentionStore(config, fingerprint="0" * 64)
-    assert other_model.get_record("s") is None
-    assert other_model.get("s", 0, block_key=content_key("s", 0)) is None
+    assert other_model.get_record("a") is None
+    assert other_model.contains(key("prompt")) is None and other_model.get(key("prompt")) is None
+    other_model.close()
+
+
+def test_a_restart_takes_the_files_as_used_in_the_order_they_were_written(tmp_path):
+    store = AttentionStore(StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path)),
+                           fingerprint=FINGERPRINT)
+    names = sorted(range(3), key=lambda n: key(n).hex())  # in the order of their keys
+    for name in names:
+        save(store, name)
+    store.close()
+    one_block = disk_usage(root_of(tmp_path)) // 3  # with its fan-out, sharing blocks/
+    for age, name in zip((2, 3, 1), names):  # the middle key written longest ago
+        path = os.path.join(root_of(tmp_path), "blocks", key(name).hex()[:2],
+                            key(name).hex() + ".kv")
+        os.utime(path, ns=(10**18 - age * 10**9,) * 2)
+    config = StoreConfig(disk_bytes=disk_usage(root_of(tmp_path)) - one_block // 2,
+                         disk_path=str(tmp_path))
+    again = AttentionStore(config, fingerprint=FINGERPRINT)
+    assert [again.contains(key(n)) for n in names] == ["disk", None, "disk"]
+    assert disk_usage(root_of(tmp_path)) == again.stats()["disk_bytes"] <= config.disk_bytes
+    again.close()
+
+
+def test_dropping_a_session_removes_its_log_and_keeps_its_blocks(tmp_path):
+    config = StoreConfig(host_bytes=BLOCK_BYTES, disk_bytes=10**6, disk_path=str(tmp_path))
+    store = AttentionStore(config, fingerprint=FINGERPRINT)
+    for name in ("s0", "s1"):
+        save(store, name)
+    assert store.append_record("s", {"blocks": ["s0", "s1"]}).result() is True
+    assert store.append_record("kept", {"blocks": []}).result() is True
+    sessions = os.path.join(root_of(tmp_path), "sessions")
+    assert len(os.listdir(sessions)) == 2
+    store.drop("s")
+    assert store.get_record("s") is None
+    assert len(os.listdir(sessions)) == 1 and store.stats()["disk_records"] == 1
+    assert_block(store, "s1", "host")
+    assert_block(store, "s0", "disk")
+    store.drop("kept")
+    assert not os.path.exists(sessions)  # its last log took it along
+    assert disk_usage(root_of(tmp_path)) == store.stats()["disk_bytes"]
+    store.close()
+    again = AttentionStore(config, fingerprint=FINGERPRINT)
+    assert again.get_record("s") is None and again.get_record("kept") is None
+    assert_block(again, "s1", "disk")
+    again.close()
 
 
 def test_concurrent_sessions_from_many_threads(tmp_path):
@@ -137,16 +297,15 @@ def test_concurrent_sessions_from_many_threads(tmp_path):
 
     def worker(index):
         try:
-            session = f"user-{index}"
-            for serial in range(6):
-                store.save(session, serial, lambda s=serial: block(index * 100 + s),
-                           block_key=content_key(session, serial))
-            store.append_record(session, {"turn": 0})
-            store.hint([session])
-            for serial in range(6):
-                found = store.get(session, serial, block_key=content_key(session, serial))
+            names = ["prompt0", "prompt1"] + [f"user-{index}/{n}" for n in range(4)]
+            for name in names:
+                save(store, name)
+            store.append_record(f"user-{index}", {"turn": 0})
+            store.hint([key(name) for name in names])
+            for name in names:
+                found = store.get(key(name))
                 if found is not None:
-                    np.testing.assert_array_equal(found[0].k, block(index * 100 + serial).k)
+                    np.testing.assert_array_equal(found[0].k, block(seed(name)).k)
                 stats = store.stats()
                 assert stats["host_bytes"] <= config.host_bytes
                 assert stats["disk_bytes"] <= config.disk_bytes
@@ -160,8 +319,9 @@ def test_concurrent_sessions_from_many_threads(tmp_path):
         thread.join()
     store.close()
     assert not errors, errors
-    root = os.path.join(tmp_path, FINGERPRINT[:16])
-    assert disk_usage(root) == store.stats()["disk_bytes"] <= config.disk_bytes
+    assert disk_usage(root_of(tmp_path)) == store.stats()["disk_bytes"] <= config.disk_bytes
+    assert store.stats()["saves"] + store.stats()["saves_skipped_held"] == 12 * 6
+    assert len(block_files(tmp_path)) == len(set(block_files(tmp_path)))
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -186,9 +346,9 @@ def test_first_victim_is_the_head_of_the_eviction_order():
         upcoming = rng.sample(range(30), rng.randint(0, 8))
         order = eviction_order(sessions, last_used=last_used, upcoming=upcoming)
         head = first_victim(sessions, last_used=last_used, upcoming_rank=window_rank(upcoming))
-        key = (lambda s: last_used.get(s, -1)) if head not in upcoming else \
+        rank = (lambda s: last_used.get(s, -1)) if head not in upcoming else \
             (lambda s: -window_rank(upcoming)[s])
-        assert key(head) == key(order[0])
+        assert rank(head) == rank(order[0])
 
 
 def test_host_memory_kind_choice():
@@ -205,45 +365,68 @@ def test_record_entries_are_appended_after_their_blocks(tmp_path):
     config = StoreConfig(disk_bytes=10**6, disk_path=str(tmp_path))
     store = AttentionStore(config, fingerprint=FINGERPRINT)
     release = threading.Event()
-    store.save("s", 0, lambda: release.wait(30) and block(0), block_key=content_key("s", 0))
+    store.save(key(0), lambda: release.wait(30) and block(seed(0)))
     durable = store.append_record("s", {"tokens": [0]})  # queued behind the save
     assert store.get_record("s") == [{"tokens": [0]}]
     assert not durable.done()
-    assert not [f for _, _, files in os.walk(tmp_path) for f in files if f == "session.log"]
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".log")]
     release.set()
     assert durable.result() is True
     for n in range(1, 20):
-        store.save("s", n, lambda n=n: block(n), block_key=content_key("s", n))
+        save(store, n)
         store.append_record("s", {"tokens": [n]})
     store.close()
     again = AttentionStore(config, fingerprint=FINGERPRINT)
     assert again.get_record("s") == [{"tokens": [n]} for n in range(20)]
     for n in range(20):
-        found, tier = again.get("s", n, block_key=content_key("s", n))
-        assert tier == "disk"
-        np.testing.assert_array_equal(found.k, block(n).k)
+        assert_block(again, n, "disk")
 
 
-def test_dropping_some_blocks_of_a_turn_frees_their_shared_array():
-    """A turn's blocks are views of one array; after some are dropped, the kept ones own
-    their memory (so the array is not kept alive for them) and keep their values."""
-    rng = np.random.default_rng(3)
-    k, v = (rng.standard_normal((2, 6, 4, 2, 8)).astype(np.float32) for _ in "kv")
-    store = AttentionStore(StoreConfig(host_bytes=10**6), fingerprint=FINGERPRINT)
-    for serial in range(6):
-        store.save("s", serial, lambda i=serial: BlockKV(k[:, i], v[:, i]),
-                   block_key=content_key("s", serial))
-    store.save("other", 0, lambda: BlockKV(k[:, 0], v[:, 0]), block_key=content_key("other", 0))
-    store.flush()
-    store.drop_blocks("s", [1, 2, 3])
-    for serial in (0, 4, 5):
-        found, tier = store.get("s", serial, block_key=content_key("s", serial))
+def turn_blocks(count, seed_=3):
+    """`count` blocks saved as the chat engine saves a turn: views of one layer-major
+    `[L, count, block_size, Hkv, D]` array each for keys and values."""
+    rng = np.random.default_rng(seed_)
+    k, v = (rng.standard_normal((2, count, 4, 2, 8)).astype(np.float32) for _ in "kv")
+    return k, v, [BlockKV(k[:, i], v[:, i]) for i in range(count)]
+
+
+def test_a_block_viewing_a_larger_array_counts_the_whole_array():
+    k, v, blocks = turn_blocks(4)
+    store = AttentionStore(StoreConfig(host_bytes=10 * BLOCK_BYTES), fingerprint=FINGERPRINT)
+    for i in (0, 2):  # blocks 1 and 3 were held already, say: not saved again
+        store.save(key(f"t{i}"), lambda i=i: blocks[i]).result()
+        assert store.stats()["host_bytes"] == 4 * BLOCK_BYTES  # the array is alive
+    found, _ = store.get(key("t2"))
+    assert np.shares_memory(found.k, k)  # kept as a view: loads it with its neighbours
+    store.close()
+
+
+def test_evicting_a_view_copies_its_siblings_out_so_the_array_is_freed():
+    k, v, blocks = turn_blocks(4)
+    store = AttentionStore(StoreConfig(host_bytes=5 * BLOCK_BYTES), fingerprint=FINGERPRINT)
+    for i, turn_block in enumerate(blocks):
+        store.save(key(f"t{i}"), lambda b=turn_block: b)
+    save(store, "x").result()
+    assert store.stats()["host_bytes"] == 5 * BLOCK_BYTES
+    save(store, "y").result()  # evicts t0, the least recently used: frees one block
+    assert store.stats()["host_evictions"] == 1
+    assert store.stats()["host_bytes"] == 5 * BLOCK_BYTES
+    assert store.contains(key("t0")) is None
+    for i in (1, 2, 3):
+        found, tier = store.get(key(f"t{i}"))
         assert tier == "host"
         assert not np.shares_memory(found.k, k) and not np.shares_memory(found.v, v)
-        np.testing.assert_array_equal(found.k, k[:, serial])
-        np.testing.assert_array_equal(found.v, v[:, serial])
-    for serial in (1, 2, 3):
-        assert store.get("s", serial, block_key=content_key("s", serial)) is None
-    other = store.get("other", 0, block_key=content_key("other", 0))
-    assert np.shares_memory(other[0].k, k)  # another session's, untouched
+        np.testing.assert_array_equal(found.k, k[:, i])
+        np.testing.assert_array_equal(found.v, v[:, i])
+    store.close()
+
+
+def test_a_view_of_an_array_larger_than_host_memory_is_kept_as_a_copy():
+    k, v, blocks = turn_blocks(4)
+    store = AttentionStore(StoreConfig(host_bytes=2 * BLOCK_BYTES), fingerprint=FINGERPRINT)
+    assert store.save(key("t1"), lambda: blocks[1]).result() == ("host",)
+    found, _ = store.get(key("t1"))
+    assert not np.shares_memory(found.k, k)
+    np.testing.assert_array_equal(found.v, v[:, 1])
+    assert store.stats()["host_bytes"] == BLOCK_BYTES
     store.close()

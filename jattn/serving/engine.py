@@ -221,8 +221,9 @@ class Engine:
         with self._condition:
             stats = dict(self.counters, queued=len(self._waiting), running=len(self._active),
                          sessions=len(self.chats.sessions))
+        stats["store"] = self.chats.device_stats()
         if self.llm.store is not None:
-            stats["store"] = self.llm.store.stats()
+            stats["store"].update(self.llm.store.stats())
         return stats
 
     def shutdown(self, *, grace: float | None = None) -> None:
@@ -342,7 +343,7 @@ class Engine:
         elif session not in self.chats.sessions and \
                 len(self.chats.sessions) >= self.limits.max_sessions:
             raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
-        conversation = self.chats.conversation(session)
+        conversation = self.chats.conversation(session, scope=request.cache_scope)
         message = request.value
         if request.kind == "text":
             message = self.llm.tokenizer.encode(
@@ -357,22 +358,21 @@ class Engine:
                                  f"limit of {self.limits.max_prompt_tokens}")
             return self.chats.begin(session, message, request.params,
                                     ignore_eos=request.ignore_eos,
-                                    start_time=time.perf_counter(), ephemeral=ephemeral)
+                                    start_time=time.perf_counter(), ephemeral=ephemeral,
+                                    scope=request.cache_scope)
         except BaseException:
             if not conversation.tokens and session not in self.chats.busy:
                 self.chats.sessions.pop(session, None)
             raise
 
     def _hint(self) -> None:
-        if self.llm.store is None:
-            return
         with self._condition:
             upcoming = [s.request.session_id for s in self._waiting
                         if s.request.session_id is not None]
-        upcoming = upcoming[:self.llm.store.config.lookahead]
-        if upcoming and upcoming != self._hinted:
+        upcoming = upcoming[:self.llm.store.config.lookahead if self.llm.store else 8]
+        if upcoming != self._hinted:
             self._hinted = upcoming
-            self.llm.store.hint(upcoming)
+            self.chats.hint(upcoming)
 
     def _prefill_step(self) -> None:
         stream = next((s for s, t in self._active.items()
@@ -451,21 +451,11 @@ class Engine:
     def _end_session(self, session_id: str) -> None:
         if session_id in self.chats.busy:
             raise ValueError(f"session {session_id!r} has a turn in flight")
-        if session_id not in self.chats.sessions and not (
-                self.llm.store and self.llm.store.get_record(session_id)):
+        if not self.chats.known(session_id):
             raise SessionNotFound(session_id)
         self.chats.end(session_id)
 
     def _describe(self, session_id: str) -> dict:
-        if session_id not in self.chats.sessions and not (
-                self.llm.store and self.llm.store.get_record(session_id)):
+        if not self.chats.known(session_id):
             raise SessionNotFound(session_id)
-        conversation = self.chats.conversation(session_id)
-        held = self.llm.store.session_blocks(session_id) if self.llm.store else {}
-        held["hbm"] = len(self.chats.resident.get(session_id, {}))
-        return {"session_id": session_id, "turns": len(conversation.turns),
-                "history_tokens": len(conversation.tokens),
-                "context_tokens": conversation.context_length(),
-                "dropped_tokens": len(conversation.tokens) - conversation.context_length(),
-                "resident_blocks": held,
-                "busy": session_id in self.chats.busy}
+        return self.chats.describe(session_id)

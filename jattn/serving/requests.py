@@ -57,9 +57,11 @@ def check_stop_strings(stop: tuple[str, ...]) -> None:
 class TurnRequest:
     """One turn to run.
 
-    `session_id` None is a one-off generation that leaves nothing behind. `kind` says what
+    `session_id` None is a one-off generation that keeps no history. `kind` says what
     `value` is: "message" (a user message, through the chat template), "text" (raw text,
-    appended as is) or "tokens" (token ids).
+    appended as is) or "tokens" (token ids). `cache_scope` names who may share the KV
+    the turn computes and reuses (a tenant's namespace, plus any per-request salt): KV
+    of different scopes never mixes; a session's scope is the one of its first turn.
     """
 
     session_id: str | None
@@ -67,6 +69,7 @@ class TurnRequest:
     value: str | tuple[int, ...]
     params: SamplingParams
     ignore_eos: bool = False
+    cache_scope: str = ""
 
 
 _DONE = object()

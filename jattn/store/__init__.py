@@ -1,5 +1,6 @@
-"""AttentionStore: each conversation's KV cache kept across turns in device, host and disk
-memory, under byte budgets, with scheduler hints for fetching and eviction."""
+"""AttentionStore: KV blocks kept by their content key in host memory and on disk, for any
+request with the same prefix to reuse, and each session's record, under byte budgets,
+with scheduler hints for fetching and eviction."""
 
 from jattn.store.config import StoreConfig
 from jattn.store.store import AttentionStore, BlockKV

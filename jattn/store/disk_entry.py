@@ -48,10 +48,10 @@ def write_atomic(path: str, data: bytes) -> None:
     """Writes `data` to `path` so that readers see the old or the new file, whole.
 
     Raises the `OSError` of a step that failed; then no temporary file is left, the old
-    file (if any) is untouched unless the final fsync of the directory failed, and a
-    directory that this call created is removed again."""
+    file (if any) is untouched unless the final fsync of the directory failed, and the
+    directories that this call created are removed again."""
     directory = os.path.dirname(path)
-    created = not os.path.isdir(directory)
+    created = _missing_directories(directory)
     os.makedirs(directory, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -66,9 +66,21 @@ def write_atomic(path: str, data: bytes) -> None:
             raise
         _fsync_dir(directory)
     except BaseException:
-        if created:
-            _remove_quietly(os.rmdir, directory)
+        for made in created:
+            _remove_quietly(os.rmdir, made)
         raise
+
+
+def _missing_directories(directory: str) -> list[str]:
+    """`directory` and those of its ancestors that do not exist, innermost first."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    return missing
 
 
 def _remove_quietly(remove, path: str) -> None:

@@ -1,13 +1,16 @@
 """Byte accounting and eviction of one tier, without the data.
 
 The store keeps its data beside a `Tier` per memory and asks it what to evict; the
-policy simulator drives the same `Tier` objects with a trace. Entries are
-`(session_key, serial)`; eviction takes whole sessions, in `eviction_order`.
+policy simulator drives the same `Tier` objects with a trace. Entries are `(group, item)`
+and eviction takes whole groups, in `eviction_order`: the simulator files each block as
+its own group `(block key, 0)`, and so does the store (a block, or a session's record
+log, per group). The names below say "session" for a group.
 
 A victim is found without scanning the sessions: two heaps with lazy deletion (an item
 whose session has left, or whose key is out of date, is dropped or re-keyed when it
 reaches the top). This relies on `last_used` being a monotone use counter: a held
-session's value may grow between calls, never shrink.
+session's value may grow between calls, never shrink (a session that has left may be
+forgotten, and comes back at any value).
 """
 
 from __future__ import annotations
@@ -67,18 +70,11 @@ class Tier:
         if nbytes > self.capacity:
             return False, []
         evicted = []
-        if self.used + nbytes > self.capacity:
-            self._set_window(upcoming)
-            own, kept = entry[0], []
-            while self.used + nbytes > self.capacity:
-                victim = self._next_victim(own, kept, last_used)
-                if victim is None:
-                    break
-                for old in self.entries_of(victim):
-                    self.remove(old)
-                    evicted.append(old)
-            for heap, item in kept:
-                heapq.heappush(heap, item)
+        while self.used + nbytes > self.capacity:
+            gone = self.evict_next(keep=entry[0], last_used=last_used, upcoming=upcoming)
+            if not gone:
+                break
+            evicted += gone
         if self.used + nbytes > self.capacity:
             return False, evicted
         key = entry[0]
@@ -93,6 +89,23 @@ class Tier:
         self.sizes[entry] = nbytes
         self.used += nbytes
         return True, evicted
+
+    def evict_next(self, *, keep: str, last_used: dict, upcoming: list) -> list:
+        """Evicts the whole session that goes first in policy order, other than `keep`,
+        and returns its entries (sorted); [] when no other session is held. For callers
+        whose room depends on more than the entries' sizes (the store's directories):
+        they evict one session at a time until what they need fits."""
+        self._set_window(upcoming)
+        kept = []
+        victim = self._next_victim(keep, kept, last_used)
+        for heap, item in kept:
+            heapq.heappush(heap, item)
+        if victim is None:
+            return []
+        gone = self.entries_of(victim)
+        for old in gone:
+            self.remove(old)
+        return gone
 
     def _next_victim(self, own: str, kept: list, last_used: dict):
         """The held session to evict next, other than `own` (whose items go to `kept`,
