@@ -105,21 +105,26 @@ def _demo(args) -> int:
 def _replay(args) -> int:
     import json
 
-    from jattn.bench.replay import replay, run_in_process, run_over_grpc
-    from jattn.bench.trace import conversations, load_trace
+    from jattn.bench.replay import check_block_alignment, replay, run_in_process, \
+        run_over_grpc
+    from jattn.bench.trace import load_trace
 
-    turns = conversations(load_trace(args.trace, scale=args.scale, limit=args.limit))
+    if args.server and args.store == "off":
+        raise SystemExit("jattn bench replay --store off runs in process (a server's "
+                         "store is its own configuration)")
+    if args.server and args.vocab_size is None:
+        raise SystemExit("jattn bench replay --server needs --vocab-size (the served "
+                         "model's)")
+    if not args.server:
+        try:
+            check_block_alignment(args.scale, args.block_size)
+        except ValueError as error:
+            raise SystemExit(f"jattn bench replay: {error}") from None
+    requests = load_trace(args.trace, scale=args.scale, limit=args.limit)
     if args.server:
-        if args.store == "off":
-            raise SystemExit("jattn bench replay --store off runs in process (a server's "
-                             "store is its own configuration)")
-        client = _client(args)
-        vocab = args.vocab_size
-        if vocab is None:
-            raise SystemExit("jattn bench replay --server needs --vocab-size (the "
-                             "served model's)")
-        summary = replay(turns, run_over_grpc(client), vocab_size=vocab,
-                         speedup=args.speedup)
+        summary = replay(requests, run_over_grpc(_client(args)), vocab_size=args.vocab_size,
+                         speedup=args.speedup, max_workers=args.max_workers,
+                         kv_block_tokens=args.block_size)
     else:
         from jattn import LLM
         from jattn.compile_cache import use_compilation_cache
@@ -127,17 +132,19 @@ def _replay(args) -> int:
         from jattn.store import StoreConfig
 
         use_compilation_cache(args.compilation_cache_dir)
-        store = StoreConfig.sized_for_machine(hbm_bytes=1 << 30) if args.store == "on" else None
+        store = (StoreConfig.sized_for_machine(block_size=args.block_size, hbm_bytes=1 << 30)
+                 if args.store == "on" else None)
         llm = LLM(args.model, random_weights=args.random_weights, store=store,
-                  num_blocks=args.num_blocks)
+                  block_size=args.block_size, num_blocks=args.num_blocks)
         engine = Engine(llm, EngineLimits(max_running=args.max_running,
-                                          max_queue=max(len(turns), 1)),
+                                          max_queue=max(len(requests), 1)),
                         warm_up=args.warm_up)
-        summary = replay(turns, run_in_process(engine), vocab_size=llm.config.vocab_size,
-                         speedup=args.speedup, stateless=args.store == "off")
+        summary = replay(requests, run_in_process(engine), vocab_size=llm.config.vocab_size,
+                         speedup=args.speedup, max_workers=args.max_workers,
+                         kv_block_tokens=args.block_size)
         engine.shutdown()
-    summary.update(trace=args.trace, scale=args.scale, store=args.store,
-                   server=args.server, speedup=args.speedup)
+    summary.update(trace=args.trace, scale=args.scale, limit=args.limit, store=args.store,
+                   server=args.server, speedup=args.speedup, model=args.model)
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -201,11 +208,13 @@ def main(argv=None) -> int:
     replay.add_argument("--trace", required=True, help="JSONL: timestamp, input_length, "
                         "output_length, hash_ids")
     replay.add_argument("--scale", type=float, default=1.0,
-                        help="shrink lengths and the 512-token block by this factor")
+                        help="shrink lengths and the 512-token block by this factor (in "
+                        "process, 512 * scale must be a multiple of --block-size)")
     replay.add_argument("--limit", type=int, default=None, help="first N requests only")
     replay.add_argument("--store", choices=("on", "off"), default="on",
-                        help="in process: off runs every request as a one-off carrying "
-                        "its whole prompt, as to a server without KV reuse")
+                        help="in process: on reuses KV by content across requests; off "
+                        "builds the model with no store, so every request prefills its "
+                        "whole prompt (the baseline without reuse)")
     replay.add_argument("--speedup", type=float, default=1.0,
                         help="divide the trace's timestamps by this")
     replay.add_argument("--server", default=None, help="host:port of a jattn-serve "
@@ -219,6 +228,11 @@ def main(argv=None) -> int:
     replay.add_argument("--random-weights", action="store_true")
     replay.add_argument("--num-blocks", type=int, default=4096)
     replay.add_argument("--max-running", type=int, default=32)
+    replay.add_argument("--max-workers", type=int, default=64,
+                        help="client threads: requests in flight at most")
+    replay.add_argument("--block-size", type=int, default=16,
+                        help="KV block size in tokens: in process the engine's; with "
+                        "--server, the server's (for the reuse the trace allows)")
     replay.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                         help="in process: compile every shape before replaying")
     replay.add_argument("--compilation-cache-dir", default="~/.cache/jattn/xla")

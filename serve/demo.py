@@ -2,7 +2,8 @@
 KV reuse on and off, and a table of what each turn cost.
 
 Two servers run the embedded model on loopback: one with the AttentionStore, one that
-recomputes every turn's history. Each holds the same conversation (after a warm-up
+recomputes every turn's whole conversation (as a server without KV reuse prefills a
+stateless request carrying it). Each holds the same conversation (after a warm-up
 conversation that compiles every shape, so compile time is in neither column).
 """
 
@@ -24,8 +25,9 @@ FOLLOW_UPS = ["What did Lily do after lunch?", "Did her friend Tom come to play?
               "Tell me one more thing.", "The end."]
 
 
-def converse(client: Client, session: str, turns: int, max_tokens: int):
-    messages = [OPENING] + FOLLOW_UPS[:turns - 1]
+def converse(client: Client, session: str, turns: int, max_tokens: int,
+             opening: str = OPENING):
+    messages = [opening] + FOLLOW_UPS[:turns - 1]
     return [client.chat(session, message, max_tokens=max_tokens, ignore_eos=True)
             for message in messages]
 
@@ -39,7 +41,10 @@ def run_demo(*, turns: int = 6, max_tokens: int = 32) -> list[dict]:
         for reuse, server in servers.items():
             client = Client(f"127.0.0.1:{server.port}")
             client.wait_ready()
-            converse(client, "warm-up", turns, max_tokens)
+            # Another story of the same shape: it compiles the same steps and leaves
+            # nothing the demo's conversation could reuse by content.
+            converse(client, "warm-up", turns, max_tokens,
+                     opening=OPENING.replace("Lily", "Anna").replace("ball", "kite"))
             replies[reuse] = converse(client, "demo", turns, max_tokens)
             client.close()
     finally:

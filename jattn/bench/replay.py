@@ -1,18 +1,18 @@
 """Replaying a Mooncake-format trace against jattn, in process or over gRPC.
 
-Each request runs as a turn of its conversation (`jattn.bench.trace.conversations`): the
-prompt tokens past the blocks it shares with the conversation's previous turn are sent
-as token ids, with `max_tokens` the request's output length (end-of-sequence ignored).
-Without reuse (`stateless`), each request is a one-off carrying its whole prompt.
-Requests start at their timestamps, divided by `speedup`, but a turn waits for the
-answer to its conversation's previous turn, as a user does. Per request the time to
-first token is measured from its start; reused prompt tokens are those whose KV the turn did
-not recompute, up to the prefix the request shares with the previous turn.
+Each request is a one-off carrying its whole prompt as token ids (no session), as an
+OpenAI-style client sends it, with `max_tokens` its output length (end-of-sequence
+ignored). Requests start at their timestamps divided by `speedup` and run concurrently,
+on a bounded pool of client threads; nothing groups them into conversations. Whatever the
+engine reuses it finds by content. Per request, the time to first token counts from the
+request's arrival (its timestamp), so waiting for a free client thread counts too; reuse
+is measured against what the trace allows by content (`reusable_prefix_tokens`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -20,15 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from jattn.bench.trace import Turn, prompt_token_ids, reusable_tokens
+from jattn.bench.trace import TRACE_BLOCK_TOKENS, TraceRequest, prompt_token_ids, \
+    reusable_prefix_tokens
 from jattn.sampling import SamplingParams
 from jattn.serving import Engine, TurnRequest
 
 
 @dataclass
-class TurnOutcome:
+class RequestOutcome:
     """What one replayed request cost: seconds to first token and per later token,
-    tokens generated, context tokens reused (and blocks per tier), or the error."""
+    tokens generated, prompt tokens whose KV was reused (and blocks per tier), or the
+    error."""
 
     ttft_s: float = 0.0
     tpot_s: float = 0.0
@@ -38,12 +40,31 @@ class TurnOutcome:
     error: str | None = None
 
 
-def run_in_process(engine: Engine):
-    """A turn runner over an in-process engine."""
+def check_block_alignment(scale: float, kv_block_tokens: int) -> None:
+    """Raises ValueError unless `scale` makes a trace block (512 tokens times `scale`) a
+    whole number of the engine's KV blocks of `kv_block_tokens` tokens. Reuse by content
+    works on whole KV blocks: a KV block straddling two trace blocks is found again only
+    where both match, so the replay's reuse would not follow the trace's blocks."""
+    trace_block = TRACE_BLOCK_TOKENS * scale
+    if trace_block % kv_block_tokens == 0:
+        return
+    below = math.floor(trace_block / kv_block_tokens) * kv_block_tokens
+    near = " or ".join(f"{tokens / TRACE_BLOCK_TOKENS:g}"
+                       for tokens in (below, below + kv_block_tokens)
+                       if 0 < tokens <= TRACE_BLOCK_TOKENS)
+    raise ValueError(
+        f"--scale {scale:g} makes trace blocks of {trace_block:g} tokens, not a whole number "
+        f"of the engine's {kv_block_tokens}-token KV blocks (reuse by content needs trace "
+        f"blocks made of whole KV blocks): 512 * scale must be a multiple of "
+        f"{kv_block_tokens}, e.g. --scale {near}")
 
-    def run(session: str, token_ids: list[int], max_tokens: int) -> TurnOutcome:
+
+def run_in_process(engine: Engine):
+    """A request runner over an in-process engine: `run(token_ids, max_tokens)`."""
+
+    def run(token_ids: list[int], max_tokens: int) -> RequestOutcome:
         start = time.perf_counter()
-        stream = engine.submit(TurnRequest(session, "tokens", tuple(token_ids),
+        stream = engine.submit(TurnRequest(None, "tokens", tuple(token_ids),
                                            SamplingParams(max_tokens=max_tokens),
                                            ignore_eos=True))
         first = None
@@ -53,99 +74,110 @@ def run_in_process(engine: Engine):
             tokens += 1
         end = time.perf_counter()
         result = stream.result
-        return TurnOutcome(ttft_s=(first or end) - start,
-                           tpot_s=(end - first) / (tokens - 1) if tokens > 1 else 0.0,
-                           tokens=tokens, cached_tokens=result.cached_tokens,
-                           tier_blocks=dict(result.tiers or {}))
+        return RequestOutcome(ttft_s=(first or end) - start,
+                              tpot_s=(end - first) / (tokens - 1) if tokens > 1 else 0.0,
+                              tokens=tokens, cached_tokens=result.cached_tokens,
+                              tier_blocks=dict(result.tiers or {}))
 
     return run
 
 
 def run_over_grpc(client):
-    """A turn runner over a `serve.client.Client`."""
+    """A request runner over a `serve.client.Client`: `run(token_ids, max_tokens)`, a
+    `Chat` with no session."""
 
-    def run(session: str, token_ids: list[int], max_tokens: int) -> TurnOutcome:
+    def run(token_ids: list[int], max_tokens: int) -> RequestOutcome:
         start = time.perf_counter()
         first = None
         facts = None
         tokens = 0
-        for event in client.chat_events(session, token_ids=token_ids, max_tokens=max_tokens,
+        for event in client.chat_events("", token_ids=token_ids, max_tokens=max_tokens,
                                         ignore_eos=True):
             if event.token_ids:
                 first = first or time.perf_counter()
                 tokens += len(event.token_ids)
             facts = event.facts if event.HasField("facts") else facts
         end = time.perf_counter()
-        return TurnOutcome(ttft_s=(first or end) - start,
-                           tpot_s=(end - first) / (tokens - 1) if tokens > 1 else 0.0,
-                           tokens=tokens, cached_tokens=facts.cached_tokens if facts else 0,
-                           tier_blocks=dict(facts.tier_blocks) if facts else {})
+        return RequestOutcome(ttft_s=(first or end) - start,
+                              tpot_s=(end - first) / (tokens - 1) if tokens > 1 else 0.0,
+                              tokens=tokens, cached_tokens=facts.cached_tokens if facts else 0,
+                              tier_blocks=dict(facts.tier_blocks) if facts else {})
 
     return run
 
 
-def replay(turns: list[Turn], run_turn, *, vocab_size: int, speedup: float = 1.0,
-           max_workers: int = 64, stateless: bool = False) -> dict:
-    """Replays `turns` through `run_turn(session, token_ids, max_tokens)` and summarises.
-
-    `stateless`: every request is a one-off (`session` None) carrying its whole prompt,
-    as a client of a server without KV reuse sends it, and the server prefills all of
-    it; a conversation's turns still wait for each other."""
-    outcomes: list[TurnOutcome | None] = [None] * len(turns)
-    turns_before: list[int | None] = [None] * len(turns)
-    start = time.perf_counter()
-    progress = tqdm(total=len(turns), desc="replay", unit="request")
+def run_trace(requests: list[TraceRequest], run_request, *, vocab_size: int,
+              speedup: float = 1.0, max_workers: int = 64
+              ) -> tuple[list[RequestOutcome], float, int]:
+    """Sends each request's whole prompt through `run_request(token_ids, max_tokens)` at
+    its timestamp / `speedup`, at most `max_workers` at once. Returns the outcomes (in
+    trace order; a request's time to first token counts from its arrival), the wall time
+    in seconds and the most requests that were in flight at once."""
+    outcomes: list[RequestOutcome | None] = [None] * len(requests)
+    progress = tqdm(total=len(requests), desc="replay", unit="request")
     lock = threading.Lock()
+    in_flight = [0, 0]  # now, most
+    start = time.perf_counter()
 
-    finished = [threading.Event() for _ in turns]
-    previous: dict[str, int] = {}
-    for index, turn in enumerate(turns):
-        before = previous.get(turn.session)
-        previous[turn.session] = index
-        turns_before[index] = before
-
-    def one(index: int, turn: Turn) -> None:
-        delay = turn.request.timestamp_s / speedup - (time.perf_counter() - start)
-        if delay > 0:
-            time.sleep(delay)
-        if turns_before[index] is not None:  # a user sends a turn once it has the answer
-            finished[turns_before[index]].wait()
-        ids = prompt_token_ids(turn.request, vocab_size=vocab_size,
-                               first_block=0 if stateless else turn.shared_blocks)
-        try:
-            outcome = run_turn(None if stateless else turn.session, ids or [3],
-                               turn.request.output_length)
-        except Exception as error:  # recorded: a replay reports failures, it does not stop
-            outcome = TurnOutcome(error=f"{type(error).__name__}: {error}")
+    def one(index: int, request: TraceRequest) -> None:
+        arrival = start + request.timestamp_s / speedup
+        if arrival > time.perf_counter():
+            time.sleep(arrival - time.perf_counter())
+        late_s = time.perf_counter() - arrival  # waiting for a free client thread
+        ids = prompt_token_ids(request, vocab_size=vocab_size)
         with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            outcome = run_request(ids, request.output_length)
+            outcome.ttft_s += late_s
+        except Exception as error:  # recorded: a replay reports failures, it does not stop
+            outcome = RequestOutcome(error=f"{type(error).__name__}: {error}")
+        with lock:
+            in_flight[0] -= 1
             outcomes[index] = outcome
             progress.update()
-        finished[index].set()
 
     with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-        list(pool.map(one, range(len(turns)), turns))
+        list(pool.map(one, range(len(requests)), requests))
     progress.close()
-    return summarise(turns, outcomes, wall_s=time.perf_counter() - start)
+    return outcomes, time.perf_counter() - start, in_flight[1]
 
 
-def summarise(turns: list[Turn], outcomes: list[TurnOutcome], *, wall_s: float) -> dict:
-    ok = [(t, o) for t, o in zip(turns, outcomes) if o.error is None]
-    ttft = np.array([o.ttft_s for _, o in ok]) if ok else np.zeros(1)
-    tpot = [o.tpot_s for _, o in ok if o.tokens > 1]
-    total = sum(t.request.input_length for t, _ in ok)
-    reused = 0
+def replay(requests: list[TraceRequest], run_request, *, vocab_size: int,
+           speedup: float = 1.0, max_workers: int = 64, kv_block_tokens: int = 16) -> dict:
+    """Replays `requests` (`run_trace`) and summarises them (`summarise`);
+    `kv_block_tokens` is the engine's KV block size, in tokens."""
+    outcomes, wall_s, peak = run_trace(requests, run_request, vocab_size=vocab_size,
+                                       speedup=speedup, max_workers=max_workers)
+    summary = summarise(requests, outcomes, wall_s=wall_s, kv_block_tokens=kv_block_tokens)
+    summary["peak_in_flight"] = peak
+    return summary
+
+
+def summarise(requests: list[TraceRequest], outcomes: list[RequestOutcome], *,
+              wall_s: float, kv_block_tokens: int = 16) -> dict:
+    """Latencies (seconds), prefill tokens, and reuse against what the trace allows by
+    content: per request at most `reusable_prefix_tokens` (in whole KV blocks of
+    `kv_block_tokens`) counts, and `reuse_of_allowed` is the share of that reused."""
+    allowed = reusable_prefix_tokens(requests, block_tokens=kv_block_tokens)
+    ok = [(r, o, a) for r, o, a in zip(requests, outcomes, allowed) if o.error is None]
+    ttft = np.array([o.ttft_s for _, o, _ in ok]) if ok else np.zeros(1)
+    tpot = [o.tpot_s for _, o, _ in ok if o.tokens > 1]
+    total = sum(r.input_length for r, _, _ in ok)
+    reused = sum(o.cached_tokens for _, o, _ in ok)
+    allowed_ok = sum(a for _, _, a in ok)
+    reused_of_allowed = 0
     by_tier: dict[str, float] = {}
-    for turn, outcome in ok:
-        allowed = min(turn.shared_blocks * turn.request.block_tokens, turn.request.input_length)
-        got = min(outcome.cached_tokens, allowed)
-        reused += got
+    for _, outcome, most in ok:
+        got = min(outcome.cached_tokens, most)
+        reused_of_allowed += got
         blocks = sum((outcome.tier_blocks or {}).values())
         for tier, count in (outcome.tier_blocks or {}).items():
-            by_tier[tier] = by_tier.get(tier, 0) + got * count / blocks
-    requests = [t.request for t in turns]
+            by_tier[tier] = by_tier.get(tier, 0) + outcome.cached_tokens * count / blocks
     errors = [o.error for o in outcomes if o.error is not None]
     return {
-        "requests": len(turns), "completed": len(ok), "errors": len(errors),
+        "requests": len(requests), "completed": len(ok), "errors": len(errors),
         "first_errors": errors[:5], "wall_s": wall_s,
         "ttft_p50_s": float(np.quantile(ttft, 0.5)), "ttft_p90_s": float(np.quantile(ttft, 0.9)),
         "ttft_p99_s": float(np.quantile(ttft, 0.99)),
@@ -153,8 +185,8 @@ def summarise(turns: list[Turn], outcomes: list[TurnOutcome], *, wall_s: float) 
         "prefill_tokens_total": total, "prefill_tokens_reused": reused,
         "prefill_tokens_computed": total - reused,
         "reused_tokens_by_tier": {k: round(v) for k, v in sorted(by_tier.items())},
-        "trace_reusable_tokens": reusable_tokens(requests),
+        "allowed_tokens": allowed_ok, "reused_of_allowed_tokens": reused_of_allowed,
+        "reuse_of_allowed": reused_of_allowed / allowed_ok if allowed_ok else 0.0,
         "reuse_fraction": reused / total if total else 0.0,
-        "trace_reuse_fraction": reusable_tokens(requests) / max(
-            sum(r.input_length for r in requests), 1),
+        "trace_reuse_fraction": allowed_ok / total if total else 0.0,
     }

@@ -1,0 +1,125 @@
+"""Reuse by content: any request reuses the cached leading blocks of its context,
+whoever computed them, with the tokens and the KV of a stateless one-shot prefill; one
+copy of a shared block per tier; tenants never share."""
+
+import numpy as np
+import pytest
+
+from jattn import LLM, StoreConfig
+from jattn.chat import _read_blocks
+from jattn.conversation import context_keys
+from jattn.model.kv_cache import blocks_for
+
+SYSTEM = [7, 8, 9, 10] * 12  # a 48-token "system prompt": three full blocks
+
+
+def user_prompt(seed: int, length: int = 20) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 512, length).tolist()
+
+
+@pytest.fixture(scope="module")
+def stateless():
+    """The oracle: a server without reuse, one-shot prefill of each whole prompt."""
+    return LLM(store=None)
+
+
+def test_one_offs_with_a_shared_prefix_reuse_it_and_give_the_stateless_tokens(stateless):
+    llm = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
+    first = llm.generate(SYSTEM + user_prompt(1), max_tokens=12, ignore_eos=True)
+    second = llm.generate(SYSTEM + user_prompt(2), max_tokens=12, ignore_eos=True)
+    assert first.cached_tokens == 0 and second.cached_tokens == len(SYSTEM)
+    assert second.tiers == {"hbm": 3}
+    for index, result in ((1, first), (2, second)):
+        assert result.token_ids == stateless.generate(
+            SYSTEM + user_prompt(index), max_tokens=12, ignore_eos=True).token_ids
+    again = llm.generate(SYSTEM + user_prompt(1), max_tokens=12, ignore_eos=True)
+    assert again.cached_tokens == 64 and again.token_ids == first.token_ids  # 4 blocks
+
+
+def test_two_sessions_with_one_system_prompt_hold_one_copy(stateless):
+    llm = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
+    a = llm.chat("a", SYSTEM + user_prompt(3), max_tokens=8, ignore_eos=True)
+    held_after_a = llm.chats.device_stats()["hbm_blocks"]
+    b = llm.chat("b", SYSTEM + user_prompt(4), max_tokens=8, ignore_eos=True)
+    assert b.cached_tokens == len(SYSTEM)
+    keys_a, keys_b = (context_keys(llm.chats.sessions[s]) for s in "ab")
+    assert keys_a[:3] == keys_b[:3] and keys_a[3:] != keys_b[3:]
+    distinct = len(set(keys_a) | set(keys_b))
+    assert llm.chats.device_stats()["hbm_blocks"] == distinct < len(keys_a) + len(keys_b)
+    assert held_after_a == len(keys_a)
+    llm.store.flush()
+    assert llm.store.stats()["host_blocks"] == distinct
+    assert a.token_ids == stateless.generate(SYSTEM + user_prompt(3), max_tokens=8,
+                                             ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("tier", ["hbm", "host", "disk"])
+def test_reused_kv_equals_a_one_shot_prefill(stateless, tier, tmp_path):
+    """The pool blocks a turn reuses — straight from the device pool, loaded from host
+    memory or from disk — hold the KV a one-shot prefill of the same tokens computes
+    (float tolerance: a session's answer tokens were computed by decode steps)."""
+    config = StoreConfig(hbm_bytes=0 if tier != "hbm" else 1 << 26,
+                         host_bytes=0 if tier == "disk" else 1 << 26,
+                         disk_bytes=1 << 26 if tier == "disk" else 0,
+                         disk_path=str(tmp_path) if tier == "disk" else None)
+    llm = LLM(store=config)
+    llm.chat("s", SYSTEM + user_prompt(5), max_tokens=30, ignore_eos=True)
+    llm.store.flush()
+    conversation = llm.chats.sessions["s"]
+    keys = context_keys(conversation)
+    turn = llm.chats.begin("s", [5, 6, 7], llm_params(), ignore_eos=True, start_time=0.0)
+    assert turn.result.tiers == {tier: len(keys)}
+    logits = None
+    while logits is None:  # the first chunk lands the blocks arriving from host or disk
+        logits = llm.chats.prefill_chunk(turn)
+    reused = read_blocks(llm, turn.table[:len(keys)])
+    llm.chats.abort(turn)
+    tokens = conversation.tokens[:len(keys) * 16]
+    expected = one_shot_blocks(stateless, tokens)
+    for got, want in zip(reused, expected):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def llm_params():
+    from jattn.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=4)
+
+
+def read_blocks(llm, ids):
+    k, v = _read_blocks(llm.runner.pool, np.asarray(ids, np.int32))
+    return np.asarray(k), np.asarray(v)
+
+
+def one_shot_blocks(llm, tokens):
+    """K and V `[L, n, 16, Hkv, D]` of a stateless prefill of `tokens` (n full blocks)."""
+    ids = llm.runner.allocator.allocate(blocks_for(len(tokens), 16))
+    try:
+        llm.runner.prefill(tokens, 0, ids)
+        return read_blocks(llm, ids)
+    finally:
+        llm.runner.allocator.free(ids)
+
+
+def test_scopes_never_share_a_block():
+    llm = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
+    chats = llm.chats
+    prompt = SYSTEM + user_prompt(6)
+    from jattn.chat import OneOff
+    from jattn.sampling import SamplingParams
+
+    def one_off(number, scope):
+        turn = chats.begin(OneOff(number), prompt, SamplingParams(max_tokens=4),
+                           ignore_eos=True, start_time=0.0, ephemeral=True, scope=scope)
+        cached = turn.result.cached_tokens
+        logits = None
+        while logits is None:
+            logits = chats.prefill_chunk(turn)
+        turn.continuation.take(int(np.argmax(logits)))
+        chats.complete(turn)
+        return cached
+
+    assert one_off(0, "tenant-a") == 0
+    assert one_off(1, "tenant-b") == 0  # the same tokens, another tenant: nothing shared
+    assert one_off(2, "tenant-a") == len(SYSTEM) + 16
+    assert chats.block_census().balanced
