@@ -8,7 +8,8 @@ a long first message, then short ones. Every turn runs, in the same process, wit
   hbm        the store keeps the session's KV in the device pool between turns;
   host       the device tier is off: each turn loads the KV from host memory;
   disk       device and host tiers are off: each turn loads it from disk files;
-  replay     no store: the turn log is replayed (the exact recompute path);
+  none       no store: nothing outlives a turn, each turn prefills its whole context
+             (in chunks), as a server without reuse does for a stateless request;
   one-shot   the strongest plain baseline: the whole context prefilled in one pass.
 
 It prints TTFT per turn and the ratio to one-shot, and writes JSON and a PNG plot.
@@ -33,7 +34,7 @@ from jattn.model.kv_cache import blocks_for
 from jattn.store import StoreConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("hbm", "host", "disk", "replay")
+MODES = ("hbm", "host", "disk", "none")
 
 
 def build(model_dir: str, mode: str, disk_path: str, max_context: int) -> LLM:
@@ -43,7 +44,7 @@ def build(model_dir: str, mode: str, disk_path: str, max_context: int) -> LLM:
         "host": StoreConfig(hbm_bytes=0, host_bytes=2**40),
         "disk": StoreConfig(hbm_bytes=0, host_bytes=0, disk_bytes=2**40,
                             disk_path=disk_path),
-        "replay": None,
+        "none": None,
     }
     return LLM(model_dir, random_weights=True, seed=0, max_context=max_context,
                num_blocks=pool, store=stores[mode])
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
             llm.close()
             del llm
 
-    same = all(tokens_per_turn[m] == tokens_per_turn["replay"] for m in MODES)
+    same = all(tokens_per_turn[m] == tokens_per_turn["none"] for m in MODES)
     device = jax.devices()[0].device_kind
     print(f"\nmulti-turn TTFT on {device} ({jax.default_backend()}), {args.model} shape, "
           f"random weights; identical tokens in every mode: {same}")
@@ -137,8 +138,8 @@ def plot(path, context, results, one_shot, model) -> None:
     turns = np.arange(1, len(context) + 1)
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode in MODES:
-        ax.plot(turns, results[mode], marker="o", label=f"store: {mode}" if mode != "replay"
-                else "no store (replay)")
+        ax.plot(turns, results[mode], marker="o", label=f"store: {mode}" if mode != "none"
+                else "no store (prefill of the whole context)")
     ax.plot(turns, one_shot, marker="s", linestyle="--", color="black",
             label="one-shot prefill of the history")
     ax.set_yscale("log")

@@ -188,6 +188,18 @@ class ChatEngine:
                 else Conversation(context_key=self.root_key(scope)))
         return self.sessions[session_id]
 
+    def session_count(self) -> int:
+        """Sessions in memory."""
+        return len(self.sessions)
+
+    def has_session(self, session_id) -> bool:
+        """True if the session is in memory."""
+        return session_id in self.sessions
+
+    def is_busy(self, session_id) -> bool:
+        """True while a turn of the session runs."""
+        return session_id in self.busy
+
     def known(self, session_id: str) -> bool:
         """True if the session is in memory or recorded in the store."""
         return session_id in self.sessions or bool(
@@ -254,12 +266,18 @@ class ChatEngine:
 
     # ----- turns -----------------------------------------------------------------------
 
-    def encode_message(self, conversation: Conversation, message) -> list[int]:
+    def encode_message(self, conversation: Conversation, message, kind: str = "message"
+                       ) -> list[int]:
+        """The token ids a turn appends: `message` as token ids (a list), as raw text
+        (`kind` "text": the tokenizer's beginning-of-sequence token on a first turn
+        only), or as a user message through the chat template (`kind` "message")."""
         if not isinstance(message, str):
             return list(message)
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass the message as token ids")
         first = not conversation.tokens
+        if kind == "text":
+            return self.tokenizer.encode(message, add_special_tokens=first)
         if first:
             return self.tokenizer.encode_chat([{"role": "user", "content": message}])
         if self.tokenizer.chat_template:
@@ -287,17 +305,34 @@ class ChatEngine:
         return turn.result
 
     def begin(self, session_id, message, params: SamplingParams, *, ignore_eos: bool,
-              start_time: float, ephemeral: bool = False, scope: str = "") -> ActiveTurn:
-        """Starts a turn: encodes the message, truncates the history if the window needs
-        it, finds the longest run of the context's leading blocks some tier holds (device,
-        host, disk), recomputes what is missing, and allocates the turn's blocks. An
-        `ephemeral` turn (a one-off generation) keeps no history, but publishes its blocks
-        like any other. A new conversation's keys are rooted in cache `scope`. Raises
-        ValueError for a message that cannot run, changing nothing."""
+              start_time: float, ephemeral: bool = False, scope: str = "",
+              kind: str = "message", max_new_tokens: int | None = None) -> ActiveTurn:
+        """Starts a turn: encodes the message (see `encode_message`), truncates the
+        history if the window needs it, finds the longest run of the context's leading
+        blocks some tier holds (device, host, disk), recomputes what is missing, and
+        allocates the turn's blocks. An `ephemeral` turn (a one-off generation) keeps no
+        history, but publishes its blocks like any other. A new conversation's keys are
+        rooted in cache `scope`. Raises ValueError for a message that cannot run (more
+        than `max_new_tokens` new tokens, or beyond the window), changing nothing."""
+        new_session = session_id not in self.sessions
         conversation = self.conversation(session_id, scope=scope)
-        new_ids = self.encode_message(conversation, message)
+        try:
+            return self._begin(session_id, conversation,
+                               self.encode_message(conversation, message, kind), params,
+                               ignore_eos=ignore_eos, start_time=start_time,
+                               ephemeral=ephemeral, max_new_tokens=max_new_tokens)
+        except BaseException:
+            if new_session and not conversation.tokens:
+                self.sessions.pop(session_id, None)
+            raise
+
+    def _begin(self, session_id, conversation, new_ids, params, *, ignore_eos,
+               start_time, ephemeral, max_new_tokens) -> ActiveTurn:
         if not new_ids:
             raise ValueError("message is empty: give at least one token")
+        if max_new_tokens is not None and len(new_ids) > max_new_tokens:
+            raise ValueError(f"the turn has {len(new_ids)} new tokens, more than the "
+                             f"limit of {max_new_tokens}")
         block_size = self.runner.block_size
         dropped = plan_truncation(conversation, len(new_ids), params.max_tokens,
                                   max_context=self.max_context,
@@ -306,8 +341,6 @@ class ChatEngine:
         room = (self.max_context - len(kept) * block_size - len(conversation.tail)
                 - len(new_ids))
         if room < 1:
-            if not conversation.tokens:
-                self.sessions.pop(session_id, None)
             raise ValueError(
                 f"message of {len(new_ids)} tokens does not fit the context window of "
                 f"{self.max_context} tokens, even after truncating the history")

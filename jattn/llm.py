@@ -164,6 +164,11 @@ class LLM:
         params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, stop or ())
         return self.chats.chat(session_id, message, params, ignore_eos=ignore_eos)
 
+    def hint(self, upcoming_session_ids) -> None:
+        """A scheduler's queue, next first: those sessions' context blocks are kept
+        longest in every tier and prefetched from disk into host memory."""
+        self.chats.hint(upcoming_session_ids)
+
     def end_session(self, session_id: str) -> None:
         """Forgets a chat session in every tier."""
         self.chats.end(session_id)

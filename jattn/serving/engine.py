@@ -126,8 +126,8 @@ class Engine:
                 self.counters["rejected_queue_full"] += 1
                 raise QueueFull(f"the queue holds {self.limits.max_queue} turns already")
             session = request.session_id
-            if session is not None and session not in self.chats.sessions and \
-                    len(self.chats.sessions) >= self.limits.max_sessions:
+            if session is not None and not self.chats.has_session(session) and \
+                    self.chats.session_count() >= self.limits.max_sessions:
                 raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
             self._waiting.append(stream)
             self.counters["requests"] += 1
@@ -220,7 +220,7 @@ class Engine:
         """Requests, queue and batch sizes, sessions, and the store's counters."""
         with self._condition:
             stats = dict(self.counters, queued=len(self._waiting), running=len(self._active),
-                         sessions=len(self.chats.sessions))
+                         sessions=self.chats.session_count())
         stats["store"] = self.chats.device_stats()
         if self.llm.store is not None:
             stats["store"].update(self.llm.store.stats())
@@ -307,10 +307,9 @@ class Engine:
     def _admit(self) -> None:
         while len(self._active) < self.limits.max_running:
             with self._condition:
-                busy = self.chats.busy
                 stream = next((s for s in self._waiting
                                if s.request.session_id is None
-                               or s.request.session_id not in busy), None)
+                               or not self.chats.is_busy(s.request.session_id)), None)
                 if stream is None:
                     return
                 self._waiting.remove(stream)
@@ -340,30 +339,15 @@ class Engine:
         ephemeral = session is None
         if ephemeral:
             session = OneOff(next(self._one_off))
-        elif session not in self.chats.sessions and \
-                len(self.chats.sessions) >= self.limits.max_sessions:
+        elif not self.chats.has_session(session) and \
+                self.chats.session_count() >= self.limits.max_sessions:
             raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
-        conversation = self.chats.conversation(session, scope=request.cache_scope)
-        message = request.value
-        if request.kind == "text":
-            message = self.llm.tokenizer.encode(
-                message, add_special_tokens=not conversation.tokens)
-        elif request.kind == "tokens":
-            message = list(message)
-        try:
-            if request.kind == "message":
-                message = self.chats.encode_message(conversation, message)
-            if len(message) > self.limits.max_prompt_tokens:
-                raise ValueError(f"the turn has {len(message)} new tokens, more than the "
-                                 f"limit of {self.limits.max_prompt_tokens}")
-            return self.chats.begin(session, message, request.params,
-                                    ignore_eos=request.ignore_eos,
-                                    start_time=time.perf_counter(), ephemeral=ephemeral,
-                                    scope=request.cache_scope)
-        except BaseException:
-            if not conversation.tokens and session not in self.chats.busy:
-                self.chats.sessions.pop(session, None)
-            raise
+        return self.chats.begin(session, request.value if request.kind != "tokens"
+                                else list(request.value), request.params,
+                                ignore_eos=request.ignore_eos, start_time=time.perf_counter(),
+                                ephemeral=ephemeral, scope=request.cache_scope,
+                                kind=request.kind,
+                                max_new_tokens=self.limits.max_prompt_tokens)
 
     def _hint(self) -> None:
         with self._condition:
@@ -449,7 +433,7 @@ class Engine:
             self._free(turn)
 
     def _end_session(self, session_id: str) -> None:
-        if session_id in self.chats.busy:
+        if self.chats.is_busy(session_id):
             raise ValueError(f"session {session_id!r} has a turn in flight")
         if not self.chats.known(session_id):
             raise SessionNotFound(session_id)
