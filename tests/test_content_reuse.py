@@ -123,3 +123,26 @@ def test_scopes_never_share_a_block():
     assert one_off(1, "tenant-b") == 0  # the same tokens, another tenant: nothing shared
     assert one_off(2, "tenant-a") == len(SYSTEM) + 16
     assert chats.block_census().balanced
+
+
+def test_over_grpc_one_offs_and_decode_reuse_and_tenants_do_not_share():
+    from serve.client import Client
+    from serve.config import ServeConfig
+    from serve.server import Server
+
+    server = Server(ServeConfig(port=0, warm_up=False, compilation_cache_dir=None,
+                                auth_tokens=["token-of-alice", "token-of-bob"])).start()
+    address = f"127.0.0.1:{server.port}"
+    alice, bob = (Client(address, token=f"token-of-{name}") for name in ("alice", "bob"))
+    first = alice.chat("", token_ids=SYSTEM + user_prompt(7), max_tokens=6, ignore_eos=True)
+    second = alice.chat("", token_ids=SYSTEM + user_prompt(8), max_tokens=6, ignore_eos=True)
+    assert first.facts.cached_tokens == 0 and second.facts.cached_tokens == len(SYSTEM)
+    assert dict(second.facts.tier_blocks) == {"hbm": 3}
+    other = bob.chat("", token_ids=SYSTEM + user_prompt(8), max_tokens=6, ignore_eos=True)
+    assert other.facts.cached_tokens == 0 and other.token_ids == second.token_ids
+    reused = server.engine.stats()["tokens_reused"]
+    list(alice.decode(token_ids=SYSTEM + user_prompt(9), max_tokens=4))  # JetStream Decode
+    assert server.engine.stats()["tokens_reused"] == reused + len(SYSTEM)
+    for client in (alice, bob):
+        client.close()
+    server.stop()
