@@ -43,10 +43,22 @@ def launch(disk):
 
 
 def test_kill_9_at_random_points_never_gives_a_wrong_token(tmp_path):
+    processes = []
+    try:
+        crash_and_continue(tmp_path, processes)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def crash_and_continue(tmp_path, processes):
     rng = random.Random(13)
     held: list[str] = []  # messages of the turns the server holds, in order
     answers: dict[int, list[int]] = {}  # turn index -> the answer the client received
     process, client = launch(tmp_path)
+    processes.append(process)
     for cycle in range(6):
         result = {}
 
@@ -75,6 +87,7 @@ def test_kill_9_at_random_points_never_gives_a_wrong_token(tmp_path):
         client.close()
 
         process, client = launch(tmp_path)  # starts over whatever the kill left
+        processes.append(process)
         turns = client.describe("s").turns
         if acknowledged:  # an acknowledged turn is durable
             assert turns == len(held) + 1

@@ -342,8 +342,9 @@ def test_a_client_cannot_name_a_one_off_session():
 
 def test_a_burst_on_tiny_budgets_leaks_no_block(tmp_path):
     """20 clients x 5 turns with a 64-block pool, 512 KiB of host memory and 1 MiB of
-    disk: turns run, wait for blocks, replay their histories and are refused; afterwards
-    every block is free or resident, and a prompt as long as the pool allows still runs."""
+    disk: turns run, wait for blocks, recompute lost blocks, replay truncated histories
+    and are refused; afterwards every block is free or held by the device tier (within
+    its 64 KiB: 3 blocks), and a prompt as long as the pool allows still runs."""
     server = start(num_blocks=64, max_context=256, max_running=8, hbm_bytes=1 << 16,
                    host_bytes=512 << 10, disk_bytes=1 << 20, disk_path=str(tmp_path),
                    max_tokens=64)
@@ -371,7 +372,8 @@ def test_a_burst_on_tiny_budgets_leaks_no_block(tmp_path):
     for c in range(20):
         client.end_session(f"burst{c}")
     census = server.engine.block_census()
-    assert census.balanced and census.free == census.total, census
+    # Ended sessions leave only cached blocks, within the device tier's budget.
+    assert census.balanced and census.in_flight == 0 and census.resident <= 3, census
     long = client.chat("", token_ids=[5] * 180, max_tokens=40, ignore_eos=True)
     assert len(long.token_ids) == 40
     client.close()
