@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jattn.model.kv_cache import BlockAllocator, PoolExhausted
+from jattn.block_allocator import BlockAllocator, PoolExhausted
 
 
 @settings(max_examples=60, deadline=None)

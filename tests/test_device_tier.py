@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from jattn.model.kv_cache import BlockAllocator, PoolExhausted
+from jattn.block_allocator import BlockAllocator, PoolExhausted
 from jattn.store.device import DeviceBlocks
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jattn.dist import DistributedBlockAllocator, paged_attention, prefill_attention
-from jattn.model.kv_cache import PoolExhausted
+from jattn.block_allocator import PoolExhausted
 from pallas_kernels import flash_attention
 from pallas_kernels import paged_attention as single_device_paged_attention
 
@@ -117,3 +117,4 @@ def test_allocator_home_first_then_borrows_and_settles():
                                             "devices"):
         allocator.allocate(30)
     assert allocator.free_blocks == 17
+    assert allocator.free_ids() == set(range(20)) - set(first)

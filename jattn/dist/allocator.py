@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 
-from jattn.model.kv_cache import PoolExhausted
+from jattn.block_allocator import PoolExhausted
 
 
 class DistributedBlockAllocator:
@@ -34,6 +34,10 @@ class DistributedBlockAllocator:
     @property
     def free_blocks(self) -> int:
         return sum(len(f) for f in self._free)
+
+    def free_ids(self) -> set[int]:
+        """The ids free now, on every device."""
+        return set(self._free_set)
 
     def free_on(self, device: int) -> int:
         return len(self._free[device])

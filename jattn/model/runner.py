@@ -17,10 +17,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from jattn.block_allocator import BlockAllocator
 from jattn.dist import DistributedBlockAllocator, prefill_attention
 from jattn.dist import paged_attention as dist_paged_attention
 from jattn.model.kv_cache import (
-    BlockAllocator,
     KVPool,
     blocks_for,
     bucket,

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from jattn.chat import ActiveTurn, BlockCensus, OneOff
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
-from jattn.model.kv_cache import PoolExhausted, bucket, powers_of_two
+from jattn.block_allocator import PoolExhausted
+from jattn.model.kv_cache import bucket, powers_of_two
 from jattn.sampling import SamplingParams
 from jattn.serving.requests import (
     INPUT_KINDS,
