@@ -19,10 +19,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from jattn.conversation import (
     Conversation,
     Turn,
@@ -37,17 +33,11 @@ from jattn.conversation import (
 )
 from jattn.decoding import Continuation, decode_loop
 from jattn.generation import Generation
-from jattn.model.kv_cache import KVPool, blocks_for, bucket, powers_of_two
+from jattn.model.kv_cache import blocks_for, bucket
 from jattn.model.runner import ModelRunner
 from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, BlockKV
 from jattn.store.device import DeviceBlocks
-
-
-@jax.jit
-def _read_blocks(pool: KVPool, ids):
-    """Copies pool blocks `ids [n]` out: `k, v [L, n, bs, Hkv, D]`."""
-    return jnp.stack([p[ids] for p in pool.k]), jnp.stack([p[ids] for p in pool.v])
 
 
 @dataclass(frozen=True)
@@ -158,9 +148,8 @@ class ChatEngine:
         self.device = DeviceBlocks(runner.allocator,
                                    capacity_blocks=hbm_bytes // self.block_bytes if store else 0)
         device = runner.pool.k[0].devices().pop()
-        kind = store.config.memory_kind_for(device) if store else None
-        self.host_sharding = (jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
-                              if kind else None)
+        # Where saved blocks go when they leave the device (None: a plain host copy).
+        self.host_memory_kind = store.config.memory_kind_for(device) if store else None
 
     @property
     def hbm_bytes(self) -> int:
@@ -443,40 +432,25 @@ class ChatEngine:
 
     def warm_up_saves(self) -> int:
         """Compiles the copy out of the pool for every count of blocks a save can hold
-        (powers of two up to a full context), so that no turn's save compiles. Returns the
-        shapes compiled (none without a store)."""
+        (up to a full context), so that no turn's save compiles. Returns the shapes
+        compiled (none without a store)."""
         if self.store is None:
             return 0
-        counts = powers_of_two(1, bucket(blocks_for(self.max_context, self.runner.block_size),
-                                          minimum=1))
-        for count in counts:
-            k, v = _read_blocks(self.runner.pool, np.zeros(count, np.int32))
-            if self.host_sharding is not None:
-                k, v = jax.device_put((k, v), self.host_sharding)
-            jax.block_until_ready((k, v))
-        return len(counts)
+        return self.runner.warm_up_copies(blocks_for(self.max_context, self.runner.block_size),
+                                          self.host_memory_kind)
 
     def _save(self, keys: list[bytes], block_ids: list[int]) -> None:
-        """Starts the device-to-host copy of pool blocks `block_ids` now (the pool is
-        donated by the next step), into the store's host memory kind, and lets the
-        store's thread wait for it and file each block under its key."""
+        """Starts the copy of pool blocks `block_ids` out of the device now, and lets
+        the store's thread wait for it and file each block under its key. The blocks are
+        views of one layer-major `[L, n, ...]` array, so that a load copies a layer of
+        them as one piece."""
         if not keys:
             return
-        padded = np.full(bucket(len(block_ids), minimum=1), block_ids[-1], np.int32)
-        padded[:len(block_ids)] = block_ids  # a few shapes, so a few compilations
-        k, v = _read_blocks(self.runner.pool, padded)
-        if self.host_sharding is not None:
-            k, v = jax.device_put((k, v), self.host_sharding)  # starts the copy out now
-        host = {}
-        count = len(keys)
+        arrays = functools.cache(self.runner.copy_out(block_ids, self.host_memory_kind))
 
         def produce(i):
-            # Views of one layer-major `[L, count, ...]` array per turn (padding rows cut
-            # off), so that a load copies a layer of the turn's blocks as one piece.
-            if "k" not in host:
-                host["k"], host["v"] = (np.ascontiguousarray(np.asarray(a)[:, :count])
-                                        for a in (k, v))
-            return BlockKV(host["k"][:, i], host["v"][:, i])
+            k, v = arrays()
+            return BlockKV(k[:, i], v[:, i])
 
         for i, key in enumerate(keys):
             self.store.save(key, functools.partial(produce, i))

@@ -74,7 +74,7 @@ def test_host_tier_reuse_equals_recompute(recomputed, kind):
     """No device budget: every later turn loads its history from host memory, saved
     there through the memory kind asked for."""
     llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**9, host_memory_kind=kind))
-    assert (llm.chats.host_sharding is not None) == (kind == "pinned_host")
+    assert (llm.chats.host_memory_kind == "pinned_host") == (kind == "pinned_host")
     answers = run(llm)
     assert_same_tokens(answers, recomputed)
     later = [r for (_, turn), r in answers.items() if turn > 0]

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from jattn import LLM, StoreConfig
-from jattn.chat import _read_blocks
 from jattn.conversation import context_keys
 from jattn.model.kv_cache import blocks_for
 
@@ -87,8 +86,7 @@ def llm_params():
 
 
 def read_blocks(llm, ids):
-    k, v = _read_blocks(llm.runner.pool, np.asarray(ids, np.int32))
-    return np.asarray(k), np.asarray(v)
+    return llm.runner.copy_out(list(ids))()
 
 
 def one_shot_blocks(llm, tokens):

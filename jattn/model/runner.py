@@ -138,6 +138,12 @@ def _layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, 
     return layer(x, positions, slots, 0, k_pages, v_pages, attend)
 
 
+@jax.jit
+def _read_blocks(pool: KVPool, ids):
+    """Copies pool blocks `ids [n]` out: `k, v [L, n, bs, Hkv, D]`."""
+    return jnp.stack([p[ids] for p in pool.k]), jnp.stack([p[ids] for p in pool.v])
+
+
 class ModelRunner:
     """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps."""
 
@@ -288,6 +294,44 @@ class ModelRunner:
             mesh=self.mesh)
         self.pool = KVPool(tuple(new_k), tuple(new_v))
         _logits_step(self.graphdef, self.state, x, jnp.int32(1))
+
+    def host_sharding(self, memory_kind: str | None):
+        """Where `copy_out` puts blocks for host `memory_kind` (e.g. "pinned_host"), or
+        None for a plain copy when they are read."""
+        if memory_kind is None:
+            return None
+        return jax.sharding.SingleDeviceSharding(self.pool.k[0].devices().pop(),
+                                                 memory_kind=memory_kind)
+
+    def copy_out(self, block_ids: list[int], memory_kind: str | None = None):
+        """Starts copying pool blocks `block_ids` out now (the next step donates the
+        pool), into host memory of `memory_kind` (None: a plain copy when read). Returns
+        a function that waits for the copy and gives `(k, v)` numpy arrays
+        `[L, n, block_size, Hkv, D]`, n = len(block_ids)."""
+        count = len(block_ids)
+        padded = np.full(bucket(count, minimum=1), block_ids[-1], np.int32)
+        padded[:count] = block_ids  # a few shapes, so a few compilations
+        k, v = _read_blocks(self.pool, padded)
+        sharding = self.host_sharding(memory_kind)
+        if sharding is not None:
+            k, v = jax.device_put((k, v), sharding)  # the copy starts now
+
+        def arrays():
+            return tuple(np.ascontiguousarray(np.asarray(a)[:, :count]) for a in (k, v))
+
+        return arrays
+
+    def warm_up_copies(self, max_blocks: int, memory_kind: str | None = None) -> int:
+        """Compiles `copy_out` for every count of blocks up to `max_blocks` (powers of
+        two). Returns the shapes compiled."""
+        counts = powers_of_two(1, bucket(max_blocks, minimum=1))
+        sharding = self.host_sharding(memory_kind)
+        for count in counts:
+            k, v = _read_blocks(self.pool, np.zeros(count, np.int32))
+            if sharding is not None:
+                k, v = jax.device_put((k, v), sharding)
+            jax.block_until_ready((k, v))
+        return len(counts)
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are
