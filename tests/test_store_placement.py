@@ -1,12 +1,24 @@
-"""`Tier` evicts exactly as a brute-force reading of the eviction rule would."""
+"""Placement of the store's tiers: `Tier` evicts exactly as a brute-force reading of the
+eviction rule would, and every `BlockTier` (host memory, disk) keeps the tier contract:
+round trips by key, a budget that holds against a brute-force byte count, eviction in
+policy order, idempotent puts of held keys, checked gets."""
 
+import hashlib
 import itertools
+import os
 import random
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jattn.store.disk_files import DIRECTORY_BYTES, DiskFiles, block_file
+from jattn.store.disk_tier import DiskTier
+from jattn.store.host_tier import HostTier
 from jattn.store.placement import Tier
+from jattn.store.policy import eviction_order
+from jattn.store.tier import BlockKV, BlockTier
 
 SESSIONS = [f"s{i:02d}" for i in range(10)]
 CAPACITY = 10
@@ -135,3 +147,159 @@ def test_refuses_what_does_not_fit_and_spares_its_own_session():
     assert tier.admit(("a", 1), 2, last_used=last_used, upcoming=[]) == (True, [("b", 0)])
     assert tier.admit(("a", 2), 1, last_used=last_used, upcoming=[]) == (False, [])
     assert tier.used == 4 and tier.sessions() == {"a"}
+
+
+# ----- the tier interface ---------------------------------------------------------------
+
+FINGERPRINT = "f" * 64
+
+
+def tier_key(name):
+    """A 16-byte block key per name."""
+    return hashlib.blake2b(str(name).encode(), digest_size=16).digest()
+
+
+def kv_block(seed, layers=2, rows=4):
+    """A block of `[layers, rows, 2, 8]` float32 keys and values (128 * layers * rows
+    bytes)."""
+    rng = np.random.default_rng(seed)
+    return BlockKV(*(rng.standard_normal((layers, rows, 2, 8)).astype(np.float32)
+                     for _ in "kv"))
+
+
+def host_tier(path, capacity):
+    return HostTier(capacity)
+
+
+def disk_tier(path, capacity):
+    return DiskTier(DiskFiles(str(path), capacity), fingerprint=FINGERPRINT)
+
+
+def counted_bytes(tier, blocks):
+    """What the tier's budget must count, found without its accounting: the bytes of the
+    blocks put (`blocks`, by key) that host memory holds; on disk, the files and
+    `DIRECTORY_BYTES` per directory under the root."""
+    if isinstance(tier, DiskTier):
+        return sum(sum(os.path.getsize(os.path.join(d, f)) for f in files)
+                   + DIRECTORY_BYTES * len(dirs) for d, dirs, files in os.walk(tier.files.root))
+    return sum(block.nbytes for key, block in blocks.items() if tier.contains(key))
+
+
+@pytest.fixture(params=[host_tier, disk_tier], ids=["host", "disk"])
+def make_tier(request, tmp_path):
+    """Makes an empty tier of the kind under test: `make_tier(capacity_bytes)`."""
+    paths = itertools.count()
+    return lambda capacity: request.param(tmp_path / str(next(paths)), capacity)
+
+
+def assert_same_block(found, block):
+    assert found is not None
+    np.testing.assert_array_equal(found.k, block.k)
+    np.testing.assert_array_equal(found.v, block.v)
+
+
+def test_put_get_contains_delete_round_trip(make_tier):
+    tier = make_tier(10**6)
+    assert isinstance(tier, BlockTier) and tier.enabled
+    key, block = tier_key("a"), kv_block(1)
+    assert (tier.contains(key), tier.get(key), tier.keys(), tier.used_bytes) == \
+        (False, None, [], 0)
+    assert tier.put(key, block) is True
+    assert tier.contains(key) and tier.keys() == [key]
+    assert_same_block(tier.get(key), block)
+    assert 0 < tier.used_bytes == counted_bytes(tier, {key: block}) <= tier.capacity_bytes
+    tier.delete(key)
+    tier.delete(tier_key("never put"))
+    assert (tier.contains(key), tier.get(key), tier.keys()) == (False, None, [])
+    assert tier.used_bytes == counted_bytes(tier, {}) == 0
+
+
+def test_a_put_of_a_held_key_keeps_the_held_copy_and_changes_nothing(make_tier):
+    tier = make_tier(10**6)
+    key, first = tier_key("a"), kv_block(1)
+    assert tier.put(key, first)
+    before = tier.used_bytes, tier.stats()
+    assert tier.put(key, kv_block(2)) is True
+    assert (tier.used_bytes, tier.stats()) == before  # nothing written again
+    assert_same_block(tier.get(key), first)
+
+
+def test_the_budget_holds_under_random_puts_of_random_sizes(make_tier):
+    """Random puts (some of blocks larger than the budget), gets, touches, hints and
+    deletes: after each, the tier counts exactly what a brute-force count finds and
+    never more than its budget; a put returns whether the key is held."""
+    rng = random.Random(0)
+    tier = make_tier(12_000)
+    blocks = {}  # key -> the block the tier holds (or held) under it
+    keys = [tier_key(n) for n in range(12)]
+    for step in range(300):
+        key, action = rng.choice(keys), rng.random()
+        if action < 0.6:
+            block = kv_block(step, layers=rng.randint(1, 4), rows=rng.randint(1, 24))
+            held = tier.contains(key)
+            assert tier.put(key, block) == tier.contains(key)
+            if tier.contains(key) and not held:
+                blocks[key] = block
+        elif action < 0.7:
+            found = tier.get(key)
+            if found is not None:
+                assert_same_block(found, blocks[key])
+        elif action < 0.8:
+            tier.touch(rng.sample(keys, 3))
+        elif action < 0.9:
+            tier.hint(rng.sample(keys, rng.randint(0, 5)))
+        else:
+            tier.delete(key)
+        assert tier.used_bytes == counted_bytes(tier, blocks) <= tier.capacity_bytes
+        assert sorted(tier.keys()) == sorted(k for k in keys if tier.contains(k))
+    assert tier.stats()[f"{tier.name}_evictions"] > 0
+
+
+def test_a_tier_evicts_in_policy_order(make_tier):
+    """Equal blocks: each put that evicts takes the head of `eviction_order` over the
+    held keys, under the uses (puts, gets, touches) and the window the tier was given."""
+    probe = make_tier(10**6)
+    probe.put(tier_key("probe"), kv_block(0))
+    one = probe.used_bytes  # a block with what it brings along (its directories on disk)
+    tier = make_tier(4 * one + one // 2)
+    rng = random.Random(1)
+    clock = itertools.count()
+    last_used, upcoming, evictions = {}, [], 0
+    for n in range(200):
+        held = sorted(tier.keys())
+        action = rng.random()
+        if held and action < 0.25:
+            key = rng.choice(held)
+            tier.touch([key, tier_key("never put")])
+            last_used[key] = next(clock)
+        elif held and action < 0.35:
+            key = rng.choice(held)
+            assert tier.get(key) is not None
+            last_used[key] = next(clock)
+        elif action < 0.45:  # held keys and keys still to come
+            upcoming = rng.sample(held + [tier_key(m) for m in range(n, n + 4)],
+                                  rng.randint(0, len(held)))
+            tier.hint(upcoming)
+        else:
+            key = tier_key(n)
+            assert tier.put(key, kv_block(0))
+            last_used[key] = next(clock)
+            evicted = set(held) - set(tier.keys())
+            order = eviction_order(held, last_used=last_used, upcoming=upcoming)
+            assert evicted == set(order[:len(evicted)])
+            evictions += len(evicted)
+    assert evictions > 20
+
+
+def test_a_disk_copy_that_fails_its_check_is_dropped_and_counted(tmp_path):
+    tier = disk_tier(tmp_path, 10**6)
+    key = tier_key("a")
+    assert tier.put(key, kv_block(1))
+    path = tier.files.path(block_file(key))
+    data = bytearray(open(path, "rb").read())
+    data[-5] ^= 1
+    open(path, "wb").write(bytes(data))
+    assert tier.contains(key)  # checked when read
+    assert tier.get(key) is None and not tier.contains(key)
+    assert tier.stats()["corrupt_entries"] == 1 and not os.path.exists(path)
+    assert tier.used_bytes == counted_bytes(tier, {}) == 0

@@ -1,8 +1,10 @@
-"""AttentionStore: KV blocks kept by their content key in host memory and on disk, for any
-request with the same prefix to reuse, and each session's record, under byte budgets,
-with scheduler hints for fetching and eviction."""
+"""AttentionStore: KV blocks kept by their content key in tiers (host memory, local disk)
+behind one interface (`BlockTier`), for any request with the same prefix to reuse, and
+each session's record, under byte budgets, with scheduler hints for fetching and
+eviction."""
 
 from jattn.store.config import StoreConfig
-from jattn.store.store import AttentionStore, BlockKV
+from jattn.store.store import AttentionStore
+from jattn.store.tier import BlockKV, BlockTier
 
-__all__ = ["AttentionStore", "BlockKV", "StoreConfig"]
+__all__ = ["AttentionStore", "BlockKV", "BlockTier", "StoreConfig"]

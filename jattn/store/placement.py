@@ -1,10 +1,10 @@
 """Byte accounting and eviction of one tier, without the data.
 
-The store keeps its data beside a `Tier` per memory and asks it what to evict; the
-policy simulator drives the same `Tier` objects with a trace. Entries are `(group, item)`
-and eviction takes whole groups, in `eviction_order`: the simulator files each block as
-its own group `(block key, 0)`, and so does the store (a block, or a session's record
-log, per group). The names below say "session" for a group.
+`Tier` keeps entries `(group, item)` and evicts whole groups, in `eviction_order`, under
+a use clock and a look-ahead window its caller passes in: the policy simulator drives it
+with a trace, filing each block as its own group `(block key, 0)`. `Placement` is the
+same accounting for one tier of the store, one group per key, with the tier's own use
+clock and window. The names below say "session" for a group.
 
 A victim is found without scanning the sessions: two heaps with lazy deletion (an item
 whose session has left, or whose key is out of date, is dropped or re-keyed when it
@@ -16,6 +16,8 @@ forgotten, and comes back at any value).
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections.abc import Callable, Hashable
 
 from jattn.store.policy import window_rank
 
@@ -151,3 +153,73 @@ class Tier:
         self._parked = []
         self._near = [(-self._rank[key], key) for key in self._by_session if key in self._rank]
         heapq.heapify(self._near)
+
+
+class Placement:
+    """The keys one tier of the store holds, their bytes, when each was last used and
+    the scheduler's window: which key leaves first when the tier is full (see
+    `eviction_order`). Keys are hashable and ordered (bytes, or relative paths). Not
+    thread-safe: the tier's lock guards it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._tier = Tier(capacity)
+        self._clock = itertools.count()
+        self._last_used: dict = {}  # held key -> use counter
+        self._upcoming: list = []  # the last hint, most imminent first
+
+    def __contains__(self, key: Hashable) -> bool:
+        return (key, 0) in self._tier
+
+    def __len__(self) -> int:
+        return len(self._tier.sizes)
+
+    @property
+    def used(self) -> int:
+        """Bytes of the held keys."""
+        return self._tier.used
+
+    def keys(self) -> list:
+        return [key for key, _ in self._tier.sizes]
+
+    def size_of(self, key: Hashable) -> int | None:
+        """The bytes `key` counts, or None if it is not held."""
+        return self._tier.sizes.get((key, 0))
+
+    def make_room(self, keep: Hashable, fits: Callable[[], bool],
+                  evict: Callable[[Hashable], None]) -> bool:
+        """Evicts held keys other than `keep`, in policy order, until `fits()`;
+        `evict(key)` forgets each victim's data (so that `fits` sees it gone). Returns
+        whether it then fits."""
+        while not fits():
+            gone = self._tier.evict_next(keep=keep, last_used=self._last_used,
+                                         upcoming=self._upcoming)
+            if not gone:
+                return False
+            ((victim, _),) = gone
+            self._last_used.pop(victim, None)
+            evict(victim)
+        return True
+
+    def admit(self, key: Hashable, nbytes: int) -> None:
+        """Holds `key` at `nbytes` (again, if held), as just used. The caller made the
+        room first (`make_room`)."""
+        self._tier.remove((key, 0))
+        self._last_used[key] = next(self._clock)
+        admitted, evicted = self._tier.admit((key, 0), nbytes, last_used=self._last_used,
+                                             upcoming=self._upcoming)
+        assert admitted and not evicted, "admit without room"
+
+    def remove(self, key: Hashable) -> None:
+        self._tier.remove((key, 0))
+        self._last_used.pop(key, None)
+
+    def touch(self, key: Hashable) -> None:
+        """Marks `key` as just used, if held."""
+        if key in self:
+            self._last_used[key] = next(self._clock)
+
+    def hint(self, upcoming: list) -> None:
+        """The keys the scheduler's next requests read, most imminent first: until the
+        next hint, they are evicted last, the most imminent last of all."""
+        self._upcoming = list(upcoming)

@@ -1,0 +1,123 @@
+"""The disk tier: KV blocks as self-checking files, by content key, in the store's
+`DiskFiles` (whose budget, eviction order and faults they share with the record logs).
+
+A block's file (`blocks/<k[:2]>/<k>.kv`) is a `disk_entry`, written atomically, whose
+header meta holds the block key (hex). Reading checks the checksum, the model
+fingerprint and that key: a file of another block filed under this key's name is stale,
+and is dropped like a corrupt one (`stale_entries`, `corrupt_entries`). A block once
+written is never written again while held.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable
+
+from jattn.store import disk_entry
+from jattn.store.disk_files import BLOCKS_DIRECTORY, DiskFiles, block_file
+from jattn.store.tier import BlockKV
+
+log = logging.getLogger("jattn.store")
+
+_HEX_KEY = re.compile(r"[0-9a-f]{32}")  # block keys in headers
+
+
+class DiskTier:
+    """A `BlockTier` of block files in `files`, for the model `fingerprint`."""
+
+    name = "disk"
+
+    def __init__(self, files: DiskFiles, *, fingerprint: str):
+        self.files = files
+        self.fingerprint = fingerprint
+        self._lock = threading.Lock()  # guards the counters
+        self._dropped = {"corrupt_entries": 0, "stale_entries": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self.files.enabled
+
+    @property
+    def used_bytes(self) -> int:
+        return self.files.used
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.files.capacity
+
+    def contains(self, key: bytes) -> bool:
+        return block_file(key) in self.files
+
+    def get(self, key: bytes) -> BlockKV | None:
+        relative = block_file(key)
+        if relative not in self.files:
+            return None
+        try:
+            arrays, meta = disk_entry.read(self.files.path(relative),
+                                           fingerprint=self.fingerprint)
+            if set(arrays) != {"k", "v"}:
+                raise disk_entry.CorruptEntry("not a KV block")
+            named = meta.get("block_key")
+            if not isinstance(named, str) or not _HEX_KEY.fullmatch(named):
+                raise disk_entry.CorruptEntry("no block key in its header")
+        except disk_entry.CorruptEntry as error:
+            self._drop(relative, "corrupt_entries", str(error))
+            return None
+        if named != key.hex():
+            self._drop(relative, "stale_entries", f"its header names block {named}")
+            return None
+        self.files.touch(relative)
+        return BlockKV(arrays["k"], arrays["v"])
+
+    def put(self, key: bytes, block: BlockKV) -> bool:
+        relative = block_file(key)
+        if relative in self.files:
+            self.files.touch(relative)
+            return True
+        room = self.files.room_for(relative)
+        if not self.files.enabled or block.nbytes > room:
+            return False  # could never fit: not worth encoding
+        data = disk_entry.encode({"k": block.k, "v": block.v}, fingerprint=self.fingerprint,
+                                 meta={"block_key": key.hex()})
+        if len(data) > room:
+            return False
+
+        def write(path):
+            disk_entry.write_atomic(path, data)
+            return len(data), len(data)
+
+        return self.files.write(relative, "writing a KV block", write)
+
+    def delete(self, key: bytes) -> None:
+        self.files.delete(block_file(key))
+
+    def keys(self) -> list[bytes]:
+        return [bytes.fromhex(relative.rsplit("/", 1)[1].removesuffix(".kv"))
+                for relative in self.files.files(BLOCKS_DIRECTORY)]
+
+    def touch(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self.files.touch(block_file(key))
+
+    def hint(self, upcoming_keys: list[bytes]) -> None:
+        self.files.hint([block_file(key) for key in upcoming_keys])
+
+    def stats(self) -> dict[str, int]:
+        """Blocks held and evicted, copies dropped as corrupt or stale, and the stats of
+        the files (bytes, writes, faults)."""
+        with self._lock:
+            dropped = dict(self._dropped)
+        return {**self.files.stats(), **dropped,
+                "disk_blocks": len(self.files.files(BLOCKS_DIRECTORY)),
+                "disk_evictions": self.files.evictions(BLOCKS_DIRECTORY)}
+
+    def _drop(self, relative: str, counter: str, reason: str) -> None:
+        """Deletes a block file that failed a check for `reason`, counting it under
+        `counter`; one no longer held (evicted while it was read) is left alone."""
+        if self.files.delete(relative):
+            log.warning("dropping KV block %s from disk: %s", self.files.path(relative),
+                        reason)
+            with self._lock:
+                self._dropped[counter] += 1

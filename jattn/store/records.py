@@ -1,0 +1,202 @@
+"""Session records: each session's list of JSON-able entries (one per turn), in memory
+and, with a disk, as a log in the store's `DiskFiles`.
+
+A log is not a block, so it is not in the disk tier; but it shares the disk's budget
+and eviction order with the block files (one `DiskFiles`): the budget counts every byte
+on disk, and a log goes least recently used first among blocks and logs alike.
+
+The log of a session (`sessions/<s>.log`, `s = session_key(id)`: a hash, never the id
+itself) is a sequence of `disk_entry` frames: the first names the log format, the model
+fingerprint and the session id, then one per entry. An entry is appended as one frame
+and an fsync, so a turn's append costs that turn's entry, not the history; a log that is
+missing (evicted) or that a failed append left in doubt is written whole instead,
+atomically. A crash mid-append leaves a torn last frame: reading stops at the first torn
+or damaged frame and cuts the file back to the frames before it (`torn_record_logs`). A
+log with no good header is dropped (`corrupt_entries`); one whose header names another
+session is not believed. A restarted process does not find a session whose log was
+evicted; while the process lives its record stays in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from jattn.store import disk_entry
+from jattn.store.disk_files import SESSIONS_DIRECTORY, DiskFiles, log_file
+
+log = logging.getLogger("jattn.store")
+
+LOG_FORMAT_VERSION = 1
+
+
+def session_key(session_id: str) -> str:
+    """The name a session goes by on disk and in indexes: a hash, not the raw id."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:32]
+
+
+class SessionRecords:
+    """The records of sessions, logged in `files` (None: in memory only) for the model
+    `fingerprint`. Safe to call from any thread; the writes that `append` returns run
+    on one thread, in the order they were returned."""
+
+    def __init__(self, files: DiskFiles | None, *, fingerprint: str):
+        self._files = files
+        self.fingerprint = fingerprint
+        self._lock = threading.Lock()
+        self._records: dict[str, list] = {}  # session key -> entries
+        # Sessions whose log holds exactly their first n entries, whole: entry n can be
+        # appended. Any other entry is written with the whole log (after a failed append
+        # n stays put, so the next entry rewrites the log, torn tail and all).
+        self._logged: dict[str, int] = {}
+        self._stats = collections.Counter()
+
+    def append(self, session_id: str, entry: dict) -> Callable[[], bool] | None:
+        """Appends `entry` (JSON-able; not to be mutated afterwards) to the session's
+        record, after its earlier entries (read from its log first when this process
+        has not seen the session yet). Raises ValueError, changing nothing, if it is not
+        JSON-able.
+
+        Returns the write that makes it durable in the session's log, or None when there
+        is no disk to write it to. The write returns True once the entry is on disk,
+        False if it did not get there: its write failed (logged and counted), the log no
+        longer fits the budget, or the session was dropped first."""
+        try:
+            frame = disk_entry.encode_frame(entry)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"a record entry must be JSON-able: {error}") from None
+        key = session_key(session_id)
+        with self._lock:
+            entries = self._records.get(key)
+            if entries is None:
+                entries = self._records[key] = self._read(key, session_id) or []
+            entries.append(entry)
+            if self._files is None or not self._files.enabled:
+                return None
+            self._files.touch(log_file(key))
+            return functools.partial(self._write, key, session_id, entries,
+                                     len(entries) - 1, frame)
+
+    def get(self, session_id: str) -> list | None:
+        """The session's entries in order (a new list), from memory or (after a restart)
+        from its log, or None if neither has it."""
+        key = session_key(session_id)
+        with self._lock:
+            entries = self._records.get(key)
+            if entries is None:
+                entries = self._read(key, session_id)
+                if entries is None:
+                    return None
+                self._records[key] = entries
+            if self._files is not None:
+                self._files.touch(log_file(key))
+            return list(entries)
+
+    def drop(self, session_id: str) -> None:
+        """Forgets the session's record in memory, then deletes its log. Deleting the
+        log is the commit point: a log that cannot be deleted disables the disk (the
+        record is forgotten in memory all the same)."""
+        key = session_key(session_id)
+        with self._lock:
+            self._records.pop(key, None)
+            self._logged.pop(key, None)
+            if self._files is not None:
+                self._files.delete_or_disable(
+                    log_file(key), "cannot delete the record log of a dropped session")
+
+    def stats(self) -> dict[str, int]:
+        """Sessions in memory, logs on disk and evicted from it, logs dropped as corrupt
+        and logs whose torn tail was cut off."""
+        with self._lock:
+            stats = {"sessions": len(self._records),
+                     "corrupt_entries": self._stats["corrupt_entries"],
+                     "torn_record_logs": self._stats["torn_record_logs"]}
+        if self._files is not None:
+            stats.update(disk_records=len(self._files.files(SESSIONS_DIRECTORY)),
+                         disk_record_evictions=self._files.evictions(SESSIONS_DIRECTORY))
+        return stats
+
+    def _write(self, key: str, session_id: str, entries: list, index: int,
+               frame: bytes) -> bool:
+        """Makes `entries[:index + 1]` durable in the session's log, by appending `frame`
+        (entry `index`) when the log holds exactly the entries before it, else by
+        writing the log whole."""
+        relative = log_file(key)
+        with self._lock:
+            if not self._files.enabled:
+                return True
+            if self._records.get(key) is not entries:
+                return False  # dropped since
+            old_size = self._files.size_of(relative)
+            appending = self._logged.get(key) == index and old_size is not None
+            upto = entries[:index + 1]
+
+        def write(path):
+            if appending:
+                try:
+                    disk_entry.append(path, frame)
+                    return len(frame), old_size + len(frame)
+                except FileNotFoundError:  # deleted behind the store's back
+                    pass
+            data = self._encode(session_id, upto)
+            disk_entry.write_atomic(path, data)
+            return len(data), len(data)
+
+        # On failure `_logged` stays short of `index`: the next entry is a rewrite.
+        if not self._files.write(relative, "writing the record log", write):
+            return False
+        with self._lock:
+            self._logged[key] = index + 1
+        return True
+
+    def _encode(self, session_id: str, entries: list) -> bytes:
+        """A whole log: its header frame, then one frame per entry."""
+        header = {"format_version": LOG_FORMAT_VERSION, "fingerprint": self.fingerprint,
+                  "session_id": session_id}
+        return b"".join(disk_entry.encode_frame(value) for value in [header, *entries])
+
+    def _read(self, key: str, session_id: str) -> list | None:
+        """Under the lock: the entries of the session's log, or None."""
+        relative = log_file(key)
+        if self._files is None or relative not in self._files:
+            return None
+        path = self._files.path(relative)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as error:
+            log.warning("cannot read the record log %s: %s", path, error)
+            data = b""
+        frames, good_length = disk_entry.decode_frames(data)
+        header = frames[0] if frames else None
+        if not (isinstance(header, dict) and len(frames) > 1
+                and header.get("format_version") == LOG_FORMAT_VERSION
+                and header.get("fingerprint") == self.fingerprint):
+            log.warning("dropping the record log %s: it has no good header and entry "
+                        "(damaged, another format or another model)", path)
+            self._stats["corrupt_entries"] += 1
+            self._files.delete(relative)
+            return None
+        if header.get("session_id") != session_id:
+            log.warning("the record log %s names another session: not believed", path)
+            return None
+        entries = frames[1:]
+        if good_length < len(data):
+            log.warning("record log %s ends in a torn or damaged frame: cutting it from %d "
+                        "to %d bytes (%d entries kept)", path, len(data), good_length,
+                        len(entries))
+            self._stats["torn_record_logs"] += 1
+            try:
+                os.truncate(path, good_length)
+            except OSError as error:
+                self._files.failed("cutting the torn tail of", path, error)
+                return entries  # the log is written whole at the next append
+            if not self._files.resized(relative, good_length):
+                return entries
+        self._logged[key] = len(entries)
+        return entries
