@@ -10,7 +10,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from jattn.chat import ChatEngine, ChatTurn, OneOff
+from jattn.engine.turns import ChatEngine, ChatTurn, OneOff
 from jattn.decoding import decode_loop
 from jattn.generation import StreamedToken
 from jattn.model.config import ModelConfig

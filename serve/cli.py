@@ -128,7 +128,7 @@ def _replay(args) -> int:
     else:
         from jattn import LLM
         from jattn.compile_cache import use_compilation_cache
-        from jattn.serving import Engine, EngineLimits
+        from jattn.engine import Engine, EngineLimits
         from jattn.store import StoreConfig
 
         use_compilation_cache(args.compilation_cache_dir)

@@ -6,7 +6,7 @@ import time
 
 import grpc
 
-from jattn.serving import Engine, SessionNotFound, TurnRequest
+from jattn.engine import Engine, SessionNotFound, TurnRequest
 from serve.auth import Tenants, scoped
 from serve.errors import abort
 from serve.protos import jattn_pb2, jattn_pb2_grpc

@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from jattn.serving import EngineStopped, QueueFull, SessionNotFound, TooManySessions
+from jattn.engine import EngineStopped, QueueFull, SessionNotFound, TooManySessions
 
 log = logging.getLogger("jattn.serve")
 

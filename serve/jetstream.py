@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 
-from jattn.serving import Engine, TurnRequest
+from jattn.engine import Engine, TurnRequest
 from serve.auth import Tenants, scoped
 from serve.protos import jetstream_pb2, jetstream_pb2_grpc
 from serve.metrics import Metrics

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jattn import LLM
 from jattn.compile_cache import use_compilation_cache
-from jattn.serving import Engine, EngineLimits
+from jattn.engine import Engine, EngineLimits
 from jattn.store import StoreConfig
 from serve.auth import Tenants
 from serve.config import ServeConfig

@@ -8,7 +8,7 @@ import time
 import grpc
 
 from jattn.sampling import SamplingParams
-from jattn.serving import Engine, TurnStream
+from jattn.engine import Engine, TurnStream
 from serve.errors import abort, status_of
 from serve.metrics import Metrics
 

@@ -24,7 +24,7 @@ from jattn.bench.trace import (
     prompt_token_ids,
     reusable_prefix_tokens,
 )
-from jattn.serving import Engine
+from jattn.engine import Engine
 from serve.cli import main as cli_main
 
 SCALE = 1 / 32  # 16-token trace blocks: one engine block each

@@ -103,7 +103,7 @@ def test_scopes_never_share_a_block():
     llm = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
     chats = llm.chats
     prompt = SYSTEM + user_prompt(6)
-    from jattn.chat import OneOff
+    from jattn.engine.turns import OneOff
     from jattn.sampling import SamplingParams
 
     def one_off(number, scope):

@@ -9,7 +9,7 @@ import pytest
 
 from jattn import LLM, StoreConfig
 from jattn.sampling import SamplingParams
-from jattn.serving import Engine, EngineLimits, QueueFull, SessionNotFound, TurnRequest
+from jattn.engine import Engine, EngineLimits, QueueFull, SessionNotFound, TurnRequest
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
             "Then it started to rain."]

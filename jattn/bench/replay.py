@@ -23,7 +23,7 @@ from tqdm import tqdm
 from jattn.bench.trace import TRACE_BLOCK_TOKENS, TraceRequest, prompt_token_ids, \
     reusable_prefix_tokens
 from jattn.sampling import SamplingParams
-from jattn.serving import Engine, TurnRequest
+from jattn.engine import Engine, TurnRequest
 
 
 @dataclass
@@ -121,9 +121,10 @@ def run_trace(requests: list[TraceRequest], run_request, *, vocab_size: int,
 
     def one(index: int, request: TraceRequest) -> None:
         arrival = start + request.timestamp_s / speedup
-        if arrival > time.perf_counter():
-            time.sleep(arrival - time.perf_counter())
-        late_s = time.perf_counter() - arrival  # waiting for a free client thread
+        delay_s = arrival - time.perf_counter()
+        if delay_s > 0:
+            time.sleep(delay_s)
+        late_s = max(time.perf_counter() - arrival, 0.0)  # waiting for a free client thread
         ids = prompt_token_ids(request, vocab_size=vocab_size)
         with lock:
             in_flight[0] += 1

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jattn.chat import ActiveTurn, BlockCensus, OneOff
+from jattn.engine.turns import ActiveTurn, BlockCensus, OneOff
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
 from jattn.model.kv_cache import bucket, powers_of_two
 from jattn.sampling import SamplingParams
-from jattn.serving.requests import (
+from jattn.engine.requests import (
     INPUT_KINDS,
     EngineStopped,
     QueueFull,

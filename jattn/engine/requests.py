@@ -6,7 +6,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from jattn.chat import ChatTurn
+from jattn.engine.turns import ChatTurn
 from jattn.generation import StreamedToken
 from jattn.sampling import SamplingParams
 
