@@ -135,11 +135,13 @@ def make_shared_prefix_trace(*, conversations: int = 64, turns: int = 4,
     conversation's own). Conversations open at Poisson arrivals (exponential gaps of mean
     `mean_arrival_gap_ms`, ms). Each of the `turns` turns sends the whole conversation:
     the previous turn's prompt, its answer (`output_length` of that turn), and a new user
-    message; it arrives a think time after the previous turn (uniform in `think_ms`, ms;
-    answers are expected well within it). A later turn keeps the ids of the previous
-    prompt's whole blocks; its other blocks (the previous prompt's partial block, now
-    extended, the answer and the message) get new ids. Message and answer lengths are
-    uniform in `message_tokens` and `output_tokens` (inclusive). Seeded by `seed`.
+    message; it arrives a think time after the previous turn (uniform in `think_ms`,
+    (min, max) ms; answers are expected well within it). A later turn keeps the ids of
+    the previous prompt's whole blocks; its other blocks (the previous prompt's partial
+    block, now extended, the answer and the message) get new ids (a replay generates its
+    own answers, so blocks holding one could not be reused anyway). Message and answer
+    lengths are uniform in `message_tokens` and `output_tokens`, (min, max) tokens
+    inclusive. Seeded by `seed`.
     """
     if conversations < 1 or turns < 1 or system_tokens < 0:
         raise ValueError("conversations and turns must be >= 1, system_tokens >= 0")
