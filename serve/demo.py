@@ -3,8 +3,9 @@ KV reuse on and off, and a table of what each turn cost.
 
 Two servers run the embedded model on loopback: one with the AttentionStore, one that
 recomputes every turn's whole conversation (as a server without KV reuse prefills a
-stateless request carrying it). Each holds the same conversation (after a warm-up
-conversation that compiles every shape, so compile time is in neither column).
+stateless request carrying it). Each holds the same conversation, after holding it once
+under another tenant's token: that compiles every shape (so compile time is in neither
+column) and leaves nothing the demo's tenant may reuse.
 """
 
 from __future__ import annotations
@@ -25,28 +26,30 @@ FOLLOW_UPS = ["What did Lily do after lunch?", "Did her friend Tom come to play?
               "Tell me one more thing.", "The end."]
 
 
-def converse(client: Client, session: str, turns: int, max_tokens: int,
-             opening: str = OPENING):
-    messages = [opening] + FOLLOW_UPS[:turns - 1]
+def converse(client: Client, session: str, turns: int, max_tokens: int):
+    messages = [OPENING] + FOLLOW_UPS[:turns - 1]
     return [client.chat(session, message, max_tokens=max_tokens, ignore_eos=True)
             for message in messages]
 
 
 def run_demo(*, turns: int = 6, max_tokens: int = 32) -> list[dict]:
     """Runs the conversation on both servers, prints the table, returns its rows."""
-    servers = {reuse: Server(ServeConfig(port=0, store=reuse, warm_up=False)).start()
+    # Two tenants: the warm-up runs the very same conversation (so it compiles every
+    # shape the demo meets) under another token, whose KV the demo can never reuse.
+    tokens = {"warm-up": "token-of-the-warm-up", "demo": "token-of-the-demo"}
+    servers = {reuse: Server(ServeConfig(port=0, store=reuse, warm_up=False,
+                                         auth_tokens=list(tokens.values()))).start()
                for reuse in (True, False)}
     try:
         replies = {}
         for reuse, server in servers.items():
-            client = Client(f"127.0.0.1:{server.port}")
-            client.wait_ready()
-            # Another story of the same shape: it compiles the same steps and leaves
-            # nothing the demo's conversation could reuse by content.
-            converse(client, "warm-up", turns, max_tokens,
-                     opening=OPENING.replace("Lily", "Anna").replace("ball", "kite"))
-            replies[reuse] = converse(client, "demo", turns, max_tokens)
-            client.close()
+            clients = {name: Client(f"127.0.0.1:{server.port}", token=token)
+                       for name, token in tokens.items()}
+            clients["demo"].wait_ready()
+            converse(clients["warm-up"], "conversation", turns, max_tokens)
+            replies[reuse] = converse(clients["demo"], "conversation", turns, max_tokens)
+            for client in clients.values():
+                client.close()
     finally:
         for server in servers.values():
             server.stop()
