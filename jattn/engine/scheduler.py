@@ -36,6 +36,7 @@ from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
 from jattn.model.kv_cache import bucket, powers_of_two
 from jattn.sampling import SamplingParams
+from jattn.store import StoreConfig
 from jattn.engine.requests import (
     INPUT_KINDS,
     EngineStopped,
@@ -354,7 +355,9 @@ class Engine:
         with self._condition:
             upcoming = [s.request.session_id for s in self._waiting
                         if s.request.session_id is not None]
-        upcoming = upcoming[:self.llm.store.config.lookahead if self.llm.store else 8]
+        lookahead = (self.llm.store.config.lookahead if self.llm.store
+                     else StoreConfig.lookahead)
+        upcoming = upcoming[:lookahead]
         if upcoming != self._hinted:
             self._hinted = upcoming
             self.chats.hint(upcoming)

@@ -40,6 +40,13 @@ from jattn.store import AttentionStore, BlockKV
 from jattn.store.device import DeviceBlocks
 
 
+def own_blocks(table: list, acquired: list[bytes], device: DeviceBlocks) -> list[int]:
+    """The pool blocks of `table` that are not the device tier's blocks of the keys
+    `acquired` (None entries: blocks not allocated yet)."""
+    shared = {device.block_of(key) for key in acquired}
+    return [b for b in table if b is not None and b not in shared]
+
+
 @dataclass(frozen=True)
 class OneOff:
     """The name of a one-off turn's transient session. Not a string, so no session id
@@ -114,8 +121,7 @@ class ActiveTurn:
 
     def own_blocks(self, device: DeviceBlocks) -> list[int]:
         """The table's pool blocks that are not the device tier's."""
-        shared = {device.block_of(key) for key in self.acquired}
-        return [b for b in self.table if b not in shared]
+        return own_blocks(self.table, self.acquired, device)
 
     @property
     def decode_start(self) -> int:
@@ -411,9 +417,9 @@ class ChatEngine:
         """Hands the turn's own full blocks (`turn.table[i]` holds the block of
         `keys[i]`) to the device tier, and saves to the store those it did not have."""
         saved_keys, saved_ids = [], []
-        shared = {self.device.block_of(key) for key in turn.acquired}
+        own = set(turn.own_blocks(self.device))
         for key, block in zip(keys, turn.table):
-            if block in shared:
+            if block not in own:
                 continue
             held, new = self.device.publish(key, block)
             if new and self.store and key not in turn.loaded and not self.store.contains(key):
@@ -598,5 +604,4 @@ class _Context:
 
     def own_blocks(self, device: DeviceBlocks) -> list[int]:
         """The table's pool blocks that are not the device tier's."""
-        shared = {device.block_of(key) for key in self.acquired}
-        return [b for b in self.table if b is not None and b not in shared]
+        return own_blocks(self.table, self.acquired, device)
