@@ -1,10 +1,9 @@
 """A conversation's token history and the log that determines its KV cache.
 
-The token history is the source of truth. The KV of the current context is a pure
-function of the turn log: replaying the turns (truncate, prefill the turn's tokens,
-feed its answer tokens one decode step at a time, with the same block-table widths)
-reproduces it bit for bit. That is how a lost or corrupt entry is recomputed, and how
-the path without a store computes the same tokens as the path with one.
+The token history is the source of truth. The KV of the current context is a function
+of the history and the turn log: prefilling the tokens the turns computed, with each
+truncation dropping its blocks in between, reproduces it (within float rounding). That
+is how a lost block of a truncated context is recomputed.
 
 Context layout: full blocks (each a per-session serial and the history range it holds)
 then a tail of fewer than `block_size` tokens whose KV is recomputed at the next turn.
@@ -54,14 +53,18 @@ def truncated_key(context_key: bytes, dropped_serials) -> bytes:
 @dataclass
 class Turn:
     """One turn: blocks dropped first, then history[start:user_end] prefilled, then the
-    answer history[user_end:end] decoded (its last token's KV is left to the next turn).
-    `table_blocks` is the width of the block table the turn ran with."""
+    answer history[user_end:end] decoded (its last token's KV is left to the next turn)."""
 
     dropped: list[int]
     start: int
     user_end: int
     end: int
-    table_blocks: int
+
+    @property
+    def computed_end(self) -> int:
+        """The end of the history whose KV the turn computed (its last answer token's
+        KV is left to the next turn)."""
+        return self.end - 1 if self.end > self.user_end else self.user_end
 
 
 @dataclass
@@ -153,10 +156,9 @@ def apply_turn(conversation: Conversation, turn: Turn, block_size: int) -> list[
         conversation.context_key = truncated_key(conversation.context_key, gone)
         for serial in gone:
             conversation.keys.pop(serial, None)
-    computed_end = turn.end - 1 if turn.end > turn.user_end else turn.user_end
     new_blocks = []
     start = turn.start
-    while start + block_size <= computed_end:
+    while start + block_size <= turn.computed_end:
         key = block_key(conversation.context_key, conversation.tokens[start:start + block_size])
         conversation.keys[conversation.next_serial] = conversation.context_key = key
         new_blocks.append([conversation.next_serial, start, start + block_size])

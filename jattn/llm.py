@@ -1,17 +1,20 @@
-"""`LLM`: load a model (the embedded one by default) and generate from it."""
+"""`LLM`: load a model (the embedded one by default) and generate from it.
+
+A thin synchronous facade over the serving engine: `generate`, `stream` and `chat` submit
+turns to the same `Engine` (continuous batching, reuse by content) that `jattn-serve`
+runs, so the library and the server take one code path."""
 
 from __future__ import annotations
 
-import itertools
 import os
-import time
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
-from jattn.engine.turns import ChatEngine, ChatTurn, OneOff
-from jattn.decoding import decode_loop
+from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
+from jattn.engine.scheduler import Engine, EngineLimits
+from jattn.engine.turns import ChatEngine, ChatTurn
 from jattn.generation import StreamedToken
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
@@ -104,7 +107,7 @@ class LLM:
         fingerprint = model_fingerprint(self.config, self.runner.state, self.dtype)
         self.store = (AttentionStore(store, fingerprint=fingerprint)
                       if store is not None else None)
-        self._one_off = itertools.count()
+        self._engine: Engine | None = None
         self.chats = ChatEngine(
             self.runner, self.tokenizer, max_context=self.max_context,
             eos_ids=self.config.eos_token_ids, store=self.store,
@@ -147,6 +150,23 @@ class LLM:
                 "leaving no room for a new token")
         return ids
 
+    def start_engine(self, limits: EngineLimits | None = None, *, warm_up: bool = False,
+                     on_failure=None) -> Engine:
+        """Starts the engine that runs this model's turns, with continuous batching, and
+        returns it (the server uses it directly). Only once: `generate`, `chat` and
+        `stream` start one with the model's limits if none runs yet."""
+        if self._engine is not None:
+            raise RuntimeError("this LLM's engine is already running")
+        self._engine = Engine(self.chats, limits or EngineLimits(
+            max_prompt_tokens=self.max_context, max_tokens=self.max_context),
+            warm_up=warm_up, on_failure=on_failure)
+        return self._engine
+
+    @property
+    def engine(self) -> Engine:
+        """The engine running this model's turns (started on first use)."""
+        return self._engine or self.start_engine()
+
     def chat(self, session_id: str, message, *, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop=None, ignore_eos: bool = False) -> ChatTurn:
@@ -157,33 +177,46 @@ class LLM:
         recomputed where it is not; either way the tokens are the same. The result has
         `.cached_tokens`, `.recomputed_tokens`, `.tiers` and `.ttft_s`.
         """
-        if not isinstance(session_id, str) or not session_id:
-            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
-        if not isinstance(message, str):
-            self.encode_prompt(list(message))  # validates the ids
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, stop or ())
-        return self.chats.chat(session_id, message, params, ignore_eos=ignore_eos)
+        check_session_id(session_id)
+        if isinstance(message, str):
+            kind, value = "message", message
+        else:
+            kind, value = "tokens", tuple(message)
+        return self._finish(self._submit(session_id, kind, value, max_tokens, temperature,
+                                         top_p, top_k, seed, stop, ignore_eos))
 
     def hint(self, upcoming_session_ids) -> None:
         """A scheduler's queue, next first: those sessions' context blocks are kept
         longest in every tier and prefetched from disk into host memory."""
-        self.chats.hint(upcoming_session_ids)
+        self.engine.hint(upcoming_session_ids)
 
     def end_session(self, session_id: str) -> None:
-        """Forgets a chat session in every tier."""
-        self.chats.end(session_id)
+        """Forgets a chat session in every tier; SessionNotFound if it is unknown."""
+        self.engine.end_session(session_id)
 
     def close(self) -> None:
-        """Flushes the store's saves in flight."""
-        if self.store is not None:
-            self.store.close()
+        """Lets the turns in flight finish, stops the engine's thread and flushes the
+        store's saves."""
+        if self._engine is not None:
+            self._engine.shutdown()
+        else:
+            self.chats.close()
 
     def stream(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
                ignore_eos: bool = False) -> Iterator[StreamedToken]:
-        """Yields each new token as it is produced; arguments as `generate`."""
-        yield from self._run(prompt, SamplingParams(max_tokens, temperature, top_p, top_k,
-                                                    seed, stop or ()), ignore_eos)
+        """Yields each new token as it is produced (arguments as `generate`); returns
+        the `ChatTurn`. Closing the iterator early cancels the generation."""
+        stream = self._submit(None, "tokens", tuple(self.encode_prompt(prompt)), max_tokens,
+                              temperature, top_p, top_k, seed, stop, ignore_eos)
+        finished = False
+        try:
+            yield from stream
+            finished = True
+        finally:
+            if not finished:
+                stream.cancel()
+        return stream.result
 
     def generate(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
@@ -196,28 +229,19 @@ class LLM:
         computed them: `.cached_tokens` says how many tokens), and its blocks and the
         answer's are published for later requests.
         """
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, stop or ())
-        run = self._run(prompt, params, ignore_eos)
-        while True:
-            try:
-                next(run)
-            except StopIteration as stop:
-                return stop.value
+        return self._finish(self._submit(None, "tokens", tuple(self.encode_prompt(prompt)),
+                                         max_tokens, temperature, top_p, top_k, seed, stop,
+                                         ignore_eos))
 
-    def _run(self, prompt, params: SamplingParams, ignore_eos: bool):
-        """A one-off turn: yields each `StreamedToken`, returns the `ChatTurn`."""
-        prompt_ids = self.encode_prompt(prompt)
-        turn = self.chats.begin(OneOff(next(self._one_off)), prompt_ids, params,
-                                ignore_eos=ignore_eos, start_time=time.perf_counter(),
-                                ephemeral=True)
-        try:
-            logits = None
-            while logits is None:
-                logits = self.chats.prefill_chunk(turn)
-            yield from decode_loop(self.runner, logits, turn.table, turn.decode_start,
-                                   turn.continuation)
-        except BaseException:
-            self.chats.abort(turn)
-            raise
-        self.chats.complete(turn)
-        return turn.result
+    def _submit(self, session_id, kind, value, max_tokens, temperature, top_p, top_k, seed,
+                stop, ignore_eos) -> TurnStream:
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        return self.engine.submit(TurnRequest(session_id, kind, value, params,
+                                              ignore_eos=ignore_eos))
+
+    @staticmethod
+    def _finish(stream: TurnStream) -> ChatTurn:
+        """Waits for a submitted turn to end; its `ChatTurn`, or its error raised."""
+        for _ in stream:
+            pass
+        return stream.result

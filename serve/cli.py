@@ -128,7 +128,7 @@ def _replay(args) -> int:
     else:
         from jattn import LLM
         from jattn.compile_cache import use_compilation_cache
-        from jattn.engine import Engine, EngineLimits
+        from jattn.engine import EngineLimits
         from jattn.store import StoreConfig
 
         use_compilation_cache(args.compilation_cache_dir)
@@ -136,9 +136,9 @@ def _replay(args) -> int:
                  if args.store == "on" else None)
         llm = LLM(args.model, random_weights=args.random_weights, store=store,
                   block_size=args.block_size, num_blocks=args.num_blocks)
-        engine = Engine(llm, EngineLimits(max_running=args.max_running,
-                                          max_queue=max(len(requests), 1)),
-                        warm_up=args.warm_up)
+        engine = llm.start_engine(EngineLimits(max_running=args.max_running,
+                                               max_queue=max(len(requests), 1)),
+                                  warm_up=args.warm_up)
         summary = replay(requests, run_in_process(engine), vocab_size=llm.config.vocab_size,
                          speedup=args.speedup, max_workers=args.max_workers,
                          kv_block_tokens=args.block_size)

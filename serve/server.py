@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jattn import LLM
 from jattn.compile_cache import use_compilation_cache
-from jattn.engine import Engine, EngineLimits
+from jattn.engine import EngineLimits
 from jattn.store import StoreConfig
 from serve.auth import Tenants
 from serve.config import ServeConfig
@@ -58,7 +58,7 @@ class Server:
         use_compilation_cache(config.compilation_cache_dir)
         self.llm = llm or build_llm(config)
         self.health = health.HealthServicer()
-        self.engine = Engine(self.llm, EngineLimits(
+        self.engine = self.llm.start_engine(EngineLimits(
             max_queue=config.max_queue, max_running=config.max_running,
             max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
             max_sessions=config.max_sessions), warm_up=config.warm_up,

@@ -24,7 +24,6 @@ from jattn.bench.trace import (
     prompt_token_ids,
     reusable_prefix_tokens,
 )
-from jattn.engine import Engine
 from serve.cli import main as cli_main
 
 SCALE = 1 / 32  # 16-token trace blocks: one engine block each
@@ -141,7 +140,7 @@ def test_shared_prefix_trace_is_the_conversations_it_describes(tmp_path):
 def test_replay_with_the_store_reuses_what_the_trace_allows(tmp_path):
     requests = load_trace(shared_prefix_trace(tmp_path), scale=SCALE)
     llm = LLM(store=StoreConfig(hbm_bytes=1 << 24, host_bytes=1 << 24))
-    engine = Engine(llm)
+    engine = llm.start_engine()
     # One client thread: every earlier request has finished, so all it allows is there.
     outcomes, wall_s, _ = run_trace(requests, run_in_process(engine),
                                     vocab_size=llm.config.vocab_size, speedup=1e6,
@@ -165,7 +164,7 @@ def test_replay_with_the_store_reuses_what_the_trace_allows(tmp_path):
 def test_replay_without_the_store_reuses_nothing(tmp_path):
     requests = load_trace(shared_prefix_trace(tmp_path), scale=SCALE)
     llm = LLM(store=None)
-    engine = Engine(llm)
+    engine = llm.start_engine()
     outcomes, wall_s, peak = run_trace(requests, run_in_process(engine),
                                        vocab_size=llm.config.vocab_size, speedup=1e6)
     engine.shutdown()

@@ -40,7 +40,7 @@ def run(llm, max_tokens=64):
 
 @pytest.fixture(scope="module")
 def recomputed():
-    """The answers without a store: every turn replays its session's history."""
+    """The answers without a store: every turn recomputes its session's context."""
     llm = LLM(store=None)
     return {k: r.token_ids for k, r in run(llm).items()}
 
@@ -95,7 +95,7 @@ def test_every_tier_and_misses_give_the_same_tokens(recomputed, tmp_path, caplog
         stats = llm.store.stats()
         assert stats["host_bytes"] <= config.host_bytes
         assert stats["disk_bytes"] <= config.disk_bytes
-        assert llm.chats.device_stats()["hbm_blocks"] * BLOCK_BYTES <= config.hbm_bytes
+        assert llm.chats.store_stats()["hbm_blocks"] * BLOCK_BYTES <= config.hbm_bytes
     assert_same_tokens(answers, recomputed)
     tiers = set().union(*(r.tiers or {} for r in answers.values()))
     assert {"hbm", "host", "disk"} <= tiers
@@ -210,9 +210,9 @@ def test_end_session_forgets_the_session_and_keeps_its_blocks_by_content(tmp_pat
 
 @pytest.mark.parametrize("args,pattern", [
     (("", "hi"), "session_id must be a non-empty string"),
-    (("a", []), "prompt is empty"),
+    (("a", []), "tokens is empty"),
     (("a", [1, 9999]), r"token ids must be integers in \[0, 512\)"),
-    (("a", [5] * 600), "prompt has 600 tokens; the context holds 512"),
+    (("a", [5] * 600), "600 tokens is more than the limit of 512 per turn"),
     (("a", [5] * 500), "message of 500 tokens does not fit the context window of 512"),
 ])
 def test_bad_chat_input_changes_nothing(args, pattern):
@@ -228,14 +228,15 @@ def test_bad_chat_input_changes_nothing(args, pattern):
 
 
 @pytest.mark.parametrize("failing_call", [1, 2, 3])
-def test_a_replay_that_fails_midway_frees_every_block(failing_call):
-    """Without a store a truncated session replays its turn log each turn; a replay
-    that stops partway (the pool running out, a failing step) gives back every block it
-    took: the census balances, and the session still gives its tokens afterwards."""
+def test_a_recomputation_that_fails_midway_frees_every_block(failing_call):
+    """Without a store a truncated session recomputes its context from the history each
+    turn; a recomputation that stops partway (the pool running out, a failing step)
+    gives back every block it took: the census balances, and the session still gives
+    its tokens afterwards."""
     llm = LLM(store=None, num_blocks=96, max_context=96)
     for turn in range(4):
         llm.chat("a", MESSAGES[turn], max_tokens=24, ignore_eos=True)
-    assert any(t.dropped for t in llm.chats.sessions["a"].turns)  # truncated: replayed
+    assert any(t.dropped for t in llm.chats.sessions["a"].turns)  # truncated
     real, calls = llm.runner.prefill, []
 
     def failing(*args, **kwargs):

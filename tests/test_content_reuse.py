@@ -38,13 +38,13 @@ def test_one_offs_with_a_shared_prefix_reuse_it_and_give_the_stateless_tokens(st
 def test_two_sessions_with_one_system_prompt_hold_one_copy(stateless):
     llm = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
     a = llm.chat("a", SYSTEM + user_prompt(3), max_tokens=8, ignore_eos=True)
-    held_after_a = llm.chats.device_stats()["hbm_blocks"]
+    held_after_a = llm.chats.store_stats()["hbm_blocks"]
     b = llm.chat("b", SYSTEM + user_prompt(4), max_tokens=8, ignore_eos=True)
     assert b.cached_tokens == len(SYSTEM)
     keys_a, keys_b = (context_keys(llm.chats.sessions[s]) for s in "ab")
     assert keys_a[:3] == keys_b[:3] and keys_a[3:] != keys_b[3:]
     distinct = len(set(keys_a) | set(keys_b))
-    assert llm.chats.device_stats()["hbm_blocks"] == distinct < len(keys_a) + len(keys_b)
+    assert llm.chats.store_stats()["hbm_blocks"] == distinct < len(keys_a) + len(keys_b)
     assert held_after_a == len(keys_a)
     llm.store.flush()
     assert llm.store.stats()["host_blocks"] == distinct
@@ -144,3 +144,28 @@ def test_over_grpc_one_offs_and_decode_reuse_and_tenants_do_not_share():
     for client in (alice, bob):
         client.close()
     server.stop()
+
+
+def test_a_truncated_context_recomputed_equals_a_store_that_lost_nothing():
+    """A truncated session's context is not a prefix of its history; with every block
+    lost it is recomputed from the history following the turn log's truncations. Its
+    KV equals that of the same session on a store that never evicts (whose blocks were
+    computed turn by turn, answers by decode steps), block for block."""
+    keeper = LLM(store=StoreConfig(hbm_bytes=1 << 28, host_bytes=0), max_context=128)
+    forgetful = LLM(store=None, max_context=128)
+    for seed in range(5):
+        for llm in (keeper, forgetful):
+            llm.chat("s", user_prompt(seed), max_tokens=20, ignore_eos=True)
+    conversation = keeper.chats.sessions["s"]
+    assert any(turn.dropped for turn in conversation.turns)
+    assert conversation.blocks[1][1] > 16  # the context skips part of the history
+    kept = [keeper.chats.device.block_of(key) for key in context_keys(conversation)]
+    turn = forgetful.chats.begin("s", [5], llm_params(), ignore_eos=True, start_time=0.0)
+    try:
+        assert turn.result.cached_tokens == 0 and not turn.dropped
+        assert turn.result.recomputed_tokens > len(kept) * 16  # the history, prefilled
+        recomputed = read_blocks(forgetful, turn.table[:len(kept)])
+    finally:
+        forgetful.chats.abort(turn)
+    for got, want in zip(recomputed, read_blocks(keeper, kept)):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)

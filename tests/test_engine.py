@@ -9,7 +9,7 @@ import pytest
 
 from jattn import LLM, StoreConfig
 from jattn.sampling import SamplingParams
-from jattn.engine import Engine, EngineLimits, QueueFull, SessionNotFound, TurnRequest
+from jattn.engine import EngineLimits, QueueFull, SessionNotFound, TurnRequest
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
             "Then it started to rain."]
@@ -33,7 +33,7 @@ def alone():
 
 
 def test_concurrent_sessions_equal_one_at_a_time(alone):
-    engine = Engine(LLM(store=store(), num_blocks=512), EngineLimits(max_running=8))
+    engine = LLM(store=store(), num_blocks=512).start_engine(EngineLimits(max_running=8))
     answers, errors = {}, []
 
     def client(s):
@@ -58,12 +58,15 @@ def test_concurrent_sessions_equal_one_at_a_time(alone):
     engine.shutdown()
 
 
-def test_one_off_equals_generate_and_leaves_nothing():
+def test_one_off_equals_a_stateless_generation_and_leaves_nothing():
+    expected = LLM(store=None).generate("The cat sat", max_tokens=30,
+                                        ignore_eos=True).token_ids
     llm = LLM(store=store())
-    expected = llm.generate("The cat sat", max_tokens=30, ignore_eos=True).token_ids
-    engine = Engine(llm)
+    engine = llm.start_engine()
+    one_off = turn(None, "The cat sat", SamplingParams(max_tokens=30), "text")
+    assert [t.id for t in engine.submit(one_off)] == expected  # publishes its blocks
     free = llm.runner.allocator.free_blocks
-    stream = engine.submit(turn(None, "The cat sat", SamplingParams(max_tokens=30), "text"))
+    stream = engine.submit(one_off)
     assert [t.id for t in stream] == expected
     assert llm.runner.allocator.free_blocks == free and not llm.chats.sessions
     engine.shutdown()
@@ -71,7 +74,7 @@ def test_one_off_equals_generate_and_leaves_nothing():
 
 def test_cancel_frees_blocks_and_keeps_the_history():
     llm = LLM(store=store(), num_blocks=256)
-    engine = Engine(llm)
+    engine = llm.start_engine()
     list(engine.submit(turn("a", MESSAGES[0])))
     before = engine.describe("a")
     free = llm.runner.allocator.free_blocks
@@ -96,7 +99,7 @@ def test_cancel_frees_blocks_and_keeps_the_history():
     (TurnRequest("a", "audio", "hi", GREEDY), "input kind must be one of"),
 ])
 def test_bad_requests_are_refused_by_name(request_, pattern):
-    engine = Engine(LLM(store=None), EngineLimits(max_tokens=1000))
+    engine = LLM(store=None).start_engine(EngineLimits(max_tokens=1000))
     with pytest.raises(ValueError, match=pattern):
         engine.submit(request_)
     assert [t.id for t in engine.submit(turn("b", "Hello"))]  # still serving
@@ -106,8 +109,8 @@ def test_bad_requests_are_refused_by_name(request_, pattern):
 
 
 def test_full_queue_and_shutdown_with_turns_in_flight():
-    engine = Engine(LLM(store=store(), num_blocks=512), EngineLimits(max_queue=2,
-                                                                      max_running=1))
+    engine = LLM(store=store(), num_blocks=512).start_engine(
+        EngineLimits(max_queue=2, max_running=1))
     streams = []
     with pytest.raises(QueueFull):
         for s in range(10):
@@ -121,7 +124,7 @@ def test_warm_up_leaves_nothing_to_compile(caplog):
     """After `warm_up`, turns that prefill, decode in batches, save to host memory and
     load their history back layer by layer compile nothing."""
     llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**8), max_context=128)
-    engine = Engine(llm, EngineLimits(max_running=4), warm_up=True)
+    engine = llm.start_engine(EngineLimits(max_running=4), warm_up=True)
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):

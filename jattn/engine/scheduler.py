@@ -30,13 +30,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jattn.engine.turns import ActiveTurn, BlockCensus, OneOff
+from jattn.engine.turns import ActiveTurn, BlockCensus, ChatEngine, OneOff
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
 from jattn.model.kv_cache import bucket, powers_of_two
 from jattn.sampling import SamplingParams
-from jattn.store import StoreConfig
 from jattn.engine.requests import (
     INPUT_KINDS,
     EngineStopped,
@@ -70,33 +69,31 @@ class EngineLimits:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _warm_up_sampling(llm, max_batch: int) -> None:
+def _warm_up_sampling(chats: ChatEngine, max_batch: int) -> None:
     """Compiles sampling from the logits of every decode batch size and of a prefill,
     placed where the model's steps leave them."""
     continuation = Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
                                 result=Generation("", [], "length"), start_time=0.0)
     for rows in powers_of_two(1, bucket(max_batch, 1)):
-        logits = jax.device_put(jnp.zeros((rows, llm.config.vocab_size), jnp.float32),
-                                llm.runner.load_sharding)
+        logits = jax.device_put(jnp.zeros((rows, chats.vocab_size), jnp.float32),
+                                chats.runner.load_sharding)
         sample_next([continuation], logits)
     continuation.sample(logits[0])
 
 
 class Engine:
-    """Runs the turns of many conversations of one `LLM` at once. The LLM is the
-    engine's from now on: use it only through the engine. `warm_up` compiles every
-    shape first, so no request waits for a compilation. `on_failure(error)` is called
-    (on the engine's thread) if that thread ever stops unexpectedly."""
+    """Runs the turns of many conversations over one `ChatEngine` at once, on a thread
+    of its own that owns the model from now on (`LLM.start_engine` makes one; the
+    library and the server both run their turns here). `warm_up` compiles every shape
+    first, so no request waits for a compilation. `on_failure(error)` is called (on the
+    engine's thread) if that thread ever stops unexpectedly."""
 
-    def __init__(self, llm, limits: EngineLimits = EngineLimits(), *, warm_up: bool = False,
-                 on_failure=None):
+    def __init__(self, chats: ChatEngine, limits: EngineLimits = EngineLimits(), *,
+                 warm_up: bool = False, on_failure=None):
         if warm_up:
-            llm.runner.warm_up(max_context=llm.max_context, max_batch=limits.max_running,
-                               loading=llm.store is not None)
-            llm.chats.warm_up_saves()
-            _warm_up_sampling(llm, limits.max_running)
-        self.llm = llm
-        self.chats = llm.chats
+            chats.warm_up(max_batch=limits.max_running)
+            _warm_up_sampling(chats, limits.max_running)
+        self.chats = chats
         self.limits = limits
         self._condition = threading.Condition()
         self._waiting: collections.deque[TurnStream] = collections.deque()
@@ -144,7 +141,7 @@ class Engine:
             raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {request.kind!r}")
         if request.kind == "tokens":
             ids = request.value
-            vocab = self.llm.config.vocab_size
+            vocab = self.chats.vocab_size
             bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
                    or not 0 <= t < vocab]
             if bad:
@@ -153,7 +150,7 @@ class Engine:
         else:
             if not isinstance(request.value, str):
                 raise ValueError(f"{request.kind} must be a string")
-            if self.llm.tokenizer is None:
+            if not self.chats.has_tokenizer:
                 raise ValueError("this model has no tokenizer: send token ids")
             size = len(request.value)  # characters bound tokens from above
             if size > 8 * self.limits.max_prompt_tokens:
@@ -210,6 +207,11 @@ class Engine:
         check_session_id(session_id)
         return self._call(self._describe, session_id)
 
+    def hint(self, upcoming_session_ids) -> None:
+        """Sessions whose turns come next, most imminent first: their context blocks are
+        kept longest in every tier and prefetched (see `ChatEngine.hint`)."""
+        self._call(self.chats.hint, list(upcoming_session_ids))
+
     def block_census(self) -> BlockCensus:
         """Where every block of the device pool is now (free, resident, in flight)."""
         return self._call(self.chats.block_census)
@@ -223,9 +225,7 @@ class Engine:
         with self._condition:
             stats = dict(self.counters, queued=len(self._waiting), running=len(self._active),
                          sessions=self.chats.session_count())
-        stats["store"] = self.chats.device_stats()
-        if self.llm.store is not None:
-            stats["store"].update(self.llm.store.stats())
+        stats["store"] = self.chats.store_stats()
         return stats
 
     def shutdown(self, *, grace: float | None = None) -> None:
@@ -241,7 +241,7 @@ class Engine:
                 self._cancel_all = True
                 self._condition.notify()
             self._thread.join()
-        self.llm.close()
+        self.chats.close()
 
     # ----- the engine's thread -----------------------------------------------------------------
 
@@ -268,14 +268,14 @@ class Engine:
                 while self._waiting:
                     self._waiting.popleft().close()
                 cancelled += list(self._active)
+        for stream in cancelled:  # first, so that a call sees their blocks freed
+            self._stop_turn(stream)
         for function, args, done, outcome in calls:
             try:
                 outcome["value"] = function(*args)
             except Exception as error:  # handed to the caller
                 outcome["error"] = error
             done.set()
-        for stream in cancelled:
-            self._stop_turn(stream)
         for phase in (self._admit, self._hint, self._prefill_step, self._decode_step):
             try:
                 phase()
@@ -317,12 +317,12 @@ class Engine:
                 self._waiting.remove(stream)
             try:
                 turn = self._begin(stream.request)
-            except PoolExhausted:
+            except PoolExhausted as error:
                 if self._active:  # blocks come back as running turns end
                     with self._condition:
                         self._waiting.appendleft(stream)
                     return
-                stream.fail(ValueError("the turn does not fit the KV block pool"))
+                stream.fail(ValueError(f"the turn does not fit the KV block pool: {error}"))
                 continue
             except (ValueError, TooManySessions) as error:
                 self.counters["invalid"] += 1
@@ -355,9 +355,7 @@ class Engine:
         with self._condition:
             upcoming = [s.request.session_id for s in self._waiting
                         if s.request.session_id is not None]
-        lookahead = (self.llm.store.config.lookahead if self.llm.store
-                     else StoreConfig.lookahead)
-        upcoming = upcoming[:lookahead]
+        upcoming = upcoming[:self.chats.lookahead]
         if upcoming != self._hinted:
             self._hinted = upcoming
             self.chats.hint(upcoming)
@@ -382,9 +380,7 @@ class Engine:
         if not ready:
             return
         try:
-            logits = self.llm.runner.decode(
-                [t.result.token_ids[-1] for _, t in ready],
-                [t.next_position for _, t in ready], [t.table for _, t in ready])
+            logits = self.chats.decode([t for _, t in ready])
             tokens = sample_next([t.continuation for _, t in ready], logits)
         except Exception as error:
             log.exception("a decode step of %d turns failed", len(ready))

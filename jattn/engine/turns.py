@@ -5,10 +5,10 @@ Every full block of KV a turn computes is published under its content key (see
 the budget allows and is saved in the background to the `AttentionStore` (host, disk).
 A turn — of a session, or a one-off carrying its whole prompt — reuses the longest run of
 its context's leading blocks that some tier holds, whoever computed them, and prefills
-the rest. A session's context block missing from every tier is recomputed: by prefill
-from the last block present when the context is the history's leading blocks, by
-replaying the turn log when truncation made it something else (which gives its very
-same KV). With no store, nothing outlives a turn: every turn recomputes its context.
+the rest. A session's context block missing from every tier is recomputed by prefill:
+from the last block present when the context is the history's leading blocks, from the
+history following the turn log's truncations when truncation made it something else.
+With no store, nothing outlives a turn: every turn recomputes its context.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from jattn.generation import Generation
 from jattn.model.kv_cache import blocks_for, bucket
 from jattn.model.runner import ModelRunner
 from jattn.sampling import SamplingParams
-from jattn.store import AttentionStore, BlockKV
+from jattn.store import AttentionStore, BlockKV, StoreConfig
 from jattn.store.device import DeviceBlocks
 
 
@@ -232,12 +232,40 @@ class ChatEngine:
         if self.store:
             self.store.hint(keys)
 
-    def device_stats(self) -> dict:
-        """The device tier's blocks: held (one per key, however many sequences share
-        it), referenced by running turns, and evicted so far."""
+    def store_stats(self) -> dict:
+        """The device tier's blocks (held, one per key however many sequences share it;
+        referenced by running turns; evicted so far) and the store's counters."""
         stats = self.device.stats()
-        return {"hbm_blocks": stats.held, "hbm_blocks_referenced": stats.referenced,
-                "hbm_evictions": stats.evicted}
+        merged = {"hbm_blocks": stats.held, "hbm_blocks_referenced": stats.referenced,
+                  "hbm_evictions": stats.evicted}
+        if self.store is not None:
+            merged.update(self.store.stats())
+        return merged
+
+    @property
+    def lookahead(self) -> int:
+        """How many upcoming sessions `hint` is worth giving."""
+        return self.store.config.lookahead if self.store else StoreConfig.lookahead
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.config.vocab_size
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.tokenizer is not None
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compiles every step a turn can run (prefill chunks, loading prefills, decode
+        batches up to `max_batch` rows, saves), so that no turn waits for a compilation."""
+        self.runner.warm_up(max_context=self.max_context, max_batch=max_batch,
+                            loading=self.store is not None)
+        self.warm_up_saves()
+
+    def close(self) -> None:
+        """Flushes the store's saves in flight and stops its thread."""
+        if self.store is not None:
+            self.store.close()
 
     def block_census(self) -> BlockCensus:
         """Counts where every pool block is; `balanced` unless a block leaked or is
@@ -352,7 +380,7 @@ class ChatEngine:
         result = ChatTurn(text="", token_ids=[], finish_reason="length",
                           prompt_token_ids=new_ids, tiers=tiers,
                           cached_tokens=reused * block_size,
-                          recomputed_tokens=len(context.turn_tokens) + context.replayed_tokens,
+                          recomputed_tokens=len(context.turn_tokens) + context.history_tokens,
                           dropped_tokens=len(dropped) * block_size)
         continuation = Continuation(params, budget=budget,
                                     eos=set() if ignore_eos else set(self.eos_ids),
@@ -364,6 +392,12 @@ class ChatEngine:
                           set(context.loaded), ephemeral)
         self.busy[session_id] = turn
         return turn
+
+    def decode(self, turns: list[ActiveTurn]):
+        """One decode step of `turns` (each past its prefill) together: their last
+        tokens at their next positions. Returns the logits `[len(turns), V]`."""
+        return self.runner.decode([t.result.token_ids[-1] for t in turns],
+                                  [t.next_position for t in turns], [t.table for t in turns])
 
     def prefill_chunk(self, turn: ActiveTurn):
         """Prefills the turn's next chunk (`runner.prefill_chunk` tokens). Returns the
@@ -398,7 +432,7 @@ class ChatEngine:
         user_end = len(conversation.tokens)
         conversation.tokens.extend(turn.result.token_ids)
         record = Turn(dropped=turn.dropped, start=history_start, user_end=user_end,
-                      end=len(conversation.tokens), table_blocks=len(turn.table))
+                      end=len(conversation.tokens))
         apply_turn(conversation, record, self.runner.block_size)
         keys = context_keys(conversation)
         self._publish(turn, keys)
@@ -470,7 +504,7 @@ class ChatEngine:
         leading full blocks of `turn_tokens` (chained after the truncation, if any) —
         and stops at the first no tier holds. A missing kept block is recomputed: with
         the rest of the history by prefill if the kept blocks are the history's leading
-        blocks, else by replaying the turn log (`_replay`)."""
+        blocks, else from the history following the turn log (`_recompute`)."""
         block_size = self.runner.block_size
         context_key = (truncated_key(conversation.context_key, dropped) if dropped
                        else conversation.context_key)
@@ -488,11 +522,10 @@ class ChatEngine:
                         + turn_tokens
                 else:
                     self._undo(found)
-                    found = _Context(turn_tokens=turn_tokens,
-                                     table=self._replay(conversation, kept),
-                                     replayed_tokens=len(kept) * block_size)
-                    found.prefix = len(kept) * block_size
-                    return found
+                    table, history_tokens = self._recompute(conversation, kept)
+                    return _Context(turn_tokens=turn_tokens, table=table,
+                                    prefix=len(kept) * block_size,
+                                    history_tokens=history_tokens)
             else:
                 found.turn_tokens = turn_tokens[(len(found.table) - len(kept)) * block_size:]
             found.prefix = len(found.table) * block_size
@@ -539,19 +572,19 @@ class ChatEngine:
         self.runner.allocator.free(own)
         found.acquired, found.table = [], []
 
-    def _replay(self, conversation, kept) -> list[int]:
-        """Recomputes the KV of the context blocks `kept` by replaying the turn log. On
-        any error (the pool running out) every block it took is freed again."""
+    def _recompute(self, conversation, kept) -> tuple[list[int], int]:
+        """Recomputes the KV of context blocks `kept` (of a truncated conversation) by
+        prefill from the history, following the turn log's truncations: the tokens of the
+        turns between two truncations are prefilled at once after the blocks then in the
+        context, and each truncation drops its blocks, so every kept block attends to what
+        it attended to when first computed (its KV equals the lost one's within float
+        rounding). Returns the kept blocks' pool blocks and the tokens prefilled. On any
+        error (the pool running out) every block it took is freed."""
         block_size = self.runner.block_size
-        replayed = Conversation(tokens=conversation.tokens,
-                                context_key=conversation.context_key)
-        placed: dict[int, int] = {}
+        rebuilt = Conversation(tokens=conversation.tokens, context_key=conversation.context_key)
+        placed: dict[int, int] = {}  # serial -> pool block
+        prefilled = 0
         owned: set[int] = set()  # every block taken and not yet freed or handed over
-
-        def take(count):
-            ids = self._allocate(count)
-            owned.update(ids)
-            return ids
 
         def give_back(ids):
             ids = list(ids)
@@ -559,28 +592,38 @@ class ChatEngine:
             owned.difference_update(ids)
 
         try:
-            for turn in conversation.turns:
-                give_back(placed.pop(serial) for serial in turn.dropped)
-                replayed.blocks = [b for b in replayed.blocks if b[0] not in set(turn.dropped)]
-                table = [placed[s] for s in replayed.serials()]
-                prefix = len(table) * block_size
-                table += take(turn.table_blocks - len(table))
-                tokens = conversation.tokens[turn.start:turn.user_end]
-                self.runner.prefill(tokens, prefix, table)
-                position = prefix + len(tokens)
-                for step, token in enumerate(conversation.tokens[turn.user_end:turn.end - 1]):
-                    self.runner.decode([token], [position + step], [table])
-                new_blocks = apply_turn(replayed, turn, block_size)
-                kept_count = len(replayed.blocks) - len(new_blocks)
-                for (serial, _, _), block in zip(new_blocks, table[kept_count:]):
+            for segment in _truncation_segments(conversation.turns):
+                dropped = set(segment[0].dropped)
+                give_back(placed.pop(serial) for serial in dropped)
+                context = [placed[serial] for serial in rebuilt.serials()
+                           if serial not in dropped]
+                start, end = segment[0].start, segment[-1].computed_end
+                fresh = self._allocate(blocks_for(end - start, block_size))
+                owned.update(fresh)
+                self.runner.prefill(conversation.tokens[start:end],
+                                    len(context) * block_size, context + fresh)
+                prefilled += end - start
+                new_blocks = [block for turn in segment
+                              for block in apply_turn(rebuilt, turn, block_size)]
+                for (serial, _, _), block in zip(new_blocks, fresh):
                     placed[serial] = block
-                give_back(table[kept_count + len(new_blocks):])
+                give_back(fresh[len(new_blocks):])
             wanted = {serial for serial, _, _ in kept}
             give_back(b for s, b in placed.items() if s not in wanted)
         except BaseException:
             self.runner.allocator.free(owned)
             raise
-        return [placed[serial] for serial, _, _ in kept]
+        return [placed[serial] for serial, _, _ in kept], prefilled
+
+
+def _truncation_segments(turns: list[Turn]) -> list[list[Turn]]:
+    """The turn log cut before every turn that drops blocks."""
+    segments: list[list[Turn]] = []
+    for turn in turns:
+        if turn.dropped or not segments:
+            segments.append([])
+        segments[-1].append(turn)
+    return segments
 
 
 @dataclass
@@ -589,8 +632,8 @@ class _Context:
     (None while a block from the store has no pool block yet), the device tier's keys it
     `acquired` (they lead the table), the keys `loaded` from the store and their blocks
     (`loads`), the blocks `arriving` `(pool ids, BlockKVs)`, reused blocks per tier, the
-    `prefix` tokens reused, the `turn_tokens` left to prefill, and the history tokens
-    `replayed` to recompute a truncated context."""
+    `prefix` tokens reused, the `turn_tokens` left to prefill, and the `history_tokens`
+    prefilled to recompute a truncated context."""
 
     turn_tokens: list[int]
     table: list = field(default_factory=list)
@@ -600,7 +643,7 @@ class _Context:
     arriving: tuple | None = None
     tiers: dict = field(default_factory=lambda: {"hbm": 0, "host": 0, "disk": 0})
     prefix: int = 0
-    replayed_tokens: int = 0
+    history_tokens: int = 0
 
     def own_blocks(self, device: DeviceBlocks) -> list[int]:
         """The table's pool blocks that are not the device tier's."""
