@@ -12,6 +12,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
+from jattn.engine.errors import PromptTooLong
 from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
 from jattn.engine.scheduler import Engine, EngineLimits
 from jattn.engine.turns import ChatEngine, ChatTurn
@@ -145,7 +146,7 @@ class LLM:
         if not ids:
             raise ValueError("prompt is empty: give at least one token")
         if len(ids) >= self.max_context:
-            raise ValueError(
+            raise PromptTooLong(
                 f"prompt has {len(ids)} tokens; the context holds {self.max_context}, "
                 "leaving no room for a new token")
         return ids

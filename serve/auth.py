@@ -63,3 +63,15 @@ def scoped(namespace: str, session_id: str) -> str:
 def unscoped(namespace: str, name: str) -> str:
     """The client's name for an engine session of its namespace."""
     return name[len(namespace) + 1:] if namespace else name
+
+
+MAX_CACHE_SALT_CHARS = 1024
+
+
+def cache_scope(namespace: str, cache_salt: str = "") -> str:
+    """Who may share a turn's KV: the tenant's `namespace`, narrowed by a request's
+    `cache_salt`. ValueError for a salt longer than `MAX_CACHE_SALT_CHARS`."""
+    if len(cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"cache_salt of {len(cache_salt)} characters is longer than "
+                         f"{MAX_CACHE_SALT_CHARS}")
+    return f"{namespace}\0{cache_salt}" if cache_salt else namespace

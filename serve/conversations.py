@@ -7,7 +7,7 @@ import time
 import grpc
 
 from jattn.engine import Engine, SessionNotFound, TurnRequest
-from serve.auth import Tenants, scoped
+from serve.auth import Tenants, cache_scope, scoped
 from serve.errors import abort
 from serve.protos import jattn_pb2, jattn_pb2_grpc
 from serve.metrics import Metrics
@@ -48,7 +48,8 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
                      else getattr(request, kind))
             return TurnRequest(session, "tokens" if kind == "token_ids" else kind, value,
                                sampling(request, default_max_tokens=self.default_max_tokens),
-                               request.ignore_eos, cache_scope=namespace)
+                               request.ignore_eos,
+                               cache_scope=cache_scope(namespace, request.cache_salt))
 
         first = True
         for stream, token in run_turn(self.engine, self.metrics, "Chat", context, build):

@@ -123,7 +123,9 @@ def test_scopes_never_share_a_block():
     assert chats.block_census().balanced
 
 
-def test_over_grpc_one_offs_and_decode_reuse_and_tenants_do_not_share():
+def test_over_grpc_one_offs_and_decode_reuse_and_tenants_and_salts_do_not_share():
+    import grpc
+
     from serve.client import Client
     from serve.config import ServeConfig
     from serve.server import Server
@@ -138,6 +140,14 @@ def test_over_grpc_one_offs_and_decode_reuse_and_tenants_do_not_share():
     assert dict(second.facts.tier_blocks) == {"hbm": 3}
     other = bob.chat("", token_ids=SYSTEM + user_prompt(8), max_tokens=6, ignore_eos=True)
     assert other.facts.cached_tokens == 0 and other.token_ids == second.token_ids
+    salted = [alice.chat("", token_ids=SYSTEM + user_prompt(8), max_tokens=6,
+                         ignore_eos=True, cache_salt="private") for _ in range(2)]
+    assert [r.facts.cached_tokens for r in salted] == [0, len(SYSTEM) + 16]
+    assert salted[0].token_ids == second.token_ids
+    with pytest.raises(grpc.RpcError) as refused:
+        alice.chat("", token_ids=SYSTEM, max_tokens=2, cache_salt="s" * 1025)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cache_salt of 1025 characters" in refused.value.details()
     reused = server.engine.stats()["tokens_reused"]
     list(alice.decode(token_ids=SYSTEM + user_prompt(9), max_tokens=4))  # JetStream Decode
     assert server.engine.stats()["tokens_reused"] == reused + len(SYSTEM)

@@ -420,7 +420,8 @@ def _numbers(message) -> dict[str, int]:
 def test_chat_request_fields():
     assert _numbers(jattn_pb2.ChatRequest) == {
         "session_id": 1, "message": 2, "text": 3, "token_ids": 4, "max_tokens": 5,
-        "temperature": 6, "top_k": 7, "top_p": 8, "seed": 9, "stop": 10, "ignore_eos": 11}
+        "temperature": 6, "top_k": 7, "top_p": 8, "seed": 9, "stop": 10, "ignore_eos": 11,
+        "cache_salt": 12}
     (oneof,) = [o for o in jattn_pb2.ChatRequest.DESCRIPTOR.oneofs if o.name == "input"]
     assert [f.name for f in oneof.fields] == ["message", "text", "token_ids"]
 

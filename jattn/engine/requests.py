@@ -1,4 +1,4 @@
-"""What a client hands the engine, what it gets back, and the errors it may see."""
+"""What a client hands the engine and what it gets back."""
 
 from __future__ import annotations
 
@@ -10,26 +10,11 @@ from jattn.engine.turns import ChatTurn
 from jattn.generation import StreamedToken
 from jattn.sampling import SamplingParams
 
-INPUT_KINDS = ("message", "text", "tokens")
+INPUT_KINDS = ("message", "messages", "text", "tokens")
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 MAX_SESSION_ID_CHARS = 1024
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-
-
-class QueueFull(Exception):
-    """The engine's queue is at its limit; try again later."""
-
-
-class TooManySessions(Exception):
-    """A new session would pass the engine's session limit."""
-
-
-class SessionNotFound(KeyError):
-    """No session has this id."""
-
-
-class EngineStopped(Exception):
-    """The engine no longer accepts work (it is shutting down)."""
 
 
 def check_session_id(session_id) -> None:
@@ -58,15 +43,16 @@ class TurnRequest:
     """One turn to run.
 
     `session_id` None is a one-off generation that keeps no history. `kind` says what
-    `value` is: "message" (a user message, through the chat template), "text" (raw text,
-    appended as is) or "tokens" (token ids). `cache_scope` names who may share the KV
+    `value` is: "message" (a user message, through the chat template), "messages"
+    (`(role, content)` pairs, roles from `CHAT_ROLES`, through the chat template), "text"
+    (raw text, appended as is) or "tokens" (token ids). `cache_scope` names who may share the KV
     the turn computes and reuses (a tenant's namespace, plus any per-request salt): KV
     of different scopes never mixes; a session's scope is the one of its first turn.
     """
 
     session_id: str | None
     kind: str
-    value: str | tuple[int, ...]
+    value: str | tuple[int, ...] | tuple[tuple[str, str], ...]
     params: SamplingParams
     ignore_eos: bool = False
     cache_scope: str = ""

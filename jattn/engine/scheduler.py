@@ -36,12 +36,16 @@ from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
 from jattn.model.kv_cache import bucket, powers_of_two
 from jattn.sampling import SamplingParams
-from jattn.engine.requests import (
-    INPUT_KINDS,
+from jattn.engine.errors import (
     EngineStopped,
+    PromptTooLong,
     QueueFull,
     SessionNotFound,
     TooManySessions,
+)
+from jattn.engine.requests import (
+    CHAT_ROLES,
+    INPUT_KINDS,
     TurnRequest,
     TurnStream,
     check_session_id,
@@ -79,6 +83,20 @@ def _warm_up_sampling(chats: ChatEngine, max_batch: int) -> None:
                                 chats.runner.load_sharding)
         sample_next([continuation], logits)
     continuation.sample(logits[0])
+
+
+def _message_texts(messages) -> list[str]:
+    """The contents of "messages" input: `(role, content)` pairs; ValueError naming the
+    first that is not one, or whose role is not one of `CHAT_ROLES`."""
+    if not isinstance(messages, (tuple, list)):
+        raise ValueError("messages must be a list of (role, content) pairs")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, (tuple, list)) and len(message) == 2):
+            raise ValueError(f"messages[{i}] is not a (role, content) pair")
+        if message[0] not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}] has role {message[0]!r}; roles are "
+                             f"{', '.join(CHAT_ROLES)}")
+    return [content for _, content in messages]
 
 
 class Engine:
@@ -146,21 +164,24 @@ class Engine:
                    or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"token ids must be integers in [0, {vocab}), got {bad[:5]}")
-            size = len(ids)
+            if not ids:
+                raise ValueError("tokens is empty")
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise PromptTooLong(f"{len(ids)} tokens is more than the limit of "
+                                    f"{self.limits.max_prompt_tokens} per turn")
         else:
-            if not isinstance(request.value, str):
+            texts = (_message_texts(request.value) if request.kind == "messages"
+                     else [request.value])
+            if not all(isinstance(text, str) for text in texts):
                 raise ValueError(f"{request.kind} must be a string")
             if not self.chats.has_tokenizer:
                 raise ValueError("this model has no tokenizer: send token ids")
-            size = len(request.value)  # characters bound tokens from above
+            size = sum(len(text) for text in texts)  # characters bound tokens from above
             if size > 8 * self.limits.max_prompt_tokens:
-                raise ValueError(f"{request.kind} of {size} characters is longer than the "
-                                 f"limit of {self.limits.max_prompt_tokens} tokens allows")
-        if size == 0 or (request.kind != "tokens" and not request.value.strip()):
-            raise ValueError(f"{request.kind} is empty")
-        if request.kind == "tokens" and size > self.limits.max_prompt_tokens:
-            raise ValueError(f"{size} tokens is more than the limit of "
-                             f"{self.limits.max_prompt_tokens} per turn")
+                raise PromptTooLong(f"{request.kind} of {size} characters is longer than the "
+                                    f"limit of {self.limits.max_prompt_tokens} tokens allows")
+            if not any(text.strip() for text in texts):
+                raise ValueError(f"{request.kind} is empty")
         if request.params.max_tokens > self.limits.max_tokens:
             raise ValueError(f"max_tokens {request.params.max_tokens} is more than the limit "
                              f"of {self.limits.max_tokens}")
@@ -322,7 +343,7 @@ class Engine:
                     with self._condition:
                         self._waiting.appendleft(stream)
                     return
-                stream.fail(ValueError(f"the turn does not fit the KV block pool: {error}"))
+                stream.fail(PromptTooLong(f"the turn does not fit the KV block pool: {error}"))
                 continue
             except (ValueError, TooManySessions) as error:
                 self.counters["invalid"] += 1

@@ -32,6 +32,7 @@ from jattn.conversation import (
     turn_entry,
 )
 from jattn.decoding import Continuation, decode_loop
+from jattn.engine.errors import PromptTooLong
 from jattn.generation import Generation
 from jattn.model.kv_cache import blocks_for, bucket
 from jattn.model.runner import ModelRunner
@@ -293,21 +294,26 @@ class ChatEngine:
                        ) -> list[int]:
         """The token ids a turn appends: `message` as token ids (a list), as raw text
         (`kind` "text": the tokenizer's beginning-of-sequence token on a first turn
-        only), or as a user message through the chat template (`kind` "message")."""
-        if not isinstance(message, str):
+        only), as a user message (`kind` "message") or as `(role, content)` pairs (`kind`
+        "messages") through the chat template: the whole template on a first turn, the
+        messages' part of it (no beginning-of-sequence token) later."""
+        if not isinstance(message, str) and kind != "messages":
             return list(message)
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass the message as token ids")
         first = not conversation.tokens
         if kind == "text":
             return self.tokenizer.encode(message, add_special_tokens=first)
+        chat = ([{"role": "user", "content": message}] if kind == "message"
+                else [{"role": role, "content": content} for role, content in message])
         if first:
-            return self.tokenizer.encode_chat([{"role": "user", "content": message}])
+            return self.tokenizer.encode_chat(chat)
         if self.tokenizer.chat_template:
-            ids = self.tokenizer.encode_chat([{"role": "user", "content": message}])
+            ids = self.tokenizer.encode_chat(chat)
             bos = self.tokenizer.token_id(self.tokenizer.bos_token)
             return ids[1:] if ids and ids[0] == bos else ids
-        return self.tokenizer.encode("\n" + message, add_special_tokens=False)
+        return self.tokenizer.encode("\n" + self.tokenizer.render_chat(chat),
+                                     add_special_tokens=False)
 
     def chat(self, session_id: str, message, params: SamplingParams, *,
              ignore_eos: bool = False) -> ChatTurn:
@@ -354,7 +360,7 @@ class ChatEngine:
         if not new_ids:
             raise ValueError("message is empty: give at least one token")
         if max_new_tokens is not None and len(new_ids) > max_new_tokens:
-            raise ValueError(f"the turn has {len(new_ids)} new tokens, more than the "
+            raise PromptTooLong(f"the turn has {len(new_ids)} new tokens, more than the "
                              f"limit of {max_new_tokens}")
         block_size = self.runner.block_size
         dropped = plan_truncation(conversation, len(new_ids), params.max_tokens,
@@ -364,7 +370,7 @@ class ChatEngine:
         room = (self.max_context - len(kept) * block_size - len(conversation.tail)
                 - len(new_ids))
         if room < 1:
-            raise ValueError(
+            raise PromptTooLong(
                 f"message of {len(new_ids)} tokens does not fit the context window of "
                 f"{self.max_context} tokens, even after truncating the history")
         budget = min(params.max_tokens, room)
