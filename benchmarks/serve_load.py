@@ -117,7 +117,7 @@ def load(client: Client, prefix: str, args, records, label: str, *, stateless: b
 
 def run_server(args, store: bool) -> dict:
     server = Server(ServeConfig(
-        model=args.model, random_weights=args.random_weights, port=0, store=store,
+        model=args.model, random_weights=args.random_weights, port=0, http_port=0, store=store,
         max_running=args.clients, num_blocks=args.num_blocks, default_max_tokens=16,
         max_tokens=max(args.max_tokens, 16))).start()
     client = Client(f"127.0.0.1:{server.port}")

@@ -86,6 +86,7 @@ class LLM:
         path = EMBEDDED_MODEL if model is None else os.fspath(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
+        self.model_path = path
         self.config = ModelConfig.from_dir(path)
         self.dtype = jnp.dtype(dtype or _default_dtype())
         self.tokenizer = Tokenizer.from_dir(path)

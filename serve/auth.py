@@ -1,10 +1,12 @@
-"""Bearer-token authentication, and the session namespace each token gives.
+"""Bearer-token authentication, and the session namespace each token gives, for both
+transports.
 
-With tokens configured, every call but the health service's must carry
-`authorization: Bearer <token>` metadata (else UNAUTHENTICATED, for every call, by
-`serve.interceptors.TokenCheck`), and a session id is looked up inside its token's
-namespace: two clients with different tokens never reach each other's conversations,
-even with the same session id. Without tokens, the server is open and there is one namespace.
+With tokens configured, every call but the health checks must carry
+`authorization: Bearer <token>` (gRPC metadata, or the HTTP header; else
+UNAUTHENTICATED / 401, for every call, by `serve.interceptors.TokenCheck` and the HTTP
+API's dependency), and a session id is looked up inside its token's namespace: two
+clients with different tokens never reach each other's conversations, even with the same
+session id, nor share KV. Without tokens, the server is open and there is one namespace.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class Tenants:
     """The accepted tokens, each with a namespace derived from its hash. Whether a call
     may run at all is `serve.interceptors.TokenCheck`'s decision, made with `knows`."""
 
-    REFUSAL = "missing or unknown bearer token (metadata 'authorization: Bearer <token>')"
+    REFUSAL = "missing or unknown bearer token ('authorization: Bearer <token>')"
 
     def __init__(self, tokens):
         self._namespaces = {token: hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -29,10 +31,13 @@ class Tenants:
     def enabled(self) -> bool:
         return bool(self._namespaces)
 
-    def _lookup(self, metadata) -> str | None:
-        """The namespace of the bearer token in call `metadata`, or None."""
-        header = next((value for key, value in metadata or () if key == "authorization"), "")
-        scheme, _, given = str(header).partition(" ")
+    def namespace_of(self, authorization: str | None) -> str | None:
+        """The namespace of the token an `authorization` header value
+        ("Bearer <token>", from gRPC metadata or an HTTP header) carries: "" on an open
+        server, None if tokens are configured and it carries none of them."""
+        if not self._namespaces:
+            return ""
+        scheme, _, given = str(authorization or "").partition(" ")
         if scheme.lower() != "bearer":
             return None
         for token, namespace in self._namespaces.items():
@@ -41,18 +46,21 @@ class Tenants:
         return None
 
     def knows(self, metadata) -> bool:
-        """True if call `metadata` carries one of the tokens."""
-        return self._lookup(metadata) is not None
+        """True if gRPC call `metadata` may run (a known token, or an open server)."""
+        return self.namespace_of(_authorization(metadata)) is not None
 
     def namespace(self, context: grpc.ServicerContext) -> str:
-        """The caller's namespace ("" on an open server); aborts the call with
+        """The gRPC caller's namespace ("" on an open server); aborts the call with
         UNAUTHENTICATED when the token is missing or wrong."""
-        if not self._namespaces:
-            return ""
-        namespace = self._lookup(context.invocation_metadata())
+        namespace = self.namespace_of(_authorization(context.invocation_metadata()))
         if namespace is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, self.REFUSAL)
         return namespace
+
+
+def _authorization(metadata) -> str:
+    """The `authorization` value of gRPC call metadata ("" if absent)."""
+    return next((value for key, value in metadata or () if key == "authorization"), "")
 
 
 def scoped(namespace: str, session_id: str) -> str:

@@ -26,7 +26,7 @@ from serve.config import add_arguments, from_arguments
 
 
 def serve_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jattn-serve", description="Serve a model over gRPC.")
+    parser = argparse.ArgumentParser(prog="jattn-serve", description="Serve a model over gRPC and the OpenAI HTTP API.")
     add_arguments(parser)
     return _serve(parser.parse_args(argv))
 
@@ -37,6 +37,9 @@ def _serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     server = Server(from_arguments(args)).start()
     print(f"jattn-serve listening on {server.config.host}:{server.port}", flush=True)
+    if server.http_port is not None:
+        print(f"jattn-serve HTTP (OpenAI API) on http{'s' if server.config.tls_cert else ''}"
+              f"://{server.config.host}:{server.http_port}/v1", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

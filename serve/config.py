@@ -40,7 +40,11 @@ class ServeConfig:
     random_weights: bool = field(default=False, metadata={
         "help": "run the model's shape with random weights (a config-only directory)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=50051, metadata={"help": "port to listen on (0: any free)"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0: any free)"})
+    http_port: int | None = field(default=8000, metadata={
+        "help": "OpenAI-compatible HTTP API port (0: any free; null: no HTTP API)"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "the model's name in the HTTP API; default: the model directory's name"})
     max_context: int | None = field(default=None, metadata={
         "help": "context window in tokens; default: the model's"})
     num_blocks: int | None = field(default=None, metadata={

@@ -37,7 +37,7 @@ def run_demo(*, turns: int = 6, max_tokens: int = 32) -> list[dict]:
     # Two tenants: the warm-up runs the very same conversation (so it compiles every
     # shape the demo meets) under another token, whose KV the demo can never reuse.
     tokens = {"warm-up": "token-of-the-warm-up", "demo": "token-of-the-demo"}
-    servers = {reuse: Server(ServeConfig(port=0, store=reuse, warm_up=False,
+    servers = {reuse: Server(ServeConfig(port=0, http_port=0, store=reuse, warm_up=False,
                                          auth_tokens=list(tokens.values()))).start()
                for reuse in (True, False)}
     try:

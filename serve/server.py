@@ -1,15 +1,17 @@
-"""The gRPC server: our Conversations service, JetStream's Orchestrator, the standard
-health service and server reflection, over one engine.
+"""The server: over one engine, gRPC (our Conversations service, JetStream's
+Orchestrator, the standard health service and server reflection) and the OpenAI HTTP
+API, both through one `serve.service.Service`.
 
 `Server(config).start()` loads the model and listens; `stop()` stops accepting turns,
 lets those in flight finish for `shutdown_grace_s` (then cancels them), flushes the
-store and closes the port.
+store and closes the ports.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,8 +26,11 @@ from serve.config import ServeConfig
 from serve.conversations import ConversationsServicer
 from serve.interceptors import RequestDecoding, TokenCheck
 from serve.jetstream import OrchestratorServicer
+from serve.http_server import HttpServer
 from serve.metrics import Metrics
+from serve.openai_api import create_app
 from serve.protos import jattn_pb2, jattn_pb2_grpc, jetstream_pb2, jetstream_pb2_grpc
+from serve.service import Service
 
 log = logging.getLogger("jattn.serve")
 
@@ -66,6 +71,18 @@ class Server:
         self.metrics = Metrics(self.engine, port=config.metrics_port)
         tenants = Tenants(config.auth_tokens)
         workers = config.max_queue + config.max_running + 8
+        self.service = Service(self.engine, tenants,
+                               default_max_tokens=config.default_max_tokens,
+                               model_name=config.served_model_name or os.path.basename(
+                                   os.path.normpath(self.llm.model_path)))
+        self._serving = False
+        self.http = None
+        if config.http_port is not None:
+            self.http = HttpServer(
+                create_app(self.service, self.metrics, ready=lambda: self._serving,
+                           max_concurrency=workers),
+                host=config.host, port=config.http_port, tls_cert=config.tls_cert,
+                tls_key=config.tls_key)
         self.grpc = grpc.server(
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jattn-grpc"),
             interceptors=(TokenCheck(tenants), RequestDecoding()),
@@ -90,11 +107,20 @@ class Server:
         if not self.port:
             raise OSError(f"cannot listen on {address}")
 
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP API's bound port (None without one)."""
+        return self.http.port if self.http else None
+
     def start(self) -> "Server":
         self.grpc.start()
+        if self.http:
+            self.http.start()
+        self._serving = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING
                          if self.engine.is_live() else health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("jattn serving on %s:%d", self.config.host, self.port)
+        log.info("jattn serving gRPC on %s:%d%s", self.config.host, self.port,
+                 f", HTTP on port {self.http_port}" if self.http else "")
         return self
 
     def _set_health(self, status) -> None:
@@ -110,9 +136,12 @@ class Server:
     def stop(self) -> None:
         """Stops accepting turns, finishes (then cancels) those in flight, flushes the
         store, closes the port."""
+        self._serving = False
         self.health.enter_graceful_shutdown()
         self.engine.shutdown(grace=self.config.shutdown_grace_s)
         self.grpc.stop(grace=1.0).wait()
+        if self.http:
+            self.http.stop()
         self.metrics.close()
 
     def wait(self) -> None:

@@ -192,7 +192,7 @@ def test_replay_over_grpc(tmp_path):
     from serve.config import ServeConfig
     from serve.server import Server
 
-    server = Server(ServeConfig(port=0, warm_up=False, compilation_cache_dir=None)).start()
+    server = Server(ServeConfig(port=0, http_port=0, warm_up=False, compilation_cache_dir=None)).start()
     client = Client(f"127.0.0.1:{server.port}")
     requests = load_trace(shared_prefix_trace(tmp_path), scale=SCALE)
     summary = replay(requests, run_over_grpc(client), vocab_size=512, speedup=1e6,

@@ -130,7 +130,7 @@ def test_over_grpc_one_offs_and_decode_reuse_and_tenants_and_salts_do_not_share(
     from serve.config import ServeConfig
     from serve.server import Server
 
-    server = Server(ServeConfig(port=0, warm_up=False, compilation_cache_dir=None,
+    server = Server(ServeConfig(port=0, http_port=0, warm_up=False, compilation_cache_dir=None,
                                 auth_tokens=["token-of-alice", "token-of-bob"])).start()
     address = f"127.0.0.1:{server.port}"
     alice, bob = (Client(address, token=f"token-of-{name}") for name in ("alice", "bob"))

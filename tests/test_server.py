@@ -27,7 +27,7 @@ MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
 
 
 def start(**overrides):
-    values = dict(port=0, max_tokens=256, default_max_tokens=16, num_blocks=2048,
+    values = dict(port=0, http_port=0, max_tokens=256, default_max_tokens=16, num_blocks=2048,
                   hbm_bytes=1 << 26, host_bytes=1 << 26, shutdown_grace_s=5.0,
                   warm_up=False, compilation_cache_dir=None)
     values.update(overrides)
@@ -167,7 +167,7 @@ def test_health_reflection_and_metrics(served):
     ).is_live
     client.chat("metrics", "Hello", max_tokens=4)
     page = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics").read()
-    assert b"jattn_ttft_seconds_count" in page and b"jattn_store_hbm_hits" in page
+    assert b"jattn_time_to_first_token_seconds_count" in page and b"jattn_store_hbm_hits" in page
 
 
 def test_full_queue_is_resource_exhausted():
@@ -230,7 +230,7 @@ def self_signed(tmp_path):
 
 def test_tls_and_tokens_keep_clients_apart(tmp_path):
     cert = self_signed(tmp_path)
-    server = Server(ServeConfig(port=0, warm_up=False, compilation_cache_dir=None,
+    server = Server(ServeConfig(port=0, http_port=0, warm_up=False, compilation_cache_dir=None,
                                 tls_cert=str(tmp_path / "cert.pem"),
                                 tls_key=str(tmp_path / "key.pem"),
                                 auth_tokens=["token-of-alice", "token-of-bob"])).start()
@@ -254,7 +254,7 @@ def test_tls_and_tokens_keep_clients_apart(tmp_path):
 
 def test_sigterm_stops_jattn_serve_cleanly(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--disk-bytes", "64MiB",
+        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0", "--disk-bytes", "64MiB",
          "--disk-path", str(tmp_path), "--no-warm-up", "--compilation-cache-dir", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     port = None

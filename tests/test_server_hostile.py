@@ -26,7 +26,7 @@ CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
 
 
 def start(**overrides) -> Server:
-    values = dict(port=0, max_tokens=64, default_max_tokens=8, num_blocks=256,
+    values = dict(port=0, http_port=0, max_tokens=64, default_max_tokens=8, num_blocks=256,
                   hbm_bytes=1 << 22, host_bytes=1 << 22, shutdown_grace_s=2.0,
                   warm_up=False, compilation_cache_dir=None)
     values.update(overrides)

@@ -234,11 +234,14 @@ class ChatEngine:
             self.store.hint(keys)
 
     def store_stats(self) -> dict:
-        """The device tier's blocks (held, one per key however many sequences share it;
-        referenced by running turns; evicted so far) and the store's counters."""
+        """The device pool's blocks (all, free) and the device tier's (held, one per key
+        however many sequences share it; referenced by running turns; evicted so far),
+        and the store's counters."""
         stats = self.device.stats()
         merged = {"hbm_blocks": stats.held, "hbm_blocks_referenced": stats.referenced,
-                  "hbm_evictions": stats.evicted}
+                  "hbm_evictions": stats.evicted,
+                  "pool_blocks": self.runner.allocator.num_blocks,
+                  "pool_free_blocks": self.runner.allocator.free_blocks}
         if self.store is not None:
             merged.update(self.store.stats())
         return merged

@@ -1,0 +1,459 @@
+"""The OpenAI HTTP API (FastAPI), a thin adapter over `serve.service.Service`.
+
+    POST /v1/chat/completions   messages through the chat template; stream or not
+    POST /v1/completions        a prompt (text or token ids); stream or not
+    GET  /v1/models, /v1/models/{id}
+    GET|DELETE /v1/sessions/{id}  a session's facts / forget it
+    GET  /health                200 once the engine is up and warmed, else 503 (open)
+    GET  /metrics               Prometheus text (needs a token when tokens are set)
+
+Requests are stateless and reuse KV by content (the whole conversation is re-sent each
+turn; `usage.prompt_tokens_details.cached_tokens` says how much of it was reused). A
+`session_id` body field or an `X-Session-ID` header makes a request a turn of that
+session instead: send only the new messages. `cache_salt` narrows who shares the KV.
+Errors are OpenAI-style JSON, `{"error": {"message", "type", "param", "code"}}`, with
+the status of `HTTP_STATUS`; malformed bodies are 400, never 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Literal
+
+import anyio
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from serve.metrics import Metrics
+from serve.service import Caller, ErrorKind, Service, TurnFacts, error_kind, error_message
+
+log = logging.getLogger("jattn.serve")
+
+MAX_BODY_BYTES = 16 << 20
+
+HTTP_STATUS = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.TOO_LONG: 400,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.BUSY: 429,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.INTERNAL: 500,
+}
+_ERROR_TYPES = {
+    ErrorKind.INVALID: "invalid_request_error",
+    ErrorKind.TOO_LONG: "invalid_request_error",
+    ErrorKind.UNAUTHENTICATED: "authentication_error",
+    ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.BUSY: "rate_limit_error",
+    ErrorKind.UNAVAILABLE: "service_unavailable_error",
+    ErrorKind.INTERNAL: "server_error",
+}
+_ERROR_CODES = {
+    ErrorKind.TOO_LONG: "context_length_exceeded",
+    ErrorKind.UNAUTHENTICATED: "invalid_api_key",
+    ErrorKind.BUSY: "queue_full",
+}
+
+
+class ApiError(Exception):
+    """An error answered as it is: `kind`, what to say, the body `param` it concerns and
+    a machine-readable `code`."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.kind, self.param, self.code = kind, param, code
+
+
+def _error_body(kind: ErrorKind, message: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES[kind], "param": param,
+                      "code": code or _ERROR_CODES.get(kind)}}
+
+
+def _error_response(kind: ErrorKind, message: str, param=None, code=None) -> JSONResponse:
+    return JSONResponse(_error_body(kind, message, param, code), status_code=HTTP_STATUS[kind])
+
+
+def _as_api_error(error: Exception) -> ApiError:
+    """An engine or service error as the `ApiError` it is answered with (an unexpected
+    one is logged, and answered without details)."""
+    if isinstance(error, ApiError):
+        return error
+    kind = error_kind(error)
+    if kind == ErrorKind.INTERNAL:
+        log.error("HTTP request failed", exc_info=error)
+    return ApiError(kind, error_message(error))
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length passes `limit` bytes (or is not a
+    number) is answered 413 before its body is read."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.limit:
+                response = JSONResponse(_error_body(
+                    ErrorKind.INVALID, f"request body over {self.limit} bytes (or a bad "
+                    "Content-Length)", code="body_too_large"), status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ----- request bodies ------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _GenerationBody(BaseModel):
+    """Fields both endpoints take. Unknown fields are ignored, as OpenAI's servers do;
+    known ones jattn does not implement are refused unless left at their defaults."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    cache_salt: str | None = None
+    session_id: str | None = None
+    ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict | None = None
+
+    def refuse_unsupported(self) -> None:
+        if self.n != 1:
+            raise ApiError(ErrorKind.INVALID, f"n={self.n}: jattn returns one choice",
+                           param="n")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise ApiError(ErrorKind.INVALID, f"{name} is not supported (leave it 0)",
+                               param=name)
+        if self.logit_bias:
+            raise ApiError(ErrorKind.INVALID, "logit_bias is not supported",
+                           param="logit_bias")
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionBody(_GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs:
+            raise ApiError(ErrorKind.INVALID, "logprobs is not supported", param="logprobs")
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name in ("echo", "logprobs", "suffix"):
+            if getattr(self, name):
+                raise ApiError(ErrorKind.INVALID, f"{name} is not supported", param=name)
+
+    def input(self) -> tuple[str, object]:
+        """("text", the prompt) or ("tokens", its ids); one prompt per request."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ApiError(ErrorKind.INVALID, f"{len(prompt)} prompts: send one per "
+                               "request", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return "text", prompt
+        return "tokens", tuple(prompt)
+
+
+# ----- the app -------------------------------------------------------------------------
+
+
+def _finish_reason(reason: str) -> str:
+    return {"stop": "stop", "length": "length"}.get(reason, reason)
+
+
+def _usage(facts: TurnFacts, completion_tokens: int) -> dict:
+    return {"prompt_tokens": facts.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": facts.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": facts.cached_tokens},
+            "jattn": {"recomputed_tokens": facts.recomputed_tokens,
+                      "tier_blocks": facts.tier_blocks, "ttft_s": facts.ttft_s,
+                      "dropped_tokens": facts.dropped_tokens}}
+
+
+_END = object()
+
+
+def _next_event(events):
+    """The next token of a turn's iterator, or `_END` (its error raised)."""
+    return next(events, _END)
+
+
+def _drain(events) -> None:
+    """Waits for the rest of a turn (its result holds the tokens and the text)."""
+    for _ in events:
+        pass
+
+
+def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: int) -> FastAPI:
+    """The API over `service`; `ready()` says whether the server has finished starting;
+    at most `max_concurrency` turns are read at once (threads waiting for tokens)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = max_concurrency
+        yield
+
+    app = FastAPI(title="jattn", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    created = int(time.time())
+
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return _error_response(error.kind, str(error), error.param, error.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(where) or None
+        message = first.get("msg", "invalid request body")
+        return _error_response(ErrorKind.INVALID,
+                               f"{param}: {message}" if param else message, param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):
+        kind = ErrorKind.NOT_FOUND if error.status_code == 404 else ErrorKind.INVALID
+        return JSONResponse(_error_body(kind, str(error.detail)),
+                            status_code=error.status_code)
+
+    def caller(authorization: str | None = Header(None)) -> Caller:
+        try:
+            return service.caller(authorization)
+        except Exception as error:
+            raise _as_api_error(error) from None
+
+    async def in_thread(function, *args):
+        """`function(*args)` on a worker thread (it may wait for the engine); its
+        error as an `ApiError`."""
+        try:
+            return await anyio.to_thread.run_sync(function, *args)
+        except Exception as error:
+            raise _as_api_error(error) from None
+
+    def check_model(model: str) -> None:
+        if model != service.model_name:
+            raise ApiError(ErrorKind.NOT_FOUND, f"model {model!r} is not served here (this "
+                           f"server serves {service.model_name!r})", param="model",
+                           code="model_not_found")
+
+    async def run(body: _GenerationBody, request: Request, who: Caller, kind: str, value,
+                  method: str, chunk) -> Response:
+        """Submits the turn and answers: the whole turn as JSON once it ends, or SSE
+        chunks from its first token on; `chunk(result, token, ...)` builds the bodies."""
+        started = time.perf_counter()
+        session = body.session_id or request.headers.get("x-session-id") or None
+        try:
+            check_model(body.model)
+            body.refuse_unsupported()
+            try:
+                params = service.sampling(
+                    max_tokens=getattr(body, "max_completion_tokens", None) or body.max_tokens,
+                    temperature=body.temperature, top_p=body.top_p,
+                    top_k=max(body.top_k or 0, 0), seed=body.seed, stop=body.stops())
+                stream = service.start_turn(
+                    who, session_id=session, kind=kind, value=value, params=params,
+                    ignore_eos=body.ignore_eos, cache_salt=body.cache_salt or "")
+            except Exception as error:
+                raise _as_api_error(error) from None
+            events = iter(stream)
+            first = await in_thread(_next_event, events)
+            if stream.result is None:
+                raise ApiError(ErrorKind.UNAVAILABLE, "the turn was cancelled before it "
+                               "started (the server is shutting down)")
+            if not body.stream:
+                await in_thread(_drain, events)
+        except ApiError as error:
+            metrics.call(method, str(HTTP_STATUS[error.kind]))
+            raise
+        if not body.stream:
+            metrics.call(method, "200")
+            metrics.turn(stream.result, started)
+            return JSONResponse(chunk(stream.result, None, whole=True))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def sse():
+            token, finished = first, False
+            try:
+                yield _sse(chunk(stream.result, "", role=True))
+                while token is not _END:
+                    yield _sse(chunk(stream.result, token))
+                    token = await anyio.to_thread.run_sync(_next_event, events)
+                finished = True
+                metrics.call(method, "200")
+                metrics.turn(stream.result, started)
+                yield _sse(chunk(stream.result, None))
+                if include_usage:
+                    yield _sse(chunk(stream.result, None, usage_only=True))
+            except Exception as error:  # the turn failed after the stream began
+                kind = error_kind(error)
+                metrics.call(method, str(HTTP_STATUS[kind]))
+                yield _sse(_error_body(kind, error_message(error)))
+            finally:
+                if not finished:
+                    stream.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    def chat_chunk(request_id: str, model: str):
+        def chunk(result, token, *, whole=False, role=False, usage_only=False) -> dict:
+            facts = TurnFacts.of(result)
+            if whole:
+                return {"id": request_id, "object": "chat.completion", "created": created,
+                        "model": model, "choices": [{
+                            "index": 0, "logprobs": None,
+                            "message": {"role": "assistant", "content": result.text},
+                            "finish_reason": _finish_reason(result.finish_reason)}],
+                        "usage": _usage(facts, len(result.token_ids))}
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": []}
+            if usage_only:
+                body["usage"] = _usage(facts, len(result.token_ids))
+                return body
+            if role:
+                delta, finish = {"role": "assistant", "content": ""}, None
+            elif token is None:
+                delta, finish = {}, _finish_reason(result.finish_reason)
+            else:
+                delta, finish = {"content": token.text}, None
+            body["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+                                "finish_reason": finish}]
+            return body
+        return chunk
+
+    def completion_chunk(request_id: str, model: str):
+        def chunk(result, token, *, whole=False, role=False, usage_only=False) -> dict:
+            facts = TurnFacts.of(result)
+            body = {"id": request_id, "object": "text_completion", "created": created,
+                    "model": model, "choices": []}
+            if whole or usage_only:
+                body["usage"] = _usage(facts, len(result.token_ids))
+            if usage_only:
+                return body
+            if whole:
+                text, finish = result.text, _finish_reason(result.finish_reason)
+            elif role or token is None:
+                text = ""
+                finish = None if role else _finish_reason(result.finish_reason)
+            else:
+                text, finish = token.text, None
+            body["choices"] = [{"index": 0, "text": text, "logprobs": None,
+                                "finish_reason": finish}]
+            return body
+        return chunk
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionBody, request: Request,
+                               who: Caller = Depends(caller)):
+        messages = tuple((m.role, m.text()) for m in body.messages)
+        return await run(body, request, who, "messages", messages, "chat.completions",
+                         chat_chunk(f"chatcmpl-{uuid.uuid4().hex}", body.model))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request,
+                          who: Caller = Depends(caller)):
+        kind, value = body.input()
+        return await run(body, request, who, kind, value, "completions",
+                         completion_chunk(f"cmpl-{uuid.uuid4().hex}", body.model))
+
+    def model_card() -> dict:
+        return {"id": service.model_name, "object": "model", "created": created,
+                "owned_by": "jattn"}
+
+    @app.get("/v1/models")
+    async def models(who: Caller = Depends(caller)):
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, who: Caller = Depends(caller)):
+        check_model(model)
+        return model_card()
+
+    @app.get("/v1/sessions/{session_id}")
+    async def describe_session(session_id: str, who: Caller = Depends(caller)):
+        info = await in_thread(service.describe, who, session_id)
+        return dict(info, session_id=session_id)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def end_session(session_id: str, who: Caller = Depends(caller)):
+        await in_thread(service.end_session, who, session_id)
+        return {"id": session_id, "object": "session", "deleted": True}
+
+    @app.get("/health")
+    async def health():
+        if ready() and service.is_live():
+            return {"status": "ok"}
+        return _error_response(ErrorKind.UNAVAILABLE, "not serving (starting, stopping "
+                               "or the engine has stopped)")
+
+    @app.get("/metrics")
+    async def prometheus(who: Caller = Depends(caller)):
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
