@@ -1,17 +1,26 @@
-"""Load on jattn-serve: concurrent multi-turn clients over gRPC, KV reuse on against off.
+"""Load on jattn-serve: concurrent multi-turn clients, KV reuse on against off, over gRPC
+and over the OpenAI HTTP API.
 
     python benchmarks/serve_load.py [--clients 16] [--turns 4] [--first-words 120]
                                     [--max-tokens 16] [--model DIR --random-weights]
                                     [--mt-bench ../shared/data/mt_bench_question.jsonl]
+                                    [--transports grpc,http]
 
-In the same run, a server with the AttentionStore (each turn sends only its new message,
-as raw text, to its session) and one without KV reuse (each turn is a one-off request
-carrying the whole conversation so far as text, which the server prefills) each serve
-`--clients` conversations at once: a long first message, then short ones, greedy,
-`--max-tokens` per answer. Each server first serves the same
-load under other session ids, so compilation is in neither measurement. Prints TTFT p50/p99 (client side:
-request sent to first event), TPOT p50 (time per output token after the first),
-generated tokens/s over the run, and the ratio of the two servers; writes JSON.
+In the same run, `--clients` conversations at once (a long first message, then short ones,
+greedy, `--max-tokens` per answer), sent three ways over each transport:
+
+  session    store on; each turn sends only its new message, as raw text, to its session
+  stateless  store on; each turn is a one-off request carrying the whole conversation so
+             far as text (what an OpenAI-API client sends): reuse by content
+  no reuse   a server without the store, the same one-off requests: the baseline
+
+gRPC uses `Chat` (text input); HTTP uses `POST /v1/completions` with streaming, the session
+named by `X-Session-ID`. Each load has a cache salt of its own, so no load reuses another's
+KV, and each mode first serves the same load under another salt, so compilation is in no
+measurement. Prints TTFT p50/p99 (client
+side: request sent to first token), TPOT p50 (time per output token after the first),
+generated tokens/s over the run, and the ratios to the no-reuse baseline of the same
+transport; writes JSON.
 """
 
 from __future__ import annotations
@@ -70,27 +79,68 @@ def fitting_questions(args) -> list[list[str]]:
     return fitting
 
 
-def converse(client: Client, session: str, args, record: list | None, progress, *,
+class GrpcTurns:
+    """Turns over gRPC `Chat`: yields the token count of each event."""
+
+    name = "grpc"
+
+    def __init__(self, server: Server):
+        self.client = Client(f"127.0.0.1:{server.port}")
+        self.client.wait_ready()
+
+    def turn(self, session: str | None, text: str, max_tokens: int, salt: str):
+        for event in self.client.chat_events(session or "", text=text, max_tokens=max_tokens,
+                                             ignore_eos=True, cache_salt=salt):
+            yield len(event.token_ids), event.text
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class HttpTurns:
+    """Turns over the OpenAI API's streamed `/v1/completions`."""
+
+    name = "http"
+
+    def __init__(self, server: Server):
+        import openai
+
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1",
+                                    api_key="none", max_retries=0, timeout=600)
+        self.model = server.service.model_name
+
+    def turn(self, session: str | None, text: str, max_tokens: int, salt: str):
+        chunks = self.client.completions.create(
+            model=self.model, prompt=text, max_tokens=max_tokens, stream=True,
+            extra_body={"ignore_eos": True, "cache_salt": salt},
+            extra_headers={"X-Session-ID": session} if session else None)
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].finish_reason is None:
+                yield 1, chunk.choices[0].text
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def converse(turns, index: int, salt: str, args, record: list | None, progress, *,
              stateless: bool) -> None:
-    """One client's conversation: turns of `session`, or with `stateless` one-off
-    requests that each carry the whole conversation so far as text (what a client of a
-    server without KV reuse sends)."""
-    messages = conversation(int(session.rsplit("-", 1)[1]), args)
+    """Client `index`'s conversation: turns of its session, or with `stateless` one-off
+    requests that each carry the whole conversation so far as text. Its KV is shared only
+    with requests of the same cache `salt` (one per load)."""
+    session = f"{salt}-client-{index}"
     history = ""
-    for turn, message in enumerate(messages):
+    for turn, message in enumerate(conversation(index, args)):
         start = time.perf_counter()
         first = None
         tokens = 0
-        events = (client.chat_events("", text=history + message, max_tokens=args.max_tokens,
-                                     ignore_eos=True) if stateless else
-                  client.chat_events(session, text=message, max_tokens=args.max_tokens,
-                                     ignore_eos=True))
         answer = ""
-        for event in events:
-            if first is None and event.token_ids:
+        for count, text in (turns.turn(None, history + message, args.max_tokens, salt)
+                            if stateless else
+                            turns.turn(session, message, args.max_tokens, salt)):
+            if first is None and count:
                 first = time.perf_counter()
-            tokens += len(event.token_ids)
-            answer += event.text
+            tokens += count
+            answer += text
         history += message + answer
         end = time.perf_counter()
         if record is not None:
@@ -99,13 +149,13 @@ def converse(client: Client, session: str, args, record: list | None, progress, 
         progress.update()
 
 
-def load(client: Client, prefix: str, args, records, label: str, *, stateless: bool
-         ) -> float:
-    """`--clients` conversations at once; returns the seconds they took together."""
+def load(turns, salt: str, args, records, label: str, *, stateless: bool) -> float:
+    """`--clients` conversations at once, under cache salt `salt` (every load the same
+    texts, none reusing another load's KV); returns the seconds they took together."""
     with tqdm(total=args.clients * args.turns, desc=label, unit="turn") as progress:
         start = time.perf_counter()
-        threads = [threading.Thread(target=converse, args=(client, f"{prefix}-{i}", args,
-                                                           records, progress),
+        threads = [threading.Thread(target=converse, args=(turns, i, salt, args, records,
+                                                           progress),
                                     kwargs={"stateless": stateless})
                    for i in range(args.clients)]
         for thread in threads:
@@ -115,24 +165,36 @@ def load(client: Client, prefix: str, args, records, label: str, *, stateless: b
         return time.perf_counter() - start
 
 
-def run_server(args, store: bool) -> dict:
+def run_server(args, store: bool) -> list[dict]:
+    """The modes of one server (with or without the store), over each transport."""
     server = Server(ServeConfig(
-        model=args.model, random_weights=args.random_weights, port=0, http_port=0, store=store,
-        max_running=args.clients, num_blocks=args.num_blocks, default_max_tokens=16,
+        model=args.model, random_weights=args.random_weights, port=0, http_port=0,
+        store=store, max_running=args.clients, max_queue=4 * args.clients,
+        num_blocks=args.num_blocks, default_max_tokens=16,
         max_tokens=max(args.max_tokens, 16))).start()
-    client = Client(f"127.0.0.1:{server.port}")
-    client.wait_ready()
+    modes = ("session", "stateless") if store else ("no reuse",)
+    rows = []
     try:
-        label = "store on " if store else "store off"
-        load(client, "warm-up", args, None, f"{label} warm-up", stateless=not store)
-        records: list[dict] = []
-        elapsed = load(client, "client", args, records, label, stateless=not store)
+        for transport in args.transports:
+            turns = {"grpc": GrpcTurns, "http": HttpTurns}[transport](server)
+            for mode in modes:
+                label = f"{transport} {mode}"
+                stateless = mode != "session"
+                load(turns, f"{label} warm-up", args, None, f"{label} warm-up",
+                     stateless=stateless)
+                records: list[dict] = []
+                elapsed = load(turns, label, args, records, label, stateless=stateless)
+                rows.append(summary(records, elapsed, transport=transport, mode=mode))
+            turns.close()
     finally:
-        client.close()
         server.stop()
+    return rows
+
+
+def summary(records: list[dict], elapsed: float, **labels) -> dict:
     ttft = np.array([r["ttft_s"] for r in records])
     later = np.array([r["ttft_s"] for r in records if r["turn"] > 0])
-    return {"store": store, "turns": len(records),
+    return {**labels, "turns": len(records),
             "ttft_p50_s": float(np.median(ttft)), "ttft_p99_s": float(np.quantile(ttft, 0.99)),
             "later_turn_ttft_p50_s": float(np.median(later)) if len(later) else None,
             "tpot_p50_s": float(np.median([r["tpot_s"] for r in records])),
@@ -151,30 +213,33 @@ def main(argv=None) -> None:
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--mt-bench", default=None, help="JSONL of MT-bench questions: "
                         "each client holds one question's two turns instead")
+    parser.add_argument("--transports", default="grpc,http",
+                        help="comma-separated: grpc, http")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    args.transports = args.transports.split(",")
     args.questions = None
     if args.mt_bench:
         args.questions = fitting_questions(args)
         args.turns = 2
 
-    rows = [run_server(args, store) for store in (True, False)]
-    on, off = rows
+    rows = run_server(args, True) + run_server(args, False)
     source = f"MT-bench questions ({args.mt_bench})" if args.mt_bench else "synthetic"
     print(f"\njattn-serve under load: {args.clients} concurrent clients x {args.turns} turns, "
           f"{args.max_tokens} tokens per answer, {source} ({jax.default_backend()})")
-    print(f"{'store':6} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'later-turn p50 ms':>18} "
-          f"{'TPOT p50 ms':>12} {'tokens/s':>9}")
+    print(f"{'transport':9} {'mode':10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+          f"{'later p50 ms':>13} {'TPOT p50 ms':>12} {'tokens/s':>9} {'p50 / base':>11} "
+          f"{'tok/s / base':>13}")
     for row in rows:
-        later = row["later_turn_ttft_p50_s"]
-        print(f"{'on' if row['store'] else 'off':6} {row['ttft_p50_s'] * 1e3:>12.1f} "
+        base = next(r for r in rows if r["transport"] == row["transport"]
+                    and r["mode"] == "no reuse")
+        row["ttft_p50_ratio"] = row["ttft_p50_s"] / base["ttft_p50_s"]
+        row["tokens_per_s_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+        print(f"{row['transport']:9} {row['mode']:10} {row['ttft_p50_s'] * 1e3:>12.1f} "
               f"{row['ttft_p99_s'] * 1e3:>12.1f} "
-              f"{(later or 0) * 1e3:>18.1f} {row['tpot_p50_s'] * 1e3:>12.2f} "
-              f"{row['tokens_per_s']:>9.1f}")
-    print(f"ratio on/off: TTFT p50 {on['ttft_p50_s'] / off['ttft_p50_s']:.2f}, "
-          f"later-turn TTFT p50 "
-          f"{(on['later_turn_ttft_p50_s'] or 0) / (off['later_turn_ttft_p50_s'] or 1):.2f}, "
-          f"tokens/s {on['tokens_per_s'] / off['tokens_per_s']:.2f}")
+              f"{(row['later_turn_ttft_p50_s'] or 0) * 1e3:>13.1f} "
+              f"{row['tpot_p50_s'] * 1e3:>12.2f} {row['tokens_per_s']:>9.1f} "
+              f"{row['ttft_p50_ratio']:>11.2f} {row['tokens_per_s_ratio']:>13.2f}")
     out = args.json or os.path.join(ROOT, "benchmarks", "results",
                                     f"serve-load{'-mtbench' if args.mt_bench else ''}-"
                                     f"{jax.default_backend()}.json")

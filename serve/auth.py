@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-import grpc
-
 
 class Tenants:
     """The accepted tokens, each with a namespace derived from its hash. Whether a call
@@ -47,18 +45,10 @@ class Tenants:
 
     def knows(self, metadata) -> bool:
         """True if gRPC call `metadata` may run (a known token, or an open server)."""
-        return self.namespace_of(_authorization(metadata)) is not None
-
-    def namespace(self, context: grpc.ServicerContext) -> str:
-        """The gRPC caller's namespace ("" on an open server); aborts the call with
-        UNAUTHENTICATED when the token is missing or wrong."""
-        namespace = self.namespace_of(_authorization(context.invocation_metadata()))
-        if namespace is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, self.REFUSAL)
-        return namespace
+        return self.namespace_of(authorization_of(metadata)) is not None
 
 
-def _authorization(metadata) -> str:
+def authorization_of(metadata) -> str:
     """The `authorization` value of gRPC call metadata ("" if absent)."""
     return next((value for key, value in metadata or () if key == "authorization"), "")
 
@@ -66,11 +56,6 @@ def _authorization(metadata) -> str:
 def scoped(namespace: str, session_id: str) -> str:
     """The engine's name for a client's session."""
     return f"{namespace}/{session_id}" if namespace else session_id
-
-
-def unscoped(namespace: str, name: str) -> str:
-    """The client's name for an engine session of its namespace."""
-    return name[len(namespace) + 1:] if namespace else name
 
 
 MAX_CACHE_SALT_CHARS = 1024

@@ -1,4 +1,5 @@
-"""`jattn.v1.Conversations`: multi-turn chat whose KV the server keeps between turns."""
+"""`jattn.v1.Conversations`: multi-turn chat whose KV the server keeps between turns; a
+thin gRPC adapter over `serve.service.Service`."""
 
 from __future__ import annotations
 
@@ -6,53 +7,50 @@ import time
 
 import grpc
 
-from jattn.engine import Engine, SessionNotFound, TurnRequest
-from serve.auth import Tenants, cache_scope, scoped
+from jattn.engine import SessionNotFound
 from serve.errors import abort
-from serve.protos import jattn_pb2, jattn_pb2_grpc
 from serve.metrics import Metrics
-from serve.turns import run_turn, sampling
+from serve.protos import jattn_pb2, jattn_pb2_grpc
+from serve.service import Service, TurnFacts
+from serve.turns import caller_of, run_turn, sampling
 
 
 def facts(result) -> jattn_pb2.TurnFacts:
+    turn = TurnFacts.of(result)
     return jattn_pb2.TurnFacts(
-        ttft_s=result.ttft_s, cached_tokens=result.cached_tokens,
-        recomputed_tokens=result.recomputed_tokens, tier_blocks=result.tiers or {},
-        input_tokens=len(result.prompt_token_ids), dropped_tokens=result.dropped_tokens)
+        ttft_s=turn.ttft_s, cached_tokens=turn.cached_tokens,
+        recomputed_tokens=turn.recomputed_tokens, tier_blocks=turn.tier_blocks,
+        input_tokens=turn.input_tokens, dropped_tokens=turn.dropped_tokens)
 
 
 class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
-    def __init__(self, engine: Engine, tenants: Tenants, *, default_max_tokens: int,
-                 metrics: Metrics):
-        self.engine = engine
+    def __init__(self, service: Service, metrics: Metrics):
+        self.service = service
         self.metrics = metrics
-        self.tenants = tenants
-        self.default_max_tokens = default_max_tokens
         self.started = time.time()
 
     def _session(self, request, context) -> str:
-        namespace = self.tenants.namespace(context)
         if not request.session_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-        return scoped(namespace, request.session_id)
+        return request.session_id
 
     def Chat(self, request, context):
-        namespace = self.tenants.namespace(context)
-        session = self._session(request, context) if request.session_id else None
+        caller = caller_of(self.service, context)
         kind = request.WhichOneof("input")
 
-        def build():
+        def start():
             if kind is None:
                 raise ValueError("no input: set one of message, text, token_ids")
             value = (tuple(request.token_ids.ids) if kind == "token_ids"
                      else getattr(request, kind))
-            return TurnRequest(session, "tokens" if kind == "token_ids" else kind, value,
-                               sampling(request, default_max_tokens=self.default_max_tokens),
-                               request.ignore_eos,
-                               cache_scope=cache_scope(namespace, request.cache_salt))
+            return self.service.start_turn(
+                caller, session_id=request.session_id or None,
+                kind="tokens" if kind == "token_ids" else kind, value=value,
+                params=sampling(self.service, request), ignore_eos=request.ignore_eos,
+                cache_salt=request.cache_salt)
 
         first = True
-        for stream, token in run_turn(self.engine, self.metrics, "Chat", context, build):
+        for stream, token in run_turn(self.metrics, "Chat", context, start):
             if token is not None:
                 event = jattn_pb2.ChatEvent(token_ids=[token.id], text=token.text)
             elif stream.result is None:  # cancelled while it waited in the queue
@@ -66,9 +64,10 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
             yield event
 
     def EndSession(self, request, context):
+        caller = caller_of(self.service, context)
         session = self._session(request, context)
         try:
-            self.engine.end_session(session)
+            self.service.end_session(caller, session)
         except SessionNotFound:
             return jattn_pb2.EndSessionResponse(existed=False)
         except Exception as error:
@@ -76,9 +75,10 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
         return jattn_pb2.EndSessionResponse(existed=True)
 
     def DescribeSession(self, request, context):
+        caller = caller_of(self.service, context)
         session = self._session(request, context)
         try:
-            info = self.engine.describe(session)
+            info = self.service.describe(caller, session)
         except Exception as error:
             abort(context, error)
         return jattn_pb2.SessionInfo(
@@ -88,7 +88,7 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
             resident_blocks_by_tier=info["resident_blocks"])
 
     def ServerStats(self, request, context):
-        stats = self.engine.stats()
+        stats = self.service.stats()
         store = {k: float(v) for k, v in stats.get("store", {}).items()}
         return jattn_pb2.ServerStatsResponse(
             requests=stats.get("requests", 0), active_sessions=stats["sessions"],

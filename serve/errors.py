@@ -1,4 +1,5 @@
-"""Engine errors as gRPC status codes, with messages that say what was wrong."""
+"""Errors as gRPC status codes (the HTTP table is in `serve.openai_api`), with messages
+that say what was wrong."""
 
 from __future__ import annotations
 
@@ -6,23 +7,24 @@ import logging
 
 import grpc
 
-from jattn.engine import EngineStopped, QueueFull, SessionNotFound, TooManySessions
+from serve.service import ErrorKind, error_kind, error_message
 
 log = logging.getLogger("jattn.serve")
 
-_CODES = (
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (EngineStopped, grpc.StatusCode.UNAVAILABLE),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-)
+GRPC_STATUS = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
 
 
 def status_of(error: Exception) -> grpc.StatusCode:
-    """The status code an error of the engine calls for (INTERNAL if unexpected)."""
-    return next((code for kind, code in _CODES if isinstance(error, kind)),
-                grpc.StatusCode.INTERNAL)
+    """The status code an error calls for (INTERNAL if unexpected)."""
+    return GRPC_STATUS[error_kind(error)]
 
 
 def abort(context: grpc.ServicerContext, error: Exception):
@@ -31,6 +33,4 @@ def abort(context: grpc.ServicerContext, error: Exception):
     code = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         log.error("request failed", exc_info=error)
-        context.abort(code, "internal error (logged by the server)")
-    context.abort(code, "no such session" if isinstance(error, SessionNotFound)
-                  else str(error))
+    context.abort(code, error_message(error))

@@ -87,12 +87,10 @@ class Server:
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jattn-grpc"),
             interceptors=(TokenCheck(tenants), RequestDecoding()),
             maximum_concurrent_rpcs=workers)
-        jattn_pb2_grpc.add_ConversationsServicer_to_server(ConversationsServicer(
-            self.engine, tenants, default_max_tokens=config.default_max_tokens,
-            metrics=self.metrics), self.grpc)
-        jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(
-            self.engine, tenants, default_max_tokens=config.default_max_tokens,
-            metrics=self.metrics), self.grpc)
+        jattn_pb2_grpc.add_ConversationsServicer_to_server(
+            ConversationsServicer(self.service, self.metrics), self.grpc)
+        jetstream_pb2_grpc.add_OrchestratorServicer_to_server(
+            OrchestratorServicer(self.service, self.metrics), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

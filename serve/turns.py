@@ -1,5 +1,6 @@
-"""One turn for one gRPC call: sampling parameters from the request, the engine's
-stream, cancellation when the client goes away, errors as status codes, metrics."""
+"""What the gRPC services share: the caller of a call, sampling parameters from a
+request, and one turn's stream with cancellation when the client goes away, errors as
+status codes and metrics."""
 
 from __future__ import annotations
 
@@ -7,32 +8,40 @@ import time
 
 import grpc
 
+from jattn.engine import TurnStream
 from jattn.sampling import SamplingParams
-from jattn.engine import Engine, TurnStream
+from serve.auth import authorization_of
 from serve.errors import abort, status_of
 from serve.metrics import Metrics
+from serve.service import Caller, Service, Unauthenticated
 
 
-def sampling(request, *, default_max_tokens: int) -> SamplingParams:
-    """`SamplingParams` from a request's fields, where 0 means "the default"."""
-    return SamplingParams(
-        max_tokens=request.max_tokens or default_max_tokens,
-        temperature=getattr(request, "temperature", 0.0),
-        top_p=getattr(request, "top_p", 0.0) or 1.0,
-        top_k=getattr(request, "top_k", 0),
+def caller_of(service: Service, context: grpc.ServicerContext) -> Caller:
+    """The call's caller; aborts it with UNAUTHENTICATED if its token is missing or
+    unknown (the interceptor has refused those already: this is the namespace lookup)."""
+    try:
+        return service.caller(authorization_of(context.invocation_metadata()))
+    except Unauthenticated as error:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+
+
+def sampling(service: Service, request) -> SamplingParams:
+    """`SamplingParams` from a request's fields, where 0 or unset means "the default"."""
+    return service.sampling(
+        max_tokens=request.max_tokens, temperature=getattr(request, "temperature", None),
+        top_p=getattr(request, "top_p", None), top_k=getattr(request, "top_k", None),
         seed=request.seed if hasattr(request, "seed") and request.HasField("seed") else None,
         stop=tuple(getattr(request, "stop", ())))
 
 
-def run_turn(engine: Engine, metrics: Metrics, method: str, context: grpc.ServicerContext,
-             build_request):
-    """Submits `build_request()` and yields `(stream, token)` as tokens arrive, then
-    `(stream, None)` once the turn has ended. Bad input, a full queue or a failed turn
-    abort the call with the matching status. A client that cancels or disconnects
-    cancels the turn, which frees its blocks."""
+def run_turn(metrics: Metrics, method: str, context: grpc.ServicerContext, start):
+    """Runs `start()` (which submits a turn and returns its stream) and yields
+    `(stream, token)` as tokens arrive, then `(stream, None)` once the turn has ended.
+    Bad input, a full queue or a failed turn abort the call with the matching status. A
+    client that cancels or disconnects cancels the turn, which frees its blocks."""
     started = time.perf_counter()
     try:
-        stream: TurnStream = engine.submit(build_request())
+        stream: TurnStream = start()
         context.add_callback(stream.cancel)
         for token in stream:
             yield stream, token

@@ -30,7 +30,8 @@ MAX_TOKENS = 24
 
 def launch(disk):
     process = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0", "--disk-bytes", "64MiB",
+        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0",
+         "--disk-bytes", "64MiB",
          "--disk-path", str(disk), "--no-warm-up", "--compilation-cache-dir", "",
          "--hbm-bytes", "64KiB", "--host-bytes", "256KiB", "--max-context", "192"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -254,7 +254,8 @@ def test_tls_and_tokens_keep_clients_apart(tmp_path):
 
 def test_sigterm_stops_jattn_serve_cleanly(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0", "--disk-bytes", "64MiB",
+        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0",
+         "--disk-bytes", "64MiB",
          "--disk-path", str(tmp_path), "--no-warm-up", "--compilation-cache-dir", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     port = None

@@ -1,0 +1,307 @@
+"""The OpenAI HTTP API, driven with the official `openai` package and raw HTTP: reuse by
+content for clients that re-send the conversation, sessions equal to gRPC Chat, the error
+table, concurrency, draining on SIGTERM, and malformed bodies never answered 500."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serve.client import Client
+from serve.config import ServeConfig
+from serve.server import Server
+
+MODEL = "stories260K"
+SYSTEM = ("You are a storyteller. You tell short tales about a cat named Tom, a dog named "
+          "Max and their friends in the park.")
+USER_TURNS = ["Once upon a time there was a little cat.", "What did the cat find?",
+              "Then the dog came.", "How did the story end?"]
+
+
+def start(**overrides) -> Server:
+    values = dict(port=0, http_port=0, warm_up=False, compilation_cache_dir=None,
+                  max_tokens=256, default_max_tokens=16)
+    values.update(overrides)
+    return Server(ServeConfig(**values)).start()
+
+
+def sdk(server: Server, token: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=token,
+                         max_retries=0)
+
+
+def post(server: Server, path: str, body, headers=None) -> tuple[int, dict]:
+    """Status and JSON body of a raw POST (`body` bytes, or JSON-able)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+    return _send(request)
+
+
+def _send(request) -> tuple[int, dict | bytes]:
+    """Status and body: parsed if JSON, else bytes."""
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, kind, data = response.status, response.headers["content-type"], \
+                response.read()
+    except urllib.error.HTTPError as error:
+        status, kind, data = error.code, error.headers["content-type"], error.read()
+    return status, json.loads(data) if "json" in (kind or "") else data
+
+
+def get(server: Server, path: str, method: str = "GET", headers=None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}",
+                                     method=method, headers=headers or {})
+    return _send(request)
+
+
+def conversation(client: openai.OpenAI, *, stream: bool) -> list:
+    """Four turns, each re-sending the whole conversation; (text, usage) per turn."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    turns = []
+    for user in USER_TURNS:
+        messages.append({"role": "user", "content": user})
+        if stream:
+            chunks = list(client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True,
+                stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert chunks[0].choices[0].delta.role == "assistant"
+            assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+            usage = chunks[-1].usage
+        else:
+            reply = client.chat.completions.create(model=MODEL, messages=messages,
+                                                   max_tokens=24, temperature=0)
+            text, usage = reply.choices[0].message.content, reply.usage
+        turns.append((text, usage))
+        messages.append({"role": "assistant", "content": text})
+    return turns
+
+
+@pytest.fixture(scope="module")
+def without_reuse():
+    server = start(store=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def served():
+    server = start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_resent_conversation_reuses_its_prefix_and_gives_the_stateless_tokens(
+        served, without_reuse, stream):
+    want = conversation(sdk(without_reuse), stream=stream)
+    got = conversation(sdk(served), stream=stream)
+    assert [text for text, _ in got] == [text for text, _ in want]
+    assert all(u.prompt_tokens_details.cached_tokens == 0 for _, u in want)
+    for turn, (_, usage) in enumerate(got[1:], start=2):
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert 0 < cached <= usage.prompt_tokens, f"turn {turn} reused nothing"
+        assert usage.prompt_tokens == want[turn - 1][1].prompt_tokens
+        assert usage.completion_tokens == want[turn - 1][1].completion_tokens
+
+
+def test_text_completions_stream_and_not(served, without_reuse):
+    prompt = "Once upon a time, there was a little girl named Lily. She liked to play."
+    plain = sdk(without_reuse).completions.create(model=MODEL, prompt=prompt, max_tokens=20)
+    again = sdk(served).completions.create(model=MODEL, prompt=prompt, max_tokens=20)
+    streamed = list(sdk(served).completions.create(model=MODEL, prompt=prompt, max_tokens=20,
+                                                   stream=True))
+    assert again.choices[0].text == plain.choices[0].text
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text
+    assert again.usage.prompt_tokens == plain.usage.prompt_tokens
+    tokens = sdk(served).completions.create(model=MODEL, prompt=[1, 403, 407, 261],
+                                            max_tokens=5)
+    assert tokens.usage.prompt_tokens == 4 and tokens.usage.completion_tokens == 5
+
+
+def test_session_mode_equals_grpc_chat(served):
+    grpc_client = Client(f"127.0.0.1:{served.port}")
+    http = sdk(served)
+    for turn, user in enumerate(USER_TURNS):
+        want = grpc_client.chat("over-grpc", user, max_tokens=20)
+        got = http.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": user}], max_tokens=20,
+            extra_headers={"X-Session-ID": "over-http"})
+        assert got.choices[0].message.content == want.text
+        if turn:
+            assert got.usage.prompt_tokens_details.cached_tokens > 0
+    status, info = get(served, "/v1/sessions/over-http")
+    assert status == 200 and info["turns"] == len(USER_TURNS)
+    assert get(served, "/v1/sessions/over-http", "DELETE")[0] == 200
+    status, error = get(served, "/v1/sessions/over-http", "DELETE")
+    assert status == 404 and error["error"]["type"] == "not_found_error"
+    grpc_client.close()
+
+
+def test_concurrent_clients_match_sequential_runs(served):
+    prompts = [f"{SYSTEM} Tale number {i}: once upon a time" for i in range(32)]
+
+    def ask(prompt):
+        return sdk(served).completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                              temperature=0).choices[0].text
+
+    sequential = [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(ask, prompts)) == sequential
+
+
+def error_of(status_body, status: int, kind: str, code=None, param=None) -> dict:
+    got_status, body = status_body
+    assert got_status == status, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == kind
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def chat_body(**fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi there"}],
+            "max_tokens": 4, **fields}
+
+
+def test_every_error_gets_its_status_and_json(served):
+    invalid = "invalid_request_error"
+    error_of(post(served, "/v1/chat/completions", b"{not json"), 400, invalid)
+    error_of(post(served, "/v1/chat/completions", [1, 2]), 400, invalid)
+    error_of(post(served, "/v1/chat/completions", chat_body(messages=[])), 400, invalid,
+             param="messages")
+    error_of(post(served, "/v1/chat/completions", chat_body(temperature=-1)), 400, invalid,
+             param="temperature")
+    error_of(post(served, "/v1/chat/completions", chat_body(n=2)), 400, invalid, param="n")
+    error_of(post(served, "/v1/chat/completions", chat_body(seed=2**64)), 400, invalid,
+             param="seed")
+    error_of(post(served, "/v1/chat/completions",
+                  chat_body(messages=[{"role": "robot", "content": "x"}])), 400, invalid)
+    error_of(post(served, "/v1/chat/completions", chat_body(stop=["s"] * 17)), 400, invalid)
+    error_of(post(served, "/v1/chat/completions", chat_body(max_tokens=10**6)), 400, invalid)
+    error_of(post(served, "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}), 400,
+             invalid)
+    error_of(post(served, "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}), 400,
+             invalid, param="prompt")
+    error_of(post(served, "/v1/completions", {"model": MODEL, "prompt": [5] * 600}), 400,
+             invalid, code="context_length_exceeded")
+    error_of(post(served, "/v1/chat/completions", chat_body(model="gpt-9")), 404,
+             "not_found_error", code="model_not_found", param="model")
+    error_of(get(served, "/v1/models/gpt-9"), 404, "not_found_error")
+    error_of(get(served, "/v1/no-such-route"), 404, "not_found_error")
+    error_of(post(served, "/v1/chat/completions", b"x" * 100,
+                  {"Content-Length": str(64 << 20)}), 413, invalid, code="body_too_large")
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        sdk(served).chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                    "content": "hi"}],
+                                            frequency_penalty=0.5)
+    assert get(served, "/health") == (200, {"status": "ok"})
+
+
+def test_tokens_queue_and_shutdown_statuses():
+    server = start(auth_tokens=["token-of-alice"], max_queue=1, max_running=1)
+    try:
+        assert get(server, "/health")[0] == 200  # open: for load balancers
+        for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "x"}):
+            error_of(post(server, "/v1/chat/completions", chat_body(), headers), 401,
+                     "authentication_error", code="invalid_api_key")
+            error_of(get(server, "/v1/models", headers=headers), 401, "authentication_error")
+            error_of(get(server, "/metrics", headers=headers), 401, "authentication_error")
+        alice = {"Authorization": "Bearer token-of-alice"}
+        assert post(server, "/v1/chat/completions", chat_body(), alice)[0] == 200
+        status, page = get(server, "/metrics", headers=alice)
+        assert status == 200 and b"jattn_time_to_first_token_seconds_count 1.0" in page
+        assert b'jattn_requests_total{code="200",method="chat.completions"} 1.0' in page
+        with pytest.raises(openai.AuthenticationError):
+            sdk(server, "bad-token").models.list()
+        long = chat_body(max_tokens=200, ignore_eos=True)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            statuses = sorted(s for s, _ in pool.map(
+                lambda _: post(server, "/v1/chat/completions", long, alice), range(6)))
+        assert 429 in statuses and 200 in statuses, statuses
+        server.engine.shutdown()
+        error_of(post(server, "/v1/chat/completions", chat_body(), alice), 503,
+                 "service_unavailable_error")
+        assert get(server, "/health")[0] == 503
+    finally:
+        server.stop()
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+          "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options", "session_id",
+          "cache_salt", "logprobs", "ignore_eos", "user", "echo"]
+
+
+@st.composite
+def bodies(draw):
+    """A mostly well-formed request body with some fields replaced by arbitrary JSON."""
+    body = draw(st.sampled_from([chat_body(), {"model": MODEL, "prompt": "Once upon",
+                                                "max_tokens": 3}]))
+    for field in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
+        body[field] = draw(JSON_VALUES)
+    return body
+
+
+@pytest.fixture(scope="module")
+def fuzzed():
+    server = start(max_tokens=8, default_max_tokens=4)
+    yield server
+    server.stop()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), body=bodies(),
+       raw=st.one_of(st.none(), st.binary(max_size=40)))
+def test_malformed_bodies_get_4xx_never_500(fuzzed, path, body, raw):
+    status, answer = post(fuzzed, path, raw if raw is not None else body)
+    assert status < 500, (body, answer)
+    if status >= 400:
+        assert answer["error"]["message"]
+    assert get(fuzzed, "/health")[0] == 200
+
+
+def test_sigterm_drains_a_streaming_request(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0",
+         "--no-warm-up", "--compilation-cache-dir", ""], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    port = None
+    for line in process.stdout:
+        if "HTTP (OpenAI API) on" in line:
+            port = int(line.rsplit(":", 1)[1].split("/")[0])
+            break
+    assert port, "the server did not start"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                           max_retries=0)
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time",
+                                       max_tokens=120, stream=True,
+                                       extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    process.send_signal(signal.SIGTERM)
+    rest = list(stream)
+    text = first.choices[0].text + "".join(c.choices[0].text for c in rest if c.choices)
+    assert rest[-1].choices[0].finish_reason == "length" and text
+    assert process.wait(timeout=60) == 0
