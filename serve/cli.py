@@ -59,8 +59,11 @@ def _client(args) -> Client:
 
 
 def _chat(args) -> int:
-    client = _client(args)
+    """A conversation typed at the terminal, over gRPC (`--server host:port`) or the
+    OpenAI HTTP API (`--server http://host:port`); each answer is followed by its facts."""
     session = args.session or uuid.uuid4().hex[:12]
+    over_http = args.server.startswith(("http://", "https://"))
+    turn = _http_turns(args, session) if over_http else _grpc_turns(args, session)
     print(f"session {session} on {args.server}; an empty line or Ctrl-D ends", flush=True)
     while True:
         try:
@@ -71,15 +74,59 @@ def _chat(args) -> int:
             break
         print("model> ", end="", flush=True)
         facts = None
+        for text, turn_facts in turn(message):
+            facts = turn_facts or facts
+            print(text, end="", flush=True)
+        if facts is not None:
+            ttft_s, cached, tier_blocks, computed = facts
+            tiers = ", ".join(f"{k} {v}" for k, v in sorted(tier_blocks.items())) or "-"
+            print(f"\n  [ttft {ttft_s * 1e3:.0f} ms, {cached} tokens reused (blocks: "
+                  f"{tiers}), {computed} computed]")
+    return 0
+
+
+def _grpc_turns(args, session: str):
+    """One turn over gRPC `Chat`: yields (text, facts or None) per event."""
+    client = _client(args)
+
+    def turn(message):
         for event in client.chat_events(session, message, max_tokens=args.max_tokens,
                                         temperature=args.temperature):
-            facts = event.facts if event.HasField("facts") else facts
-            print(event.text, end="", flush=True)
-        if facts is not None:
-            tiers = ", ".join(f"{k} {v}" for k, v in sorted(facts.tier_blocks.items())) or "-"
-            print(f"\n  [ttft {facts.ttft_s * 1e3:.0f} ms, {facts.cached_tokens} tokens "
-                  f"reused (blocks: {tiers}), {facts.recomputed_tokens} computed]")
-    return 0
+            facts = None
+            if event.HasField("facts"):
+                f = event.facts
+                facts = (f.ttft_s, f.cached_tokens, dict(f.tier_blocks), f.recomputed_tokens)
+            yield event.text, facts
+    return turn
+
+
+def _http_turns(args, session: str):
+    """One turn over the OpenAI API (streamed chat completions in session `session`):
+    yields (text, facts or None) per chunk."""
+    try:
+        import openai
+    except ImportError:
+        raise SystemExit("jattn chat over HTTP needs the openai package: "
+                         "pip install 'jattn[client]'") from None
+    base = args.server.rstrip("/")
+    client = openai.OpenAI(base_url=base if base.endswith("/v1") else base + "/v1",
+                           api_key=args.token or os.environ.get("JATTN_TOKEN") or "none")
+    model = client.models.list().data[0].id
+
+    def turn(message):
+        for chunk in client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": message}],
+                max_tokens=args.max_tokens, temperature=args.temperature, stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"X-Session-ID": session}):
+            if chunk.usage is not None:
+                extra = chunk.usage.model_extra.get("jattn", {})
+                yield "", (extra.get("ttft_s", 0.0),
+                           chunk.usage.prompt_tokens_details.cached_tokens,
+                           extra.get("tier_blocks", {}), extra.get("recomputed_tokens", 0))
+            elif chunk.choices:
+                yield chunk.choices[0].delta.content or "", None
+    return turn
 
 
 def _describe(args) -> int:
@@ -195,7 +242,9 @@ def main(argv=None) -> int:
                                  ("end", _end, "forget a session on a server"),
                                  ("stats", _stats, "a server's statistics")):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--server", default="127.0.0.1:50051", help="host:port")
+        command.add_argument("--server", default="127.0.0.1:50051",
+                             help="host:port (gRPC), or http[s]://host:port for chat over "
+                                  "the OpenAI API")
         command.add_argument("--token", help="bearer token (default: $JATTN_TOKEN)")
         command.add_argument("--tls-ca", help="PEM file of the CA that signed the server")
         command.set_defaults(run=run)

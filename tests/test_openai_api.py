@@ -305,3 +305,18 @@ def test_sigterm_drains_a_streaming_request(tmp_path):
     text = first.choices[0].text + "".join(c.choices[0].text for c in rest if c.choices)
     assert rest[-1].choices[0].finish_reason == "length" and text
     assert process.wait(timeout=60) == 0
+
+
+def test_chat_command_over_http(served, monkeypatch, capsys):
+    from serve.cli import main
+
+    lines = iter(["Once upon a time", "The dog ran to the park.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--server", f"http://127.0.0.1:{served.http_port}", "--session",
+                 "cli-http", "--max-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2
+    second = out.split("model> ")[2]
+    assert "tokens reused (blocks: hbm" in second and " 0 tokens reused" not in second
+    status, info = get(served, "/v1/sessions/cli-http")
+    assert status == 200 and info["turns"] == 2

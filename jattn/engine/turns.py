@@ -213,7 +213,8 @@ class ChatEngine:
         blocks each tier holds now."""
         conversation = self.conversation(session_id)
         keys = context_keys(conversation)
-        held = {"hbm": sum(1 for key in keys if key in self.device), "host": 0, "disk": 0}
+        held = {"hbm": sum(1 for key in keys if key in self.device), "host": 0, "disk": 0,
+                "remote": 0}
         for key in keys if self.store else ():
             tier = self.store.contains(key)
             if tier:
@@ -650,7 +651,8 @@ class _Context:
     loaded: list[bytes] = field(default_factory=list)
     loads: list = field(default_factory=list)
     arriving: tuple | None = None
-    tiers: dict = field(default_factory=lambda: {"hbm": 0, "host": 0, "disk": 0})
+    tiers: dict = field(default_factory=lambda: {"hbm": 0, "host": 0, "disk": 0,
+                                                 "remote": 0})
     prefix: int = 0
     history_tokens: int = 0
 

@@ -29,6 +29,10 @@ class StoreConfig:
       sink_tokens: first tokens a truncated conversation always keeps (rounded up to
         whole blocks).
       lookahead: how many upcoming sessions of a `hint` count as "about to run".
+      remote_url: a Redis shared by replicas (`redis://[user:password@]host:port/db`,
+        `rediss://` for TLS) as the tier after disk, holding blocks and session records;
+        None: no remote tier. Its budget is Redis's `maxmemory` (with `allkeys-lru`).
+      remote_prefix: the prefix of every Redis key jattn writes.
       host_memory_kind: where saved blocks land when they leave the device: "auto"
         (`pinned_host` on an accelerator that has it, so the copy out is a DMA that does
         not stall compute; plain host memory on CPU, where the device is host memory),
@@ -43,6 +47,8 @@ class StoreConfig:
     sink_tokens: int = 4
     lookahead: int = 8
     host_memory_kind: str = "auto"
+    remote_url: str | None = None
+    remote_prefix: str = "jattn:"
 
     def __post_init__(self):
         for name in ("hbm_bytes", "host_bytes", "disk_bytes"):
@@ -60,6 +66,10 @@ class StoreConfig:
         if self.host_memory_kind not in HOST_MEMORY_KINDS:
             raise ValueError(f"host_memory_kind must be one of {HOST_MEMORY_KINDS}, "
                              f"got {self.host_memory_kind!r}")
+        if self.remote_url is not None and not str(self.remote_url).startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ValueError(f"remote_url must be redis://, rediss:// or unix://, got "
+                             f"{self.remote_url!r}")
 
     def memory_kind_for(self, device) -> str | None:
         """The jax memory kind saved blocks are copied to on `device`, or None for a

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from jattn.store import disk_entry
 from jattn.store.disk_files import SESSIONS_DIRECTORY, DiskFiles, log_file
+from jattn.store.remote_tier import RemoteTier
 
 log = logging.getLogger("jattn.store")
 
@@ -45,8 +46,10 @@ class SessionRecords:
     `fingerprint`. Safe to call from any thread; the writes that `append` returns run
     on one thread, in the order they were returned."""
 
-    def __init__(self, files: DiskFiles | None, *, fingerprint: str):
+    def __init__(self, files: DiskFiles | None, *, fingerprint: str,
+                 remote: RemoteTier | None = None):
         self._files = files
+        self._remote = remote
         self.fingerprint = fingerprint
         self._lock = threading.Lock()
         self._records: dict[str, list] = {}  # session key -> entries
@@ -54,6 +57,7 @@ class SessionRecords:
         # appended. Any other entry is written with the whole log (after a failed append
         # n stays put, so the next entry rewrites the log, torn tail and all).
         self._logged: dict[str, int] = {}
+        self._remote_logged: dict[str, int] = {}  # the same, of the remote tier's lists
         self._stats = collections.Counter()
 
     def append(self, session_id: str, entry: dict) -> Callable[[], bool] | None:
@@ -76,11 +80,17 @@ class SessionRecords:
             if entries is None:
                 entries = self._records[key] = self._read(key, session_id) or []
             entries.append(entry)
-            if self._files is None or not self._files.enabled:
-                return None
-            self._files.touch(log_file(key))
-            return functools.partial(self._write, key, session_id, entries,
-                                     len(entries) - 1, frame)
+            writes = []
+            if self._files is not None and self._files.enabled:
+                self._files.touch(log_file(key))
+                writes.append(functools.partial(self._write, key, session_id, entries,
+                                                len(entries) - 1, frame))
+            if self._remote is not None:
+                writes.append(functools.partial(self._write_remote, key, session_id,
+                                                entries, len(entries) - 1, frame))
+        if not writes:
+            return None
+        return lambda: all([write() for write in writes])
 
     def get(self, session_id: str) -> list | None:
         """The session's entries in order (a new list), from memory or (after a restart)
@@ -98,13 +108,16 @@ class SessionRecords:
             return list(entries)
 
     def drop(self, session_id: str) -> None:
-        """Forgets the session's record in memory, then deletes its log. Deleting the
-        log is the commit point: a log that cannot be deleted disables the disk (the
-        record is forgotten in memory all the same)."""
+        """Forgets the session's record in memory, then deletes its log (and its copy
+        on the remote tier). Deleting the log is the commit point: a log that cannot be
+        deleted disables the disk (the record is forgotten in memory all the same)."""
         key = session_key(session_id)
+        if self._remote is not None:
+            self._remote.delete_record(key)
         with self._lock:
             self._records.pop(key, None)
             self._logged.pop(key, None)
+            self._remote_logged.pop(key, None)
             if self._files is not None:
                 self._files.delete_or_disable(
                     log_file(key), "cannot delete the record log of a dropped session")
@@ -154,13 +167,57 @@ class SessionRecords:
             self._logged[key] = index + 1
         return True
 
+    def _write_remote(self, key: str, session_id: str, entries: list, index: int,
+                      frame: bytes) -> bool:
+        """Makes `entries[:index + 1]` the session's record on the remote tier: appends
+        `frame` when the list holds exactly the entries before it, else writes it whole."""
+        with self._lock:
+            if self._records.get(key) is not entries:
+                return False  # dropped since
+            appending = self._remote_logged.get(key) == index
+            upto = entries[:index + 1]
+        frames = [frame] if appending else [self._header(session_id)] + [
+            disk_entry.encode_frame(entry) for entry in upto]
+        if not self._remote.append_frames(key, frames, whole=not appending):
+            with self._lock:
+                self._remote_logged.pop(key, None)  # in doubt: rewrite it next time
+            return False
+        with self._lock:
+            self._remote_logged[key] = index + 1
+        return True
+
+    def _header(self, session_id: str) -> bytes:
+        return disk_entry.encode_frame({"format_version": LOG_FORMAT_VERSION,
+                                        "fingerprint": self.fingerprint,
+                                        "session_id": session_id})
+
     def _encode(self, session_id: str, entries: list) -> bytes:
         """A whole log: its header frame, then one frame per entry."""
-        header = {"format_version": LOG_FORMAT_VERSION, "fingerprint": self.fingerprint,
-                  "session_id": session_id}
-        return b"".join(disk_entry.encode_frame(value) for value in [header, *entries])
+        return self._header(session_id) + b"".join(
+            disk_entry.encode_frame(entry) for entry in entries)
 
     def _read(self, key: str, session_id: str) -> list | None:
+        """Under the lock: the entries of the session's log on disk, else of its record
+        on the remote tier, or None."""
+        entries = self._read_disk(key, session_id)
+        if entries is None and self._remote is not None:
+            entries = self._read_remote(key, session_id)
+        return entries
+
+    def _read_remote(self, key: str, session_id: str) -> list | None:
+        """Under the lock: the entries of the session's record on the remote tier (up to
+        a damaged frame), or None if it has none, or a bad one."""
+        frames, _ = disk_entry.decode_frames(self._remote.frames(key))
+        header = frames[0] if frames else None
+        if not (isinstance(header, dict) and len(frames) > 1
+                and header.get("format_version") == LOG_FORMAT_VERSION
+                and header.get("fingerprint") == self.fingerprint
+                and header.get("session_id") == session_id):
+            return None
+        self._remote_logged[key] = len(frames) - 1
+        return frames[1:]
+
+    def _read_disk(self, key: str, session_id: str) -> list | None:
         """Under the lock: the entries of the session's log, or None."""
         relative = log_file(key)
         if self._files is None or relative not in self._files:

@@ -2,7 +2,8 @@
 and each session's record.
 
 The tiers (`tier.BlockTier`), fastest first: host memory (`HostTier`), then, when
-configured, local disk (`DiskTier`); a remote tier would be one more after them. A block
+configured, local disk (`DiskTier`), then a Redis shared by replicas (`RemoteTier`),
+which also keeps the session records so that any replica can continue any session. A block
 is its keys and values by its 16-byte content key (see `tier`): any request whose
 prefix has that key may reuse it, whichever session computed it, and saving a key the
 store holds changes nothing, so each tier keeps one copy however many sessions save it.
@@ -45,19 +46,21 @@ from jattn.store.disk_tier import DiskTier
 from jattn.store.host_tier import HostTier
 from jattn.store.layer_load import LayerwiseLoad, LoadTiming, StagingPool
 from jattn.store.records import SessionRecords
+from jattn.store.remote_tier import RemoteTier
 from jattn.store.tier import BlockKV, BlockTier, checked_block_key
 
 log = logging.getLogger("jattn.store")
 
 # What `stats` reports, in order.
 STATS = (
-    "hbm_hits", "host_hits", "disk_hits", "misses", "hbm_bytes_loaded", "host_bytes_loaded",
-    "disk_bytes_loaded", "host_evictions", "disk_evictions", "disk_record_evictions",
+    "hbm_hits", "host_hits", "disk_hits", "remote_hits", "misses", "hbm_bytes_loaded",
+    "host_bytes_loaded", "disk_bytes_loaded", "remote_bytes_loaded", "host_evictions", "disk_evictions", "disk_record_evictions",
     "prefetched_blocks", "corrupt_entries", "stale_entries", "saves", "saves_skipped_held",
     "save_seconds", "disk_bytes_written", "disk_write_errors", "disk_junk_skipped",
     "torn_record_logs", "layerwise_loads", "load_seconds", "load_stall_seconds",
     "load_hidden_seconds", "host_bytes", "disk_bytes", "host_blocks", "disk_blocks",
-    "disk_records", "disk_tier_enabled", "sessions")
+    "disk_records", "disk_tier_enabled", "sessions", "remote_available", "remote_errors",
+    "remote_blocks_written", "remote_bytes_written", "remote_blocks_known")
 
 
 def _resolved(value) -> concurrent.futures.Future:
@@ -81,7 +84,12 @@ class AttentionStore:
             root = os.path.join(os.path.abspath(config.disk_path), fingerprint[:16])
             files = DiskFiles(root, config.disk_bytes)
             self._tiers.append(DiskTier(files, fingerprint=fingerprint))
-        self._records = SessionRecords(files, fingerprint=fingerprint)
+        remote = None
+        if config.remote_url:
+            remote = RemoteTier(config.remote_url, fingerprint=fingerprint,
+                                prefix=config.remote_prefix)
+            self._tiers.append(remote)
+        self._records = SessionRecords(files, fingerprint=fingerprint, remote=remote)
         self._lock = threading.RLock()  # reentrant: `append_record` queues under it
         self._counts = collections.Counter()  # the store's own stats
         self._upcoming: list[bytes] = []  # the last hint, most imminent first

@@ -1,0 +1,133 @@
+"""The remote tier over a real redis-server: blocks and records shared by replicas, values
+checked, and a Redis that is down, goes away or comes back never failing a request."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from jattn import LLM, StoreConfig
+from jattn.store.remote_tier import RemoteTier
+from jattn.store.tier import BlockKV
+from redis_service import RedisServer, free_port
+
+FINGERPRINT = "f" * 64
+
+
+def block(seed: int) -> BlockKV:
+    rng = np.random.default_rng(seed)
+    return BlockKV(rng.standard_normal((2, 16, 2, 8)).astype(np.float32),
+                   rng.standard_normal((2, 16, 2, 8)).astype(np.float32))
+
+
+def key(n: int) -> bytes:
+    return n.to_bytes(16, "little")
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+def test_blocks_round_trip_and_two_replicas_write_one_copy(redis_server):
+    a = RemoteTier(redis_server.url, fingerprint=FINGERPRINT)
+    b = RemoteTier(redis_server.url, fingerprint=FINGERPRINT)
+    assert a.get(key(1)) is None and not a.contains(key(1))
+    assert a.put(key(1), block(1)) and a.contains(key(1))
+    assert b.put(key(1), block(99))  # SET NX: the first copy stays
+    got = b.get(key(1))
+    np.testing.assert_array_equal(got.k, block(1).k)
+    np.testing.assert_array_equal(got.v, block(1).v)
+    assert a.stats()["remote_blocks_written"] == 1 and b.stats()["remote_blocks_written"] == 0
+    assert redis_server.client().dbsize() == 1
+    assert set(a.keys()) == {key(1)}
+    a.delete(key(1))
+    assert b.get(key(1)) is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other_model", "other_key"])
+def test_corrupt_or_foreign_values_are_dropped(redis_server, damage):
+    tier = RemoteTier(redis_server.url, fingerprint=FINGERPRINT)
+    tier.put(key(1), block(1))
+    tier.put(key(2), block(2))
+    client = redis_server.client()
+    data = client.get(tier.block_name(key(1)))
+    if damage == "flip":
+        data = data[:-5] + bytes([data[-5] ^ 1]) + data[-4:]
+    elif damage == "truncate":
+        data = data[:len(data) // 2]
+    elif damage == "other_model":
+        data = data.replace(FINGERPRINT.encode(), b"0" * 64)
+    else:
+        data = client.get(tier.block_name(key(2)))
+    client.set(tier.block_name(key(1)), data)
+    assert tier.get(key(1)) is None
+    counter = "stale_entries" if damage == "other_key" else "corrupt_entries"
+    assert tier.stats()[counter] == 1
+    assert client.get(tier.block_name(key(1))) is None  # dropped
+    assert tier.get(key(2)) is not None
+
+
+def test_an_unreachable_redis_is_served_around_and_reconnected():
+    port = free_port()
+    tier = RemoteTier(f"redis://127.0.0.1:{port}/0", fingerprint=FINGERPRINT,
+                      timeout_s=0.2, retry_s=0.2)
+    assert tier.stats()["remote_available"] == 0 and tier.stats()["remote_errors"] == 1
+    assert tier.get(key(1)) is None and not tier.put(key(1), block(1))
+    server = RedisServer(port)
+    try:
+        time.sleep(0.3)
+        assert tier.put(key(1), block(1)) and tier.get(key(1)) is not None
+        assert tier.stats()["remote_available"] == 1
+    finally:
+        server.stop()
+    assert tier.get(key(1)) is None  # gone with the server: a miss, not an error
+    assert tier.stats()["remote_available"] == 0
+
+
+def replica(url: str) -> LLM:
+    """A server's model with its own device and host tiers (small, so that later turns
+    must look further) and the shared remote tier."""
+    return LLM(store=StoreConfig(hbm_bytes=0, host_bytes=1 << 26, remote_url=url))
+
+
+PROMPTS = [[5, 6, 7, 8] * 10, [9, 10, 11] * 7, [12, 13] * 9]
+
+
+def test_a_conversation_moves_between_replicas_with_the_tokens_of_one_server(redis_server):
+    """Turn 1 on replica A, turn 2 on replica B (its own local tiers empty), turn 3 on A
+    again: B finds the session's record and its history's blocks in Redis, and every
+    turn's tokens equal those of one server that kept everything (greedy)."""
+    single = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
+    want = [single.chat("s", p, max_tokens=12, ignore_eos=True).token_ids for p in PROMPTS]
+    a, b = replica(redis_server.url), replica(redis_server.url)
+    first = a.chat("s", PROMPTS[0], max_tokens=12, ignore_eos=True)
+    a.store.flush()
+    second = b.chat("s", PROMPTS[1], max_tokens=12, ignore_eos=True)
+    assert [first.token_ids, second.token_ids] == want[:2]
+    assert second.tiers.get("remote", 0) > 0 and second.cached_tokens >= 48
+    b.store.flush()
+    fresh_a = replica(redis_server.url)  # as A restarted: it reads the record from Redis
+    third = fresh_a.chat("s", PROMPTS[2], max_tokens=12, ignore_eos=True)
+    assert third.token_ids == want[2] and third.cached_tokens > second.cached_tokens
+
+
+def test_redis_going_away_and_back_fails_no_request(redis_server):
+    llm = replica(redis_server.url)
+    single = LLM(store=None)
+    for round_ in range(3):
+        if round_ == 1:
+            redis_server.stop()
+        if round_ == 2:
+            redis_server.start()
+        prompt = [20 + round_] * 40
+        got = llm.generate(prompt, max_tokens=6, ignore_eos=True)
+        assert got.token_ids == single.generate(prompt, max_tokens=6,
+                                                ignore_eos=True).token_ids
+        llm.store.flush()
+    stats = llm.store.stats()
+    assert stats["remote_errors"] >= 1
