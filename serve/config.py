@@ -62,6 +62,11 @@ class ServeConfig:
         "help": "KV kept in host memory; default: a quarter of the machine's memory"})
     disk_bytes: int = field(default=0, metadata={"help": "KV kept on disk (0: no disk tier)"})
     disk_path: str | None = field(default=None, metadata={"help": "directory of the disk tier"})
+    remote_url: str | None = field(default=None, metadata={
+        "help": "a Redis shared by replicas as the tier after disk, holding blocks and "
+                "session records: redis://[user:password@]host:port/db (rediss:// for TLS)"})
+    remote_prefix: str = field(default="jattn:", metadata={
+        "help": "prefix of every Redis key of the remote tier"})
     max_queue: int = field(default=256, metadata={"help": "turns waiting; more: RESOURCE_EXHAUSTED"})
     max_running: int = field(default=32, metadata={"help": "turns decoded together"})
     max_prompt_tokens: int = field(default=8192, metadata={"help": "new tokens per turn"})

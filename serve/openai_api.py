@@ -444,6 +444,10 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
     @app.get("/health")
     async def health():
         if ready() and service.is_live():
+            store = service.stats().get("store", {})
+            if store.get("remote_tier_enabled"):
+                return {"status": "ok", "remote_tier": "available"
+                        if store.get("remote_available") else "unavailable"}
             return {"status": "ok"}
         return _error_response(ErrorKind.UNAVAILABLE, "not serving (starting, stopping "
                                "or the engine has stopped)")

@@ -45,7 +45,8 @@ def build_llm(config: ServeConfig) -> LLM:
                      if getattr(config, k) is not None}
         store = StoreConfig.sized_for_machine(
             block_size=config.block_size, disk_bytes=config.disk_bytes,
-            disk_path=config.disk_path, **overrides)
+            disk_path=config.disk_path, remote_url=config.remote_url,
+            remote_prefix=config.remote_prefix, **overrides)
     llm = LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
               block_size=config.block_size, max_context=config.max_context,
               num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,

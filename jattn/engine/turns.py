@@ -176,9 +176,12 @@ class ChatEngine:
     def conversation(self, session_id, *, scope: str = "") -> Conversation:
         """The session's conversation: in memory, from the store's record, or new (then
         its blocks' keys are rooted in cache `scope`)."""
-        if session_id not in self.sessions:
-            entries = (self.store.get_record(session_id)
-                       if self.store and isinstance(session_id, str) else None)
+        held = self.sessions.get(session_id)
+        entries = (self.store.get_record(session_id)
+                   if self.store and isinstance(session_id, str)
+                   and (held is None or self.store.shared) else None)
+        if held is None or (entries and len(entries) > len(held.turns)):
+            # New here, or (with a tier shared by replicas) another replica ran turns since.
             self.sessions[session_id] = (
                 Conversation.from_entries(entries, self.runner.block_size) if entries
                 else Conversation(context_key=self.root_key(scope)))

@@ -60,6 +60,10 @@ class SessionRecords:
         self._remote_logged: dict[str, int] = {}  # the same, of the remote tier's lists
         self._stats = collections.Counter()
 
+    @property
+    def shared(self) -> bool:
+        return self._remote is not None
+
     def append(self, session_id: str, entry: dict) -> Callable[[], bool] | None:
         """Appends `entry` (JSON-able; not to be mutated afterwards) to the session's
         record, after its earlier entries (read from its log first when this process
@@ -94,10 +98,16 @@ class SessionRecords:
 
     def get(self, session_id: str) -> list | None:
         """The session's entries in order (a new list), from memory or (after a restart)
-        from its log, or None if neither has it."""
+        from its log, or None if neither has it. With a remote tier, a record in memory
+        that is shorter than the remote one (other replicas ran turns since) is read
+        again from it."""
         key = session_key(session_id)
         with self._lock:
             entries = self._records.get(key)
+            if entries is not None and self._remote is not None:
+                longer = self._remote.record_length(key)
+                if longer is not None and longer - 1 > len(entries):
+                    entries = None
             if entries is None:
                 entries = self._read(key, session_id)
                 if entries is None:

@@ -133,7 +133,8 @@ class RemoteTier:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self._stats, "remote_available": int(self._down_since is None),
+            return {**self._stats, "remote_tier_enabled": 1,
+                    "remote_available": int(self._down_since is None),
                     "remote_blocks_known": len(self._known)}
 
     # ----- session records -------------------------------------------------------------
@@ -156,6 +157,11 @@ class RemoteTier:
         items = self._call("reading a session record", self._redis.lrange,
                            self.record_name(session), 0, -1)
         return b"".join(items or ())
+
+    def record_length(self, session: str) -> int | None:
+        """Frames in the session's record list (0 if none), or None if unavailable."""
+        return self._call("reading a session record", self._redis.llen,
+                          self.record_name(session))
 
     def delete_record(self, session: str) -> None:
         self._call("deleting a session record", self._redis.delete, self.record_name(session))

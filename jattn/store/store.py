@@ -59,7 +59,8 @@ STATS = (
     "save_seconds", "disk_bytes_written", "disk_write_errors", "disk_junk_skipped",
     "torn_record_logs", "layerwise_loads", "load_seconds", "load_stall_seconds",
     "load_hidden_seconds", "host_bytes", "disk_bytes", "host_blocks", "disk_blocks",
-    "disk_records", "disk_tier_enabled", "sessions", "remote_available", "remote_errors",
+    "disk_records", "disk_tier_enabled", "sessions", "remote_tier_enabled",
+    "remote_available", "remote_errors",
     "remote_blocks_written", "remote_bytes_written", "remote_blocks_known")
 
 
@@ -255,6 +256,12 @@ class AttentionStore:
         with self._lock:  # queues each session's writes in the order of its entries
             write = self._records.append(session_id, entry)
             return _resolved(True) if write is None else self._submit(write)
+
+    @property
+    def shared(self) -> bool:
+        """True with a tier shared by replicas (whose turns may extend a session's record
+        behind this process's back)."""
+        return self._records.shared
 
     def get_record(self, session_id: str) -> list | None:
         """The session's record entries in order (a new list), from memory or (after a
