@@ -155,8 +155,8 @@ def _demo(args) -> int:
 def _replay(args) -> int:
     import json
 
-    from jattn.bench.replay import check_block_alignment, replay, run_in_process, \
-        run_over_grpc
+    from jattn.bench.replay import check_block_alignment, replay, round_robin, \
+        run_in_process, run_over_grpc
     from jattn.bench.trace import load_trace
 
     if args.server and args.store == "off":
@@ -172,7 +172,10 @@ def _replay(args) -> int:
             raise SystemExit(f"jattn bench replay: {error}") from None
     requests = load_trace(args.trace, scale=args.scale, limit=args.limit)
     if args.server:
-        summary = replay(requests, run_over_grpc(_client(args)), vocab_size=args.vocab_size,
+        servers = args.server.split(",")
+        runners = [run_over_grpc(_client(argparse.Namespace(**{**vars(args), "server": s})))
+                   for s in servers]
+        summary = replay(requests, round_robin(runners), vocab_size=args.vocab_size,
                          speedup=args.speedup, max_workers=args.max_workers,
                          kv_block_tokens=args.block_size)
     else:
@@ -216,8 +219,9 @@ def _simulate(args) -> int:
     kv_bytes_per_token = ModelConfig.from_dir(directory).kv_bytes_per_token(args.kv_dtype_bytes)
     machine = Machine(
         hbm_bytes=parse_bytes(args.hbm_bytes), host_bytes=parse_bytes(args.host_bytes),
-        disk_bytes=parse_bytes(args.disk_bytes), hbm_bytes_per_s=args.hbm_gbps * 1e9,
-        host_bytes_per_s=args.host_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9,
+        disk_bytes=parse_bytes(args.disk_bytes), remote_bytes=parse_bytes(args.remote_bytes),
+        hbm_bytes_per_s=args.hbm_gbps * 1e9, host_bytes_per_s=args.host_gbps * 1e9,
+        disk_bytes_per_s=args.disk_gbps * 1e9, remote_bytes_per_s=args.remote_gbps * 1e9,
         prefill_tokens_per_s=args.prefill_tokens_per_s)
     result = simulate(load_trace(args.trace, limit=args.limit), machine,
                       kv_bytes_per_token=kv_bytes_per_token, policy=args.policy,
@@ -269,8 +273,9 @@ def main(argv=None) -> int:
                         "whole prompt (the baseline without reuse)")
     replay.add_argument("--speedup", type=float, default=1.0,
                         help="divide the trace's timestamps by this")
-    replay.add_argument("--server", default=None, help="host:port of a jattn-serve "
-                        "(default: run the model in this process)")
+    replay.add_argument("--server", default=None,
+                        help="host:port of a jattn-serve (several, comma-separated: round "
+                             "robin over them; default: run the model in this process)")
     replay.add_argument("--token", help="bearer token for --server")
     replay.add_argument("--tls-ca", help="PEM CA file for --server")
     replay.add_argument("--vocab-size", type=int, default=None,
@@ -296,6 +301,7 @@ def main(argv=None) -> int:
     simulate.add_argument("--hbm-bytes", required=True, help="e.g. 16GiB")
     simulate.add_argument("--host-bytes", required=True)
     simulate.add_argument("--disk-bytes", required=True)
+    simulate.add_argument("--remote-bytes", default="0", help="a Redis shared by replicas")
     simulate.add_argument("--policy", choices=("lru", "scheduler"), default="scheduler")
     simulate.add_argument("--lookahead", type=int, default=16)
     simulate.add_argument("--model", default="llama-3.2-1b",
@@ -304,6 +310,8 @@ def main(argv=None) -> int:
     simulate.add_argument("--hbm-gbps", type=float, default=1000.0)
     simulate.add_argument("--host-gbps", type=float, default=25.0)
     simulate.add_argument("--disk-gbps", type=float, default=5.0)
+    simulate.add_argument("--remote-gbps", type=float, default=1.25,
+                          help="the remote tier's load bandwidth (1.25 GB/s: 10 Gb/s)")
     simulate.add_argument("--prefill-tokens-per-s", type=float, default=10_000.0)
     simulate.add_argument("--limit", type=int, default=None)
     simulate.add_argument("--json", default=None)

@@ -81,3 +81,17 @@ def test_ttft_model():
 def test_policy_is_checked():
     with pytest.raises(ValueError, match="policy must be 'lru' or 'scheduler'"):
         simulate([], Machine(0, 0, 0), kv_bytes_per_token=1, policy="fifo")
+
+
+def test_the_remote_tier_catches_what_local_tiers_cannot_hold_at_its_bandwidth():
+    """Local tiers of one block: the second request's two repeated blocks come from the
+    remote tier (one evicted there, one never admitted locally), loaded at its rate."""
+    block_tokens, kv = 512, 1024
+    requests = [request([1, 2]), request([3]), request([1, 2])]
+    machine = Machine(block_tokens * kv, 0, 0, remote_bytes=BIG, remote_bytes_per_s=1e9,
+                      prefill_tokens_per_s=1e12)
+    result = simulate(requests, machine, kv_bytes_per_token=kv, policy="lru")
+    assert result["hit_rate"]["remote"] == pytest.approx(2 / 5)
+    assert result["hit_rate"]["hbm"] == 0 and result["hit_rate"]["miss"] == pytest.approx(3 / 5)
+    load_s = 2 * block_tokens * kv / 1e9  # the last request's, the slowest
+    assert result["ttft_p99_s"] == pytest.approx(load_s, rel=0.05)

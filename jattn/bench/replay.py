@@ -12,6 +12,7 @@ is measured against what the trace allows by content (`reusable_prefix_tokens`).
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 import threading
 import time
@@ -102,6 +103,20 @@ def run_over_grpc(client):
                               tpot_s=(end - first) / (tokens - 1) if tokens > 1 else 0.0,
                               tokens=tokens, cached_tokens=facts.cached_tokens if facts else 0,
                               tier_blocks=dict(facts.tier_blocks) if facts else {})
+
+    return run
+
+
+def round_robin(runners: list):
+    """A request runner that sends each request to the next of `runners` in turn (as a
+    load balancer without stickiness does)."""
+    turns = itertools.cycle(runners)
+    lock = threading.Lock()
+
+    def run(token_ids: list[int], max_tokens: int) -> RequestOutcome:
+        with lock:
+            runner = next(turns)
+        return runner(token_ids, max_tokens)
 
     return run
 

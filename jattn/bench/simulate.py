@@ -3,8 +3,9 @@
 The store's own `Tier` accounting (one per tier, with its eviction policy) is driven by a
 Mooncake-format trace: each request reuses the longest prefix of its blocks that some
 tier holds (a block after a miss is recomputed), then every block of the request is
-placed in the device tier; what it evicts (or cannot take) falls to host memory, and
-from there to disk. `scheduler` passes the blocks of the next `lookahead` requests as the upcoming
+placed in the device tier; what it evicts (or cannot take) falls to host memory, from
+there to disk, and from there to the remote tier (a Redis shared by replicas: 0 bytes by
+default; size it with `remote_bytes` and its network bandwidth). `scheduler` passes the blocks of the next `lookahead` requests as the upcoming
 window; `lru` passes none.
 
 TTFT is modelled per request from a model shape's KV bytes per token and the machine's
@@ -23,7 +24,7 @@ import numpy as np
 from jattn.bench.trace import TraceRequest
 from jattn.store.placement import Tier
 
-TIERS = ("hbm", "host", "disk")
+TIERS = ("hbm", "host", "disk", "remote")
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,11 @@ class Machine:
     hbm_bytes: int
     host_bytes: int
     disk_bytes: int
+    remote_bytes: int = 0
     hbm_bytes_per_s: float = 1.0e12
     host_bytes_per_s: float = 25.0e9
     disk_bytes_per_s: float = 5.0e9
+    remote_bytes_per_s: float = 1.25e9
     prefill_tokens_per_s: float = 10_000.0
 
     def bandwidth(self, tier: str) -> float:
