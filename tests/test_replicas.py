@@ -5,10 +5,12 @@ under load fails no request."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -69,6 +71,11 @@ def test_a_conversation_moves_between_replicas_and_survives_one(redis_server):
                 process.kill()
 
 
+def health(server: Server) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/health") as response:
+        return json.loads(response.read())
+
+
 def test_redis_stopped_and_restarted_under_load_fails_no_request(redis_server):
     clients, turns = 16, 3
     messages = {c: [f"Tale {c}. " + m for m in MESSAGES[:turns]] for c in range(clients)}
@@ -97,6 +104,10 @@ def test_redis_stopped_and_restarted_under_load_fails_no_request(redis_server):
         stats = server.engine.stats()["store"]
         assert stats["remote_available"] == 1
         assert stats["remote_blocks_written"] > written
+        assert health(server) == {"status": "ok", "remote_tier": "available"}
+        redis_server.stop()
+        client.chat("", token_ids=[9, 10, 11, 12] * 12, max_tokens=4)  # finds Redis gone
+        assert health(server) == {"status": "ok", "remote_tier": "unavailable"}
     finally:
         client.close()
         server.stop()
