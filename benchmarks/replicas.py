@@ -1,16 +1,19 @@
-"""Two replicas behind round-robin routing, with and without a shared Redis tier.
+"""The trace replayed through jattn-serve: one server without and with reuse, and two
+replicas behind round-robin routing, without and with a shared Redis tier.
 
     python benchmarks/replicas.py [--trace ../shared/data/mooncake_synthetic_trace.jsonl]
         [--scale 0.03125] [--limit 1000] [--speedup 4]
         [--model ../shared/models/tiny-llama3-random]
 
-Starts a private `redis-server` (in memory, no persistence), then, in the same run, two
-`jattn-serve` replicas (servers in this process, each with its own device and host tiers)
-twice: without a remote tier, and sharing the Redis. The trace is replayed over gRPC, each
-request sent whole to the next replica in turn (no stickiness, the worst case for local
-tiers). Prints reuse against what the trace allows and TTFT for both, then the remote
-tier's load bandwidth (`RemoteTier.get` of the blocks Redis holds: fetch, checks and
-decode) against a raw pipelined `GET` of the same values; writes JSON.
+Starts a private `redis-server` (in memory, no persistence), then, in the same run, each
+setup in turn, its servers in this process (each with its own device and host tiers):
+one server without a store (every request prefills its whole prompt), one with the store,
+two replicas with local tiers only, and two replicas sharing the Redis. The trace is
+replayed over gRPC, each request sent whole (a stateless client) to the next server in
+turn (no stickiness: the worst case for local tiers). Prints reuse against what the trace
+allows and TTFT per setup, then the remote tier's load bandwidth (`RemoteTier.get` of the
+blocks Redis holds: fetch, checks and decode) against a raw pipelined `GET` of the same
+values; writes JSON.
 """
 
 from __future__ import annotations
@@ -56,17 +59,18 @@ def start_redis() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("redis-server did not start")
 
 
-def run_replicas(args, requests, vocab_size: int, remote_url: str | None) -> dict:
+def run_servers(args, requests, vocab_size: int, *, count: int, store: bool,
+                remote_url: str | None) -> dict:
     servers = [Server(ServeConfig(
         model=args.model, port=0, http_port=None, compilation_cache_dir=args.compilation_cache,
-        remote_url=remote_url, max_running=32, max_queue=4096, num_blocks=args.num_blocks,
-        max_tokens=64)).start() for _ in range(2)]
+        store=store, remote_url=remote_url, max_running=32, max_queue=4096,
+        num_blocks=args.num_blocks, max_tokens=64)).start() for _ in range(count)]
     clients = [Client(f"127.0.0.1:{server.port}") for server in servers]
     try:
         summary = replay(requests, round_robin([run_over_grpc(c) for c in clients]),
                          vocab_size=vocab_size, speedup=args.speedup, max_workers=64)
         summary["stores"] = [server.engine.stats()["store"] for server in servers]
-        summary["fingerprint"] = servers[0].llm.store.fingerprint
+        summary["fingerprint"] = store and servers[0].llm.store.fingerprint
     finally:
         for client in clients:
             client.close()
@@ -113,18 +117,23 @@ def main(argv=None) -> int:
     vocab_size = ModelConfig.from_dir(args.model).vocab_size
     process, url = start_redis()
     try:
-        rows = {"local tiers only": run_replicas(args, requests, vocab_size, None),
-                "shared Redis tier": run_replicas(args, requests, vocab_size, url)}
-        bandwidth = remote_bandwidth(url, rows["shared Redis tier"]["fingerprint"])
+        setups = {"1 server, no reuse": (1, False, None), "1 server, reuse": (1, True, None),
+                  "2 replicas, local tiers": (2, True, None),
+                  "2 replicas, shared Redis": (2, True, url)}
+        rows = {name: run_servers(args, requests, vocab_size, count=count, store=store,
+                                  remote_url=remote)
+                for name, (count, store, remote) in setups.items()}
+        bandwidth = remote_bandwidth(url, rows["2 replicas, shared Redis"]["fingerprint"])
     finally:
         process.terminate()
-    print(f"\ntwo replicas, round robin, {len(requests)} requests of {args.trace} at "
-          f"scale {args.scale}, {args.speedup}x ({jax.default_backend()})")
-    print(f"{'':18} {'reused of allowed':>17} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
-          f"{'prefilled tokens':>17}")
+    print(f"\n{len(requests)} requests of {args.trace} at scale {args.scale}, "
+          f"{args.speedup}x, round robin over the servers ({jax.default_backend()})")
+    print(f"{'':25} {'reused of allowed':>17} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+          f"{'prefilled tokens':>17} {'reused by tier':>30}")
     for name, row in rows.items():
-        print(f"{name:18} {row['reuse_of_allowed']:>17.3f} {row['ttft_p50_s'] * 1e3:>12.1f} "
-              f"{row['ttft_p99_s'] * 1e3:>12.1f} {row['prefill_tokens_computed']:>17,}")
+        print(f"{name:25} {row['reuse_of_allowed']:>17.3f} {row['ttft_p50_s'] * 1e3:>12.1f} "
+              f"{row['ttft_p99_s'] * 1e3:>12.1f} {row['prefill_tokens_computed']:>17,} "
+              f"{str(row['reused_tokens_by_tier']):>30}")
     print(f"remote tier load: {bandwidth}")
     with open(args.json, "w") as f:
         json.dump({"machine": {"platform": jax.default_backend(), "cpu": platform.processor(),
