@@ -64,7 +64,7 @@ def run_servers(args, requests, vocab_size: int, *, count: int, store: bool,
     servers = [Server(ServeConfig(
         model=args.model, port=0, http_port=None, compilation_cache_dir=args.compilation_cache,
         store=store, remote_url=remote_url, max_running=32, max_queue=4096,
-        num_blocks=args.num_blocks, max_tokens=64)).start() for _ in range(count)]
+        num_blocks=args.num_blocks)).start() for _ in range(count)]
     clients = [Client(f"127.0.0.1:{server.port}") for server in servers]
     try:
         summary = replay(requests, round_robin([run_over_grpc(c) for c in clients]),

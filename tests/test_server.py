@@ -249,6 +249,21 @@ def test_tls_and_tokens_keep_clients_apart(tmp_path):
     with pytest.raises(grpc.RpcError) as raised:  # TLS required: plaintext is refused
         Client(address, token="token-of-alice").chat("x", "hi", timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The HTTP API: the same certificate and tokens.
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    https = ssl.create_default_context(cadata=cert.decode())
+    models = f"https://localhost:{server.http_port}/v1/models"
+    request = urllib.request.Request(models, headers={"Authorization": "Bearer token-of-bob"})
+    with urllib.request.urlopen(request, context=https) as response:
+        assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(models, context=https)
+    assert refused.value.code == 401
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plaintext HTTP
+        urllib.request.urlopen(f"http://localhost:{server.http_port}/v1/models", timeout=5)
     server.stop()
 
 
