@@ -11,9 +11,9 @@ one server without a store (every request prefills its whole prompt), one with t
 two replicas with local tiers only, and two replicas sharing the Redis. The trace is
 replayed over gRPC, each request sent whole (a stateless client) to the next server in
 turn (no stickiness: the worst case for local tiers). Prints reuse against what the trace
-allows and TTFT per setup, then the remote tier's load bandwidth (`RemoteTier.get` of the
-blocks Redis holds: fetch, checks and decode) against a raw pipelined `GET` of the same
-values; writes JSON.
+allows and TTFT per setup, then the remote tier's load bandwidth (`RemoteTier.get_many`
+of the blocks Redis holds, one pipelined round trip: fetch, checks and decode) against a
+raw pipelined `GET` of the same values; writes JSON.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def remote_bandwidth(remote_url: str, fingerprint: str) -> dict:
     raw_bytes = sum(len(v) for v in values.execute() if v)
     raw_s = time.perf_counter() - start
     start = time.perf_counter()
-    got = [tier.get(key) for key in keys]
+    got = tier.get_many(keys)
     tier_s = time.perf_counter() - start
     tier_bytes = sum(block.nbytes for block in got if block is not None)
     return {"blocks": len(keys), "raw_pipelined_get_gbps": raw_bytes / raw_s / 1e9,

@@ -525,9 +525,7 @@ class ChatEngine:
         ahead = chained_keys(context_key, turn_tokens[:len(turn_tokens) - 1], block_size)
         found = _Context(turn_tokens=turn_tokens)
         try:
-            for key in kept_keys + ahead:
-                if not self._reuse(key, found):
-                    break
+            self._reuse(kept_keys + ahead, found)
             if len(found.table) < len(kept):
                 if is_history_prefix(kept, block_size):
                     start = len(found.table) * block_size
@@ -550,23 +548,30 @@ class ChatEngine:
             self.store.count_device_hits(found.tiers["hbm"], found.tiers["hbm"] * self.block_bytes)
         return found
 
-    def _reuse(self, key: bytes, found: "_Context") -> bool:
-        """Appends the block of `key` to the context from the fastest tier holding it;
-        False if none does."""
-        if key in self.device:
-            found.table.append(self.device.acquire(key))
-            found.acquired.append(key)
-            found.tiers["hbm"] += 1
-            return True
-        got = self.store.get(key) if self.store else None
-        if got is None:
-            return False
-        block, tier = got
-        found.tiers[tier] += 1
-        found.table.append(None)
-        found.loaded.append(key)
-        found.loads.append(block)
-        return True
+    def _reuse(self, keys: list[bytes], found: "_Context") -> None:
+        """Appends to the context the blocks of the leading run of `keys` that some tier
+        holds, each from the fastest: the device pool's in place, the others from the
+        store (each stretch of keys the device does not hold in one `get_run`)."""
+        start = 0
+        while start < len(keys):
+            if keys[start] in self.device:
+                found.table.append(self.device.acquire(keys[start]))
+                found.acquired.append(keys[start])
+                found.tiers["hbm"] += 1
+                start += 1
+                continue
+            end = start
+            while end < len(keys) and keys[end] not in self.device:
+                end += 1
+            got = self.store.get_run(keys[start:end]) if self.store else []
+            for key, (block, tier) in zip(keys[start:end], got):
+                found.tiers[tier] += 1
+                found.table.append(None)
+                found.loaded.append(key)
+                found.loads.append(block)
+            if len(got) < end - start:
+                return
+            start = end
 
     def _start_loads(self, found: "_Context") -> None:
         """Allocates pool blocks for the blocks coming from the store."""

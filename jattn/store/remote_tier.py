@@ -82,7 +82,19 @@ class RemoteTier:
             return key in self._known
 
     def get(self, key: bytes) -> BlockKV | None:
-        data = self._call("reading a KV block", self._redis.get, self.block_name(key))
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: list[bytes]) -> list[BlockKV | None]:
+        """The blocks of `keys` (None where Redis has no good copy), fetched in one
+        pipelined round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self.block_name(key))
+        values = self._call("reading KV blocks", pipe.execute) or [None] * len(keys)
+        return [self._checked(key, data) for key, data in zip(keys, values)]
+
+    def _checked(self, key: bytes, data: bytes | None) -> BlockKV | None:
+        """The block a value holds if it passes its checks, else None (dropping it)."""
         if data is None:
             self._forget(key)
             return None

@@ -85,12 +85,12 @@ class AttentionStore:
             root = os.path.join(os.path.abspath(config.disk_path), fingerprint[:16])
             files = DiskFiles(root, config.disk_bytes)
             self._tiers.append(DiskTier(files, fingerprint=fingerprint))
-        remote = None
+        self._remote = None
         if config.remote_url:
-            remote = RemoteTier(config.remote_url, fingerprint=fingerprint,
-                                prefix=config.remote_prefix)
-            self._tiers.append(remote)
-        self._records = SessionRecords(files, fingerprint=fingerprint, remote=remote)
+            self._remote = RemoteTier(config.remote_url, fingerprint=fingerprint,
+                                      prefix=config.remote_prefix)
+            self._tiers.append(self._remote)
+        self._records = SessionRecords(files, fingerprint=fingerprint, remote=self._remote)
         self._lock = threading.RLock()  # reentrant: `append_record` queues under it
         self._counts = collections.Counter()  # the store's own stats
         self._upcoming: list[bytes] = []  # the last hint, most imminent first
@@ -113,21 +113,52 @@ class AttentionStore:
         good copy. A copy found in a later tier is checked (one that fails is dropped,
         counted and logged by its tier) and copied into the earlier ones. Counts a hit
         or a miss."""
-        key = checked_block_key(block_key)
-        for position, tier in enumerate(self._tiers):
-            block = tier.get(key)
-            if block is None:
-                continue
+        found = self.get_run([block_key])
+        return found[0] if found else None
+
+    def get_run(self, block_keys: list[bytes]) -> list[tuple[BlockKV, str]]:
+        """The blocks of the leading run of `block_keys` that some tier holds, each with
+        the name of the tier it came from (as `get`, for each key in order up to the
+        first that no tier holds). The remote tier, if any, is asked in one round trip
+        for all the keys that no local tier holds."""
+        keys = [checked_block_key(block_key) for block_key in block_keys]
+        remote = {}
+        if self._remote is not None:
+            wanted = [key for key in keys if not self._held_locally(key)]
+            if wanted:
+                remote = dict(zip(wanted, self._remote.get_many(wanted)))
+        found = []
+        for key in keys:
+            got = self._get_local(key)
+            if got is None and remote.get(key) is not None:
+                got = remote[key], self._remote.name
+            if got is None:
+                with self._lock:
+                    self._counts["misses"] += 1
+                break
+            block, name = got
+            position = next(i for i, tier in enumerate(self._tiers) if tier.name == name)
             for faster in self._tiers[:position]:
                 faster.put(key, block)
             for slower in self._tiers[position + 1:]:
                 slower.touch([key])
             with self._lock:
-                self._counts[f"{tier.name}_hits"] += 1
-                self._counts[f"{tier.name}_bytes_loaded"] += block.nbytes
-            return block, tier.name
-        with self._lock:
-            self._counts["misses"] += 1
+                self._counts[f"{name}_hits"] += 1
+                self._counts[f"{name}_bytes_loaded"] += block.nbytes
+            found.append(got)
+        return found
+
+    def _held_locally(self, key: bytes) -> bool:
+        return any(tier.contains(key) for tier in self._tiers if tier is not self._remote)
+
+    def _get_local(self, key: bytes) -> tuple[BlockKV, str] | None:
+        """The block from the first tier before the remote one with a good copy."""
+        for tier in self._tiers:
+            if tier is self._remote:
+                return None
+            block = tier.get(key)
+            if block is not None:
+                return block, tier.name
         return None
 
     def save(self, block_key: bytes, produce) -> concurrent.futures.Future:
