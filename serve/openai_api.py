@@ -229,6 +229,71 @@ def _usage(facts: TurnFacts, completion_tokens: int) -> dict:
                       "dropped_tokens": facts.dropped_tokens}}
 
 
+class _Bodies:
+    """The response bodies of one request: the whole answer, or its stream's chunks."""
+
+    kind = ""  # the "object" of a whole answer; chunks add ".chunk" where OpenAI does
+    chunk_kind = ""
+    prefix = ""
+
+    def __init__(self, model: str, created: int):
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.model, self.created = model, created
+
+    def _body(self, kind: str, choices: list, result=None) -> dict:
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}
+        if result is not None:
+            body["usage"] = _usage(TurnFacts.of(result), len(result.token_ids))
+        return body
+
+    def whole(self, result) -> dict:
+        return self._body(self.kind, [self._choice(result.text, result, whole=True)], result)
+
+    def opening(self) -> list[dict]:
+        """Chunks sent before the first token's."""
+        return []
+
+    def piece(self, text: str) -> dict:
+        return self._body(self.chunk_kind, [self._choice(text)])
+
+    def closing(self, result) -> dict:
+        """The last chunk with a choice: its finish reason."""
+        return self._body(self.chunk_kind, [self._choice("", result)])
+
+    def usage(self, result) -> dict:
+        """The chunk `stream_options.include_usage` asks for: usage, no choices."""
+        return self._body(self.chunk_kind, [], result)
+
+    def _choice(self, text: str, result=None, *, whole: bool = False) -> dict:
+        raise NotImplementedError
+
+
+class ChatBodies(_Bodies):
+    kind, chunk_kind, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def opening(self) -> list[dict]:
+        return [self._body(self.chunk_kind, [{"index": 0, "logprobs": None,
+                                              "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}])]
+
+    def _choice(self, text: str, result=None, *, whole: bool = False) -> dict:
+        finish = _finish_reason(result.finish_reason) if result is not None else None
+        if whole:
+            return {"index": 0, "logprobs": None, "finish_reason": finish,
+                    "message": {"role": "assistant", "content": text}}
+        return {"index": 0, "logprobs": None, "finish_reason": finish,
+                "delta": {"content": text} if text or result is None else {}}
+
+
+class CompletionBodies(_Bodies):
+    kind, chunk_kind, prefix = "text_completion", "text_completion", "cmpl"
+
+    def _choice(self, text: str, result=None, *, whole: bool = False) -> dict:
+        finish = _finish_reason(result.finish_reason) if result is not None else None
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
 _END = object()
 
 
@@ -298,9 +363,9 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
                            code="model_not_found")
 
     async def run(body: _GenerationBody, request: Request, who: Caller, kind: str, value,
-                  method: str, chunk) -> Response:
-        """Submits the turn and answers: the whole turn as JSON once it ends, or SSE
-        chunks from its first token on; `chunk(result, token, ...)` builds the bodies."""
+                  method: str, bodies: "_Bodies") -> Response:
+        """Submits the turn and answers, with the response bodies `bodies` builds: the
+        whole turn as JSON once it ends, or SSE chunks from its first token on."""
         started = time.perf_counter()
         session = body.session_id or request.headers.get("x-session-id") or None
         try:
@@ -329,22 +394,23 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
         if not body.stream:
             metrics.call(method, "200")
             metrics.turn(stream.result, started)
-            return JSONResponse(chunk(stream.result, None, whole=True))
+            return JSONResponse(bodies.whole(stream.result))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse():
             token, finished = first, False
             try:
-                yield _sse(chunk(stream.result, "", role=True))
+                for opening in bodies.opening():
+                    yield _sse(opening)
                 while token is not _END:
-                    yield _sse(chunk(stream.result, token))
+                    yield _sse(bodies.piece(token.text))
                     token = await anyio.to_thread.run_sync(_next_event, events)
                 finished = True
                 metrics.call(method, "200")
                 metrics.turn(stream.result, started)
-                yield _sse(chunk(stream.result, None))
+                yield _sse(bodies.closing(stream.result))
                 if include_usage:
-                    yield _sse(chunk(stream.result, None, usage_only=True))
+                    yield _sse(bodies.usage(stream.result))
             except Exception as error:  # the turn failed after the stream began
                 kind = error_kind(error)
                 metrics.call(method, str(HTTP_STATUS[kind]))
@@ -357,66 +423,19 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    def chat_chunk(request_id: str, model: str):
-        def chunk(result, token, *, whole=False, role=False, usage_only=False) -> dict:
-            facts = TurnFacts.of(result)
-            if whole:
-                return {"id": request_id, "object": "chat.completion", "created": created,
-                        "model": model, "choices": [{
-                            "index": 0, "logprobs": None,
-                            "message": {"role": "assistant", "content": result.text},
-                            "finish_reason": _finish_reason(result.finish_reason)}],
-                        "usage": _usage(facts, len(result.token_ids))}
-            body = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": model, "choices": []}
-            if usage_only:
-                body["usage"] = _usage(facts, len(result.token_ids))
-                return body
-            if role:
-                delta, finish = {"role": "assistant", "content": ""}, None
-            elif token is None:
-                delta, finish = {}, _finish_reason(result.finish_reason)
-            else:
-                delta, finish = {"content": token.text}, None
-            body["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
-                                "finish_reason": finish}]
-            return body
-        return chunk
-
-    def completion_chunk(request_id: str, model: str):
-        def chunk(result, token, *, whole=False, role=False, usage_only=False) -> dict:
-            facts = TurnFacts.of(result)
-            body = {"id": request_id, "object": "text_completion", "created": created,
-                    "model": model, "choices": []}
-            if whole or usage_only:
-                body["usage"] = _usage(facts, len(result.token_ids))
-            if usage_only:
-                return body
-            if whole:
-                text, finish = result.text, _finish_reason(result.finish_reason)
-            elif role or token is None:
-                text = ""
-                finish = None if role else _finish_reason(result.finish_reason)
-            else:
-                text, finish = token.text, None
-            body["choices"] = [{"index": 0, "text": text, "logprobs": None,
-                                "finish_reason": finish}]
-            return body
-        return chunk
-
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request,
                                who: Caller = Depends(caller)):
         messages = tuple((m.role, m.text()) for m in body.messages)
         return await run(body, request, who, "messages", messages, "chat.completions",
-                         chat_chunk(f"chatcmpl-{uuid.uuid4().hex}", body.model))
+                         ChatBodies(body.model, created))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request,
                           who: Caller = Depends(caller)):
         kind, value = body.input()
         return await run(body, request, who, kind, value, "completions",
-                         completion_chunk(f"cmpl-{uuid.uuid4().hex}", body.model))
+                         CompletionBodies(body.model, created))
 
     def model_card() -> dict:
         return {"id": service.model_name, "object": "model", "created": created,
