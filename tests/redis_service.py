@@ -18,7 +18,8 @@ def free_port() -> int:
 
 class RedisServer:
     """`redis-server` on `port` (a free one by default), in memory only, evicting least
-    recently used keys past `maxmemory` bytes (0: no limit)."""
+    recently used keys past `maxmemory` bytes (0: no limit); `DEBUG SLEEP` allowed (a
+    test can make it hang)."""
 
     def __init__(self, port: int | None = None, *, maxmemory: int = 0):
         binary = shutil.which("redis-server")
@@ -27,7 +28,7 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._command = [binary, "--port", str(self.port), "--bind", "127.0.0.1",
                          "--save", "", "--appendonly", "no", "--maxmemory", str(maxmemory),
-                         "--maxmemory-policy", "allkeys-lru"]
+                         "--maxmemory-policy", "allkeys-lru", "--enable-debug-command", "local"]
         self.process = None
         self.start()
 

@@ -131,3 +131,48 @@ def test_redis_going_away_and_back_fails_no_request(redis_server):
         llm.store.flush()
     stats = llm.store.stats()
     assert stats["remote_errors"] >= 1
+
+
+def test_a_turn_waiting_for_redis_never_stalls_the_others(redis_server):
+    """Redis hangs for 0.6 s while turn B's prefix is in it: B waits for its fetch (off
+    the engine's thread) while turn A keeps decoding, then B reuses the fetched blocks
+    and gives the stateless tokens."""
+    import threading
+
+    from jattn.engine import TurnRequest
+    from jattn.sampling import SamplingParams
+
+    prefix = [5, 6, 7, 8] * 12
+    publisher = replica(redis_server.url)
+    publisher.generate(prefix + [9], max_tokens=2, ignore_eos=True)
+    publisher.store.flush()
+    llm = replica(redis_server.url)
+    engine = llm.engine
+    long_turn = TurnRequest(None, "tokens", (3, 4), SamplingParams(max_tokens=400),
+                            ignore_eos=True)
+    list(engine.submit(long_turn))  # compiles A's decode steps, so that none stalls below
+    a = engine.submit(long_turn)
+    arrivals = []
+    reader = threading.Thread(target=lambda: arrivals.extend(time.perf_counter() for _ in a))
+    reader.start()
+    while not arrivals:
+        time.sleep(0.001)
+    hang = threading.Thread(target=lambda: redis_server.client().execute_command(
+        "DEBUG", "SLEEP", "0.6"))
+    hanging = time.perf_counter()
+    hang.start()
+    time.sleep(0.05)
+    submitted = time.perf_counter()
+    b = engine.submit(TurnRequest(None, "tokens", tuple(prefix + [10, 11]),
+                                  SamplingParams(max_tokens=4), ignore_eos=True))
+    b_tokens = [token.id for token in b]
+    reader.join()
+    hang.join()
+    assert b.result.cached_tokens == len(prefix) and b.result.tiers == {"remote": 3}
+    assert b_tokens == LLM(store=None).generate(prefix + [10, 11], max_tokens=4,
+                                                ignore_eos=True).token_ids
+    assert b.result.ttft_s > 0.4  # B did wait for Redis (its shapes then compile)
+    during = [t for t in arrivals if submitted <= t <= hanging + 0.55]  # Redis hangs
+    assert len(during) > 10, "A made no progress while B waited for Redis"
+    gaps = [later - earlier for earlier, later in zip(during, during[1:])]
+    assert max(gaps) < 0.25, f"the engine stalled {max(gaps):.2f} s"

@@ -21,6 +21,7 @@ NOT_SERVING).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jattn.engine.turns import ActiveTurn, BlockCensus, ChatEngine, OneOff
+from jattn.engine.turns import ActiveTurn, BlockCensus, ChatEngine, OneOff, RemoteFetch
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
@@ -118,6 +119,9 @@ class Engine:
         self._cancelled: list[TurnStream] = []
         self._calls: list[tuple] = []
         self._active: dict[TurnStream, ActiveTurn] = {}
+        # Waiting turns whose context is being fetched from the remote tier: the fetch
+        # and when the turn first tried to begin (its TTFT counts from then).
+        self._fetching: dict[TurnStream, tuple[concurrent.futures.Future, float]] = {}
         self._accepting = True
         self._cancel_all = False
         self._hinted: list[str] = []  # the upcoming sessions last passed to the store
@@ -190,6 +194,7 @@ class Engine:
         with self._condition:
             if stream in self._waiting:
                 self._waiting.remove(stream)
+                self._fetching.pop(stream, None)
                 self.counters["cancelled"] += 1
                 stream.close()
             else:
@@ -277,7 +282,7 @@ class Engine:
         """One step: pending calls, cancellations, admission, hints, one prefill chunk,
         one decode batch. False once the engine has stopped."""
         with self._condition:
-            while not (self._waiting or self._active or self._calls or self._cancelled
+            while not (self._admissible() or self._active or self._calls or self._cancelled
                        or not self._accepting):
                 self._condition.wait()
             if not self._accepting and not (self._waiting or self._active or self._calls):
@@ -306,6 +311,11 @@ class Engine:
                     self._fail_turn(stream, error)
         return True
 
+    def _admissible(self) -> bool:
+        """Under the condition: whether a waiting turn is not held up by its fetch."""
+        return any(stream not in self._fetching or self._fetching[stream][0].done()
+                   for stream in self._waiting)
+
     def _fail_engine(self, error: BaseException) -> None:
         """The thread is ending unexpectedly: fail everything it held or would have run."""
         log.critical("the engine's thread stopped: %r; failing every turn and call",
@@ -327,21 +337,45 @@ class Engine:
         if self._on_failure is not None:
             self._on_failure(error)
 
+    def _next_admissible(self) -> TurnStream | None:
+        """Under the condition: the first waiting turn that can begin now: not held up by
+        its fetch, and of a session with no turn running or ahead of it in the queue."""
+        held: set[str] = set()
+        for stream in self._waiting:
+            session = stream.request.session_id
+            fetching = stream in self._fetching and not self._fetching[stream][0].done()
+            if session is not None and (session in held or self.chats.is_busy(session)):
+                continue
+            if fetching:
+                if session is not None:
+                    held.add(session)
+                continue
+            return stream
+        return None
+
     def _admit(self) -> None:
         while len(self._active) < self.limits.max_running:
             with self._condition:
-                stream = next((s for s in self._waiting
-                               if s.request.session_id is None
-                               or not self.chats.is_busy(s.request.session_id)), None)
+                stream = self._next_admissible()
                 if stream is None:
                     return
                 self._waiting.remove(stream)
+                fetched = self._fetching.pop(stream, None)
+            started = fetched[1] if fetched else time.perf_counter()
             try:
-                turn = self._begin(stream.request)
+                turn = self._begin(stream.request, started, fetch_remote=fetched is None)
+            except RemoteFetch as pending:
+                with self._condition:
+                    self._waiting.appendleft(stream)
+                    self._fetching[stream] = (pending.future, started)
+                pending.future.add_done_callback(self._wake)
+                continue
             except PoolExhausted as error:
                 if self._active:  # blocks come back as running turns end
                     with self._condition:
                         self._waiting.appendleft(stream)
+                        if fetched:  # already fetched: not again
+                            self._fetching[stream] = fetched
                     return
                 stream.fail(PromptTooLong(f"the turn does not fit the KV block pool: {error}"))
                 continue
@@ -357,7 +391,12 @@ class Engine:
             self._active[stream] = turn
             stream.start(turn.result)
 
-    def _begin(self, request: TurnRequest) -> ActiveTurn:
+    def _wake(self, _future) -> None:
+        with self._condition:
+            self._condition.notify()
+
+    def _begin(self, request: TurnRequest, started: float, *, fetch_remote: bool
+               ) -> ActiveTurn:
         session = request.session_id
         ephemeral = session is None
         if ephemeral:
@@ -367,10 +406,11 @@ class Engine:
             raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
         return self.chats.begin(session, request.value if request.kind != "tokens"
                                 else list(request.value), request.params,
-                                ignore_eos=request.ignore_eos, start_time=time.perf_counter(),
+                                ignore_eos=request.ignore_eos, start_time=started,
                                 ephemeral=ephemeral, scope=request.cache_scope,
                                 kind=request.kind,
-                                max_new_tokens=self.limits.max_prompt_tokens)
+                                max_new_tokens=self.limits.max_prompt_tokens,
+                                fetch_remote=fetch_remote)
 
     def _hint(self) -> None:
         with self._condition:

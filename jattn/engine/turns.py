@@ -48,6 +48,15 @@ def own_blocks(table: list, acquired: list[bytes], device: DeviceBlocks) -> list
     return [b for b in table if b is not None and b not in shared]
 
 
+class RemoteFetch(Exception):
+    """A turn's context continues in the remote tier: `future` fetches those blocks into
+    host memory; begin the turn again (with `fetch_remote=False`) once it is done."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        super().__init__("waiting for blocks from the remote tier")
+        self.future = future
+
+
 @dataclass(frozen=True)
 class OneOff:
     """The name of a one-off turn's transient session. Not a string, so no session id
@@ -342,28 +351,32 @@ class ChatEngine:
 
     def begin(self, session_id, message, params: SamplingParams, *, ignore_eos: bool,
               start_time: float, ephemeral: bool = False, scope: str = "",
-              kind: str = "message", max_new_tokens: int | None = None) -> ActiveTurn:
+              kind: str = "message", max_new_tokens: int | None = None,
+              fetch_remote: bool = True) -> ActiveTurn:
         """Starts a turn: encodes the message (see `encode_message`), truncates the
         history if the window needs it, finds the longest run of the context's leading
         blocks some tier holds (device, host, disk), recomputes what is missing, and
         allocates the turn's blocks. An `ephemeral` turn (a one-off generation) keeps no
         history, but publishes its blocks like any other. A new conversation's keys are
         rooted in cache `scope`. Raises ValueError for a message that cannot run (more
-        than `max_new_tokens` new tokens, or beyond the window), changing nothing."""
+        than `max_new_tokens` new tokens, or beyond the window), changing nothing. The
+        remote tier is never read here: if the context continues there (and
+        `fetch_remote`), raises `RemoteFetch`, changing nothing."""
         new_session = session_id not in self.sessions
         conversation = self.conversation(session_id, scope=scope)
         try:
             return self._begin(session_id, conversation,
                                self.encode_message(conversation, message, kind), params,
                                ignore_eos=ignore_eos, start_time=start_time,
-                               ephemeral=ephemeral, max_new_tokens=max_new_tokens)
+                               ephemeral=ephemeral, max_new_tokens=max_new_tokens,
+                               fetch_remote=fetch_remote)
         except BaseException:
             if new_session and not conversation.tokens:
                 self.sessions.pop(session_id, None)
             raise
 
     def _begin(self, session_id, conversation, new_ids, params, *, ignore_eos,
-               start_time, ephemeral, max_new_tokens) -> ActiveTurn:
+               start_time, ephemeral, max_new_tokens, fetch_remote) -> ActiveTurn:
         if not new_ids:
             raise ValueError("message is empty: give at least one token")
         if max_new_tokens is not None and len(new_ids) > max_new_tokens:
@@ -381,7 +394,8 @@ class ChatEngine:
                 f"message of {len(new_ids)} tokens does not fit the context window of "
                 f"{self.max_context} tokens, even after truncating the history")
         budget = min(params.max_tokens, room)
-        context = self._context(conversation, kept, dropped, conversation.tail + new_ids)
+        context = self._context(conversation, kept, dropped, conversation.tail + new_ids,
+                                fetch_remote)
         try:
             context.table += self._allocate(
                 blocks_for(len(context.turn_tokens) + budget, block_size))
@@ -510,7 +524,8 @@ class ChatEngine:
 
     # ----- context --------------------------------------------------------------------
 
-    def _context(self, conversation, kept, dropped, turn_tokens) -> "_Context":
+    def _context(self, conversation, kept, dropped, turn_tokens, fetch_remote=False
+                 ) -> "_Context":
         """The pool blocks of the turn's reused context and what is left to prefill.
 
         Looks the context's keys up in order — the kept blocks', then those of the
@@ -525,7 +540,7 @@ class ChatEngine:
         ahead = chained_keys(context_key, turn_tokens[:len(turn_tokens) - 1], block_size)
         found = _Context(turn_tokens=turn_tokens)
         try:
-            self._reuse(kept_keys + ahead, found)
+            self._reuse(kept_keys + ahead, found, fetch_remote)
             if len(found.table) < len(kept):
                 if is_history_prefix(kept, block_size):
                     start = len(found.table) * block_size
@@ -548,10 +563,12 @@ class ChatEngine:
             self.store.count_device_hits(found.tiers["hbm"], found.tiers["hbm"] * self.block_bytes)
         return found
 
-    def _reuse(self, keys: list[bytes], found: "_Context") -> None:
-        """Appends to the context the blocks of the leading run of `keys` that some tier
-        holds, each from the fastest: the device pool's in place, the others from the
-        store (each stretch of keys the device does not hold in one `get_run`)."""
+    def _reuse(self, keys: list[bytes], found: "_Context", fetch_remote: bool) -> None:
+        """Appends to the context the blocks of the leading run of `keys` that some local
+        tier holds, each from the fastest: the device pool's in place, the others from
+        the store (each stretch of keys the device does not hold in one `get_run`). With
+        `fetch_remote`, a run that stops short starts a fetch of the rest from the remote
+        tier and raises `RemoteFetch`."""
         start = 0
         while start < len(keys):
             if keys[start] in self.device:
@@ -563,13 +580,15 @@ class ChatEngine:
             end = start
             while end < len(keys) and keys[end] not in self.device:
                 end += 1
-            got = self.store.get_run(keys[start:end]) if self.store else []
+            got = self.store.get_run(keys[start:end], remote=False) if self.store else []
             for key, (block, tier) in zip(keys[start:end], got):
                 found.tiers[tier] += 1
                 found.table.append(None)
                 found.loaded.append(key)
                 found.loads.append(block)
             if len(got) < end - start:
+                if fetch_remote and self.store and self.store.can_fetch:
+                    raise RemoteFetch(self.store.fetch(keys[start + len(got):]))
                 return
             start = end
 

@@ -10,7 +10,7 @@ The budget is Redis's own (`maxmemory` with `allkeys-lru`, see `docs/deployment.
 the tier treats every entry as one that may vanish at any time, and never counts bytes
 itself. `contains` answers from the keys this process wrote or read (a hint, which the
 tier contract allows to be stale), so the engine's thread never waits on the network to
-ask; `get` and `put` go to Redis.
+ask; `get`, `get_many` and `put` go to Redis, from the store's threads (`fetch`, saves).
 
 Faults: a connection error or timeout marks Redis unavailable (logged once, counted in
 `remote_errors`, `remote_available` 0): for `retry_s` seconds every call answers at once

@@ -60,7 +60,8 @@ STATS = (
     "torn_record_logs", "layerwise_loads", "load_seconds", "load_stall_seconds",
     "load_hidden_seconds", "host_bytes", "disk_bytes", "host_blocks", "disk_blocks",
     "disk_records", "disk_tier_enabled", "sessions", "remote_tier_enabled",
-    "remote_available", "remote_errors",
+    "remote_available", "remote_errors", "remote_fetches", "remote_fetched_blocks",
+    "remote_fetch_seconds",
     "remote_blocks_written", "remote_bytes_written", "remote_blocks_known")
 
 
@@ -97,6 +98,8 @@ class AttentionStore:
         self._queued_prefetch: concurrent.futures.Future | None = None
         self._pending: set[concurrent.futures.Future] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-fetch")
+        self._from_remote: set[bytes] = set()  # fetched into host memory, not yet read
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-load")
         self._staging = StagingPool()
 
@@ -116,14 +119,16 @@ class AttentionStore:
         found = self.get_run([block_key])
         return found[0] if found else None
 
-    def get_run(self, block_keys: list[bytes]) -> list[tuple[BlockKV, str]]:
+    def get_run(self, block_keys: list[bytes], *, remote: bool = True
+                ) -> list[tuple[BlockKV, str]]:
         """The blocks of the leading run of `block_keys` that some tier holds, each with
         the name of the tier it came from (as `get`, for each key in order up to the
-        first that no tier holds). The remote tier, if any, is asked in one round trip
-        for all the keys that no local tier holds."""
+        first that no tier holds). The remote tier, if any and if `remote`, is asked in
+        one round trip for all the keys that no local tier holds; a block `fetch`
+        brought into host memory counts as the remote tier's."""
         keys = [checked_block_key(block_key) for block_key in block_keys]
-        remote = {}
-        if self._remote is not None:
+        use_remote, remote = remote, {}
+        if self._remote is not None and use_remote:
             wanted = [key for key in keys if not self._held_locally(key)]
             if wanted:
                 remote = dict(zip(wanted, self._remote.get_many(wanted)))
@@ -152,14 +157,46 @@ class AttentionStore:
         return any(tier.contains(key) for tier in self._tiers if tier is not self._remote)
 
     def _get_local(self, key: bytes) -> tuple[BlockKV, str] | None:
-        """The block from the first tier before the remote one with a good copy."""
+        """The block from the first tier before the remote one with a good copy (named
+        "remote" if `fetch` brought it)."""
         for tier in self._tiers:
             if tier is self._remote:
                 return None
             block = tier.get(key)
             if block is not None:
-                return block, tier.name
+                with self._lock:
+                    fetched = key in self._from_remote
+                    self._from_remote.discard(key)
+                return block, self._remote.name if fetched else tier.name
         return None
+
+    @property
+    def can_fetch(self) -> bool:
+        """True with a remote tier that is reachable (as far as is known)."""
+        return self._remote is not None and self._remote.enabled
+
+    def fetch(self, block_keys: list[bytes]) -> concurrent.futures.Future:
+        """Reads the leading run of `block_keys` that the remote tier holds into host
+        memory, in one round trip on a thread of its own (so that a turn waiting for
+        Redis never stalls the engine); the future resolves to how many blocks arrived.
+        `get_run` then finds them in host memory, named as the remote tier's."""
+        keys = [checked_block_key(block_key) for block_key in block_keys]
+        return self._fetcher.submit(self._fetch, keys)
+
+    def _fetch(self, keys: list[bytes]) -> int:
+        start = time.perf_counter()
+        arrived = 0
+        for key, block in zip(keys, self._remote.get_many(keys) if keys else []):
+            if block is None or not self._host.put(key, block):
+                break
+            with self._lock:
+                self._from_remote.add(key)
+            arrived += 1
+        with self._lock:
+            self._counts["remote_fetches"] += 1
+            self._counts["remote_fetched_blocks"] += arrived
+            self._counts["remote_fetch_seconds"] += time.perf_counter() - start
+        return arrived
 
     def save(self, block_key: bytes, produce) -> concurrent.futures.Future:
         """Files a block under its key in every tier, without blocking the caller.
@@ -336,6 +373,7 @@ class AttentionStore:
         self.flush()
         self._executor.shutdown(wait=True)
         self._loader.shutdown(wait=True)
+        self._fetcher.shutdown(wait=True)
 
     # ----- loading to the device, stats ----------------------------------------------------
 
