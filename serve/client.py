@@ -29,6 +29,7 @@ class Client:
 
     def __init__(self, address: str, *, token: str | None = None, tls_ca: bytes | None = None,
                  server_name: str | None = None):
+        self.address = address
         if tls_ca is not None:
             options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
             self.channel = grpc.secure_channel(

@@ -34,15 +34,19 @@ def redis_server():
 
 
 def launch(remote_url: str) -> tuple[subprocess.Popen, Client]:
-    """A `jattn-serve` process with the remote tier, and a client of it."""
+    """A `jattn-serve` process with the remote tier, and a client of it (its HTTP API's
+    port is the client's `http_port`)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0",
          "--no-warm-up", "--compilation-cache-dir", "", "--remote-url", remote_url],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    client = None
     for line in process.stdout:
         if "listening on" in line:
             client = Client(f"127.0.0.1:{int(line.rsplit(':', 1)[1])}")
+        if "HTTP (OpenAI API) on" in line and client is not None:
+            client.http_port = int(line.rsplit(":", 1)[1].split("/")[0])
             client.wait_ready()
             return process, client
     raise AssertionError("jattn-serve did not start")
