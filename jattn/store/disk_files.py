@@ -188,11 +188,8 @@ class DiskFiles:
             if not self._enabled:
                 return
             path = self.path(relative)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
+            error = _unlink(path)
+            if error is not None:
                 self._stats["disk_write_errors"] += 1
                 self._disable(path, f"{reason}: {error.strerror}")
                 return
@@ -243,11 +240,8 @@ class DiskFiles:
         """Deletes a file (one already gone is fine) and forgets it."""
         if self._enabled:
             path = self.path(relative)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
+            error = _unlink(path)
+            if error is not None:
                 self._failed("deleting", path, error)
         self._forget(relative)
 
@@ -382,3 +376,14 @@ def _delete_leftover(path: str) -> None:
         os.unlink(path)
     except OSError as error:
         log.warning("disk tier: cannot delete the leftover temporary %r: %s", path, error)
+
+
+def _unlink(path: str) -> OSError | None:
+    """Deletes `path` (one already gone is fine); the error if that failed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return error
+    return None
