@@ -1,13 +1,14 @@
 """Attention kernels: decode and prefill, every backend beside the dense reference.
 
-    python benchmarks/kernels.py [--quick] [--json PATH] [--backends xla,reference]
+    python benchmarks/kernels.py [--quick | --smoke] [--json PATH] [--backends xla,reference]
 
 Decode: batch 8, one query per sequence, pages of 16 tokens scattered at random over the
 pool. Prefill: causal, T = S. For each size every backend runs in the same process as
 the dense reference; the table gives the median time, the speed-up over the reference,
 and the largest difference from it. On a GPU it also gives decode bandwidth as a fraction
 of a device-to-device copy of the same bytes, and prefill TFLOP/s beside
-`jax.nn.dot_product_attention`.
+`jax.nn.dot_product_attention` (cuDNN's fused attention, and XLA's). A backend that fails
+to compile or run at a size is recorded with its error and the others go on.
 """
 
 from __future__ import annotations
@@ -52,10 +53,25 @@ class Row:
     op: str
     size: int
     backend: str
-    median_ms: float
+    median_ms: float | None
     speedup_vs_reference: float | None = None
     max_abs_diff_vs_reference: float | None = None
     extra: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+DOT_PRODUCT_ATTENTION = {"cudnn": "jax.nn.dot_product_attention[cudnn]",
+                         "xla": "jax.nn.dot_product_attention[xla]"}
+"""The GPU prefill baselines, by `implementation=`."""
+
+
+def timed(fn, args, repeats: int):
+    """(median seconds, output) of `fn(*args)`, or (None, error text) if it fails."""
+    try:
+        seconds = median_seconds(fn, *args, repeats=repeats)
+        return seconds, fn(*args)
+    except Exception as error:  # a kernel that does not lower on this platform
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
 
 
 def decode_inputs(key, context: int, batch: int, shape: Shape, block_size: int = 16):
@@ -88,11 +104,14 @@ def copy_seconds(num_bytes: int, repeats: int) -> float:
 
 
 def _compare(rows_for_size: list[Row], outputs: dict) -> None:
-    reference = next((r for r in rows_for_size if r.backend == "reference"), None)
+    reference = next((r for r in rows_for_size
+                      if r.backend == "reference" and r.error is None), None)
     if reference is None:
         return
     want = np.asarray(outputs["reference"], np.float32)
     for row in rows_for_size:
+        if row.error is not None:
+            continue
         row.speedup_vs_reference = reference.median_ms / row.median_ms
         got = np.asarray(outputs[row.backend], np.float32)
         row.max_abs_diff_vs_reference = float(np.max(np.abs(got - want)))
@@ -106,8 +125,11 @@ def bench_decode(contexts, backends, shape: Shape, batch: int, repeats: int, on_
         size_rows, outputs = [], {}
         for backend in backends:
             fn = jax.jit(lambda *a, b=backend: paged_attention(*a, backend=b)[0])
-            seconds = median_seconds(fn, *args, repeats=repeats)
-            outputs[backend] = fn(*args)
+            seconds, output = timed(fn, args, repeats)
+            if seconds is None:
+                size_rows.append(Row("decode", context, backend, None, error=output))
+                continue
+            outputs[backend] = output
             extra = {"kv_gbytes_per_s": kv_bytes / seconds / 1e9}
             if on_gpu:
                 extra["fraction_of_copy_bandwidth"] = (
@@ -128,24 +150,31 @@ def bench_prefill(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
         runnable = [b for b in backends
                     if b != "reference" or score_bytes <= REFERENCE_BYTES_LIMIT]
         if on_gpu:
-            runnable.append("jax.nn.dot_product_attention")
+            runnable += DOT_PRODUCT_ATTENTION.values()
         size_rows, outputs = [], {}
         for backend in runnable:
-            if backend == "jax.nn.dot_product_attention":
-                fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-                    q[None], k[None], v[None], is_causal=True)[0])
+            implementation = next((i for i, name in DOT_PRODUCT_ATTENTION.items()
+                                   if name == backend), None)
+            if implementation is not None:
+                fn = jax.jit(lambda q, k, v, i=implementation: jax.nn.dot_product_attention(
+                    q[None], k[None], v[None], is_causal=True, implementation=i)[0])
             else:
                 fn = jax.jit(lambda *a, b=backend: flash_attention(*a, backend=b)[0])
-            seconds = median_seconds(fn, *args, repeats=repeats)
-            outputs[backend] = fn(*args)
+            seconds, output = timed(fn, args, repeats)
+            if seconds is None:
+                size_rows.append(Row("prefill", length, backend, None, error=output))
+                continue
+            outputs[backend] = output
             size_rows.append(Row("prefill", length, backend, seconds * 1e3,
                                  extra={"tflops": flops / seconds / 1e12}))
         _compare(size_rows, outputs)
-        baseline = next((r for r in size_rows if r.backend == "jax.nn.dot_product_attention"),
-                        None)
+        baseline = next((r for r in size_rows if r.error is None
+                         and r.backend in DOT_PRODUCT_ATTENTION.values()), None)
         if baseline is not None:
             for row in size_rows:
-                row.extra["tflops_vs_dot_product_attention"] = (
+                if row.error is not None:
+                    continue
+                row.extra[f"tflops_vs_{baseline.backend}"] = (
                     row.extra["tflops"] / baseline.extra["tflops"])
         rows += size_rows
         del args, outputs
@@ -158,6 +187,9 @@ def print_table(rows: list[Row]) -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
+        if row.error is not None:
+            print(f"{row.op:8} {row.size:>6} {row.backend:30} failed: {row.error}")
+            continue
         speedup = "" if row.speedup_vs_reference is None else f"{row.speedup_vs_reference:.2f}x"
         diff = "" if row.max_abs_diff_vs_reference is None else \
             f"{row.max_abs_diff_vs_reference:.1e}"
@@ -168,7 +200,10 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    sizes.add_argument("--smoke", action="store_true",
+                       help="tiny sizes and heads: checks that every path runs")
     parser.add_argument("--json", default=None, help="where to write the results")
     parser.add_argument("--backends", default=None,
                         help="comma-separated; default: pallas (GPU/TPU only), xla, reference")
@@ -182,7 +217,10 @@ def main(argv=None) -> None:
     dtype = "float32" if here == "cpu" else "bfloat16"
     decode_shape = Shape(32, 8, 128, dtype)
     prefill_shape = Shape(8, 2, 64, dtype) if here == "cpu" else Shape(32, 8, 128, dtype)
-    if args.quick:
+    if args.smoke:
+        decode_shape = prefill_shape = Shape(4, 2, 64, dtype)
+        contexts, lengths, repeats = [256], [128], args.repeats or 2
+    elif args.quick:
         contexts, lengths, repeats = [1024, 4096], [512, 1024], args.repeats or 3
     else:
         contexts, lengths = [1024, 4096, 16384, 32768], [512, 1024, 2048, 4096, 8192]
@@ -201,7 +239,8 @@ def main(argv=None) -> None:
         "decode_batch": 8, "repeats": repeats, "rows": [asdict(r) for r in rows],
     }
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"kernels-{here}{'-quick' if args.quick else ''}.json")
+                                     f"kernels-{here}{'-quick' if args.quick else ''}"
+                                     f"{'-smoke' if args.smoke else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,6 +1,7 @@
 """Multi-turn time to first token: the AttentionStore against recomputing the history.
 
-    python benchmarks/multiturn.py [--model smollm2-135m] [--first-turn 3000] [--turns 6]
+    python benchmarks/multiturn.py [--model smollm2-135m | --model DIR] [--first-turn 3000]
+                                   [--turns 6]
 
 A random-weight model of a real shape (`configs/models/<model>`) holds one conversation:
 a long first message, then short ones. Every turn runs, in the same process, with:
@@ -30,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jattn import LLM
+from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
 from jattn.store import StoreConfig
 
@@ -38,7 +40,7 @@ MODES = ("hbm", "host", "disk", "none")
 
 
 def build(model_dir: str, mode: str, disk_path: str, max_context: int) -> LLM:
-    pool = 2 * blocks_for(max_context, 16)
+    pool = 3 * blocks_for(max_context, 16)  # the rehearsal, the conversation, one-shot
     stores = {
         "hbm": StoreConfig(hbm_bytes=2**40, host_bytes=2**40),
         "host": StoreConfig(hbm_bytes=0, host_bytes=2**40),
@@ -50,11 +52,19 @@ def build(model_dir: str, mode: str, disk_path: str, max_context: int) -> LLM:
                num_blocks=pool, store=stores[mode])
 
 
+def conversation(rng, vocab: int, args) -> list[list[int]]:
+    """Random token ids: a `--first-turn` message, then `--later-turns` ones."""
+    return [rng.integers(3, vocab, size=args.first_turn).tolist()] + [
+        rng.integers(3, vocab, size=args.later_turns).tolist() for _ in range(args.turns - 1)]
+
+
 def one_shot_ttft(llm: LLM, tokens: list[int]) -> float:
-    """Prefill of the whole context in one pass and the first token's logits."""
+    """Prefill of the whole context in one pass and the first token's logits (the second
+    of two runs, so compilation is not counted)."""
     runner = llm.runner
     blocks = runner.allocator.allocate(blocks_for(len(tokens) + 1, runner.block_size))
     try:
+        np.asarray(runner.prefill(tokens, 0, blocks))
         start = time.perf_counter()
         np.asarray(runner.prefill(tokens, 0, blocks))
         return time.perf_counter() - start
@@ -72,19 +82,25 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    model_dir = os.path.join(ROOT, "configs", "models", args.model)
+    model_dir = (args.model if os.path.isdir(args.model)
+                 else os.path.join(ROOT, "configs", "models", args.model))
     max_context = blocks_for(args.first_turn + args.turns * (args.later_turns + args.answer)
                              + 64, 16) * 16
-    rng = np.random.default_rng(0)
-    messages = [rng.integers(3, 1000, size=args.first_turn).tolist()] + [
-        rng.integers(3, 1000, size=args.later_turns).tolist() for _ in range(args.turns - 1)]
+    vocab = min(1000, ModelConfig.from_dir(model_dir).vocab_size)
+    messages, rehearsal = (conversation(np.random.default_rng(seed), vocab, args)
+                           for seed in (0, 1))
     results = {mode: [] for mode in MODES}
     tokens_per_turn = {mode: [] for mode in MODES}
     one_shot, context = [], []
+    store_stats = {}
     with tempfile.TemporaryDirectory() as disk_path:
         for mode in MODES:
             llm = build(model_dir, mode, disk_path, max_context)
-            llm.chat("warm-up", messages[1], max_tokens=2, ignore_eos=True)  # compile
+            for message in rehearsal:  # compiles every shape the measured turns use
+                llm.chat("rehearsal", message, max_tokens=args.answer, ignore_eos=True)
+                if llm.store is not None:
+                    llm.store.flush()
+            llm.end_session("rehearsal")
             for turn, message in enumerate(tqdm(messages, desc=mode, unit="turn")):
                 result = llm.chat("conversation", message, max_tokens=args.answer,
                                   ignore_eos=True)
@@ -98,8 +114,11 @@ def main(argv=None) -> None:
                     prompt = history[:context[-1]]
                     one_shot.append(one_shot_ttft(llm, prompt))
             if llm.store is not None:
-                stats = llm.store.stats()
-                print(f"{mode}: store stats {stats}")
+                store_stats[mode] = llm.store.stats()
+                hidden = store_stats[mode]["load_hidden_seconds"]
+                loading = store_stats[mode]["load_seconds"]
+                print(f"{mode}: {hidden / loading if loading else 0:.1%} of "
+                      f"{loading:.3f} s of layer-wise loading hidden behind compute")
             llm.close()
             del llm
 
@@ -124,7 +143,8 @@ def main(argv=None) -> None:
                                "cpu": platform.processor(), "cpu_count": os.cpu_count(),
                                "jax": jax.__version__},
                    "args": vars(args), "context_tokens": context, "ttft_s": results,
-                   "one_shot_ttft_s": one_shot, "identical_tokens": same}, f, indent=2)
+                   "one_shot_ttft_s": one_shot, "identical_tokens": same,
+                   "store_stats": store_stats}, f, indent=2)
     plot(out.replace(".json", ".png"), context, results, one_shot, args.model)
     print(f"\nwrote {out}")
 

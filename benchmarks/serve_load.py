@@ -55,12 +55,18 @@ def first_message(client_index: int, words: int) -> str:
     return " ".join(rng.choice(WORDS, size=words))
 
 
-def conversation(index: int, args) -> list[str]:
+def conversation(index: int, args) -> list:
     """Client `index`'s messages: an MT-bench question's two turns with `--mt-bench`,
-    else a long random first message and short follow-ups."""
+    else a long random first message and short follow-ups. Text, or token ids (the
+    embedded tokenizer's) with `--token-ids`."""
     if args.questions:
-        return args.questions[index % len(args.questions)]
-    return [first_message(index, args.first_words)] + FOLLOW_UPS[:args.turns - 1]
+        messages = args.questions[index % len(args.questions)]
+    else:
+        messages = [first_message(index, args.first_words)] + FOLLOW_UPS[:args.turns - 1]
+    if args.token_ids:
+        tokenizer = Tokenizer.from_dir(EMBEDDED_MODEL)
+        return [tokenizer.encode(message) for message in messages]
+    return messages
 
 
 def fitting_questions(args) -> list[list[str]]:
@@ -80,7 +86,8 @@ def fitting_questions(args) -> list[list[str]]:
 
 
 class GrpcTurns:
-    """Turns over gRPC `Chat`: yields the token count of each event."""
+    """Turns over gRPC `Chat`: yields each event's token count and its text (its token
+    ids when the message is token ids)."""
 
     name = "grpc"
 
@@ -88,10 +95,12 @@ class GrpcTurns:
         self.client = Client(f"127.0.0.1:{server.port}")
         self.client.wait_ready()
 
-    def turn(self, session: str | None, text: str, max_tokens: int, salt: str):
-        for event in self.client.chat_events(session or "", text=text, max_tokens=max_tokens,
-                                             ignore_eos=True, cache_salt=salt):
-            yield len(event.token_ids), event.text
+    def turn(self, session: str | None, message, max_tokens: int, salt: str):
+        content = {"text": message} if isinstance(message, str) else {"token_ids": message}
+        for event in self.client.chat_events(session or "", max_tokens=max_tokens,
+                                             ignore_eos=True, cache_salt=salt, **content):
+            yield len(event.token_ids), (event.text if isinstance(message, str)
+                                         else list(event.token_ids))
 
     def close(self) -> None:
         self.client.close()
@@ -128,12 +137,12 @@ def converse(turns, index: int, salt: str, args, record: list | None, progress, 
     requests that each carry the whole conversation so far as text. Its KV is shared only
     with requests of the same cache `salt` (one per load)."""
     session = f"{salt}-client-{index}"
-    history = ""
+    history = [] if args.token_ids else ""
     for turn, message in enumerate(conversation(index, args)):
         start = time.perf_counter()
         first = None
         tokens = 0
-        answer = ""
+        answer = [] if args.token_ids else ""
         for count, text in (turns.turn(None, history + message, args.max_tokens, salt)
                             if stateless else
                             turns.turn(session, message, args.max_tokens, salt)):
@@ -171,7 +180,7 @@ def run_server(args, store: bool) -> list[dict]:
         model=args.model, random_weights=args.random_weights, port=0, http_port=0,
         store=store, max_running=args.clients, max_queue=4 * args.clients,
         num_blocks=args.num_blocks, default_max_tokens=16,
-        max_tokens=max(args.max_tokens, 16))).start()
+        max_tokens=max(args.max_tokens, 16), warm_up=args.warm_up)).start()
     modes = ("session", "stateless") if store else ("no reuse",)
     rows = []
     try:
@@ -215,6 +224,12 @@ def main(argv=None) -> None:
                         "each client holds one question's two turns instead")
     parser.add_argument("--transports", default="grpc,http",
                         help="comma-separated: grpc, http")
+    parser.add_argument("--token-ids", action="store_true",
+                        help="send token ids (the embedded tokenizer's), for a model "
+                             "directory without a tokenizer; gRPC only")
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                        help="skip the server's start-up compilation: each mode's warm-up "
+                             "load compiles what it needs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     args.transports = args.transports.split(",")

@@ -6,6 +6,7 @@ simple on purpose; use them for testing and for small problems only.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import rotary
@@ -20,14 +21,15 @@ def _masked_softmax_attention(q, k, v, visible, sm_scale: float):
     k = jnp.repeat(k.astype(jnp.float32), group, axis=1)
     v = jnp.repeat(v.astype(jnp.float32), group, axis=1)
     v = jnp.where(jnp.any(visible, axis=0)[:, None, None], v, 0.0)
-    scores = jnp.einsum("thd,shd->hts", q.astype(jnp.float32), k) * sm_scale
+    highest = jax.lax.Precision.HIGHEST
+    scores = jnp.einsum("thd,shd->hts", q.astype(jnp.float32), k, precision=highest) * sm_scale
     scores = jnp.where(visible[None], scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1)
     shift = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
     probs = jnp.exp(scores - shift[..., None])
     total = jnp.sum(probs, axis=-1)
     seen = total > 0
-    out = jnp.einsum("hts,shd->thd", probs, v) / jnp.where(seen, total, 1.0).T[..., None]
+    out = jnp.einsum("hts,shd->thd", probs, v, precision=highest) / jnp.where(seen, total, 1.0).T[..., None]
     lse = jnp.where(seen, shift + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
     return out.astype(q.dtype), lse.T
 

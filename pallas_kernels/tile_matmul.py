@@ -14,7 +14,9 @@ import jax.numpy as jnp
 _MIN_DOT = 16
 
 
-def _precision(dtype):
+def precision_for(dtype):
+    """Full float32 precision for float32 inputs (no TF32 passes on GPU); the backend's
+    default for narrower inputs, whose products TF32 and bf16 passes represent exactly."""
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
@@ -23,7 +25,7 @@ def dot_nt(a, b):
     if min(a.shape[0], b.shape[0], a.shape[1]) >= _MIN_DOT:
         return jax.lax.dot_general(
             a, b, (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32, precision=_precision(a.dtype))
+            preferred_element_type=jnp.float32, precision=precision_for(a.dtype))
     return jnp.sum(a.astype(jnp.float32)[:, None, :] * b.astype(jnp.float32)[None, :, :], axis=-1)
 
 
@@ -32,5 +34,5 @@ def dot_nn(p, v):
     if min(p.shape[0], p.shape[1], v.shape[1]) >= _MIN_DOT:
         return jax.lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+            preferred_element_type=jnp.float32, precision=precision_for(v.dtype))
     return jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import online_softmax, rotary
+from pallas_kernels.tile_matmul import precision_for
 from pallas_kernels.tiling import pad_to, visible_kv_blocks
 
 
@@ -32,6 +33,7 @@ def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
 
     if key_rope_inv_freq is not None:
         k = rotary.rotate(k, jnp.arange(s), key_rope_inv_freq).astype(k.dtype)
+    precision = precision_for(q.dtype)
     # Heads lead so every product is a plain batched matmul over the key/value heads.
     q_tiles = (pad_to(q, block_q).reshape(-1, block_q, hkv, group, d)
                .transpose(0, 2, 3, 1, 4).astype(jnp.float32) * sm_scale)
@@ -53,11 +55,12 @@ def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
             if causal:
                 visible = visible & (k_pos[None, :] <= q_pos[:, None])
             v_tile = jnp.where(in_range[None, :, None], v_tile.astype(jnp.float32), 0.0)
-            scores = jnp.einsum("hgqd,hkd->hgqk", q_tile, k_tile.astype(jnp.float32))
+            scores = jnp.einsum("hgqd,hkd->hgqk", q_tile, k_tile.astype(jnp.float32),
+                                precision=precision)
             scores = jnp.where(visible, scores, -jnp.inf)
             return online_softmax.update(
                 *state, scores, v_tile,
-                lambda p, vals: jnp.einsum("hgqk,hkd->hgqd", p, vals))
+                lambda p, vals: jnp.einsum("hgqk,hkd->hgqd", p, vals, precision=precision))
 
         state = online_softmax.initial_state((hkv, group, block_q), d)
         count = visible_kv_blocks(tile_index, block_q=block_q, block_k=block_k,
@@ -93,6 +96,7 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     if block_positions is not None:
         starts = pad_to(block_positions, pages_per_chunk, axis=1)
     q_grouped = q.reshape(batch, hkv, group, d).astype(jnp.float32) * sm_scale
+    precision = precision_for(q.dtype)
 
     def body(c, state):
         ids = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)
@@ -109,10 +113,12 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
         v = v_pages[ids].reshape(batch, step_tokens, hkv, d).transpose(0, 2, 1, 3)
         owned = c * step_tokens + jnp.arange(step_tokens)[None, :] < lengths[:, None]
         v = jnp.where(owned[:, None, :, None], v.astype(jnp.float32), 0.0)
-        scores = jnp.einsum("bhgd,bhsd->bhgs", q_grouped, k.astype(jnp.float32))
+        scores = jnp.einsum("bhgd,bhsd->bhgs", q_grouped, k.astype(jnp.float32),
+                            precision=precision)
         scores = jnp.where(owned[:, None, None, :], scores, -jnp.inf)
         return online_softmax.update(
-            *state, scores, v, lambda p, vals: jnp.einsum("bhgs,bhsd->bhgd", p, vals))
+            *state, scores, v,
+            lambda p, vals: jnp.einsum("bhgs,bhsd->bhgd", p, vals, precision=precision))
 
     state = online_softmax.initial_state((batch, hkv, group), d)
     num_chunks = (jnp.max(lengths, initial=0) + step_tokens - 1) // step_tokens
