@@ -11,9 +11,11 @@ one server without a store (every request prefills its whole prompt), one with t
 two replicas with local tiers only, and two replicas sharing the Redis. The trace is
 replayed over gRPC, each request sent whole (a stateless client) to the next server in
 turn (no stickiness: the worst case for local tiers). Prints reuse against what the trace
-allows and TTFT per setup, then the remote tier's load bandwidth (`RemoteTier.get_many`
-of the blocks Redis holds, one pipelined round trip: fetch, checks and decode) against a
-raw pipelined `GET` of the same values; writes JSON.
+allows and TTFT per setup, then the remote tier's load bandwidth on the blocks Redis holds
+(fetch, checks and decode): whole blocks in one pipelined round trip
+(`RemoteTier.get_many`) against a raw pipelined `HGETALL` of the same values, and layer by
+layer as loads read them (`RemoteTier.read_layer`, a round trip per layer) against a raw
+pipelined `HGET`; writes JSON.
 """
 
 from __future__ import annotations
@@ -80,23 +82,44 @@ def run_servers(args, requests, vocab_size: int, *, count: int, store: bool,
 
 
 def remote_bandwidth(remote_url: str, fingerprint: str) -> dict:
-    """Load bandwidth of the remote tier against a raw pipelined GET, same values."""
+    """Load bandwidth of the remote tier against raw pipelined reads of the same values:
+    whole blocks (`get_many` against HGETALL), and layer by layer as loads read them
+    (`read_layer` of every block, one round trip per layer, against HGET)."""
     tier = RemoteTier(remote_url, fingerprint=fingerprint)
     keys = tier.keys()
     client = redis.Redis.from_url(remote_url)
+    num_layers = len(client.hkeys(tier.block_name(keys[0])))
+
+    def raw(read_into) -> tuple[int, float]:
+        start = time.perf_counter()
+        total = 0
+        for batch in read_into():
+            pipe = client.pipeline(transaction=False)
+            for name, field in batch:
+                pipe.hget(name, field) if field is not None else pipe.hgetall(name)
+            total += sum(sum(map(len, v.values())) if isinstance(v, dict) else len(v or b"")
+                         for v in pipe.execute())
+        return total, time.perf_counter() - start
+
+    names = [tier.block_name(key) for key in keys]
+    whole_bytes, whole_s = raw(lambda: [[(name, None) for name in names]])
+    layer_bytes, layer_s = raw(lambda: ([(name, str(layer)) for name in names]
+                                        for layer in range(num_layers)))
     start = time.perf_counter()
-    values = client.pipeline(transaction=False)
-    for key in keys:
-        values.get(tier.block_name(key))
-    raw_bytes = sum(len(v) for v in values.execute() if v)
-    raw_s = time.perf_counter() - start
+    tier_whole = sum(b.nbytes for b in tier.get_many(keys) if b is not None)
+    tier_whole_s = time.perf_counter() - start
     start = time.perf_counter()
-    got = tier.get_many(keys)
-    tier_s = time.perf_counter() - start
-    tier_bytes = sum(block.nbytes for block in got if block is not None)
-    return {"blocks": len(keys), "raw_pipelined_get_gbps": raw_bytes / raw_s / 1e9,
-            "remote_tier_get_gbps": tier_bytes / tier_s / 1e9,
-            "ratio": (tier_bytes / tier_s) / (raw_bytes / raw_s)}
+    tier_layer = sum(k.nbytes + v.nbytes for layer in range(num_layers)
+                     for got in tier.read_layer(keys, layer) if got is not None
+                     for k, v in [got[:2]])
+    tier_layer_s = time.perf_counter() - start
+    return {"blocks": len(keys), "layers": num_layers,
+            "raw_hgetall_gbps": whole_bytes / whole_s / 1e9,
+            "remote_tier_get_many_gbps": tier_whole / tier_whole_s / 1e9,
+            "whole_ratio": (tier_whole / tier_whole_s) / (whole_bytes / whole_s),
+            "raw_hget_per_layer_gbps": layer_bytes / layer_s / 1e9,
+            "remote_tier_read_layer_gbps": tier_layer / tier_layer_s / 1e9,
+            "layer_ratio": (tier_layer / tier_layer_s) / (layer_bytes / layer_s)}
 
 
 def main(argv=None) -> int:

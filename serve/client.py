@@ -45,7 +45,8 @@ class Client:
 
     def chat_events(self, session_id: str, message=None, *, text=None, token_ids=None,
                     timeout: float | None = None, **sampling):
-        """The raw `ChatEvent` stream of one turn (a call object: iterate, or cancel)."""
+        """The raw `ChatEvent` stream of one turn (a call object: iterate, or cancel). The
+        session id also goes as `x-session-id` metadata, for a proxy that routes by it."""
         request = jattn_pb2.ChatRequest(session_id=session_id, **sampling)
         if message is not None:
             request.message = message
@@ -53,7 +54,9 @@ class Client:
             request.text = text
         elif token_ids is not None:
             request.token_ids.ids.extend(token_ids)
-        return self.conversations.Chat(request, metadata=self.metadata, timeout=timeout)
+        routing = [("x-session-id", session_id)] if session_id else []
+        return self.conversations.Chat(request, metadata=self.metadata + routing,
+                                       timeout=timeout)
 
     def chat(self, session_id: str, message=None, **kwargs) -> TurnReply:
         """One whole turn; raises `grpc.RpcError` with the server's status on failure."""

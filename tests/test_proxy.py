@@ -1,6 +1,6 @@
 """The shipped nginx configuration in front of two replicas sharing Redis: a session's
-turns stay on one replica, and when it dies they move to the other with the tokens of
-one server that lived throughout."""
+turns stay on one replica, over HTTP and over gRPC, and when it dies they move to the
+other with the tokens of one server that lived throughout."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ import pytest
 
 from jattn import LLM
 from redis_service import RedisServer, free_port
+from serve.client import Client
 from test_replicas import MESSAGES, launch
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "nginx", "jattn.conf")
 
 
-def nginx(tmp_path, replicas) -> tuple[subprocess.Popen, int]:
+def nginx(tmp_path, replicas) -> tuple[subprocess.Popen, int, int]:
     """nginx with the shipped configuration, its replica addresses and ports replaced by
-    the test's; returns the process and its HTTP port."""
+    the test's; returns the process and its HTTP and gRPC ports."""
     binary = shutil.which("nginx")
     assert binary, "nginx is not installed (.ci/run installs it)"
     http_port, grpc_port = free_port(), free_port()
@@ -48,7 +49,7 @@ def nginx(tmp_path, replicas) -> tuple[subprocess.Popen, int]:
     for _ in range(200):
         try:
             with socket.create_connection(("127.0.0.1", http_port), 0.1):
-                return process, http_port
+                return process, http_port, grpc_port
         except OSError:
             time.sleep(0.05)
     raise AssertionError("nginx did not start: " + (tmp_path / "nginx.out").read_text())
@@ -62,28 +63,46 @@ def redis_server():
 
 
 def test_nginx_keeps_a_session_on_one_replica_and_fails_over(redis_server, tmp_path):
+    """Session "s" over HTTP and a gRPC session that nginx routes to the same replica each
+    run two turns there; that replica is killed; their third turns run on the other."""
     reference = LLM()
     want = [reference.chat("s", m, max_tokens=16).text for m in MESSAGES[:3]]
     replicas = [launch(redis_server.url) for _ in range(2)]
-    proxy, port = nginx(tmp_path, [client for _, client in replicas])
+    proxy, port, grpc_port = nginx(tmp_path, [client for _, client in replicas])
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
                         max_retries=0)
+    through_proxy = Client(f"127.0.0.1:{grpc_port}")
 
     def turn(message):
         return api.chat.completions.create(
             model="stories260K", messages=[{"role": "user", "content": message}],
             max_tokens=16, extra_headers={"X-Session-ID": "s"}).choices[0].message.content
 
+    def served():
+        return [client.stats().requests for _, client in replicas]
+
     try:
         got = [turn(MESSAGES[0]), turn(MESSAGES[1])]
-        served = [client.stats().requests for _, client in replicas]
-        assert sorted(served) == [0, 2], served  # both turns on the same replica
-        process, _ = replicas[served.index(2)]
+        assert sorted(served()) == [0, 2], served()  # both turns on the same replica
+        holder = served().index(2)
+        through_proxy.wait_ready(timeout=30)
+        for candidate in (f"g{n}" for n in range(32)):  # a gRPC session on that replica
+            before = served()
+            first = through_proxy.chat(candidate, MESSAGES[0], max_tokens=16).text
+            if served()[holder] > before[holder]:
+                break
+        other = served()[1 - holder]
+        grpc_got = [first, through_proxy.chat(candidate, MESSAGES[1], max_tokens=16).text]
+        assert served()[1 - holder] == other, served()  # it stayed there
+        process = replicas[holder][0]
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         got.append(turn(MESSAGES[2]))  # nginx moves the session to the other replica
-        assert got == want
+        grpc_got.append(through_proxy.chat(candidate, MESSAGES[2], max_tokens=16).text)
+        assert got == want and grpc_got == want
+        assert replicas[1 - holder][1].stats().requests == other + 2
     finally:
+        through_proxy.close()
         proxy.send_signal(signal.SIGQUIT)
         proxy.wait(timeout=30)
         for process, _ in replicas:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.engine.turns import ActiveTurn, BlockCensus, ChatEngine, OneOff, RemoteFetch
+from jattn.store.remote_read import RemoteBlockLost
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
@@ -361,13 +362,14 @@ class Engine:
                     return
                 self._waiting.remove(stream)
                 fetched = self._fetching.pop(stream, None)
-            started = fetched[1] if fetched else time.perf_counter()
+            _, started, resume = fetched or (None, time.perf_counter(), {})
             try:
-                turn = self._begin(stream.request, started, fetch_remote=fetched is None)
+                turn = self._begin(stream.request, started, resume)
             except RemoteFetch as pending:
                 with self._condition:
                     self._waiting.appendleft(stream)
-                    self._fetching[stream] = (pending.future, started)
+                    self._fetching[stream] = (pending.future, started,
+                                              {**resume, **pending.resume})
                 pending.future.add_done_callback(self._wake)
                 continue
             except PoolExhausted as error:
@@ -395,8 +397,9 @@ class Engine:
         with self._condition:
             self._condition.notify()
 
-    def _begin(self, request: TurnRequest, started: float, *, fetch_remote: bool
-               ) -> ActiveTurn:
+    def _begin(self, request: TurnRequest, started: float, resume: dict) -> ActiveTurn:
+        """Begins the turn of `request` (received at `started`); `resume`: the keyword
+        arguments that its earlier attempts' `RemoteFetch`es asked for."""
         session = request.session_id
         ephemeral = session is None
         if ephemeral:
@@ -409,8 +412,7 @@ class Engine:
                                 ignore_eos=request.ignore_eos, start_time=started,
                                 ephemeral=ephemeral, scope=request.cache_scope,
                                 kind=request.kind,
-                                max_new_tokens=self.limits.max_prompt_tokens,
-                                fetch_remote=fetch_remote)
+                                max_new_tokens=self.limits.max_prompt_tokens, **resume)
 
     def _hint(self) -> None:
         with self._condition:
@@ -431,9 +433,24 @@ class Engine:
             logits = self.chats.prefill_chunk(turn)
             if logits is not None:
                 self._deliver(stream, turn, turn.continuation.sample(logits))
+        except RemoteBlockLost as lost:
+            log.warning("restarting a turn without the remote tier: %s", lost)
+            self._restart(stream, {"fetch_remote": False})
         except Exception as error:
             log.exception("a prefill chunk failed")
             self._fail_turn(stream, error)
+
+    def _restart(self, stream: TurnStream, resume: dict) -> None:
+        """Frees a turn that has produced nothing yet and queues it to begin again, first,
+        with `resume` (its arrival time kept)."""
+        turn = self._active.pop(stream)
+        self._free(turn)
+        self.counters["restarted"] += 1
+        ready = concurrent.futures.Future()
+        ready.set_result(None)
+        with self._condition:
+            self._waiting.appendleft(stream)
+            self._fetching[stream] = (ready, turn.continuation.start_time, resume)
 
     def _decode_step(self) -> None:
         ready = [(s, t) for s, t in self._active.items()

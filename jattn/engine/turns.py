@@ -39,6 +39,7 @@ from jattn.model.runner import ModelRunner
 from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, BlockKV, StoreConfig
 from jattn.store.device import DeviceBlocks
+from jattn.store.remote_read import RemoteRead
 
 
 def own_blocks(table: list, acquired: list[bytes], device: DeviceBlocks) -> list[int]:
@@ -49,12 +50,14 @@ def own_blocks(table: list, acquired: list[bytes], device: DeviceBlocks) -> list
 
 
 class RemoteFetch(Exception):
-    """A turn's context continues in the remote tier: `future` fetches those blocks into
-    host memory; begin the turn again (with `fetch_remote=False`) once it is done."""
+    """A turn needs the remote tier first: `future` resolves once what it needs has come
+    (the session's record brought up to date, or the first layer of a run of blocks);
+    then begin the turn again with the keyword arguments `resume` added."""
 
-    def __init__(self, future: concurrent.futures.Future):
-        super().__init__("waiting for blocks from the remote tier")
+    def __init__(self, future: concurrent.futures.Future, resume: dict):
+        super().__init__("waiting for the remote tier")
         self.future = future
+        self.resume = resume
 
 
 @dataclass(frozen=True)
@@ -182,11 +185,13 @@ class ChatEngine:
 
     # ----- sessions --------------------------------------------------------------------
 
-    def conversation(self, session_id, *, scope: str = "") -> Conversation:
+    def conversation(self, session_id, *, scope: str = "",
+                     check_remote: bool = True) -> Conversation:
         """The session's conversation: in memory, from the store's record, or new (then
-        its blocks' keys are rooted in cache `scope`)."""
+        its blocks' keys are rooted in cache `scope`). `check_remote`: whether the store
+        may ask the remote tier (see `AttentionStore.get_record`)."""
         held = self.sessions.get(session_id)
-        entries = (self.store.get_record(session_id)
+        entries = (self.store.get_record(session_id, check_remote=check_remote)
                    if self.store and isinstance(session_id, str)
                    and (held is None or self.store.shared) else None)
         if held is None or (entries and len(entries) > len(held.turns)):
@@ -331,52 +336,43 @@ class ChatEngine:
         return self.tokenizer.encode("\n" + self.tokenizer.render_chat(chat),
                                      add_special_tokens=False)
 
-    def chat(self, session_id: str, message, params: SamplingParams, *,
-             ignore_eos: bool = False) -> ChatTurn:
-        """One whole turn: `begin`, every prefill chunk, the decode loop, `complete`."""
-        turn = self.begin(session_id, message, params, ignore_eos=ignore_eos,
-                          start_time=time.perf_counter())
-        try:
-            logits = None
-            while logits is None:
-                logits = self.prefill_chunk(turn)
-            for _ in decode_loop(self.runner, logits, turn.table, turn.decode_start,
-                                 turn.continuation):
-                pass
-        except BaseException:
-            self.abort(turn)
-            raise
-        self.complete(turn).result()
-        return turn.result
-
     def begin(self, session_id, message, params: SamplingParams, *, ignore_eos: bool,
               start_time: float, ephemeral: bool = False, scope: str = "",
               kind: str = "message", max_new_tokens: int | None = None,
-              fetch_remote: bool = True) -> ActiveTurn:
+              fetch_remote: bool = True, record_fresh: bool = False,
+              remote_read: RemoteRead | None = None) -> ActiveTurn:
         """Starts a turn: encodes the message (see `encode_message`), truncates the
         history if the window needs it, finds the longest run of the context's leading
         blocks some tier holds (device, host, disk), recomputes what is missing, and
         allocates the turn's blocks. An `ephemeral` turn (a one-off generation) keeps no
         history, but publishes its blocks like any other. A new conversation's keys are
         rooted in cache `scope`. Raises ValueError for a message that cannot run (more
-        than `max_new_tokens` new tokens, or beyond the window), changing nothing. The
-        remote tier is never read here: if the context continues there (and
-        `fetch_remote`), raises `RemoteFetch`, changing nothing."""
+        than `max_new_tokens` new tokens, or beyond the window), changing nothing.
+
+        The remote tier is never called here. With a store shared by replicas, a named
+        session's first attempt raises `RemoteFetch` while its record is brought up to
+        date (unless `record_fresh`); a context that continues in the remote tier (with
+        `fetch_remote`) raises `RemoteFetch` while the first layer of those blocks comes,
+        and the attempt after that takes them from `remote_read`. Each changes nothing."""
+        if (self.store and self.store.shared and isinstance(session_id, str)
+                and not record_fresh):
+            raise RemoteFetch(self.store.refresh_record(session_id), {"record_fresh": True})
         new_session = session_id not in self.sessions
-        conversation = self.conversation(session_id, scope=scope)
+        conversation = self.conversation(session_id, scope=scope,
+                                         check_remote=not record_fresh)
         try:
             return self._begin(session_id, conversation,
                                self.encode_message(conversation, message, kind), params,
                                ignore_eos=ignore_eos, start_time=start_time,
                                ephemeral=ephemeral, max_new_tokens=max_new_tokens,
-                               fetch_remote=fetch_remote)
+                               remote=(fetch_remote, remote_read))
         except BaseException:
             if new_session and not conversation.tokens:
                 self.sessions.pop(session_id, None)
             raise
 
     def _begin(self, session_id, conversation, new_ids, params, *, ignore_eos,
-               start_time, ephemeral, max_new_tokens, fetch_remote) -> ActiveTurn:
+               start_time, ephemeral, max_new_tokens, remote) -> ActiveTurn:
         if not new_ids:
             raise ValueError("message is empty: give at least one token")
         if max_new_tokens is not None and len(new_ids) > max_new_tokens:
@@ -395,7 +391,7 @@ class ChatEngine:
                 f"{self.max_context} tokens, even after truncating the history")
         budget = min(params.max_tokens, room)
         context = self._context(conversation, kept, dropped, conversation.tail + new_ids,
-                                fetch_remote)
+                                remote)
         try:
             context.table += self._allocate(
                 blocks_for(len(context.turn_tokens) + budget, block_size))
@@ -524,8 +520,8 @@ class ChatEngine:
 
     # ----- context --------------------------------------------------------------------
 
-    def _context(self, conversation, kept, dropped, turn_tokens, fetch_remote=False
-                 ) -> "_Context":
+    def _context(self, conversation, kept, dropped, turn_tokens,
+                 remote: tuple[bool, RemoteRead | None] = (False, None)) -> "_Context":
         """The pool blocks of the turn's reused context and what is left to prefill.
 
         Looks the context's keys up in order — the kept blocks', then those of the
@@ -540,7 +536,7 @@ class ChatEngine:
         ahead = chained_keys(context_key, turn_tokens[:len(turn_tokens) - 1], block_size)
         found = _Context(turn_tokens=turn_tokens)
         try:
-            self._reuse(kept_keys + ahead, found, fetch_remote)
+            self._reuse(kept_keys + ahead, found, *remote)
             if len(found.table) < len(kept):
                 if is_history_prefix(kept, block_size):
                     start = len(found.table) * block_size
@@ -563,12 +559,15 @@ class ChatEngine:
             self.store.count_device_hits(found.tiers["hbm"], found.tiers["hbm"] * self.block_bytes)
         return found
 
-    def _reuse(self, keys: list[bytes], found: "_Context", fetch_remote: bool) -> None:
-        """Appends to the context the blocks of the leading run of `keys` that some local
-        tier holds, each from the fastest: the device pool's in place, the others from
-        the store (each stretch of keys the device does not hold in one `get_run`). With
-        `fetch_remote`, a run that stops short starts a fetch of the rest from the remote
-        tier and raises `RemoteFetch`."""
+    def _reuse(self, keys: list[bytes], found: "_Context", fetch_remote: bool,
+               remote_read: RemoteRead | None) -> None:
+        """Appends to the context the blocks of the leading run of `keys` that some tier
+        holds, each from the fastest: the device pool's in place, the local tiers' from
+        the store (each stretch of keys the device does not hold in one `get_run`), then
+        those that `remote_read` brings, if it read the keys that follow. Without such a
+        read, and with `fetch_remote`, a run that stops short starts one and raises
+        `RemoteFetch`."""
+        remote = remote_read.keys if remote_read is not None else []
         start = 0
         while start < len(keys):
             if keys[start] in self.device:
@@ -577,20 +576,33 @@ class ChatEngine:
                 found.tiers["hbm"] += 1
                 start += 1
                 continue
+            if remote and keys[start:start + len(remote)] == remote:
+                blocks = self.store.remote_blocks(remote_read)
+                self._take(found, keys[start:], [(b, "remote") for b in blocks])
+                start += len(blocks)
+                remote = []
+                continue
             end = start
-            while end < len(keys) and keys[end] not in self.device:
+            while end < len(keys) and keys[end] not in self.device and \
+                    not (remote and keys[end] == remote[0]):
                 end += 1
-            got = self.store.get_run(keys[start:end], remote=False) if self.store else []
-            for key, (block, tier) in zip(keys[start:end], got):
-                found.tiers[tier] += 1
-                found.table.append(None)
-                found.loaded.append(key)
-                found.loads.append(block)
-            if len(got) < end - start:
+            got = self.store.get_run(keys[start:end]) if self.store else []
+            self._take(found, keys[start:], got)
+            start += len(got)
+            if start < end:
                 if fetch_remote and self.store and self.store.can_fetch:
-                    raise RemoteFetch(self.store.fetch(keys[start + len(got):]))
+                    read = self.store.read_remote(keys[start:end])
+                    raise RemoteFetch(read.ready, {"fetch_remote": False, "remote_read": read})
                 return
-            start = end
+
+    @staticmethod
+    def _take(found: "_Context", keys: list[bytes], blocks: list[tuple]) -> None:
+        """Appends blocks `(BlockKV, tier)` coming from the store, for `keys` in order."""
+        for key, (block, tier) in zip(keys, blocks):
+            found.tiers[tier] += 1
+            found.table.append(None)
+            found.loaded.append(key)
+            found.loads.append(block)
 
     def _start_loads(self, found: "_Context") -> None:
         """Allocates pool blocks for the blocks coming from the store."""

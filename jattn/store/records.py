@@ -82,7 +82,8 @@ class SessionRecords:
         with self._lock:
             entries = self._records.get(key)
             if entries is None:
-                entries = self._records[key] = self._read(key, session_id) or []
+                # (a shared record was brought into memory by `refresh` before the turn)
+                entries = self._records[key] = self._read(key, session_id, remote=False) or []
             entries.append(entry)
             writes = []
             if self._files is not None and self._files.enabled:
@@ -96,26 +97,52 @@ class SessionRecords:
             return None
         return lambda: all([write() for write in writes])
 
-    def get(self, session_id: str) -> list | None:
+    def get(self, session_id: str, *, check_remote: bool = True) -> list | None:
         """The session's entries in order (a new list), from memory or (after a restart)
-        from its log, or None if neither has it. With a remote tier, a record in memory
-        that is shorter than the remote one (other replicas ran turns since) is read
-        again from it."""
+        from its log, or None if neither has it. With a remote tier and `check_remote`, a
+        record in memory that is shorter than the remote one (other replicas ran turns
+        since) is read again from it, and one nowhere else is looked for there; without
+        `check_remote` the remote tier is not asked (see `refresh`)."""
         key = session_key(session_id)
         with self._lock:
             entries = self._records.get(key)
-            if entries is not None and self._remote is not None:
+            if entries is not None and self._remote is not None and check_remote:
                 longer = self._remote.record_length(key)
                 if longer is not None and longer - 1 > len(entries):
                     entries = None
             if entries is None:
-                entries = self._read(key, session_id)
+                entries = self._read(key, session_id, remote=check_remote)
                 if entries is None:
                     return None
                 self._records[key] = entries
             if self._files is not None:
                 self._files.touch(log_file(key))
             return list(entries)
+
+    def refresh(self, session_id: str) -> None:
+        """Brings the session's record in memory up to date with the remote tier's: reads
+        it from there if it is longer (other replicas ran turns since) or known only
+        there. Redis is called without holding the lock, so `get` never waits on it."""
+        if self._remote is None:
+            return
+        key = session_key(session_id)
+        length = self._remote.record_length(key)
+        if not length:
+            return
+        with self._lock:
+            entries = self._records.get(key)
+            if entries is None:
+                entries = self._read_disk(key, session_id)
+                if entries is not None:
+                    self._records[key] = entries
+            if entries is not None and length - 1 <= len(entries):
+                return
+        frames = self._remote.frames(key)
+        with self._lock:
+            remote = self._remote_entries(frames, key, session_id)
+            current = self._records.get(key)
+            if remote is not None and (current is None or len(remote) > len(current)):
+                self._records[key] = remote
 
     def drop(self, session_id: str) -> None:
         """Forgets the session's record in memory, then deletes its log (and its copy
@@ -133,12 +160,14 @@ class SessionRecords:
                     log_file(key), "cannot delete the record log of a dropped session")
 
     def stats(self) -> dict[str, int]:
-        """Sessions in memory, logs on disk and evicted from it, logs dropped as corrupt
-        and logs whose torn tail was cut off."""
+        """Sessions in memory, logs on disk and evicted from it, logs dropped as corrupt,
+        logs whose torn tail was cut off, and remote record writes that found another
+        replica's turns there first."""
         with self._lock:
             stats = {"sessions": len(self._records),
                      "corrupt_entries": self._stats["corrupt_entries"],
-                     "torn_record_logs": self._stats["torn_record_logs"]}
+                     "torn_record_logs": self._stats["torn_record_logs"],
+                     "remote_record_conflicts": self._stats["remote_record_conflicts"]}
         if self._files is not None:
             stats.update(disk_records=len(self._files.files(SESSIONS_DIRECTORY)),
                          disk_record_evictions=self._files.evictions(SESSIONS_DIRECTORY))
@@ -180,7 +209,11 @@ class SessionRecords:
     def _write_remote(self, key: str, session_id: str, entries: list, index: int,
                       frame: bytes) -> bool:
         """Makes `entries[:index + 1]` the session's record on the remote tier: appends
-        `frame` when the list holds exactly the entries before it, else writes it whole."""
+        `frame` when the list holds exactly the entries before it, else writes it whole
+        (unless it holds more). If another replica wrote the list since (it ran turns of
+        the session at the same time), its record stands: this turn is not recorded
+        there, the conflict is logged and counted, and the record in memory becomes the
+        remote one."""
         with self._lock:
             if self._records.get(key) is not entries:
                 return False  # dropped since
@@ -188,9 +221,22 @@ class SessionRecords:
             upto = entries[:index + 1]
         frames = [frame] if appending else [self._header(session_id)] + [
             disk_entry.encode_frame(entry) for entry in upto]
-        if not self._remote.append_frames(key, frames, whole=not appending):
+        written = self._remote.append_frames(key, frames,
+                                             holding=index + 1 if appending else None)
+        if not written:
             with self._lock:
                 self._remote_logged.pop(key, None)  # in doubt: rewrite it next time
+        if written is False:
+            log.warning("session %r: another replica wrote its record meanwhile; its "
+                        "record stands and this replica's turn %d is not in it",
+                        session_id, index + 1)
+            frames = self._remote.frames(key)
+            with self._lock:
+                self._stats["remote_record_conflicts"] += 1
+                remote = self._remote_entries(frames, key, session_id)
+                if remote is not None and self._records.get(key) is entries:
+                    self._records[key] = remote
+        if not written:
             return False
         with self._lock:
             self._remote_logged[key] = index + 1
@@ -206,18 +252,18 @@ class SessionRecords:
         return self._header(session_id) + b"".join(
             disk_entry.encode_frame(entry) for entry in entries)
 
-    def _read(self, key: str, session_id: str) -> list | None:
-        """Under the lock: the entries of the session's log on disk, else of its record
-        on the remote tier, or None."""
+    def _read(self, key: str, session_id: str, *, remote: bool = True) -> list | None:
+        """Under the lock: the entries of the session's log on disk, else (if `remote`)
+        of its record on the remote tier, or None."""
         entries = self._read_disk(key, session_id)
-        if entries is None and self._remote is not None:
-            entries = self._read_remote(key, session_id)
+        if entries is None and remote and self._remote is not None:
+            entries = self._remote_entries(self._remote.frames(key), key, session_id)
         return entries
 
-    def _read_remote(self, key: str, session_id: str) -> list | None:
-        """Under the lock: the entries of the session's record on the remote tier (up to
-        a damaged frame), or None if it has none, or a bad one."""
-        frames, _ = disk_entry.decode_frames(self._remote.frames(key))
+    def _remote_entries(self, data: bytes, key: str, session_id: str) -> list | None:
+        """Under the lock: the entries of the remote record frames `data` (up to a damaged
+        frame), or None if there are none, or a bad one."""
+        frames, _ = disk_entry.decode_frames(data)
         header = frames[0] if frames else None
         if not (isinstance(header, dict) and len(frames) > 1
                 and header.get("format_version") == LOG_FORMAT_VERSION

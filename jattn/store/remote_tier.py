@@ -1,16 +1,21 @@
 """The remote tier: KV blocks in a Redis shared by replicas, by content key.
 
-A block is one Redis string under `<prefix><fingerprint[:16]>:block:<key hex>`, holding
-the same self-checking `disk_entry` bytes as a block file (checksum, model fingerprint,
-the block key in the header): a value that fails a check, or names another block, is
-deleted and counted (`corrupt_entries`, `stale_entries`) and the block is recomputed.
-Writes are `SET NX`: two replicas publishing the same block write the same bytes once.
+A block is one Redis hash under `<prefix><fingerprint[:16]>:layers:<key hex>`, one field
+per layer (`0` .. `L-1`), each holding that layer's keys and values in the same
+self-checking `disk_entry` format as a block file (checksum, model fingerprint, and in the
+header the block key, the layer and the layer count). Per-layer fields let a load read
+layer l of every block of a turn in one pipelined round trip while the engine computes
+layer l-1 (`RemoteRead`); one key per block means Redis evicts a block whole. A value that
+fails a check, or names another block or layer, is deleted and counted
+(`corrupt_entries`, `stale_entries`) and the block is recomputed. Writes are `HSETNX`
+per field: two replicas publishing the same block write the same bytes once.
 
 The budget is Redis's own (`maxmemory` with `allkeys-lru`, see `docs/deployment.md`):
 the tier treats every entry as one that may vanish at any time, and never counts bytes
 itself. `contains` answers from the keys this process wrote or read (a hint, which the
 tier contract allows to be stale), so the engine's thread never waits on the network to
-ask; `get`, `get_many` and `put` go to Redis, from the store's threads (`fetch`, saves).
+ask; every other call goes to Redis, from the store's threads (remote reads, saves,
+record refreshes).
 
 Faults: a connection error or timeout marks Redis unavailable (logged once, counted in
 `remote_errors`, `remote_available` 0): for `retry_s` seconds every call answers at once
@@ -25,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterable
 
+import numpy as np
 import redis
 
 from jattn.store import disk_entry
@@ -33,6 +39,21 @@ from jattn.store.tier import BlockKV
 log = logging.getLogger("jattn.store")
 
 _FAULTS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# KEYS[1]: a record list; ARGV[1]: the frames it must hold to append (-1: replace it, if it
+# holds no more frames than given); ARGV[2..]: the frames. Returns 1 if written, else 0.
+_APPEND_FRAMES = """
+local held = redis.call('LLEN', KEYS[1])
+local holding = tonumber(ARGV[1])
+if holding >= 0 then
+  if held ~= holding then return 0 end
+else
+  if held > #ARGV - 1 then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+for i = 2, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+return 1
+"""
 
 
 class RemoteTier:
@@ -55,11 +76,12 @@ class RemoteTier:
         self._retry_at = 0.0
         self._stats = {"remote_blocks_written": 0, "remote_bytes_written": 0,
                        "remote_errors": 0, "corrupt_entries": 0, "stale_entries": 0}
+        self._append_script = self._redis.register_script(_APPEND_FRAMES)
         self._call("connecting", self._redis.ping)
 
     def block_name(self, key: bytes) -> str:
-        """The Redis key of block `key`."""
-        return f"{self._namespace}block:{key.hex()}"
+        """The Redis key of block `key` (a hash of its layers)."""
+        return f"{self._namespace}layers:{key.hex()}"
 
     # ----- the BlockTier interface -----------------------------------------------------
 
@@ -85,47 +107,82 @@ class RemoteTier:
         return self.get_many([key])[0]
 
     def get_many(self, keys: list[bytes]) -> list[BlockKV | None]:
-        """The blocks of `keys` (None where Redis has no good copy), fetched in one
-        pipelined round trip."""
+        """The whole blocks of `keys` (None where Redis has no good copy of every layer),
+        fetched in one pipelined round trip."""
         pipe = self._redis.pipeline(transaction=False)
         for key in keys:
-            pipe.get(self.block_name(key))
-        values = self._call("reading KV blocks", pipe.execute) or [None] * len(keys)
-        return [self._checked(key, data) for key, data in zip(keys, values)]
+            pipe.hgetall(self.block_name(key))
+        values = self._call("reading KV blocks", pipe.execute) or [{}] * len(keys)
+        return [self._whole(key, fields) for key, fields in zip(keys, values)]
 
-    def _checked(self, key: bytes, data: bytes | None) -> BlockKV | None:
-        """The block a value holds if it passes its checks, else None (dropping it)."""
+    def read_layer(self, keys: list[bytes], layer: int
+                   ) -> list[tuple[np.ndarray, np.ndarray, int] | None]:
+        """Layer `layer` of the blocks of `keys` in one pipelined round trip: for each,
+        `(k, v, num_layers)` with k, v `[block_size, Hkv, D]`, or None where Redis has no
+        good copy (or is unavailable)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(self.block_name(key), str(layer))
+        values = self._call("reading a layer of KV blocks", pipe.execute) or [None] * len(keys)
+        return [self._checked(key, layer, data) for key, data in zip(keys, values)]
+
+    def _whole(self, key: bytes, fields: dict) -> BlockKV | None:
+        """The block whose layers `fields` (an HGETALL) holds, if every layer is there and
+        passes its checks, else None."""
+        first = self._checked(key, 0, fields.get(b"0"))
+        if first is None:
+            return None
+        layers = [(first[0], first[1])]
+        for layer in range(1, first[2]):
+            got = self._checked(key, layer, fields.get(str(layer).encode()))
+            if got is None:
+                return None
+            layers.append((got[0], got[1]))
+        return BlockKV(np.stack([k for k, _ in layers]), np.stack([v for _, v in layers]))
+
+    def _checked(self, key: bytes, layer: int, data: bytes | None
+                 ) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """`(k, v, num_layers)` of one layer's value if it passes its checks, else None
+        (dropping the block)."""
         if data is None:
             self._forget(key)
             return None
         try:
             arrays, meta = disk_entry.decode(data, fingerprint=self.fingerprint)
             if set(arrays) != {"k", "v"}:
-                raise disk_entry.CorruptEntry("not a KV block")
+                raise disk_entry.CorruptEntry("not a layer of a KV block")
         except disk_entry.CorruptEntry as error:
             self._drop(key, "corrupt_entries", str(error))
             return None
-        if meta.get("block_key") != key.hex():
-            self._drop(key, "stale_entries", f"it names block {meta.get('block_key')}")
+        if meta.get("block_key") != key.hex() or meta.get("layer") != layer:
+            self._drop(key, "stale_entries", f"it holds layer {meta.get('layer')} of "
+                                              f"block {meta.get('block_key')}")
             return None
         with self._lock:
             self._known.add(key)
-        return BlockKV(arrays["k"], arrays["v"])
+        return arrays["k"], arrays["v"], int(meta["layers"])
 
     def put(self, key: bytes, block: BlockKV) -> bool:
         if self.contains(key) or not self.enabled:
             return self.contains(key)
-        data = disk_entry.encode({"k": block.k, "v": block.v}, fingerprint=self.fingerprint,
-                                 meta={"block_key": key.hex()})
-        written = self._call("writing a KV block", self._redis.set, self.block_name(key),
-                             data, nx=True)
-        if written is None and not self._available():
+        num_layers = block.k.shape[0]
+        name = self.block_name(key)
+        pipe = self._redis.pipeline(transaction=False)
+        nbytes = 0
+        for layer in range(num_layers):
+            data = disk_entry.encode(
+                {"k": block.k[layer], "v": block.v[layer]}, fingerprint=self.fingerprint,
+                meta={"block_key": key.hex(), "layer": layer, "layers": num_layers})
+            pipe.hsetnx(name, str(layer), data)
+            nbytes += len(data)
+        written = self._call("writing a KV block", pipe.execute)
+        if written is None:
             return False
         with self._lock:
             self._known.add(key)
-            if written:
+            if any(written):
                 self._stats["remote_blocks_written"] += 1
-                self._stats["remote_bytes_written"] += len(data)
+                self._stats["remote_bytes_written"] += nbytes
         return True
 
     def delete(self, key: bytes) -> None:
@@ -134,7 +191,7 @@ class RemoteTier:
 
     def keys(self) -> list[bytes]:
         names = self._call("listing KV blocks", lambda: list(self._redis.scan_iter(
-            match=f"{self._namespace}block:*", count=1000))) or []
+            match=f"{self._namespace}layers:*", count=1000))) or []
         return [bytes.fromhex(name.decode().rsplit(":", 1)[1]) for name in names]
 
     def touch(self, keys: Iterable[bytes]) -> None:
@@ -155,14 +212,18 @@ class RemoteTier:
         """The Redis key of the record of session key `session` (a hash, not the id)."""
         return f"{self._namespace}session:{session}"
 
-    def append_frames(self, session: str, frames: list[bytes], *, whole: bool) -> bool:
-        """Appends `frames` to the session's record list (`whole`: replaces the list
-        with them, header first); False if Redis is unavailable."""
-        pipe = self._redis.pipeline(transaction=True)
-        if whole:
-            pipe.delete(self.record_name(session))
-        pipe.rpush(self.record_name(session), *frames)
-        return self._call("writing a session record", pipe.execute) is not None
+    def append_frames(self, session: str, frames: list[bytes], *, holding: int | None
+                      ) -> bool | None:
+        """Appends `frames` to the session's record list if it holds exactly `holding`
+        frames; with `holding` None, replaces the list with `frames` (header first) if it
+        holds no more than that many. Checked and written atomically in Redis, so replicas
+        that run turns of one session at once never interleave their frames or undo each
+        other's: True if written, False if the list was not as expected (another replica
+        wrote it since), None if Redis is unavailable."""
+        written = self._call("writing a session record", self._append_script,
+                             keys=[self.record_name(session)],
+                             args=[-1 if holding is None else holding, *frames])
+        return None if written is None else bool(written)
 
     def frames(self, session: str) -> bytes:
         """The session's record frames, concatenated (b"" if none, or unavailable)."""

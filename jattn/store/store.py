@@ -18,6 +18,10 @@ A session's record is a list of JSON-able entries (one per turn), grown by
 blocks). Dropping a session forgets its record only, never blocks, which other requests
 may share and which leave by eviction.
 
+The remote tier is never asked on the caller's thread during a turn: `read_remote` reads a
+run of blocks from it layer by layer on a thread of its own (`RemoteRead`), and
+`refresh_record` brings a session's record up to date with it there.
+
 Saves, record appends, drops and prefetches run in order on one background thread;
 saves, appends and hints return futures, `flush` waits for the saves and appends,
 `close` flushes and stops the thread. Every public method is safe to call from any
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -46,6 +51,7 @@ from jattn.store.disk_tier import DiskTier
 from jattn.store.host_tier import HostTier
 from jattn.store.layer_load import LayerwiseLoad, LoadTiming, StagingPool
 from jattn.store.records import SessionRecords
+from jattn.store.remote_read import RemoteRead, is_remote
 from jattn.store.remote_tier import RemoteTier
 from jattn.store.tier import BlockKV, BlockTier, checked_block_key
 
@@ -61,7 +67,8 @@ STATS = (
     "load_hidden_seconds", "host_bytes", "disk_bytes", "host_blocks", "disk_blocks",
     "disk_records", "disk_tier_enabled", "sessions", "remote_tier_enabled",
     "remote_available", "remote_errors", "remote_fetches", "remote_fetched_blocks",
-    "remote_fetch_seconds",
+    "remote_fetch_seconds", "remote_lost_loads", "remote_loads", "remote_load_seconds",
+    "remote_load_stall_seconds", "remote_load_hidden_seconds", "remote_record_conflicts",
     "remote_blocks_written", "remote_bytes_written", "remote_blocks_known")
 
 
@@ -98,8 +105,8 @@ class AttentionStore:
         self._queued_prefetch: concurrent.futures.Future | None = None
         self._pending: set[concurrent.futures.Future] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
-        self._fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-fetch")
-        self._from_remote: set[bytes] = set()  # fetched into host memory, not yet read
+        # Remote reads and record refreshes: the turns waiting on Redis, a few at a time.
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jattn-fetch")
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-load")
         self._staging = StagingPool()
 
@@ -119,24 +126,14 @@ class AttentionStore:
         found = self.get_run([block_key])
         return found[0] if found else None
 
-    def get_run(self, block_keys: list[bytes], *, remote: bool = True
-                ) -> list[tuple[BlockKV, str]]:
-        """The blocks of the leading run of `block_keys` that some tier holds, each with
-        the name of the tier it came from (as `get`, for each key in order up to the
-        first that no tier holds). The remote tier, if any and if `remote`, is asked in
-        one round trip for all the keys that no local tier holds; a block `fetch`
-        brought into host memory counts as the remote tier's."""
-        keys = [checked_block_key(block_key) for block_key in block_keys]
-        use_remote, remote = remote, {}
-        if self._remote is not None and use_remote:
-            wanted = [key for key in keys if not self._held_locally(key)]
-            if wanted:
-                remote = dict(zip(wanted, self._remote.get_many(wanted)))
+    def get_run(self, block_keys: list[bytes]) -> list[tuple[BlockKV, str]]:
+        """The blocks of the leading run of `block_keys` that some local tier (host
+        memory, disk) holds, each with the name of the tier it came from (as `get`, for
+        each key in order up to the first that no local tier holds). Never asks the
+        remote tier: `read_remote` does, off the caller's thread."""
         found = []
-        for key in keys:
+        for key in (checked_block_key(block_key) for block_key in block_keys):
             got = self._get_local(key)
-            if got is None and remote.get(key) is not None:
-                got = remote[key], self._remote.name
             if got is None:
                 with self._lock:
                     self._counts["misses"] += 1
@@ -147,27 +144,23 @@ class AttentionStore:
                 faster.put(key, block)
             for slower in self._tiers[position + 1:]:
                 slower.touch([key])
-            with self._lock:
-                self._counts[f"{name}_hits"] += 1
-                self._counts[f"{name}_bytes_loaded"] += block.nbytes
+            self._count_hits(name, 1, block.nbytes)
             found.append(got)
         return found
 
-    def _held_locally(self, key: bytes) -> bool:
-        return any(tier.contains(key) for tier in self._tiers if tier is not self._remote)
+    def _count_hits(self, tier: str, blocks: int, nbytes: int) -> None:
+        with self._lock:
+            self._counts[f"{tier}_hits"] += blocks
+            self._counts[f"{tier}_bytes_loaded"] += nbytes
 
     def _get_local(self, key: bytes) -> tuple[BlockKV, str] | None:
-        """The block from the first tier before the remote one with a good copy (named
-        "remote" if `fetch` brought it)."""
+        """The block from the first tier before the remote one with a good copy."""
         for tier in self._tiers:
             if tier is self._remote:
                 return None
             block = tier.get(key)
             if block is not None:
-                with self._lock:
-                    fetched = key in self._from_remote
-                    self._from_remote.discard(key)
-                return block, self._remote.name if fetched else tier.name
+                return block, tier.name
         return None
 
     @property
@@ -175,28 +168,36 @@ class AttentionStore:
         """True with a remote tier that is reachable (as far as is known)."""
         return self._remote is not None and self._remote.enabled
 
-    def fetch(self, block_keys: list[bytes]) -> concurrent.futures.Future:
-        """Reads the leading run of `block_keys` that the remote tier holds into host
-        memory, in one round trip on a thread of its own (so that a turn waiting for
-        Redis never stalls the engine); the future resolves to how many blocks arrived.
-        `get_run` then finds them in host memory, named as the remote tier's."""
+    def read_remote(self, block_keys: list[bytes]) -> RemoteRead:
+        """Starts reading the leading run of `block_keys` that the remote tier holds,
+        layer by layer, on a thread of its own (see `RemoteRead`): its `ready` future
+        resolves to the run's length once layer 0 has arrived; `remote_blocks` then gives
+        the blocks for a layer-wise load. Once every layer has arrived the blocks are
+        also put into host memory, for later turns."""
         keys = [checked_block_key(block_key) for block_key in block_keys]
-        return self._fetcher.submit(self._fetch, keys)
-
-    def _fetch(self, keys: list[bytes]) -> int:
-        start = time.perf_counter()
-        arrived = 0
-        for key, block in zip(keys, self._remote.get_many(keys) if keys else []):
-            if block is None or not self._host.put(key, block):
-                break
-            with self._lock:
-                self._from_remote.add(key)
-            arrived += 1
         with self._lock:
             self._counts["remote_fetches"] += 1
-            self._counts["remote_fetched_blocks"] += arrived
-            self._counts["remote_fetch_seconds"] += time.perf_counter() - start
-        return arrived
+        return RemoteRead(self._remote, keys, executor=self._fetcher,
+                          on_arrival=self._remote_arrived, on_lost=self._remote_lost)
+
+    def remote_blocks(self, read: RemoteRead) -> list[BlockKV]:
+        """The blocks of a `read_remote` whose `ready` has resolved, counted as hits of
+        the remote tier."""
+        blocks = read.blocks()
+        self._count_hits(self._remote.name, len(blocks), sum(b.nbytes for b in blocks))
+        return blocks
+
+    def _remote_arrived(self, keys: list[bytes], blocks: list[BlockKV],
+                        seconds: float) -> None:
+        for key, block in zip(keys, blocks):
+            self._host.put(key, block)
+        with self._lock:
+            self._counts["remote_fetched_blocks"] += len(blocks)
+            self._counts["remote_fetch_seconds"] += seconds
+
+    def _remote_lost(self) -> None:
+        with self._lock:
+            self._counts["remote_lost_loads"] += 1
 
     def save(self, block_key: bytes, produce) -> concurrent.futures.Future:
         """Files a block under its key in every tier, without blocking the caller.
@@ -331,12 +332,20 @@ class AttentionStore:
         behind this process's back)."""
         return self._records.shared
 
-    def get_record(self, session_id: str) -> list | None:
+    def get_record(self, session_id: str, *, check_remote: bool = True) -> list | None:
         """The session's record entries in order (a new list), from memory or (after a
         restart) from its disk log, or None if neither has it. Reading a log stops at the
         first torn or damaged frame (a crash mid-append) and cuts the file back to the
-        frames before it; a log whose header names another session is not believed."""
-        return self._records.get(session_id)
+        frames before it; a log whose header names another session is not believed.
+        With a remote tier and `check_remote`, a record that other replicas extended is
+        read again from it (a call to Redis: `refresh_record` makes it off the caller's
+        thread, and then `check_remote=False` asks nothing of Redis)."""
+        return self._records.get(session_id, check_remote=check_remote)
+
+    def refresh_record(self, session_id: str) -> concurrent.futures.Future:
+        """Brings the session's record in memory up to date with the remote tier's (one
+        call to Redis, two if other replicas extended it), on a thread of its own."""
+        return self._fetcher.submit(self._records.refresh, session_id)
 
     def drop(self, session_id: str) -> None:
         """Forgets a session's record, in memory and on disk, after the saves and appends
@@ -382,15 +391,21 @@ class AttentionStore:
         background; the engine takes each layer as its computation reaches it (see
         `LayerwiseLoad`). The load's transfer, stall and hidden seconds go to `stats()`
         when its last layer is taken."""
+        remote = any(is_remote(block) for block in blocks)
         return LayerwiseLoad(blocks, rows=rows, executor=self._loader, staging=self._staging,
-                             device=device, on_finish=self._count_load)
+                             device=device,
+                             on_finish=functools.partial(self._count_load, remote=remote))
 
-    def _count_load(self, timing: LoadTiming) -> None:
+    def _count_load(self, timing: LoadTiming, *, remote: bool) -> None:
+        """Adds a finished load's seconds to the stats (also to the remote tier's, if it
+        read blocks from it)."""
         with self._lock:
-            self._counts["layerwise_loads"] += 1
-            self._counts["load_seconds"] += timing.transfer
-            self._counts["load_stall_seconds"] += timing.stall
-            self._counts["load_hidden_seconds"] += timing.hidden
+            for counted, prefix in (("layerwise_loads", "load"), ("remote_loads", "remote_load")
+                                    )[:2 if remote else 1]:
+                self._counts[counted] += 1
+                self._counts[f"{prefix}_seconds"] += timing.transfer
+                self._counts[f"{prefix}_stall_seconds"] += timing.stall
+                self._counts[f"{prefix}_hidden_seconds"] += timing.hidden
 
     def count_device_hits(self, blocks: int, nbytes: int) -> None:
         """The engine reports blocks it reused straight from its device pool."""
