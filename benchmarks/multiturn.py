@@ -9,6 +9,8 @@ a long first message, then short ones. Every turn runs, in the same process, wit
   hbm        the store keeps the session's KV in the device pool between turns;
   host       the device tier is off: each turn loads the KV from host memory;
   disk       device and host tiers are off: each turn loads it from disk files;
+  remote     only the remote tier, a private redis-server on loopback: each turn reads
+             the KV from Redis layer by layer (skipped without `redis-server`);
   none       no store: nothing outlives a turn, each turn prefills its whole context
              (in chunks), as a server without reuse does for a stateless request;
   one-shot   the strongest plain baseline: the whole context prefilled in one pass.
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -31,21 +34,25 @@ import numpy as np
 from tqdm import tqdm
 
 from jattn import LLM
+from jattn.bench.redis_server import RedisServer
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
 from jattn.store import StoreConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("hbm", "host", "disk", "none")
+MODES = ("hbm", "host", "disk", "remote", "none")
+STORED = MODES[:-1]
 
 
-def build(model_dir: str, mode: str, disk_path: str, max_context: int) -> LLM:
+def build(model_dir: str, mode: str, disk_path: str, max_context: int,
+          remote_url: str | None) -> LLM:
     pool = 3 * blocks_for(max_context, 16)  # the rehearsal, the conversation, one-shot
     stores = {
         "hbm": StoreConfig(hbm_bytes=2**40, host_bytes=2**40),
         "host": StoreConfig(hbm_bytes=0, host_bytes=2**40),
         "disk": StoreConfig(hbm_bytes=0, host_bytes=0, disk_bytes=2**40,
                             disk_path=disk_path),
+        "remote": StoreConfig(hbm_bytes=0, host_bytes=0, remote_url=remote_url),
         "none": None,
     }
     return LLM(model_dir, random_weights=True, seed=0, max_context=max_context,
@@ -89,13 +96,19 @@ def main(argv=None) -> None:
     vocab = min(1000, ModelConfig.from_dir(model_dir).vocab_size)
     messages, rehearsal = (conversation(np.random.default_rng(seed), vocab, args)
                            for seed in (0, 1))
-    results = {mode: [] for mode in MODES}
-    tokens_per_turn = {mode: [] for mode in MODES}
+    modes = MODES if shutil.which("redis-server") else tuple(m for m in MODES
+                                                              if m != "remote")
+    if "remote" not in modes:
+        print("no redis-server here: the remote mode is left out")
+    results = {mode: [] for mode in modes}
+    tokens_per_turn = {mode: [] for mode in modes}
     one_shot, context = [], []
     store_stats = {}
+    redis_server = RedisServer() if "remote" in modes else None
     with tempfile.TemporaryDirectory() as disk_path:
-        for mode in MODES:
-            llm = build(model_dir, mode, disk_path, max_context)
+        for mode in modes:
+            llm = build(model_dir, mode, disk_path, max_context,
+                        redis_server.url if redis_server else None)
             for message in rehearsal:  # compiles every shape the measured turns use
                 llm.chat("rehearsal", message, max_tokens=args.answer, ignore_eos=True)
                 if llm.store is not None:
@@ -121,19 +134,22 @@ def main(argv=None) -> None:
                       f"{loading:.3f} s of layer-wise loading hidden behind compute")
             llm.close()
             del llm
+    if redis_server is not None:
+        redis_server.stop()
 
-    same = all(tokens_per_turn[m] == tokens_per_turn["none"] for m in MODES)
+    same = all(tokens_per_turn[m] == tokens_per_turn["none"] for m in modes)
+    stored = [m for m in STORED if m in modes]
     device = jax.devices()[0].device_kind
     print(f"\nmulti-turn TTFT on {device} ({jax.default_backend()}), {args.model} shape, "
           f"random weights; identical tokens in every mode: {same}")
-    header = f"{'turn':>4} {'context':>8} " + " ".join(f"{m + ' s':>9}" for m in MODES) + \
-        f" {'one-shot s':>10} {'hbm/one-shot':>12} {'host/one-shot':>13} {'disk/one-shot':>13}"
+    header = f"{'turn':>4} {'context':>8} " + " ".join(f"{m + ' s':>9}" for m in modes) + \
+        f" {'one-shot s':>10}" + "".join(f" {m + '/one-shot':>15}" for m in stored)
     print(header)
     for turn in range(args.turns):
         row = f"{turn + 1:>4} {context[turn]:>8} " + " ".join(
-            f"{results[m][turn]:>9.3f}" for m in MODES)
+            f"{results[m][turn]:>9.3f}" for m in modes)
         row += f" {one_shot[turn]:>10.3f}" + "".join(
-            f" {results[m][turn] / one_shot[turn]:>12.3f}" for m in ("hbm", "host", "disk"))
+            f" {results[m][turn] / one_shot[turn]:>15.3f}" for m in stored)
         print(row)
     out = args.json or os.path.join(ROOT, "benchmarks", "results",
                                     f"multiturn-{jax.default_backend()}.json")
@@ -157,8 +173,8 @@ def plot(path, context, results, one_shot, model) -> None:
 
     turns = np.arange(1, len(context) + 1)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for mode in MODES:
-        ax.plot(turns, results[mode], marker="o", label=f"store: {mode}" if mode != "none"
+    for mode, ttft in results.items():
+        ax.plot(turns, ttft, marker="o", label=f"store: {mode}" if mode != "none"
                 else "no store (prefill of the whole context)")
     ax.plot(turns, one_shot, marker="s", linestyle="--", color="black",
             label="one-shot prefill of the history")

@@ -24,15 +24,13 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
 import time
 
 import jax
 import redis
 
+from jattn.bench.redis_server import RedisServer
 from jattn.bench.replay import replay, round_robin, run_over_grpc
 from jattn.bench.trace import load_trace
 from jattn.model.config import ModelConfig
@@ -42,23 +40,6 @@ from serve.config import ServeConfig
 from serve.server import Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def start_redis() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save",
-         "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            return process, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 def run_servers(args, requests, vocab_size: int, *, count: int, store: bool,
@@ -138,7 +119,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     requests = load_trace(args.trace, scale=args.scale, limit=args.limit)
     vocab_size = ModelConfig.from_dir(args.model).vocab_size
-    process, url = start_redis()
+    redis_server = RedisServer()
+    url = redis_server.url
     try:
         setups = {"1 server, no reuse": (1, False, None), "1 server, reuse": (1, True, None),
                   "2 replicas, local tiers": (2, True, None),
@@ -148,7 +130,7 @@ def main(argv=None) -> int:
                 for name, (count, store, remote) in setups.items()}
         bandwidth = remote_bandwidth(url, rows["2 replicas, shared Redis"]["fingerprint"])
     finally:
-        process.terminate()
+        redis_server.stop()
     print(f"\n{len(requests)} requests of {args.trace} at scale {args.scale}, "
           f"{args.speedup}x, round robin over the servers ({jax.default_backend()})")
     print(f"{'':25} {'reused of allowed':>17} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "

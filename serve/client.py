@@ -46,7 +46,8 @@ class Client:
     def chat_events(self, session_id: str, message=None, *, text=None, token_ids=None,
                     timeout: float | None = None, **sampling):
         """The raw `ChatEvent` stream of one turn (a call object: iterate, or cancel). The
-        session id also goes as `x-session-id` metadata, for a proxy that routes by it."""
+        session id also goes as `x-session-id` metadata, for a proxy that routes by it
+        (when it is printable ASCII, as metadata must be)."""
         request = jattn_pb2.ChatRequest(session_id=session_id, **sampling)
         if message is not None:
             request.message = message
@@ -54,7 +55,8 @@ class Client:
             request.text = text
         elif token_ids is not None:
             request.token_ids.ids.extend(token_ids)
-        routing = [("x-session-id", session_id)] if session_id else []
+        routable = session_id and session_id.isascii() and session_id.isprintable()
+        routing = [("x-session-id", session_id)] if routable else []
         return self.conversations.Chat(request, metadata=self.metadata + routing,
                                        timeout=timeout)
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from jattn import LLM
-from redis_service import RedisServer, free_port
+from jattn.bench.redis_server import RedisServer, free_port
 from serve.client import Client
 from test_replicas import MESSAGES, launch
 

@@ -11,7 +11,7 @@ import pytest
 from jattn import LLM, StoreConfig
 from jattn.store.remote_tier import RemoteTier
 from jattn.store.tier import BlockKV
-from redis_service import RedisServer, free_port
+from jattn.bench.redis_server import RedisServer, free_port
 
 FINGERPRINT = "f" * 64
 

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from jattn import LLM, StoreConfig
-from redis_service import RedisServer
+from jattn.bench.redis_server import RedisServer
 from serve.client import Client
 from serve.config import ServeConfig
 from serve.server import Server

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 
 from jattn.conversation import (
@@ -31,7 +30,7 @@ from jattn.conversation import (
     truncated_key,
     turn_entry,
 )
-from jattn.decoding import Continuation, decode_loop
+from jattn.decoding import Continuation
 from jattn.engine.errors import PromptTooLong
 from jattn.generation import Generation
 from jattn.model.kv_cache import blocks_for, bucket

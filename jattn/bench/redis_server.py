@@ -1,4 +1,6 @@
-"""A private redis-server for tests: a free loopback port, no persistence, stopped after."""
+"""A private `redis-server` for tests and benchmarks: a free loopback port, no
+persistence, stopped after. Needs the `redis-server` binary (Debian's `redis-server`
+package)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import redis
 
 
 def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -23,7 +26,9 @@ class RedisServer:
 
     def __init__(self, port: int | None = None, *, maxmemory: int = 0):
         binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed (.ci/run installs it)"
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install "
+                               "redis-server; .ci/run installs it)")
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._command = [binary, "--port", str(self.port), "--bind", "127.0.0.1",
