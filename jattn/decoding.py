@@ -1,15 +1,12 @@
-"""The decode side of one sequence: sampling keys, stop rules, text; and the single-
-sequence decode loop shared by `LLM.generate`/`stream` and chat turns."""
+"""The decode side of one sequence: sampling keys, stop rules, text; and the sampling of
+a decode batch's next tokens in one call."""
 
 from __future__ import annotations
 
 import time
-from typing import Iterator
-
 import numpy as np
 
 from jattn.generation import Generation, IncrementalText, StreamedToken
-from jattn.model.runner import ModelRunner
 from jattn.sampling import SamplingParams, sample_rows, seed_key_data
 
 
@@ -94,19 +91,3 @@ def sample_next(continuations: list[Continuation], logits) -> list[int]:
         continuation.draws += 1
     tokens = np.asarray(sample_rows(logits, key_data, draws, temperature, top_k, top_p))
     return tokens[:len(continuations)].tolist()
-
-
-def decode_loop(runner: ModelRunner, logits, blocks: list[int], position: int,
-                continuation: Continuation) -> Iterator[StreamedToken]:
-    """Samples after the prefill's last `logits [V]`, feeding each token back at
-    `position, position + 1, ...` of the sequence in `blocks`, until `continuation` is
-    finished. Yields each delivered token."""
-    token = continuation.sample(logits)
-    while not continuation.finished:
-        streamed = continuation.take(token)
-        if streamed is None:
-            return
-        yield streamed
-        if not continuation.finished:
-            token = sample_next([continuation], runner.decode(
-                [streamed.id], [position + continuation.steps - 1], [blocks]))[0]
