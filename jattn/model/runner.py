@@ -38,9 +38,10 @@ KV_AXIS = "kv"  # the mesh axis a KV pool is sharded over
 
 class HashedOnce:
     """A static jit argument whose hash is computed once. jit hashes its static arguments
-    on every call, and a flax `GraphDef` hashes by walking the whole module graph (about
-    2 ms a call for the embedded 5-layer model, a third of a decode step's host time);
-    the steps take the model's graph wrapped in this and read it as `.value`."""
+    on every call, and a flax `GraphDef` hashes by walking the whole module graph (0.33 ms
+    a call for the embedded model's, 1.1 ms for Llama-3.2-1B's, on a 2-core x86 host:
+    every prefill and decode step paid it); the steps take the model's graph wrapped in
+    this and read it as `.value`."""
 
     __slots__ = ("value", "_hash")
 
