@@ -120,9 +120,10 @@ class Engine:
         self._cancelled: list[TurnStream] = []
         self._calls: list[tuple] = []
         self._active: dict[TurnStream, ActiveTurn] = {}
-        # Waiting turns whose context is being fetched from the remote tier: the fetch
-        # and when the turn first tried to begin (its TTFT counts from then).
-        self._fetching: dict[TurnStream, tuple[concurrent.futures.Future, float]] = {}
+        # Waiting turns that tried to begin before: what they wait for (the remote tier's
+        # answer), when they first tried (their TTFT counts from then), and the keyword
+        # arguments of their next attempt.
+        self._fetching: dict[TurnStream, tuple[concurrent.futures.Future, float, dict]] = {}
         self._accepting = True
         self._cancel_all = False
         self._hinted: list[str] = []  # the upcoming sessions last passed to the store

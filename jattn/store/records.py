@@ -83,7 +83,7 @@ class SessionRecords:
             entries = self._records.get(key)
             if entries is None:
                 # (a shared record was brought into memory by `refresh` before the turn)
-                entries = self._records[key] = self._read(key, session_id, remote=False) or []
+                entries = self._records[key] = self._read_disk(key, session_id) or []
             entries.append(entry)
             writes = []
             if self._files is not None and self._files.enabled:
@@ -99,19 +99,16 @@ class SessionRecords:
 
     def get(self, session_id: str, *, check_remote: bool = True) -> list | None:
         """The session's entries in order (a new list), from memory or (after a restart)
-        from its log, or None if neither has it. With a remote tier and `check_remote`, a
-        record in memory that is shorter than the remote one (other replicas ran turns
-        since) is read again from it, and one nowhere else is looked for there; without
-        `check_remote` the remote tier is not asked (see `refresh`)."""
+        from its log, or None if neither has it. With `check_remote` it is first brought up
+        to date with the remote tier's (`refresh`, which calls Redis); without, the remote
+        tier is not asked."""
+        if check_remote:
+            self.refresh(session_id)
         key = session_key(session_id)
         with self._lock:
             entries = self._records.get(key)
-            if entries is not None and self._remote is not None and check_remote:
-                longer = self._remote.record_length(key)
-                if longer is not None and longer - 1 > len(entries):
-                    entries = None
             if entries is None:
-                entries = self._read(key, session_id, remote=check_remote)
+                entries = self._read_disk(key, session_id)
                 if entries is None:
                     return None
                 self._records[key] = entries
@@ -223,9 +220,12 @@ class SessionRecords:
             disk_entry.encode_frame(entry) for entry in upto]
         written = self._remote.append_frames(key, frames,
                                              holding=index + 1 if appending else None)
-        if not written:
+        if written:
             with self._lock:
-                self._remote_logged.pop(key, None)  # in doubt: rewrite it next time
+                self._remote_logged[key] = index + 1
+            return True
+        with self._lock:
+            self._remote_logged.pop(key, None)  # in doubt: rewrite it next time
         if written is False:
             log.warning("session %r: another replica wrote its record meanwhile; its "
                         "record stands and this replica's turn %d is not in it",
@@ -236,11 +236,7 @@ class SessionRecords:
                 remote = self._remote_entries(frames, key, session_id)
                 if remote is not None and self._records.get(key) is entries:
                     self._records[key] = remote
-        if not written:
-            return False
-        with self._lock:
-            self._remote_logged[key] = index + 1
-        return True
+        return False
 
     def _header(self, session_id: str) -> bytes:
         return disk_entry.encode_frame({"format_version": LOG_FORMAT_VERSION,
@@ -251,14 +247,6 @@ class SessionRecords:
         """A whole log: its header frame, then one frame per entry."""
         return self._header(session_id) + b"".join(
             disk_entry.encode_frame(entry) for entry in entries)
-
-    def _read(self, key: str, session_id: str, *, remote: bool = True) -> list | None:
-        """Under the lock: the entries of the session's log on disk, else (if `remote`)
-        of its record on the remote tier, or None."""
-        entries = self._read_disk(key, session_id)
-        if entries is None and remote and self._remote is not None:
-            entries = self._remote_entries(self._remote.frames(key), key, session_id)
-        return entries
 
     def _remote_entries(self, data: bytes, key: str, session_id: str) -> list | None:
         """Under the lock: the entries of the remote record frames `data` (up to a damaged

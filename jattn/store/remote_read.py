@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jattn.store.remote_tier import stacked
 from jattn.store.tier import BlockKV
 
 log = logging.getLogger("jattn.store")
@@ -61,9 +62,7 @@ class RemoteRead:
             return
         if arrived:
             layers = [future.result() for future in self._layers]
-            blocks = [BlockKV(np.stack([layer[i][0] for layer in layers]),
-                              np.stack([layer[i][1] for layer in layers]))
-                      for i in range(len(self.keys))]
+            blocks = [stacked([layer[i] for layer in layers]) for i in range(len(self.keys))]
             self._on_arrival(self.keys, blocks, time.perf_counter() - start)
 
     def _read_layers(self) -> bool:

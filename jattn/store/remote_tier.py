@@ -56,6 +56,11 @@ return 1
 """
 
 
+def stacked(layers: list[tuple[np.ndarray, np.ndarray]]) -> BlockKV:
+    """The block whose layers are `layers`, `(k, v)` `[block_size, Hkv, D]` each, in order."""
+    return BlockKV(np.stack([k for k, _ in layers]), np.stack([v for _, v in layers]))
+
+
 class RemoteTier:
     """A `BlockTier` in the Redis at `url` (`redis://[user:password@]host:port/db` or
     `rediss://` for TLS), its keys under `prefix`, for the model `fingerprint`.
@@ -138,7 +143,7 @@ class RemoteTier:
             if got is None:
                 return None
             layers.append((got[0], got[1]))
-        return BlockKV(np.stack([k for k, _ in layers]), np.stack([v for _, v in layers]))
+        return stacked(layers)
 
     def _checked(self, key: bytes, layer: int, data: bytes | None
                  ) -> tuple[np.ndarray, np.ndarray, int] | None:

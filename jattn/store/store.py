@@ -138,14 +138,14 @@ class AttentionStore:
                 with self._lock:
                     self._counts["misses"] += 1
                 break
-            block, name = got
-            position = next(i for i, tier in enumerate(self._tiers) if tier.name == name)
+            block, position = got
+            name = self._tiers[position].name
             for faster in self._tiers[:position]:
                 faster.put(key, block)
             for slower in self._tiers[position + 1:]:
                 slower.touch([key])
             self._count_hits(name, 1, block.nbytes)
-            found.append(got)
+            found.append((block, name))
         return found
 
     def _count_hits(self, tier: str, blocks: int, nbytes: int) -> None:
@@ -153,14 +153,15 @@ class AttentionStore:
             self._counts[f"{tier}_hits"] += blocks
             self._counts[f"{tier}_bytes_loaded"] += nbytes
 
-    def _get_local(self, key: bytes) -> tuple[BlockKV, str] | None:
-        """The block from the first tier before the remote one with a good copy."""
-        for tier in self._tiers:
+    def _get_local(self, key: bytes) -> tuple[BlockKV, int] | None:
+        """The block from the first tier before the remote one with a good copy, and that
+        tier's position."""
+        for position, tier in enumerate(self._tiers):
             if tier is self._remote:
                 return None
             block = tier.get(key)
             if block is not None:
-                return block, tier.name
+                return block, position
         return None
 
     @property
@@ -399,13 +400,15 @@ class AttentionStore:
     def _count_load(self, timing: LoadTiming, *, remote: bool) -> None:
         """Adds a finished load's seconds to the stats (also to the remote tier's, if it
         read blocks from it)."""
+        counters = [("layerwise_loads", "load")]
+        if remote:
+            counters.append(("remote_loads", "remote_load"))
         with self._lock:
-            for counted, prefix in (("layerwise_loads", "load"), ("remote_loads", "remote_load")
-                                    )[:2 if remote else 1]:
-                self._counts[counted] += 1
-                self._counts[f"{prefix}_seconds"] += timing.transfer
-                self._counts[f"{prefix}_stall_seconds"] += timing.stall
-                self._counts[f"{prefix}_hidden_seconds"] += timing.hidden
+            for count, seconds in counters:
+                self._counts[count] += 1
+                self._counts[f"{seconds}_seconds"] += timing.transfer
+                self._counts[f"{seconds}_stall_seconds"] += timing.stall
+                self._counts[f"{seconds}_hidden_seconds"] += timing.hidden
 
     def count_device_hits(self, blocks: int, nbytes: int) -> None:
         """The engine reports blocks it reused straight from its device pool."""
