@@ -6,9 +6,9 @@ TTFT from each tier, and the server under load. Run through `device_check.sh`.
 Steps, each a subprocess under its own time limit (a step that fails or runs out of time
 is recorded and the next one runs):
 
-  kernel_tests  the kernel tests (prefill, paged decode, merge, block positions) of the
-                Pallas GPU kernels against the float64 oracle: compiled on a GPU (about
-                3 s of compilation a case), interpreted on a CPU.
+  kernel_tests  the kernel tests (prefill, paged decode, merge, block positions, ragged
+                batches) of the Pallas GPU kernels against the float64 oracle: compiled on
+                a GPU (about 3 s of compilation a case), interpreted on a CPU.
   kernels       `benchmarks/kernels.py`: decode bandwidth against a device copy of the
                 same bytes (4K–32K, Llama-3-8B heads, bf16), prefill against
                 `jax.nn.dot_product_attention` (1K–8K).
@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED_MODEL = os.path.join(ROOT, "jattn", "models", "stories260K")
 KERNEL_TEST_FILES = ("tests/test_flash_attention.py", "tests/test_paged_attention.py",
-                     "tests/test_merge_attention.py", "tests/test_block_positions.py")
+                     "tests/test_merge_attention.py", "tests/test_block_positions.py",
+                     "tests/test_ragged_attention.py")
 STEP_NAMES = ("kernel_tests", "kernels", "multiturn", "serve_load")
 TEST_OUTCOME = re.compile(r"^(tests/\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 

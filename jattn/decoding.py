@@ -72,22 +72,30 @@ class Continuation:
         return None
 
 
-def sample_next(continuations: list[Continuation], logits) -> list[int]:
+def sample_next(continuations: list[Continuation | None], logits) -> list[int | None]:
     """The next token of each continuation, continuation i's from row i of
-    `logits [R, V]` (R >= len(continuations); later rows are ignored), in one call: a
-    decode batch costs one sampling dispatch and one transfer of R token ids."""
+    `logits [R, V]` (R >= len(continuations); later rows, and rows whose continuation
+    is None, are not sampled: None), in one call: a batch costs one sampling dispatch
+    and one transfer of R token ids."""
     rows = logits.shape[0]
-    key_data = np.zeros((rows, *continuations[0].key_data.shape),
-                        continuations[0].key_data.dtype)
+    key_data = None
     draws = np.zeros(rows, np.int32)
-    temperature = np.zeros(rows, np.float32)  # padding rows: greedy, the cheapest
+    temperature = np.zeros(rows, np.float32)  # rows not sampled: greedy, the cheapest
     top_k = np.zeros(rows, np.int32)
     top_p = np.ones(rows, np.float32)
     for row, continuation in enumerate(continuations):
+        if continuation is None:
+            continue
+        if key_data is None:
+            key_data = np.zeros((rows, *continuation.key_data.shape),
+                                continuation.key_data.dtype)
         p = continuation.params
         key_data[row], draws[row] = continuation.key_data, continuation.draws
         temperature[row], top_p[row] = p.temperature, p.top_p
         top_k[row] = min(p.top_k, logits.shape[-1])  # past the vocabulary: all of it
         continuation.draws += 1
+    if key_data is None:
+        return [None] * len(continuations)
     tokens = np.asarray(sample_rows(logits, key_data, draws, temperature, top_k, top_p))
-    return tokens[:len(continuations)].tolist()
+    return [int(token) if continuation is not None else None
+            for token, continuation in zip(tokens, continuations)]

@@ -67,7 +67,9 @@ class LLM:
       block_size: tokens per KV block.
       max_context: longest sequence (prompt + new tokens); default the model's window.
       num_blocks: KV pool size in blocks; default two max-context sequences.
-      prefill_chunk: prefill runs in chunks of this many tokens.
+      prefill_chunk: the most tokens one model step packs: prompt chunks of several
+        turns and the decode batch's tokens together.
+      max_running: the most turns one model step runs (and the engine's batch).
       backend: attention backend (see `pallas_kernels.backend`).
       params_cache: a directory for the converted parameters (orbax): restored from if
         present, written after loading safetensors otherwise.
@@ -81,6 +83,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
                  seed: int = 0, block_size: int = 16, max_context: int | None = None,
                  num_blocks: int | None = None, prefill_chunk: int = 512,
+                 max_running: int = 32,
                  backend: str = "auto", params_cache: str | None = None,
                  store: StoreConfig | None | str = "auto", kv_parallel: int = 1):
         path = EMBEDDED_MODEL if model is None else os.fspath(model)
@@ -99,7 +102,8 @@ class LLM:
         self.runner = ModelRunner(
             self._build(path, random_weights, seed, params_cache),
             num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
-            prefill_chunk=prefill_chunk, backend=backend, mesh=kv_mesh(kv_parallel))
+            max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,
+            backend=backend, mesh=kv_mesh(kv_parallel))
         if store == "auto":
             store = StoreConfig.sized_for_machine(block_size=block_size,
                                                   hbm_bytes=self.runner.pool.nbytes() // 2)
@@ -160,7 +164,8 @@ class LLM:
         if self._engine is not None:
             raise RuntimeError("this LLM's engine is already running")
         self._engine = Engine(self.chats, limits or EngineLimits(
-            max_prompt_tokens=self.max_context, max_tokens=self.max_context),
+            max_running=self.chats.max_turns_per_step, max_prompt_tokens=self.max_context,
+            max_tokens=self.max_context),
             warm_up=warm_up, on_failure=on_failure)
         return self._engine
 

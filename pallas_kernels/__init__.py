@@ -2,6 +2,8 @@
 
     flash_attention(q, k, v, ...)          prefill over a contiguous KV cache
     paged_attention(q, k_pages, ...)       decode over a paged KV cache (split-K)
+    ragged_paged_attention(q, k_pages, ...) prefill chunks and decodes of many sequences
+                                           packed together, over a paged KV cache
     merge_attention(outs, lses)            exact merge of partials by LSE
 
 Each has Pallas kernels for GPU (Triton) and TPU (Mosaic), a tiled XLA path (the fast
@@ -9,8 +11,9 @@ path on CPU) and a dense reference; `backend=` picks one (see `pallas_kernels.ba
 This package knows nothing of models.
 """
 
-from pallas_kernels.attention import flash_attention, paged_attention
+from pallas_kernels.attention import flash_attention, paged_attention, ragged_paged_attention
 from pallas_kernels.backend import BACKENDS
 from pallas_kernels.merge import merge_attention
 
-__all__ = ["BACKENDS", "flash_attention", "merge_attention", "paged_attention"]
+__all__ = ["BACKENDS", "flash_attention", "merge_attention", "paged_attention",
+           "ragged_paged_attention"]

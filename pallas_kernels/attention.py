@@ -17,9 +17,24 @@ from pallas_kernels.flash_gpu import flash_attention_gpu
 from pallas_kernels.flash_tpu import flash_attention_tpu
 from pallas_kernels.paged_gpu import paged_attention_gpu
 from pallas_kernels.paged_tpu import paged_attention_tpu
-from pallas_kernels.reference import flash_attention_reference, paged_attention_reference
-from pallas_kernels.validation import check_flash_args, check_inv_freq, check_paged_args
-from pallas_kernels.xla_attention import flash_attention_xla, paged_attention_xla
+from pallas_kernels.ragged_gpu import ragged_paged_attention_gpu
+from pallas_kernels.ragged_tpu import ragged_paged_attention_tpu
+from pallas_kernels.reference import (
+    flash_attention_reference,
+    paged_attention_reference,
+    ragged_paged_attention_reference,
+)
+from pallas_kernels.validation import (
+    check_flash_args,
+    check_inv_freq,
+    check_paged_args,
+    check_ragged_args,
+)
+from pallas_kernels.xla_attention import (
+    flash_attention_xla,
+    paged_attention_xla,
+    ragged_paged_attention_xla,
+)
 
 
 def _empty_result(rows: tuple[int, ...], head_dim: int, dtype):
@@ -162,3 +177,63 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
         return _empty_result((batch, hq), d, q.dtype)
     return _paged(q, k_pages, v_pages, block_tables, lengths, key_rope_inv_freq,
                   block_positions, sm_scale=sm_scale, choice=choice, num_splits=num_splits)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "choice", "block_q"))
+def _ragged(q, k_pages, v_pages, block_tables, query_starts, kv_lengths, inv_freq, *,
+            sm_scale, choice, block_q):
+    tables, kv_lengths = sanitize_block_tables(
+        block_tables, kv_lengths, num_blocks=k_pages.shape[0], block_size=k_pages.shape[1])
+    args = (q, k_pages, v_pages, tables, query_starts.astype(jnp.int32), kv_lengths)
+    kwargs = dict(sm_scale=sm_scale, key_rope_inv_freq=inv_freq)
+    if choice.kind == "reference":
+        return ragged_paged_attention_reference(*args, **kwargs)
+    if block_q is not None:
+        kwargs["block_q"] = block_q
+    if choice.kind == "xla":
+        return ragged_paged_attention_xla(*args, **kwargs)
+    if choice.kind == "pallas_gpu":
+        return ragged_paged_attention_gpu(*args, **kwargs, interpret=choice.interpret)
+    return ragged_paged_attention_tpu(*args, **kwargs, interpret=choice.interpret)
+
+
+def ragged_paged_attention(q, k_pages, v_pages, block_tables, query_starts, kv_lengths, *,
+                           sm_scale: float | None = None, backend: str = "auto",
+                           key_rope_inv_freq=None, block_q: int | None = None):
+    """Attention of a ragged batch (query runs of many sequences packed into one array)
+    over a paged KV cache, with its LSE: chunked prefills and decodes in one call.
+
+    Args:
+      q: `[T, Hq, D]`. Sequence s owns rows `query_starts[s] <= t < query_starts[s + 1]`,
+        its newest tokens: row t is at position `kv_lengths[s] - (query_starts[s + 1] - t)`
+        and sees that sequence's keys up to its own position (causal). Rows from
+        `query_starts[S]` on are padding.
+      k_pages, v_pages: `[num_blocks, block_size, Hkv, D]` the block pool, holding every
+        key of each sequence, this call's included. Slots no sequence owns may hold
+        anything, NaN included.
+      block_tables: int32 `[S, max_blocks]`; sequence s's token i lives in block
+        `block_tables[s, i // block_size]`, slot `i % block_size`. Entries past its last
+        block are never read.
+      query_starts: int32 `[S + 1]`, non-decreasing from 0: the cumulative query counts.
+        A sequence with no rows (padding) is allowed.
+      kv_lengths: int32 `[S]`, keys per sequence (its rows included).
+      sm_scale: score scale, default `D ** -0.5`.
+      backend: see `pallas_kernels.backend`.
+      key_rope_inv_freq: `[D/2]` float32 or None. Given, the pool holds keys without
+        position and token i's key is rotated to position i inside the kernel; q must
+        already be rotated to its own positions.
+      block_q: query rows per tile; `None` keeps the backend's default.
+
+    Returns:
+      `(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)`; padding rows, and rows that
+      see no key, get out = 0 and lse = -inf.
+    """
+    check_ragged_args(q, k_pages, v_pages, block_tables, query_starts, kv_lengths)
+    check_inv_freq(key_rope_inv_freq, q.shape[-1])
+    choice = backends.resolve(backend)
+    t, hq, d = q.shape
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    if t == 0 or block_tables.shape[1] == 0 or k_pages.shape[0] == 0:
+        return _empty_result((t, hq), d, q.dtype)
+    return _ragged(q, k_pages, v_pages, block_tables, query_starts, kv_lengths,
+                   key_rope_inv_freq, sm_scale=sm_scale, choice=choice, block_q=block_q)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import rotary
+from pallas_kernels import rotary, tiling
 
 
 def _masked_softmax_attention(q, k, v, visible, sm_scale: float):
@@ -71,3 +71,27 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sm_
         outs.append(out[0])
         lses.append(lse[0])
     return jnp.stack(outs), jnp.stack(lses)
+
+
+def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, query_starts,
+                                     kv_lengths, *, sm_scale, key_rope_inv_freq=None):
+    """Dense ragged attention over gathered pages; arguments as `ragged_paged_attention`
+    (`block_tables` sanitised). Gathers every sequence's whole table for every token:
+    `[T, max_blocks * block_size]` scores per head."""
+    num_blocks, block_size = k_pages.shape[:2]
+    max_blocks = block_tables.shape[1]
+    sequence, position = tiling.ragged_rows(query_starts, kv_lengths, q.shape[0])
+    safe = jnp.minimum(sequence, block_tables.shape[0] - 1)
+    keys = jnp.arange(max_blocks * block_size)
+    k = k_pages[block_tables].reshape(block_tables.shape[0], -1, *k_pages.shape[2:])
+    v = v_pages[block_tables].reshape(block_tables.shape[0], -1, *v_pages.shape[2:])
+    if key_rope_inv_freq is not None:
+        k = rotary.rotate(k, jnp.broadcast_to(keys, k.shape[:2]), key_rope_inv_freq
+                          ).astype(k.dtype)
+
+    def one_token(q_row, seq, pos):
+        visible = (keys <= pos)[None, :]  # pos < kv_length; padding (-1) sees nothing
+        out, lse = _masked_softmax_attention(q_row[None], k[seq], v[seq], visible, sm_scale)
+        return out[0], lse[0]
+
+    return jax.vmap(one_token)(q, safe, position)

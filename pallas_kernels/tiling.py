@@ -45,3 +45,86 @@ def prefill_bounds(q_offset, kv_length, num_keys: int):
     """int32 `[2]`: the first query's position and the visible key count (clipped to S)."""
     return jnp.stack([jnp.asarray(q_offset, jnp.int32),
                       jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, num_keys)])
+
+
+def ragged_rows(query_starts, kv_lengths, num_tokens: int):
+    """Where each token of a ragged batch belongs.
+
+    Sequence s owns tokens `query_starts[s] <= t < query_starts[s + 1]` (int32 `[S + 1]`,
+    non-decreasing) and holds `kv_lengths[s]` keys including them, so its tokens are the
+    last of its keys: token t sits at position `kv_lengths[s] - (query_starts[s + 1] - t)`.
+    Returns int32 `(sequence [T], position [T])`; a token past `query_starts[S]` (padding)
+    gets sequence S and position -1.
+    """
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    sequence = jnp.searchsorted(query_starts[1:], token, side="right").astype(jnp.int32)
+    padding = token >= query_starts[-1]
+    safe = jnp.minimum(sequence, kv_lengths.shape[0] - 1)
+    position = kv_lengths[safe] - (query_starts[safe + 1] - token)
+    return sequence, jnp.where(padding, -1, position).astype(jnp.int32)
+
+
+def ragged_work_items(query_starts, *, num_tiles: int, block_q: int):
+    """The (query tile, sequence) pairs a ragged batch's attention is split into.
+
+    Tokens are cut into `num_tiles` tiles of `block_q`; a tile meets every sequence that
+    owns one of its tokens, so a tile holding the end of one sequence and the start of
+    the next gives two items. There are at most `num_tiles + S - 1` items (S sequences;
+    the static count every backend's grid is sized by); items past the real ones have
+    `valid` False. Returns int32 `(tile [W], sequence [W])` and bool `valid [W]`.
+    """
+    num_seqs = query_starts.shape[0] - 1
+    total = query_starts[-1]
+    ends = query_starts[1:]
+    first_token = jnp.arange(num_tiles, dtype=jnp.int32) * block_q
+    last_token = jnp.minimum(first_token + block_q, total) - 1
+    first_seq = jnp.searchsorted(ends, first_token, side="right").astype(jnp.int32)
+    last_seq = jnp.searchsorted(ends, last_token, side="right").astype(jnp.int32)
+    count = jnp.where(first_token < total, last_seq - first_seq + 1, 0)
+    done = jnp.cumsum(count)
+    item = jnp.arange(num_tiles + num_seqs - 1, dtype=jnp.int32)
+    tile = jnp.minimum(jnp.searchsorted(done, item, side="right"), num_tiles - 1)
+    sequence = first_seq[tile] + item - (done[tile] - count[tile])
+    valid = item < done[-1]
+    return (tile.astype(jnp.int32), jnp.where(valid, sequence, 0).astype(jnp.int32), valid)
+
+
+def scatter_work_items(outs, lses, tile, valid, num_tokens: int):
+    """Puts the items' partial results back in token order.
+
+    outs `[W, block_q, Hq, D]` float32, lses `[W, block_q, Hq]` (rows an item does not own
+    hold out 0, lse -inf), `tile`, `valid` as `ragged_work_items` gives them. Each token
+    is owned by exactly one item, so adding outputs and taking the max of LSEs per tile
+    is exact. Returns `(out [T, Hq, D] float32, lse [T, Hq] float32)`.
+    """
+    num_items, block_q = lses.shape[:2]
+    num_tiles = -(-num_tokens // block_q)
+    outs = jnp.where(valid[:, None, None, None], outs, 0.0)
+    lses = jnp.where(valid[:, None, None], lses, -jnp.inf)
+    out = jnp.zeros((num_tiles, *outs.shape[1:]), jnp.float32).at[tile].add(outs)
+    lse = jnp.full((num_tiles, *lses.shape[1:]), -jnp.inf, jnp.float32).at[tile].max(lses)
+    rows = num_tiles * block_q
+    return (out.reshape(rows, *outs.shape[2:])[:num_tokens],
+            lse.reshape(rows, *lses.shape[2:])[:num_tokens])
+
+
+def item_positions(query_starts, kv_lengths, *, num_tokens: int, block_q: int):
+    """The work items of a ragged batch and the positions of their rows.
+
+    Returns `tile [W]`, `sequence [W]`, `valid [W]` as `ragged_work_items` gives
+    them; int32 `positions [W, block_q]`: the position of each row of the item's tile that
+    the item's sequence owns, -1 for every other row (and every row of an invalid item);
+    and int32 `keys [W]`: how many of the sequence's keys the item sees (its last row's
+    position + 1; 0 when it owns no row).
+    """
+    num_tiles = -(-num_tokens // block_q)
+    sequence, position = ragged_rows(query_starts, kv_lengths, num_tokens)
+    tile, item_seq, valid = ragged_work_items(query_starts, num_tiles=num_tiles,
+                                                     block_q=block_q)
+    extra = num_tiles * block_q - num_tokens
+    row_seq = jnp.pad(sequence, (0, extra)).reshape(num_tiles, block_q)
+    row_pos = jnp.pad(position, (0, extra), constant_values=-1).reshape(num_tiles, block_q)
+    owned = (row_seq[tile] == item_seq[:, None]) & valid[:, None]
+    positions = jnp.where(owned, row_pos[tile], -1)
+    keys = jnp.maximum(jnp.max(positions, axis=1) + 1, 0)
+    return tile, item_seq, valid, positions, keys

@@ -48,15 +48,11 @@ def check_flash_args(q, k, v) -> None:
     _check_heads(q.shape[1], k.shape[1], q.shape, k.shape)
 
 
-def check_paged_args(q, k_pages, v_pages, block_tables, lengths) -> None:
-    """Checks the arguments of `paged_attention`.
-
-    q `[B, Hq, D]`; k_pages, v_pages `[num_blocks, block_size, Hkv, D]`;
-    block_tables int32 `[B, max_blocks]`; lengths int32 `[B]`.
-    """
+def _check_query_and_pool(q, k_pages, v_pages, rows: str) -> None:
+    """q `[rows, Hq, D]` and the pool `[num_blocks, block_size, Hkv, D]` x2."""
     if q.ndim != 3:
         raise ValueError(
-            f"q must have rank 3 ([batch, heads, head_dim]), got shape {tuple(q.shape)}"
+            f"q must have rank 3 ([{rows}, heads, head_dim]), got shape {tuple(q.shape)}"
         )
     _check_float("q", q)
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
@@ -81,20 +77,50 @@ def check_paged_args(q, k_pages, v_pages, block_tables, lengths) -> None:
             f"k_pages {tuple(k_pages.shape)}"
         )
     _check_heads(q.shape[1], k_pages.shape[2], q.shape, k_pages.shape)
-    batch = q.shape[0]
-    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+
+
+def _check_int_vector(name: str, x, size: int, meaning: str) -> None:
+    if tuple(x.shape) != (size,):
+        raise ValueError(f"{name} must have shape [{meaning}={size}], got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int32, got dtype {x.dtype}")
+
+
+def _check_tables(block_tables, rows: int, meaning: str) -> None:
+    if block_tables.ndim != 2 or block_tables.shape[0] != rows:
         raise ValueError(
-            f"block_tables must have shape [batch={batch}, max_blocks], got "
+            f"block_tables must have shape [{meaning}={rows}, max_blocks], got "
             f"{tuple(block_tables.shape)}"
         )
     if not jnp.issubdtype(block_tables.dtype, jnp.integer):
         raise ValueError(f"block_tables must be int32, got dtype {block_tables.dtype}")
-    if lengths.shape != (batch,):
-        raise ValueError(
-            f"lengths must have shape [batch={batch}], got {tuple(lengths.shape)}"
-        )
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be int32, got dtype {lengths.dtype}")
+
+
+def check_paged_args(q, k_pages, v_pages, block_tables, lengths) -> None:
+    """Checks the arguments of `paged_attention`.
+
+    q `[B, Hq, D]`; k_pages, v_pages `[num_blocks, block_size, Hkv, D]`;
+    block_tables int32 `[B, max_blocks]`; lengths int32 `[B]`.
+    """
+    _check_query_and_pool(q, k_pages, v_pages, "batch")
+    _check_tables(block_tables, q.shape[0], "batch")
+    _check_int_vector("lengths", lengths, q.shape[0], "batch")
+
+
+def check_ragged_args(q, k_pages, v_pages, block_tables, query_starts, kv_lengths) -> None:
+    """Checks the arguments of `ragged_paged_attention`.
+
+    q `[T, Hq, D]`; the pool as for `paged_attention`; block_tables int32
+    `[S, max_blocks]`; query_starts int32 `[S + 1]`; kv_lengths int32 `[S]`.
+    """
+    _check_query_and_pool(q, k_pages, v_pages, "tokens")
+    if block_tables.ndim != 2 or block_tables.shape[0] < 1:
+        raise ValueError(f"block_tables must have shape [sequences >= 1, max_blocks], got "
+                         f"{tuple(block_tables.shape)}")
+    seqs = block_tables.shape[0]
+    _check_tables(block_tables, seqs, "sequences")
+    _check_int_vector("query_starts", query_starts, seqs + 1, "sequences + 1")
+    _check_int_vector("kv_lengths", kv_lengths, seqs, "sequences")
 
 
 def check_merge_args(outs, lses) -> None:
@@ -121,3 +147,4 @@ def check_inv_freq(inv_freq, head_dim: int) -> None:
             f"key_rope_inv_freq must have shape [head_dim / 2] = ({head_dim // 2},), "
             f"got {tuple(inv_freq.shape)}"
         )
+

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import online_softmax, rotary
+from pallas_kernels import online_softmax, rotary, tiling
 from pallas_kernels.tile_matmul import precision_for
 from pallas_kernels.tiling import pad_to, visible_kv_blocks
 
@@ -125,3 +125,63 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     num_chunks = jnp.minimum(num_chunks, tables.shape[1] // pages_per_chunk)
     out, lse = online_softmax.finish(*jax.lax.fori_loop(0, num_chunks, body, state))
     return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)
+
+
+def ragged_paged_attention_xla(q, k_pages, v_pages, block_tables, query_starts, kv_lengths,
+                               *, sm_scale, key_rope_inv_freq=None, block_q: int = 16,
+                               chunk_tokens: int = 64):
+    """Ragged attention over a paged cache; arguments and results as
+    `ragged_paged_attention` (`block_tables` sanitised).
+
+    q `[T, Hq, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32. Work goes by
+    (query tile, sequence) items (`tiling.ragged_work_items`): item (i, s) takes the
+    `block_q` queries of tile i that sequence s owns and walks s's pages in chunks of about
+    `chunk_tokens` tokens, up to the last key its last query sees, rotating each chunk's
+    keys to their positions as they are gathered (with `key_rope_inv_freq [D/2]`).
+    """
+    t, hq, d = q.shape
+    _, block_size, hkv, _ = k_pages.shape
+    group = hq // hkv
+    block_q = min(block_q, t)
+    num_tiles = -(-t // block_q)
+    pages_per_chunk = min(max(1, chunk_tokens // block_size), block_tables.shape[1])
+    tables = pad_to(block_tables, pages_per_chunk, axis=1)
+    step_tokens = pages_per_chunk * block_size
+    q_tiles = (pad_to(q, block_q).reshape(num_tiles, block_q, hkv, group, d)
+               .transpose(0, 2, 3, 1, 4).astype(jnp.float32) * sm_scale)
+    tile, item_seq, valid, item_pos, keys = tiling.item_positions(
+        query_starts, kv_lengths, num_tokens=t, block_q=block_q)
+    precision = precision_for(q.dtype)
+
+    def attend_item(args):
+        tile_index, seq, pos, seen_keys = args
+        q_tile = q_tiles[tile_index]
+        table = tables[seq]
+
+        def body(c, state):
+            ids = jax.lax.dynamic_slice_in_dim(table, c * pages_per_chunk, pages_per_chunk)
+            k_pos = c * step_tokens + jnp.arange(step_tokens)
+            k = k_pages[ids].reshape(step_tokens, hkv, d)
+            if key_rope_inv_freq is not None:
+                k = rotary.rotate(k, k_pos, key_rope_inv_freq).astype(k.dtype)
+            visible = k_pos[None, :] <= pos[:, None]
+            seen = jnp.any(visible, axis=0)
+            v = v_pages[ids].reshape(step_tokens, hkv, d).transpose(1, 0, 2)
+            v = jnp.where(seen[None, :, None], v.astype(jnp.float32), 0.0)
+            scores = jnp.einsum("hgqd,hkd->hgqk", q_tile,
+                                k.transpose(1, 0, 2).astype(jnp.float32), precision=precision)
+            scores = jnp.where(visible, scores, -jnp.inf)
+            return online_softmax.update(
+                *state, scores, v,
+                lambda p, vals: jnp.einsum("hgqk,hkd->hgqd", p, vals, precision=precision))
+
+        state = online_softmax.initial_state((hkv, group, block_q), d)
+        chunks = jnp.minimum(jax.lax.div(seen_keys + step_tokens - 1, step_tokens),
+                             tables.shape[1] // pages_per_chunk)
+        out, lse = online_softmax.finish(*jax.lax.fori_loop(0, chunks, body, state))
+        return (out.transpose(2, 0, 1, 3).reshape(block_q, hq, d),
+                lse[..., 0].transpose(2, 0, 1).reshape(block_q, hq))
+
+    outs, lses = jax.lax.map(attend_item, (tile, item_seq, item_pos, keys))
+    out, lse = tiling.scatter_work_items(outs, lses, tile, valid, t)
+    return out.astype(q.dtype), lse

@@ -188,7 +188,8 @@ def _replay(args) -> int:
         store = (StoreConfig.sized_for_machine(block_size=args.block_size, hbm_bytes=1 << 30)
                  if args.store == "on" else None)
         llm = LLM(args.model, random_weights=args.random_weights, store=store,
-                  block_size=args.block_size, num_blocks=args.num_blocks)
+                  block_size=args.block_size, num_blocks=args.num_blocks,
+                  max_running=args.max_running)
         engine = llm.start_engine(EngineLimits(max_running=args.max_running,
                                                max_queue=max(len(requests), 1)),
                                   warm_up=args.warm_up)

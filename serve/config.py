@@ -53,7 +53,8 @@ class ServeConfig:
     kv_parallel: int = field(default=1, metadata={
         "help": "devices the KV pool is spread over (DistAttention); 1: one device"})
     prefill_chunk: int = field(default=512, metadata={
-        "help": "tokens per prefill chunk interleaved with decode steps"})
+        "help": "the most tokens one model step packs: chunks of several turns' prompts "
+                "together with the decode batch's tokens"})
     store: bool = field(default=True, metadata={
         "help": "keep conversations' KV between turns (false: recompute every turn)"})
     hbm_bytes: int | None = field(default=None, metadata={
@@ -68,7 +69,11 @@ class ServeConfig:
     remote_prefix: str = field(default="jattn:", metadata={
         "help": "prefix of every Redis key of the remote tier"})
     max_queue: int = field(default=256, metadata={"help": "turns waiting; more: RESOURCE_EXHAUSTED"})
-    max_running: int = field(default=32, metadata={"help": "turns decoded together"})
+    max_running: int = field(default=32, metadata={
+        "help": "turns run together (decoding or prefilling)"})
+    max_prefill_seqs: int = field(default=32, metadata={
+        "help": "most turns whose prompts one model step prefills (1: one turn's chunk "
+                "per step, beside the decodes)"})
     max_prompt_tokens: int = field(default=8192, metadata={"help": "new tokens per turn"})
     max_tokens: int = field(default=2048, metadata={"help": "tokens per answer, at most"})
     default_max_tokens: int = field(default=256, metadata={

@@ -50,7 +50,7 @@ def build_llm(config: ServeConfig) -> LLM:
     llm = LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
               block_size=config.block_size, max_context=config.max_context,
               num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
-              store=store, kv_parallel=config.kv_parallel)
+              max_running=config.max_running, store=store, kv_parallel=config.kv_parallel)
     if store is not None and "hbm_bytes" not in overrides:
         llm.chats.hbm_bytes = llm.runner.pool.nbytes() // 2
     return llm
@@ -66,7 +66,7 @@ class Server:
         self.health = health.HealthServicer()
         self.engine = self.llm.start_engine(EngineLimits(
             max_queue=config.max_queue, max_running=config.max_running,
-            max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
+            max_prefill_seqs=config.max_prefill_seqs, max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
             max_sessions=config.max_sessions), warm_up=config.warm_up,
             on_failure=self._engine_failed)
         self.metrics = Metrics(self.engine, port=config.metrics_port)

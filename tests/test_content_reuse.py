@@ -68,15 +68,23 @@ def test_reused_kv_equals_a_one_shot_prefill(stateless, tier, tmp_path):
     keys = context_keys(conversation)
     turn = llm.chats.begin("s", [5, 6, 7], llm_params(), ignore_eos=True, start_time=0.0)
     assert turn.result.tiers == {tier: len(keys)}
-    logits = None
-    while logits is None:  # the first chunk lands the blocks arriving from host or disk
-        logits = llm.chats.prefill_chunk(turn)
+    prefill_alone(llm.chats, turn)  # its first tokens land the blocks arriving
     reused = read_blocks(llm, turn.table[:len(keys)])
     llm.chats.abort(turn)
     tokens = conversation.tokens[:len(keys) * 16]
     expected = one_shot_blocks(stateless, tokens)
     for got, want in zip(reused, expected):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def prefill_alone(chats, turn):
+    """Runs a turn's whole prompt as the engine would with no other turn: its loading
+    prefill, then packed steps. Returns the logits `[V]` of its first answer token."""
+    logits = chats.prefill_loading(turn) if turn.loading else None
+    while turn.prefilling:
+        count = min(len(turn.turn_tokens) - turn.prefilled, chats.step_tokens)
+        logits = chats.step([], [(turn, count)])[0]
+    return logits
 
 
 def llm_params():
@@ -110,9 +118,7 @@ def test_scopes_never_share_a_block():
         turn = chats.begin(OneOff(number), prompt, SamplingParams(max_tokens=4),
                            ignore_eos=True, start_time=0.0, ephemeral=True, scope=scope)
         cached = turn.result.cached_tokens
-        logits = None
-        while logits is None:
-            logits = chats.prefill_chunk(turn)
+        logits = prefill_alone(chats, turn)
         turn.continuation.take(int(np.argmax(logits)))
         chats.complete(turn)
         return cached

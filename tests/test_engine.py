@@ -5,6 +5,7 @@ import logging
 import threading
 
 import jax
+import numpy as np
 import pytest
 
 from jattn import LLM, StoreConfig
@@ -56,6 +57,29 @@ def test_concurrent_sessions_equal_one_at_a_time(alone):
     assert stats["completed"] == 32 and stats["tokens_reused"] > 0
     assert engine.describe("s3")["turns"] == len(MESSAGES)
     engine.shutdown()
+
+
+@pytest.mark.parametrize("prefill_seqs", [1, 8])
+def test_turns_arriving_together_prefill_together_and_equal_alone(prefill_seqs):
+    """Eight one-offs submitted at once, with prompts longer and shorter than a step's
+    token budget: packed steps (several prompts' chunks per step, beside the decodes)
+    give each the tokens it gets alone; `max_prefill_seqs=1` prefills one per step."""
+    rng = np.random.default_rng(prefill_seqs)
+    prompts = [rng.integers(3, 512, size=n).tolist() for n in (5, 70, 33, 1, 130, 16, 64, 9)]
+    sequential = LLM(store=None, prefill_chunk=64)
+    alone = [sequential.generate(p, max_tokens=6, ignore_eos=True).token_ids for p in prompts]
+    engine = LLM(store=None, prefill_chunk=64).start_engine(
+        EngineLimits(max_running=8, max_prefill_seqs=prefill_seqs))
+    streams = [engine.submit(TurnRequest(None, "tokens", tuple(p), SamplingParams(max_tokens=6),
+                                         ignore_eos=True)) for p in prompts]
+    assert [[token.id for token in stream] for stream in streams] == alone
+    stats = engine.stats()
+    engine.shutdown()
+    assert stats["prefill_chunks"] >= len(prompts)
+    if prefill_seqs == 1:
+        assert stats["prefill_chunks"] == stats["prefill_steps"]
+    else:  # at least the first step packs every prompt that fits its budget
+        assert stats["prefill_chunks"] >= stats["prefill_steps"] + 4
 
 
 def test_one_off_equals_a_stateless_generation_and_leaves_nothing():

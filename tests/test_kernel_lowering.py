@@ -12,9 +12,13 @@ from pallas_kernels.flash_gpu import flash_attention_gpu
 from pallas_kernels.flash_tpu import flash_attention_tpu
 from pallas_kernels.paged_gpu import paged_attention_gpu
 from pallas_kernels.paged_tpu import paged_attention_tpu
+from pallas_kernels.ragged_gpu import ragged_paged_attention_gpu
+from pallas_kernels.ragged_tpu import ragged_paged_attention_tpu
 
 PLATFORMS = [("cuda", flash_attention_gpu, paged_attention_gpu, "__gpu$xla.gpu.triton"),
              ("tpu", flash_attention_tpu, paged_attention_tpu, "tpu_custom_call")]
+RAGGED_PLATFORMS = [("cuda", ragged_paged_attention_gpu, "__gpu$xla.gpu.triton"),
+                    ("tpu", ragged_paged_attention_tpu, "tpu_custom_call")]
 
 
 def _lower(fn, platform, *shapes):
@@ -45,3 +49,21 @@ def test_kernels_lower(platform, flash, paged, custom_call, dtype, head_dim, rop
                     ((64, 16, 2, head_dim), dtype), ((4, 16), jnp.int32), ((4,), jnp.int32)]
     assert custom_call in _lower(decode, platform, *paged_shapes)
     assert custom_call in _lower(decode, platform, *paged_shapes, ((4, 16), jnp.int32))
+
+
+@pytest.mark.parametrize("platform,ragged,custom_call", RAGGED_PLATFORMS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("head_dim", [128, 64, 8])
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rotated_keys"])
+def test_ragged_kernels_lower(platform, ragged, custom_call, dtype, head_dim, rope):
+    inv_freq = jnp.linspace(1.0, 1e-4, head_dim // 2) if rope else None
+
+    def mixed_batch(q, k_pages, v_pages, tables, query_starts, kv_lengths):
+        return ragged(q, k_pages, v_pages, tables, query_starts, kv_lengths, sm_scale=0.125,
+                      key_rope_inv_freq=inv_freq)
+
+    pool = ((64, 16, 2, head_dim), dtype)
+    tables, query_starts, kv_lengths = ((4, 16), jnp.int32), ((5,), jnp.int32), ((4,), jnp.int32)
+    for tokens in (200, 1):
+        assert custom_call in _lower(mixed_batch, platform, ((tokens, 8, head_dim), dtype),
+                                     pool, pool, tables, query_starts, kv_lengths)

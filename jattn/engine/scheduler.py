@@ -2,9 +2,12 @@
 
 One thread owns the model. Each step it admits waiting turns while the batch has room
 (a turn whose session already has one in flight waits its turn; a turn that does not
-fit the block pool waits for blocks), runs one prefill chunk of the oldest turn still
-prefilling — so a long prompt is spread over many steps and never stalls the batch —
-and one decode step for every turn past its prefill, together. A turn reuses its
+fit the block pool waits for blocks), then runs one packed model step: the next token of
+every turn past its prefill, and prompt chunks of up to `max_prefill_seqs` turns still
+prefilling, oldest first, filling the step's token budget — so many turns that arrive
+together prefill together, and a long prompt is spread over many steps and never stalls
+the batch. A turn whose context arrives from host memory or disk first runs its opening
+tokens layer by layer, alone, while the blocks come. A turn reuses its
 session's KV through the `ChatEngine` and the AttentionStore; the queue's next
 sessions go to `AttentionStore.hint`, which prefetches them from disk and keeps them
 from eviction. Tokens reach each `TurnStream` as they are sampled; a cancelled turn
@@ -36,7 +39,6 @@ from jattn.store.remote_read import RemoteBlockLost
 from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
-from jattn.model.kv_cache import bucket, powers_of_two
 from jattn.sampling import SamplingParams
 from jattn.engine.errors import (
     EngineStopped,
@@ -60,11 +62,12 @@ log = logging.getLogger("jattn.engine")
 @dataclass(frozen=True)
 class EngineLimits:
     """Limits of an engine: `max_queue` turns waiting, `max_running` turns in the batch,
-    `max_prompt_tokens` new tokens per turn, `max_tokens` per answer, `max_sessions`
-    conversations known at once."""
+    `max_prefill_seqs` turns prefilled in one step, `max_prompt_tokens` new tokens per
+    turn, `max_tokens` per answer, `max_sessions` conversations known at once."""
 
     max_queue: int = 256
     max_running: int = 32
+    max_prefill_seqs: int = 32
     max_prompt_tokens: int = 8192
     max_tokens: int = 2048
     max_sessions: int = 100_000
@@ -75,12 +78,12 @@ class EngineLimits:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _warm_up_sampling(chats: ChatEngine, max_batch: int) -> None:
-    """Compiles sampling from the logits of every decode batch size and of a prefill,
+def _warm_up_sampling(chats: ChatEngine) -> None:
+    """Compiles sampling from the logits of every model step and of a loading prefill,
     placed where the model's steps leave them."""
     continuation = Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
                                 result=Generation("", [], "length"), start_time=0.0)
-    for rows in powers_of_two(1, bucket(max_batch, 1)):
+    for rows in chats.logit_row_counts():
         logits = jax.device_put(jnp.zeros((rows, chats.vocab_size), jnp.float32),
                                 chats.runner.load_sharding)
         sample_next([continuation], logits)
@@ -110,9 +113,12 @@ class Engine:
 
     def __init__(self, chats: ChatEngine, limits: EngineLimits = EngineLimits(), *,
                  warm_up: bool = False, on_failure=None):
+        if limits.max_running > chats.max_turns_per_step:
+            raise ValueError(f"max_running ({limits.max_running}) is more than the "
+                             f"{chats.max_turns_per_step} turns a model step runs")
         if warm_up:
-            chats.warm_up(max_batch=limits.max_running)
-            _warm_up_sampling(chats, limits.max_running)
+            chats.warm_up()
+            _warm_up_sampling(chats)
         self.chats = chats
         self.limits = limits
         self._condition = threading.Condition()
@@ -304,7 +310,7 @@ class Engine:
             except Exception as error:  # handed to the caller
                 outcome["error"] = error
             done.set()
-        for phase in (self._admit, self._hint, self._prefill_step, self._decode_step):
+        for phase in (self._admit, self._hint, self._loading_step, self._model_step):
             try:
                 phase()
             except Exception as error:
@@ -424,21 +430,21 @@ class Engine:
             self._hinted = upcoming
             self.chats.hint(upcoming)
 
-    def _prefill_step(self) -> None:
-        stream = next((s for s, t in self._active.items()
-                       if t.prefilled < len(t.turn_tokens)), None)
+    def _loading_step(self) -> None:
+        """The opening tokens of the oldest turn whose blocks arrive from the store."""
+        stream = next((s for s, t in self._active.items() if t.loading), None)
         if stream is None:
             return
         turn = self._active[stream]
         try:
-            logits = self.chats.prefill_chunk(turn)
+            logits = self.chats.prefill_loading(turn)
             if logits is not None:
                 self._deliver(stream, turn, turn.continuation.sample(logits))
         except RemoteBlockLost as lost:
             log.warning("restarting a turn without the remote tier: %s", lost)
             self._restart(stream, {"fetch_remote": False})
         except Exception as error:
-            log.exception("a prefill chunk failed")
+            log.exception("a loading prefill failed")
             self._fail_turn(stream, error)
 
     def _restart(self, stream: TurnStream, resume: dict) -> None:
@@ -453,20 +459,40 @@ class Engine:
             self._waiting.appendleft(stream)
             self._fetching[stream] = (ready, turn.continuation.start_time, resume)
 
-    def _decode_step(self) -> None:
-        ready = [(s, t) for s, t in self._active.items()
-                 if t.prefilled == len(t.turn_tokens) and t.continuation.steps > 0]
-        if not ready:
+    def _model_step(self) -> None:
+        """One packed step: every decoding turn's next token, and prompt chunks of the
+        oldest prefilling turns (at most `max_prefill_seqs`) within the token budget."""
+        decoding = [(s, t) for s, t in self._active.items()
+                    if not t.prefilling and t.continuation.steps > 0]
+        budget = self.chats.step_tokens - len(decoding)
+        prefilling = []
+        for stream, turn in self._active.items():
+            if budget < 1 or len(prefilling) >= self.limits.max_prefill_seqs:
+                break
+            if turn.prefilling and not turn.loading:
+                count = min(len(turn.turn_tokens) - turn.prefilled, budget)
+                prefilling.append((stream, turn, count))
+                budget -= count
+        if not decoding and not prefilling:
             return
+        members = decoding + [(s, t) for s, t, _ in prefilling]
+        self.counters["model_steps"] += 1
+        if prefilling:
+            self.counters["prefill_steps"] += 1
+            self.counters["prefill_chunks"] += len(prefilling)
         try:
-            logits = self.chats.decode([t for _, t in ready])
-            tokens = sample_next([t.continuation for _, t in ready], logits)
+            logits = self.chats.step([t for _, t in decoding],
+                                     [(t, count) for _, t, count in prefilling])
+            tokens = sample_next([None if t.prefilling else t.continuation
+                                  for _, t in members], logits)
         except Exception as error:
-            log.exception("a decode step of %d turns failed", len(ready))
-            for stream, _ in ready:
+            log.exception("a model step of %d turns failed", len(members))
+            for stream, _ in members:
                 self._fail_turn(stream, error)
             return
-        for (stream, turn), token in zip(ready, tokens):
+        for (stream, turn), token in zip(members, tokens):
+            if token is None:
+                continue
             try:
                 self._deliver(stream, turn, token)
             except Exception as error:

@@ -34,7 +34,7 @@ from jattn.decoding import Continuation
 from jattn.engine.errors import PromptTooLong
 from jattn.generation import Generation
 from jattn.model.kv_cache import blocks_for, bucket
-from jattn.model.runner import ModelRunner
+from jattn.model.runner import LOADING_CHUNK, ModelRunner, Segment
 from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, BlockKV, StoreConfig
 from jattn.store.device import DeviceBlocks
@@ -130,6 +130,16 @@ class ActiveTurn:
     loaded: set[bytes]
     ephemeral: bool = False
     prefilled: int = 0
+
+    @property
+    def loading(self) -> bool:
+        """True until the prefill that takes the blocks arriving from the store has run."""
+        return self.arriving is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """True while prompt tokens are left to prefill."""
+        return self.prefilled < len(self.turn_tokens)
 
     def own_blocks(self, device: DeviceBlocks) -> list[int]:
         """The table's pool blocks that are not the device tier's."""
@@ -276,11 +286,24 @@ class ChatEngine:
     def has_tokenizer(self) -> bool:
         return self.tokenizer is not None
 
-    def warm_up(self, max_batch: int) -> None:
-        """Compiles every step a turn can run (prefill chunks, loading prefills, decode
-        batches up to `max_batch` rows, saves), so that no turn waits for a compilation."""
-        self.runner.warm_up(max_context=self.max_context, max_batch=max_batch,
-                            loading=self.store is not None)
+    @property
+    def max_turns_per_step(self) -> int:
+        """The most turns one model step runs."""
+        return self.runner.max_seqs
+
+    @property
+    def step_tokens(self) -> int:
+        """The most tokens one model step packs (decodes and prompt chunks)."""
+        return self.runner.prefill_chunk
+
+    def logit_row_counts(self) -> list[int]:
+        """The row counts of the logits `step` returns."""
+        return sorted({self.runner.logit_rows(t) for t in self.runner.step_buckets()})
+
+    def warm_up(self) -> None:
+        """Compiles every step a turn can run (packed steps, loading prefills, saves),
+        so that no turn waits for a compilation."""
+        self.runner.warm_up(loading=self.store is not None)
         self.warm_up_saves()
 
     def close(self) -> None:
@@ -415,29 +438,34 @@ class ChatEngine:
         self.busy[session_id] = turn
         return turn
 
-    def decode(self, turns: list[ActiveTurn]):
-        """One decode step of `turns` (each past its prefill) together: their last
-        tokens at their next positions. Returns the logits `[len(turns), V]`."""
-        return self.runner.decode([t.result.token_ids[-1] for t in turns],
-                                  [t.next_position for t in turns], [t.table for t in turns])
+    def step(self, decoding: list[ActiveTurn], prefilling: list[tuple[ActiveTurn, int]]):
+        """One model step, packed: the last token of each turn of `decoding` (each past
+        its prefill) at its next position, and the next `count` prompt tokens of each
+        `(turn, count)` of `prefilling` (none `loading`). Returns logits `[R, V]`: row i
+        is `decoding[i]`'s, then one row per prefilling turn, its chunk's last token's
+        (the turn's first answer token's logits once its prompt is done)."""
+        segments = [Segment([t.result.token_ids[-1]], t.next_position, t.table)
+                    for t in decoding]
+        for turn, count in prefilling:
+            done = turn.prefilled
+            segments.append(Segment(turn.turn_tokens[done:done + count], turn.prefix + done,
+                                    turn.table))
+        logits = self.runner.run(segments)
+        for turn, count in prefilling:
+            turn.prefilled += count
+        return logits
 
-    def prefill_chunk(self, turn: ActiveTurn):
-        """Prefills the turn's next chunk (`runner.prefill_chunk` tokens). Returns the
-        last token's logits `[V]` once the whole turn is prefilled, else None. The first
-        chunk takes blocks arriving from host memory or disk layer by layer."""
-        chunk = self.runner.prefill_chunk
-        done = turn.prefilled
-        tokens = turn.turn_tokens[done:done + chunk]
-        if turn.arriving:
-            ids, blocks = turn.arriving
-            turn.arriving = None
-            # As many rows as the block table is wide: one compiled step per table width.
-            load = self.store.load_layers(blocks, rows=bucket(len(turn.table), minimum=4),
-                                          device=self.runner.load_sharding)
-            logits = self.runner.prefill_loading(tokens, turn.prefix, turn.table, ids, load)
-        else:
-            logits = self.runner.prefill(tokens, turn.prefix + done, turn.table)
-        turn.prefilled += len(tokens)
+    def prefill_loading(self, turn: ActiveTurn):
+        """Prefills the first tokens (up to `LOADING_CHUNK`) of a `loading` turn while its
+        blocks arrive from host memory or disk layer by layer. Returns the last token's
+        logits `[V]` if that was the whole prompt, else None (`step` does the rest)."""
+        tokens = turn.turn_tokens[:LOADING_CHUNK]
+        ids, blocks = turn.arriving
+        turn.arriving = None
+        load = self.store.load_layers(blocks, rows=bucket(len(turn.table), minimum=4),
+                                      device=self.runner.load_sharding)
+        logits = self.runner.prefill_loading(tokens, turn.prefix, turn.table, ids, load)
+        turn.prefilled = len(tokens)
         return logits if turn.prefilled == len(turn.turn_tokens) else None
 
     def complete(self, turn: ActiveTurn) -> concurrent.futures.Future:

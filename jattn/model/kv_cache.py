@@ -64,14 +64,6 @@ def write_tokens(pages, slots, values):
     return flat.reshape(pages.shape)
 
 
-def gather_sequence(pages, block_table):
-    """A sequence's tokens in order: `pages [N, bs, Hkv, D]`, `block_table [M]` ->
-    `[M * bs, Hkv, D]`. Entries of the table past the sequence may point anywhere in
-    range; the caller masks those tokens by length."""
-    rows = pages[jnp.clip(block_table, 0, pages.shape[0] - 1)]
-    return rows.reshape(-1, *pages.shape[2:])
-
-
 def blocks_for(tokens: int, block_size: int) -> int:
     """Blocks needed to hold `tokens` tokens."""
     return -(-tokens // block_size)

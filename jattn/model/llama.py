@@ -119,7 +119,7 @@ class LlamaForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
 
-    def __call__(self, tokens, positions, slots, pool: KVPool, attend: Attend):
+    def __call__(self, tokens, positions, slots, pool: KVPool, attend: Attend, rows=None):
         """One forward pass over `T` tokens.
 
         Args:
@@ -129,9 +129,10 @@ class LlamaForCausalLM(nnx.Module):
             pool for padding tokens: not written).
           pool: the KV pool; returned updated.
           attend: how the queries of layer l meet that layer's pool.
+          rows: int32 `[R]`, the tokens whose logits are wanted; None: all.
 
         Returns:
-          `(logits [T, vocab] float32, pool)`.
+          `(logits [R or T, vocab] float32, pool)`.
         """
         x = self.embed(tokens)
         new_k, new_v = [], []
@@ -140,7 +141,7 @@ class LlamaForCausalLM(nnx.Module):
                                         pool.v[layer], attend)
             new_k.append(k_pages)
             new_v.append(v_pages)
-        return self.logits(x), KVPool(tuple(new_k), tuple(new_v))
+        return self.logits(x if rows is None else x[rows]), KVPool(tuple(new_k), tuple(new_v))
 
     def embed(self, tokens):
         """int32 `[T]` -> hidden states `[T, hidden]`."""

@@ -1,14 +1,21 @@
-"""Jitted prefill and decode steps of a model over its KV pool.
+"""Jitted steps of a model over its KV pool.
 
-`ModelRunner` owns the parameters, the pool and the allocator of its blocks. Shapes that
-reach jit are bucketed to powers of two (chunk lengths, block-table widths, batch) so a
-handful of compilations serve every request. The pool is donated to each step and
-updated in place.
+`ModelRunner` owns the parameters, the pool and the allocator of its blocks. Its main
+step is ragged: one call runs the query tokens of many sequences packed together — a
+decode's one token, a chunk of a prompt — through the model and
+`ragged_paged_attention`, so one step prefills several turns and decodes the batch. The
+packed token count is bucketed to powers of two; block tables have one width (the
+longest context) and one height (`max_seqs`), so a handful of compilations serve every
+request. The pool is donated to each step and updated in place.
+
+A pool sharded over a device mesh (DistAttention) runs a step's sequences as one
+prefill per prompt chunk and one decode batch instead, through `jattn.dist`.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -24,16 +31,18 @@ from jattn.model.kv_cache import (
     KVPool,
     blocks_for,
     bucket,
-    gather_sequence,
     padded_table,
     powers_of_two,
     token_slots,
 )
 from jattn.model.llama import LlamaForCausalLM
 from jattn.positions import inverse_frequencies
-from pallas_kernels import flash_attention, paged_attention
+from pallas_kernels import paged_attention, ragged_paged_attention
 
 KV_AXIS = "kv"  # the mesh axis a KV pool is sharded over
+LOADING_CHUNK = 64
+"""Most tokens `prefill_loading` runs layer by layer; a turn's later tokens go to the
+ragged steps, batched with other turns."""
 
 
 class HashedOnce:
@@ -57,19 +66,31 @@ class HashedOnce:
             self.value is other.value or self.value == other.value)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's part of a step: `tokens` written at positions `start...` of the
+    sequence whose pool blocks are `blocks` (covering every position up to
+    `start + len(tokens)`)."""
+
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+
+
 def _prefill_attend(table, start, count, inv_freq, backend, mesh):
-    """How a prefill chunk's queries meet a layer's pool: the sequence's blocks gathered
-    for `flash_attention`, or with a `mesh` attended where they lie (DistAttention)."""
+    """How one sequence's prefill chunk meets a layer's pool (table `[M]`): as a ragged
+    batch of one sequence, or with a `mesh` attended where the blocks lie
+    (DistAttention)."""
 
     def attend(layer, q, k_pages, v_pages):
         if mesh is not None:
             return prefill_attention(q, k_pages, v_pages, table, q_offset=start,
                                      kv_length=start + count, mesh=mesh, axis=KV_AXIS,
                                      key_rope_inv_freq=inv_freq)[0]
-        return flash_attention(q, gather_sequence(k_pages, table),
-                               gather_sequence(v_pages, table), causal=True, q_offset=start,
-                               kv_length=start + count, key_rope_inv_freq=inv_freq,
-                               backend=backend)[0]
+        return ragged_paged_attention(
+            q, k_pages, v_pages, table[None], jnp.stack([0, count]).astype(jnp.int32),
+            (start + count)[None].astype(jnp.int32), key_rope_inv_freq=inv_freq,
+            backend=backend)[0]
 
     return attend
 
@@ -123,6 +144,31 @@ def _decode_step(graphdef, state, pool, tokens, positions, tables, *, backend, m
     return model(tokens, jnp.maximum(positions, 0), slots, pool, attend)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"),
+                   donate_argnames=("pool",))
+def _ragged_step(graphdef, state, pool, tokens, positions, sequences, query_starts,
+                 kv_lengths, tables, logit_rows, *, backend):
+    """The query tokens of up to `S` sequences packed together, through the model.
+
+    tokens, positions, sequences `[T]` (each token's position and sequence; position -1
+    for padding: nothing written); query_starts `[S + 1]`, kv_lengths `[S]`, tables
+    `[S, M]` as `ragged_paged_attention` takes them; logit_rows `[R]`: the tokens whose
+    logits are wanted. Returns (logits `[R, V]` float32, pool).
+    """
+    model = nnx.merge(graphdef.value, state)
+    config = model.config
+    inv_freq = jnp.asarray(inverse_frequencies(config.rope, config.head_dim))
+    slots = jax.vmap(lambda sequence, position: token_slots(
+        tables[sequence], position[None], block_size=pool.block_size,
+        num_blocks=pool.num_blocks)[0])(sequences, positions)
+
+    def attend(layer, q, k_pages, v_pages):
+        return ragged_paged_attention(q, k_pages, v_pages, tables, query_starts, kv_lengths,
+                                      key_rope_inv_freq=inv_freq, backend=backend)[0]
+
+    return model(tokens, jnp.maximum(positions, 0), slots, pool, attend, rows=logit_rows)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _embed_step(graphdef, state, tokens):
     """tokens `[T]` -> hidden states `[T, hidden]`."""
@@ -166,12 +212,19 @@ def _read_blocks(pool: KVPool, ids):
 
 
 class ModelRunner:
-    """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps."""
+    """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps.
 
-    def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int = 16,
-                 prefill_chunk: int = 512, backend: str = "auto", mesh=None):
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    Steps run at most `max_seqs` sequences and contexts of at most `max_context` tokens
+    (the block tables' height and width); `prefill_chunk` tokens is the most a step packs
+    (the largest bucket compiled)."""
+
+    def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, max_context: int,
+                 block_size: int = 16, prefill_chunk: int = 512, max_seqs: int = 32,
+                 backend: str = "auto", mesh=None):
+        for name, value in (("prefill_chunk", prefill_chunk), ("max_seqs", max_seqs),
+                            ("max_context", max_context)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.config = model.config
         self.mesh = mesh
         graphdef, self.state = nnx.split(model)
@@ -204,15 +257,78 @@ class ModelRunner:
                 (self.state, self.layer_states, self.pool), self.load_sharding)
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
+        self.max_seqs = max_seqs
+        self.table_width = bucket(blocks_for(max_context, block_size), minimum=4)
         self.backend = backend
 
     def _table(self, blocks: list[int]):
-        return padded_table(blocks, bucket(len(blocks), minimum=4))
+        return padded_table(blocks, self.table_width)
 
-    def prefill(self, tokens, start: int, blocks: list[int], *, chunk: int | None = None,
-                all_logits: bool = False):
+    def step_buckets(self) -> list[int]:
+        """The packed token counts a step is compiled for."""
+        return powers_of_two(8, bucket(self.prefill_chunk, minimum=8))
+
+    def logit_rows(self, tokens: int) -> int:
+        """Rows of logits a step of `tokens` packed tokens returns."""
+        return min(bucket(tokens, minimum=8), self.max_seqs)
+
+    def run(self, segments: list[Segment]):
+        """One step over `segments` (at most `max_seqs`, together at most
+        `prefill_chunk` tokens): writes their KV and returns logits `[R, V]` float32 of
+        each segment's last token, row i for segment i; rows from len(segments) on are
+        padding (R is `logit_rows`, so that reading a row never compiles a slice)."""
+        total = sum(len(s.tokens) for s in segments)
+        if not segments or len(segments) > self.max_seqs or total > bucket(self.prefill_chunk, 8):
+            raise ValueError(f"a step takes 1 to {self.max_seqs} segments of at most "
+                             f"{self.prefill_chunk} tokens in all, got {len(segments)} of "
+                             f"{total}")
+        if self.mesh is not None:
+            return self._run_over_mesh(segments)
+        size = bucket(total, minimum=8)
+        tokens = np.zeros(size, np.int32)
+        positions = np.full(size, -1, np.int32)
+        sequences = np.zeros(size, np.int32)
+        starts = np.full(self.max_seqs + 1, total, np.int32)
+        kv_lengths = np.zeros(self.max_seqs, np.int32)
+        tables = np.zeros((self.max_seqs, self.table_width), np.int32)
+        rows = np.zeros(self.logit_rows(total), np.int32)
+        offset = 0
+        for i, segment in enumerate(segments):
+            count = len(segment.tokens)
+            end = offset + count
+            tokens[offset:end] = segment.tokens
+            positions[offset:end] = np.arange(segment.start, segment.start + count)
+            sequences[offset:end] = i
+            starts[i] = offset
+            kv_lengths[i] = segment.start + count
+            tables[i, :len(segment.blocks)] = segment.blocks
+            rows[i] = end - 1
+            offset = end
+        logits, self.pool = _ragged_step(
+            self.graphdef, self.state, self.pool, tokens, positions, sequences, starts,
+            kv_lengths, tables, rows, backend=self.backend)
+        return logits
+
+    def _run_over_mesh(self, segments: list[Segment]):
+        """`run` on a sharded pool: each prompt chunk prefilled alone, the one-token
+        segments decoded as one batch; the rows stacked in the segments' order."""
+        decodes = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
+        rows: dict[int, jax.Array] = {}
+        if decodes:
+            logits = self.decode([segments[i].tokens[0] for i in decodes],
+                                 [segments[i].start for i in decodes],
+                                 [segments[i].blocks for i in decodes])
+            rows.update((i, logits[n]) for n, i in enumerate(decodes))
+        for i, segment in enumerate(segments):
+            if i not in rows:
+                rows[i] = self.prefill(segment.tokens, segment.start, segment.blocks)
+        padding = [jnp.zeros_like(rows[0])] * (self.logit_rows(len(segments)) - len(segments))
+        return jnp.stack([rows[i] for i in range(len(segments))] + padding)
+
+    def prefill(self, tokens, start: int, blocks: list[int], *, all_logits: bool = False):
         """Writes the KV of `tokens` (at positions `start, start+1, ...`) into `blocks`,
-        which must cover every position up to `start + len(tokens)`, in chunks.
+        which must cover every position up to `start + len(tokens)`, in steps of
+        `prefill_chunk` tokens.
 
         Returns the last token's logits `[V]` float32, or with `all_logits` every token's
         `[len(tokens), V]`.
@@ -220,11 +336,13 @@ class ModelRunner:
         tokens = np.asarray(tokens, np.int32)
         if len(tokens) == 0:
             raise ValueError("prefill needs at least one token")
-        chunk = chunk or self.prefill_chunk
         table = self._table(blocks)
         outputs = []
-        for offset in range(0, len(tokens), chunk):
-            piece = tokens[offset:offset + chunk]
+        for offset in range(0, len(tokens), self.prefill_chunk):
+            piece = tokens[offset:offset + self.prefill_chunk]
+            if self.mesh is None and not all_logits:
+                outputs.append(self.run([Segment(piece, start + offset, blocks)])[0])
+                continue
             padded = np.zeros(bucket(len(piece)), np.int32)
             padded[:len(piece)] = piece
             logits, self.pool = _prefill_step(
@@ -240,15 +358,16 @@ class ModelRunner:
 
         `load.layer(l, after=x)` gives layer l's `(k, v)` `[R, block_size, Hkv, D]`
         (R >= len(load_ids), extra rows ignored) placed by `load_sharding`, e.g. an
-        `AttentionStore.load_layers`.
-        The first chunk runs one layer per step, each writing its layer's arrivals before
-        attending, so layer l+1 is still in transit while layer l computes; the rest runs
-        as `prefill`. Returns the last token's logits `[V]` float32.
+        `AttentionStore.load_layers`. R is one of `load_row_buckets`.
+        Runs one layer per step, each writing its layer's arrivals before attending, so
+        layer l+1 is still in transit while layer l computes. At most `LOADING_CHUNK`
+        tokens (callers prefill the rest with `run`). Returns the last token's logits
+        `[V]` float32.
         """
-        tokens = np.asarray(tokens, np.int32)
-        if len(tokens) == 0:
-            raise ValueError("prefill needs at least one token")
-        first = tokens[:self.prefill_chunk]
+        first = np.asarray(tokens, np.int32)
+        if not 1 <= len(first) <= LOADING_CHUNK:
+            raise ValueError(f"prefill_loading takes 1 to {LOADING_CHUNK} tokens, "
+                             f"got {len(first)}")
         padded = np.zeros(bucket(len(first)), np.int32)
         padded[:len(first)] = first
         table = self._table(blocks)
@@ -268,25 +387,37 @@ class ModelRunner:
                     backend=self.backend, mesh=self.mesh)
         finally:
             self.pool = KVPool(tuple(new_k), tuple(new_v))
-        if len(tokens) > len(first):
-            return self.prefill(tokens[len(first):], start + len(first), blocks)
         return _logits_step(self.graphdef, self.state, x, jnp.int32(len(first)))
 
-    def warm_up(self, *, max_context: int, max_batch: int, loading: bool = False) -> int:
-        """Compiles every prefill and decode shape a server can meet (chunk lengths and
-        batch sizes by power of two, block-table widths up to `max_context` tokens) and,
-        with `loading`, every shape of `prefill_loading`, so no request pays for a
+    def load_row_buckets(self) -> list[int]:
+        """The row counts a load for `prefill_loading` is padded to (`bucket(n, 4)` for n
+        blocks)."""
+        return powers_of_two(4, self.table_width)
+
+    def warm_up(self, *, loading: bool = False) -> int:
+        """Compiles every step a server can meet — each packed token count (on a mesh,
+        each prefill chunk length and decode batch) and, with `loading`, each chunk length
+        of `prefill_loading` with each count of rows arriving — so no request pays for a
         compilation. Writes nothing. Returns the shapes compiled."""
-        widths = powers_of_two(4, bucket(blocks_for(max_context, self.block_size), minimum=4))
-        chunks = powers_of_two(16, bucket(min(self.prefill_chunk, max_context)))
-        shapes = [("prefill", t, w) for w in widths for t in chunks]
-        shapes += [("decode", b, w) for w in widths for b in powers_of_two(1, bucket(max_batch, 1))]
+        if self.mesh is None:
+            shapes = [("ragged", t, 0) for t in self.step_buckets()]
+        else:
+            shapes = [("prefill", t, 0) for t in powers_of_two(16, bucket(self.prefill_chunk))]
+            shapes += [("decode", b, 0) for b in powers_of_two(1, bucket(self.max_seqs, 1))]
         if loading:
-            shapes += [("loading", t, w) for w in widths for t in chunks]
-        for kind, size, width in tqdm(shapes, desc="compiling", unit="shape"):
-            table = padded_table([], width)
+            shapes += [("loading", t, rows) for rows in self.load_row_buckets()
+                       for t in powers_of_two(16, bucket(min(LOADING_CHUNK, self.prefill_chunk)))]
+        table = padded_table([], self.table_width)
+        for kind, size, rows in tqdm(shapes, desc="compiling", unit="shape"):
             if kind == "loading":
-                self._warm_up_loading(size, table)
+                self._warm_up_loading(size, rows, table)
+            elif kind == "ragged":
+                _, self.pool = _ragged_step(
+                    self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
+                    np.full(size, -1, np.int32), np.zeros(size, np.int32),
+                    np.zeros(self.max_seqs + 1, np.int32), np.zeros(self.max_seqs, np.int32),
+                    np.zeros((self.max_seqs, self.table_width), np.int32),
+                    np.zeros(self.logit_rows(size), np.int32), backend=self.backend)
             elif kind == "prefill":
                 _, self.pool = _prefill_step(
                     self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
@@ -300,19 +431,18 @@ class ModelRunner:
         jax.block_until_ready(self.pool)
         return len(shapes)
 
-    def _warm_up_loading(self, tokens: int, table) -> None:
-        """Runs `prefill_loading`'s steps once for a chunk of `tokens` and a table of its
-        width, loading `width` rows of zeros to ids past the pool (dropped)."""
-        width = table.shape[0]
+    def _warm_up_loading(self, tokens: int, rows: int, table) -> None:
+        """Runs `prefill_loading`'s steps once for a chunk of `tokens`, loading `rows`
+        rows of zeros to ids past the pool (dropped)."""
         pages = self.pool.k[0]
-        rows = jax.device_put(jnp.zeros((width, *pages.shape[1:]), pages.dtype),
-                              self.load_sharding)  # where a load delivers them
-        ids = np.full(width, pages.shape[0], np.int32)
+        arrivals = jax.device_put(jnp.zeros((rows, *pages.shape[1:]), pages.dtype),
+                                  self.load_sharding)  # where a load delivers them
+        ids = np.full(rows, pages.shape[0], np.int32)
         x = _embed_step(self.graphdef, self.state, np.zeros(tokens, np.int32))
         new_k, new_v = list(self.pool.k), list(self.pool.v)
         x, new_k[0], new_v[0] = _layer_step(
-            self.layer_graphdef, self.layer_states[0], x, new_k[0], new_v[0], ids, rows, rows,
-            jnp.int32(0), jnp.int32(0), table, self.inv_freq, backend=self.backend,
+            self.layer_graphdef, self.layer_states[0], x, new_k[0], new_v[0], ids, arrivals,
+            arrivals, jnp.int32(0), jnp.int32(0), table, self.inv_freq, backend=self.backend,
             mesh=self.mesh)
         self.pool = KVPool(tuple(new_k), tuple(new_v))
         _logits_step(self.graphdef, self.state, x, jnp.int32(1))
@@ -357,14 +487,16 @@ class ModelRunner:
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are
-        `block_lists[i]`. Returns logits `[R, V]` float32, R = B rounded up to a power of
-        two: row i is sequence i's, rows from B on are padding (returned as they are, so
-        that reading a row never compiles a slice for a new batch size)."""
+        `block_lists[i]`. Returns logits `[R, V]` float32: row i is sequence i's, rows from
+        B on are padding (returned as they are, so that reading a row never compiles a
+        slice for a new batch size)."""
+        if self.mesh is None:
+            return self.run([Segment([token], position, blocks) for token, position, blocks
+                             in zip(tokens, positions, block_lists)])
         batch = len(tokens)
-        width = bucket(max(len(b) for b in block_lists), minimum=4)
         rows = bucket(batch, minimum=1)
-        tables = np.stack([padded_table(b, width) for b in block_lists] +
-                          [padded_table([], width)] * (rows - batch))
+        tables = np.stack([self._table(b) for b in block_lists] +
+                          [self._table([])] * (rows - batch))
         padded_tokens = np.zeros(rows, np.int32)
         padded_tokens[:batch] = tokens
         padded_positions = np.full(rows, -1, np.int32)
