@@ -269,7 +269,8 @@ class ModelRunner:
         return powers_of_two(8, bucket(self.prefill_chunk, minimum=8))
 
     def logit_rows(self, tokens: int) -> int:
-        """Rows of logits a step of `tokens` packed tokens returns."""
+        """Rows of logits a step of `tokens` packed tokens returns, and the sequences
+        its tables have room for: one per token bucketed, at most `max_seqs`."""
         return min(bucket(tokens, minimum=8), self.max_seqs)
 
     def run(self, segments: list[Segment]):
@@ -285,13 +286,14 @@ class ModelRunner:
         if self.mesh is not None:
             return self._run_over_mesh(segments)
         size = bucket(total, minimum=8)
+        height = self.logit_rows(total)  # sequences: at most one per token, max_seqs
         tokens = np.zeros(size, np.int32)
         positions = np.full(size, -1, np.int32)
         sequences = np.zeros(size, np.int32)
-        starts = np.full(self.max_seqs + 1, total, np.int32)
-        kv_lengths = np.zeros(self.max_seqs, np.int32)
-        tables = np.zeros((self.max_seqs, self.table_width), np.int32)
-        rows = np.zeros(self.logit_rows(total), np.int32)
+        starts = np.full(height + 1, total, np.int32)
+        kv_lengths = np.zeros(height, np.int32)
+        tables = np.zeros((height, self.table_width), np.int32)
+        rows = np.zeros(height, np.int32)
         offset = 0
         for i, segment in enumerate(segments):
             count = len(segment.tokens)
@@ -412,12 +414,13 @@ class ModelRunner:
             if kind == "loading":
                 self._warm_up_loading(size, rows, table)
             elif kind == "ragged":
+                height = self.logit_rows(size)
                 _, self.pool = _ragged_step(
                     self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
                     np.full(size, -1, np.int32), np.zeros(size, np.int32),
-                    np.zeros(self.max_seqs + 1, np.int32), np.zeros(self.max_seqs, np.int32),
-                    np.zeros((self.max_seqs, self.table_width), np.int32),
-                    np.zeros(self.logit_rows(size), np.int32), backend=self.backend)
+                    np.zeros(height + 1, np.int32), np.zeros(height, np.int32),
+                    np.zeros((height, self.table_width), np.int32),
+                    np.zeros(height, np.int32), backend=self.backend)
             elif kind == "prefill":
                 _, self.pool = _prefill_step(
                     self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
