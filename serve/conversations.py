@@ -50,9 +50,10 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
                 cache_salt=request.cache_salt)
 
         first = True
-        for stream, token in run_turn(self.metrics, "Chat", context, start):
-            if token is not None:
-                event = jattn_pb2.ChatEvent(token_ids=[token.id], text=token.text)
+        for stream, tokens in run_turn(self.metrics, "Chat", context, start):
+            if tokens is not None:
+                event = jattn_pb2.ChatEvent(token_ids=[token.id for token in tokens],
+                                            text="".join(token.text for token in tokens))
             elif stream.result is None:  # cancelled while it waited in the queue
                 event = jattn_pb2.ChatEvent(finish_reason="cancelled")
                 first = False

@@ -40,13 +40,14 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
                                            kind=kind, value=value,
                                            params=sampling(self.service, request))
 
-        for _, token in run_turn(self.metrics, "Decode", context, start):
-            if token is None:
+        for _, tokens in run_turn(self.metrics, "Decode", context, start):
+            if tokens is None:
                 return
-            sample = jetstream_pb2.DecodeResponse.StreamContent.Sample(
-                text=token.text, token_ids=[token.id])
-            yield jetstream_pb2.DecodeResponse(
-                stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=[sample]))
+            for token in tokens:  # one response per step, as JetStream's clients expect
+                sample = jetstream_pb2.DecodeResponse.StreamContent.Sample(
+                    text=token.text, token_ids=[token.id])
+                yield jetstream_pb2.DecodeResponse(
+                    stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=[sample]))
 
     def HealthCheck(self, request, context):
         return jetstream_pb2.HealthCheckResponse(is_live=self.service.is_live())

@@ -36,15 +36,16 @@ def sampling(service: Service, request) -> SamplingParams:
 
 def run_turn(metrics: Metrics, method: str, context: grpc.ServicerContext, start):
     """Runs `start()` (which submits a turn and returns its stream) and yields
-    `(stream, token)` as tokens arrive, then `(stream, None)` once the turn has ended.
+    `(stream, tokens)` as tokens arrive (each time, all that have arrived: a list of
+    `StreamedToken`s), then `(stream, None)` once the turn has ended.
     Bad input, a full queue or a failed turn abort the call with the matching status. A
     client that cancels or disconnects cancels the turn, which frees its blocks."""
     started = time.perf_counter()
     try:
         stream: TurnStream = start()
         context.add_callback(stream.cancel)
-        for token in stream:
-            yield stream, token
+        for tokens in stream.chunks():
+            yield stream, tokens
     except Exception as error:
         metrics.call(method, status_of(error).name)
         abort(context, error)

@@ -169,3 +169,23 @@ def test_warm_up_leaves_nothing_to_compile(caplog):
     compiled = [r.getMessage()[:160] for r in caplog.records if "Compiling" in r.getMessage()]
     assert not compiled, compiled
     engine.shutdown()
+
+
+def test_a_slow_reader_gets_every_token_that_arrived_in_one_chunk():
+    from jattn.engine.requests import TurnStream
+    from jattn.generation import StreamedToken
+
+    stream = TurnStream(turn(None, "x"), cancel=lambda s: None)
+    for i in range(3):
+        stream.push(StreamedToken(i, str(i)))
+    chunks = stream.chunks()
+    assert [t.id for t in next(chunks)] == [0, 1, 2]
+    stream.push(StreamedToken(3, "3"))
+    stream.fail(ValueError("late"))
+    assert [t.id for t in next(chunks)] == [3]  # what came before the error, then it
+    with pytest.raises(ValueError, match="late"):
+        next(chunks)
+    closed = TurnStream(turn(None, "x"), cancel=lambda s: None)
+    closed.push(StreamedToken(7, "7"))
+    closed.close()
+    assert [[t.id for t in chunk] for chunk in closed.chunks()] == [[7]]

@@ -64,7 +64,8 @@ _DONE = object()
 class TurnStream:
     """The tokens of a submitted turn as they are produced.
 
-    Iterating yields `StreamedToken`s and ends when the turn does; it raises the turn's
+    Iterating yields `StreamedToken`s (`chunks()`: lists of those that have arrived) and
+    ends when the turn does; it raises the turn's
     error if it failed (a `ValueError` for input that cannot run). `result` is the
     `ChatTurn` (filled as the turn runs: its reuse facts are set before the first token).
     `cancel()` stops the turn and frees its blocks at the engine's next step.
@@ -84,13 +85,29 @@ class TurnStream:
             self._cancel(self)
 
     def __iter__(self):
+        for tokens in self.chunks():
+            yield from tokens
+
+    def chunks(self):
+        """Like iterating, but yields lists: every token that has arrived by the time the
+        reader asks (at least one), so a reader slower than the engine (a network
+        stream under load) sends one message for several tokens."""
         while True:
+            tokens = []
             event = self._events.get()
+            while not (event is _DONE or isinstance(event, BaseException)):
+                tokens.append(event)
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    event = None
+                    break
+            if tokens:
+                yield tokens
             if event is _DONE:
                 return
             if isinstance(event, BaseException):
                 raise event
-            yield event
 
     # ----- the engine's side --------------------------------------------------------------
 
