@@ -302,9 +302,12 @@ def test_chat_command_holds_a_conversation(served, monkeypatch, capsys):
     assert "no such session" in capsys.readouterr().out
 
 
-def test_demo_reuses_history_and_matches_recompute():
+def test_demo_reuses_history_and_matches_recompute(monkeypatch):
     from serve.demo import run_demo
 
+    # The demo's servers keep compiled programs in the user's cache; here that would turn
+    # the persistent cache on for every later test of this process.
+    monkeypatch.setattr("serve.server.use_compilation_cache", lambda directory: None)
     rows = run_demo(turns=3, max_tokens=8)
     assert all(row["same_answer"] for row in rows)
     assert rows[0]["reused_tokens"] == 0
