@@ -40,8 +40,7 @@ from jattn.llm import EMBEDDED_MODEL
 from jattn.model.config import ModelConfig
 from jattn.tokenizer import Tokenizer
 from serve.client import Client
-from serve.config import ServeConfig
-from serve.server import Server
+from serve_process import ServeProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the little dog ran to the park and saw a big red ball under a green tree while "
@@ -91,8 +90,8 @@ class GrpcTurns:
 
     name = "grpc"
 
-    def __init__(self, server: Server):
-        self.client = Client(f"127.0.0.1:{server.port}")
+    def __init__(self, server: ServeProcess):
+        self.client = Client(server.grpc_address)
         self.client.wait_ready()
 
     def turn(self, session: str | None, message, max_tokens: int, salt: str):
@@ -111,12 +110,12 @@ class HttpTurns:
 
     name = "http"
 
-    def __init__(self, server: Server):
+    def __init__(self, server: ServeProcess):
         import openai
 
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1",
-                                    api_key="none", max_retries=0, timeout=600)
-        self.model = server.service.model_name
+        self.client = openai.OpenAI(base_url=server.http_url, api_key="none", max_retries=0,
+                                    timeout=600)
+        self.model = self.client.models.list().data[0].id
 
     def turn(self, session: str | None, text: str, max_tokens: int, salt: str):
         chunks = self.client.completions.create(
@@ -175,15 +174,19 @@ def load(turns, salt: str, args, records, label: str, *, stateless: bool) -> flo
 
 
 def run_server(args, store: bool) -> list[dict]:
-    """The modes of one server (with or without the store), over each transport."""
-    server = Server(ServeConfig(
-        model=args.model, random_weights=args.random_weights, port=0, http_port=0,
-        store=store, max_running=args.clients, max_queue=4 * args.clients,
-        num_blocks=args.num_blocks, default_max_tokens=16,
-        max_tokens=max(args.max_tokens, 16), warm_up=args.warm_up)).start()
+    """The modes of one `jattn-serve` process (with or without the store), over each
+    transport."""
+    flags = ["--store" if store else "--no-store", "--max-running", str(args.clients),
+             "--max-queue", str(4 * args.clients), "--num-blocks", str(args.num_blocks),
+             "--default-max-tokens", "16", "--max-tokens", str(max(args.max_tokens, 16)),
+             "--warm-up" if args.warm_up else "--no-warm-up"]
+    if args.model:
+        flags += ["--model", args.model]
+    if args.random_weights:
+        flags += ["--random-weights"]
     modes = ("session", "stateless") if store else ("no reuse",)
     rows = []
-    try:
+    with ServeProcess(flags) as server:
         for transport in args.transports:
             turns = {"grpc": GrpcTurns, "http": HttpTurns}[transport](server)
             for mode in modes:
@@ -195,8 +198,6 @@ def run_server(args, store: bool) -> list[dict]:
                 elapsed = load(turns, label, args, records, label, stateless=stateless)
                 rows.append(summary(records, elapsed, transport=transport, mode=mode))
             turns.close()
-    finally:
-        server.stop()
     return rows
 
 

@@ -19,11 +19,10 @@ import json
 import os
 import platform
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import time
+
+from serve_process import ServeProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = re.compile(r"compiling: 100%\|[^|]*\| (\d+)/\d+")
@@ -32,29 +31,9 @@ SHAPES = re.compile(r"compiling: 100%\|[^|]*\| (\d+)/\d+")
 def start_to_serving(extra: list[str], cache_dir: str) -> dict:
     """Launches `jattn-serve`; returns the seconds until it answered SERVING and the
     shapes its warm-up reported compiling."""
-    from serve.client import Client
-
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--http-port", "0",
-         "--compilation-cache-dir", cache_dir, *extra], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    output = []
-    try:
-        for line in process.stdout:
-            output.append(line)
-            if "listening on" in line:
-                client = Client(f"127.0.0.1:{int(line.rsplit(':', 1)[1])}")
-                client.wait_ready(timeout=60)
-                seconds = time.perf_counter() - started
-                client.close()
-                break
-        else:
-            raise RuntimeError("jattn-serve did not start:\n" + "".join(output[-20:]))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=120)
-    text = "".join(output) + rest
+    with ServeProcess(["--compilation-cache-dir", cache_dir, *extra]) as server:
+        seconds = server.seconds_to_serving
+    text = "".join(server.output)
     shapes = [int(n) for n in SHAPES.findall(text.replace("\r", "\n"))]
     return {"seconds_to_serving": seconds, "shapes_compiled": shapes[-1] if shapes else 0}
 
