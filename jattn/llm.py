@@ -12,6 +12,8 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
+from jattn.dist.group import GroupLeader, StepChannel, StepWatchdog, is_leader
+from jattn.dist.group import follow as follow_leader
 from jattn.engine.errors import PromptTooLong
 from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
 from jattn.engine.scheduler import Engine, EngineLimits
@@ -54,6 +56,18 @@ def kv_mesh(devices: int):
                          devices=jax.devices()[:devices])
 
 
+def _check_group(kv_parallel: int, store):
+    """In a group of processes: the mesh must span every device of the group, and the
+    store's tiers do not cross processes yet. Returns the store to use (None)."""
+    if kv_parallel != jax.device_count():
+        raise ValueError(f"in a group of {jax.process_count()} processes kv_parallel must "
+                         f"span all {jax.device_count()} devices, got {kv_parallel}")
+    if store not in ("auto", None):
+        raise ValueError("the store does not work across processes yet: pass store=None "
+                         "in a group of processes")
+    return None
+
+
 class LLM:
     """A Llama-family model ready to generate.
 
@@ -77,7 +91,12 @@ class LLM:
         sizes one from the machine), or None to recompute the history every turn.
       kv_parallel: spread the KV pool over this many devices (DistAttention): each
         holds `num_blocks / kv_parallel` blocks, a sequence's blocks may lie on any of
-        them, and attention merges the devices' partials exactly. 1: one device.
+        them, and attention merges the devices' partials exactly. 1: one device. In a
+        group of processes (`jattn.dist.group.initialize`), every device of the group:
+        each process builds the LLM with the same arguments; process 0 then generates
+        while the others `follow` (no store yet: each turn recomputes its history).
+      step_timeout_s: in a group, the longest a step may take before the leader
+        gives the group up (`on_group_failure(message)`, by default: log and exit).
     """
 
     def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
@@ -85,7 +104,8 @@ class LLM:
                  num_blocks: int | None = None, prefill_chunk: int = 512,
                  max_running: int = 32,
                  backend: str = "auto", params_cache: str | None = None,
-                 store: StoreConfig | None | str = "auto", kv_parallel: int = 1):
+                 store: StoreConfig | None | str = "auto", kv_parallel: int = 1,
+                 step_timeout_s: float = 60.0, on_group_failure=None):
         path = EMBEDDED_MODEL if model is None else os.fspath(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
@@ -99,11 +119,18 @@ class LLM:
                 f"max_context must be in [1, {self.config.max_position_embeddings}] for this "
                 f"model, got {self.max_context}")
         num_blocks = num_blocks or 2 * blocks_for(self.max_context, block_size)
+        self.in_group = jax.process_count() > 1
+        group = None
+        if self.in_group:
+            store = _check_group(kv_parallel, store)
+            if is_leader():
+                group = GroupLeader(StepChannel(), StepWatchdog(step_timeout_s, on_group_failure))
         self.runner = ModelRunner(
             self._build(path, random_weights, seed, params_cache),
             num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
             max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,
-            backend=backend, mesh=kv_mesh(kv_parallel))
+            backend=backend, mesh=kv_mesh(kv_parallel), group=group)
+        self._group = group
         if store == "auto":
             store = StoreConfig.sized_for_machine(block_size=block_size,
                                                   hbm_bytes=self.runner.pool.nbytes() // 2)
@@ -163,6 +190,9 @@ class LLM:
         `stream` start one with the model's limits if none runs yet."""
         if self._engine is not None:
             raise RuntimeError("this LLM's engine is already running")
+        if self.in_group and not is_leader():
+            raise RuntimeError(f"process {jax.process_index()} of the group follows process "
+                               "0's steps: call follow() here, generate on process 0")
         self._engine = Engine(self.chats, limits or EngineLimits(
             max_running=self.chats.max_turns_per_step, max_prompt_tokens=self.max_context,
             max_tokens=self.max_context),
@@ -201,13 +231,25 @@ class LLM:
         """Forgets a chat session in every tier; SessionNotFound if it is unknown."""
         self.engine.end_session(session_id)
 
-    def close(self) -> None:
-        """Lets the turns in flight finish, stops the engine's thread and flushes the
-        store's saves."""
+    def close(self, *, grace: float | None = None) -> None:
+        """Lets the turns in flight finish (for `grace` seconds, None: as long as they
+        need), stops the engine's thread, flushes the store's saves; in a group, then
+        ends the followers' `follow`."""
         if self._engine is not None:
-            self._engine.shutdown()
+            self._engine.shutdown(grace=grace)
         else:
             self.chats.close()
+        if self._group is not None:
+            self._group.stop()
+            self._group = None
+
+    def follow(self) -> None:
+        """On a process other than 0 of a group: runs the leader's steps on this
+        process's share of the pool until the leader's LLM closes."""
+        if not self.in_group or is_leader():
+            raise RuntimeError("follow() runs on processes 1.. of a group; process 0 "
+                               "generates")
+        follow_leader(self.runner, StepChannel())
 
     def stream(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,

@@ -32,10 +32,18 @@ def serve_main(argv=None) -> int:
 
 
 def _serve(args) -> int:
+    config = from_arguments(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if config.coordinator:
+        from jattn.dist import group
+
+        group.initialize(config.coordinator, config.num_processes, config.process_id,
+                         step_timeout_s=config.step_timeout_s)
+        if not group.is_leader():
+            return _follow(config)
     from serve.server import Server  # loads jax: only when serving
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    server = Server(from_arguments(args)).start()
+    server = Server(config).start()
     print(f"jattn-serve listening on {server.config.host}:{server.port}", flush=True)
     if server.http_port is not None:
         print(f"jattn-serve HTTP (OpenAI API) on http{'s' if server.config.tls_cert else ''}"
@@ -46,6 +54,28 @@ def _serve(args) -> int:
     stop.wait()
     print("jattn-serve: stopping (finishing turns in flight, flushing the store)", flush=True)
     server.stop()
+    return 0
+
+
+def _follow(config) -> int:
+    """A process of a group other than 0: builds the same model and pool share and runs
+    process 0's steps until it stops; a failed collective (process 0 died) exits
+    non-zero."""
+    import jax
+
+    from jattn.compile_cache import use_compilation_cache
+    from jattn.dist.group import exit_group
+    from serve.server import build_llm
+
+    use_compilation_cache(config.compilation_cache_dir)
+    llm = build_llm(config)
+    print(f"jattn-serve process {jax.process_index()} of {jax.process_count()}: following "
+          "process 0's steps", flush=True)
+    try:
+        llm.follow()
+    except Exception as error:  # noqa: BLE001 - any failure of the group ends this process
+        exit_group(f"process {jax.process_index()} lost the group ({error!r})")
+    print("jattn-serve: process 0 stopped the group", flush=True)
     return 0
 
 

@@ -51,7 +51,18 @@ class ServeConfig:
         "help": "KV blocks in the device pool; default: twice the context window"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     kv_parallel: int = field(default=1, metadata={
-        "help": "devices the KV pool is spread over (DistAttention); 1: one device"})
+        "help": "devices the KV pool is spread over (DistAttention); 1: one device; in a "
+                "group of processes, all the group's devices"})
+    coordinator: str | None = field(default=None, metadata={
+        "help": "a group of processes over several hosts: process 0's HOST:PORT (every "
+                "process the same), or auto (Cloud TPU, SLURM); null: this process alone"})
+    num_processes: int | None = field(default=None, metadata={
+        "help": "processes in the group (with coordinator HOST:PORT)"})
+    process_id: int | None = field(default=None, metadata={
+        "help": "this process's index in the group: 0 serves, the others follow its steps"})
+    step_timeout_s: float = field(default=60.0, metadata={
+        "help": "in a group, seconds a model step may take before process 0 reports "
+                "NOT_SERVING and exits (a process of the group died or hangs)"})
     prefill_chunk: int = field(default=512, metadata={
         "help": "the most tokens one model step packs: chunks of several turns' prompts "
                 "together with the decode batch's tokens"})
@@ -106,6 +117,9 @@ class ServeConfig:
             self.auth_tokens = [self.auth_tokens]
         if any(not isinstance(t, str) or len(t) < 8 for t in self.auth_tokens):
             raise ValueError("auth tokens must be strings of at least 8 characters")
+        if self.coordinator and self.store:
+            raise ValueError("the store does not work across processes yet: pass --no-store "
+                             "(store: false) with a coordinator")
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             raise ValueError(f"default_max_tokens must be in [1, max_tokens={self.max_tokens}]")
 

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jattn import LLM
 from jattn.compile_cache import use_compilation_cache
+from jattn.dist.group import exit_group
 from jattn.engine import EngineLimits
 from jattn.store import StoreConfig
 from serve.auth import Tenants
@@ -38,7 +39,9 @@ SERVICES = (jattn_pb2.DESCRIPTOR.services_by_name["Conversations"].full_name,
             jetstream_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name)
 
 
-def build_llm(config: ServeConfig) -> LLM:
+def build_llm(config: ServeConfig, on_group_failure=None) -> LLM:
+    """The configured LLM; in a group of processes, `on_group_failure(message)` is
+    called when a step outlives `step_timeout_s`."""
     store = None
     if config.store:
         overrides = {k: getattr(config, k) for k in ("hbm_bytes", "host_bytes")
@@ -50,7 +53,8 @@ def build_llm(config: ServeConfig) -> LLM:
     llm = LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
               block_size=config.block_size, max_context=config.max_context,
               num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
-              max_running=config.max_running, store=store, kv_parallel=config.kv_parallel)
+              max_running=config.max_running, store=store, kv_parallel=config.kv_parallel,
+              step_timeout_s=config.step_timeout_s, on_group_failure=on_group_failure)
     if store is not None and "hbm_bytes" not in overrides:
         llm.chats.hbm_bytes = llm.runner.pool.nbytes() // 2
     return llm
@@ -62,8 +66,8 @@ class Server:
     def __init__(self, config: ServeConfig, llm: LLM | None = None):
         self.config = config
         use_compilation_cache(config.compilation_cache_dir)
-        self.llm = llm or build_llm(config)
         self.health = health.HealthServicer()
+        self.llm = llm or build_llm(config, on_group_failure=self._group_failed)
         self.engine = self.llm.start_engine(EngineLimits(
             max_queue=config.max_queue, max_running=config.max_running,
             max_prefill_seqs=config.max_prefill_seqs, max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
@@ -131,13 +135,22 @@ class Server:
         with UNAVAILABLE); the process keeps running until it is stopped."""
         log.critical("the engine has stopped (%r): health is NOT_SERVING", error)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.llm.in_group:
+            self._group_failed(f"the engine has stopped ({error!r})")
+
+    def _group_failed(self, message: str) -> None:
+        """A process of the group died or hangs: the group cannot run another step.
+        Says NOT_SERVING, logs `message` and exits non-zero (a supervisor restarts the
+        group)."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        exit_group(message)
 
     def stop(self) -> None:
         """Stops accepting turns, finishes (then cancels) those in flight, flushes the
         store, closes the port."""
         self._serving = False
         self.health.enter_graceful_shutdown()
-        self.engine.shutdown(grace=self.config.shutdown_grace_s)
+        self.llm.close(grace=self.config.shutdown_grace_s)
         self.grpc.stop(grace=1.0).wait()
         if self.http:
             self.http.stop()

@@ -85,7 +85,7 @@ def _warm_up_sampling(chats: ChatEngine) -> None:
                                 result=Generation("", [], "length"), start_time=0.0)
     for rows in chats.logit_row_counts():
         logits = jax.device_put(jnp.zeros((rows, chats.vocab_size), jnp.float32),
-                                chats.runner.load_sharding)
+                                chats.runner.logits_sharding)
         sample_next([continuation], logits)
     continuation.sample(logits[0])
 

@@ -28,10 +28,12 @@ class KVPool(NamedTuple):
 
     @classmethod
     def create(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-               head_dim: int, dtype) -> "KVPool":
+               head_dim: int, dtype, sharding=None) -> "KVPool":
+        """A pool of zeros; with `sharding` (a `jax.sharding.Sharding`) each device
+        makes only its own part."""
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
+        return cls(tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(num_layers)),
+                   tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(num_layers)))
 
     @property
     def num_blocks(self) -> int:

@@ -9,11 +9,15 @@ longest context) and one height (`max_seqs`), so a handful of compilations serve
 request. The pool is donated to each step and updated in place.
 
 A pool sharded over a device mesh (DistAttention) runs a step's sequences as one
-prefill per prompt chunk and one decode batch instead, through `jattn.dist`.
+prefill per prompt chunk and one decode batch instead, through `jattn.dist`. When the
+mesh spans several processes, the leader's runner is given the group
+(`jattn.dist.group.GroupLeader`): each public step is first sent to the followers, whose
+runners `replay` it, and its logits come back on the leader's first device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -220,22 +224,23 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, max_context: int,
                  block_size: int = 16, prefill_chunk: int = 512, max_seqs: int = 32,
-                 backend: str = "auto", mesh=None):
+                 backend: str = "auto", mesh=None, group=None):
         for name, value in (("prefill_chunk", prefill_chunk), ("max_seqs", max_seqs),
                             ("max_context", max_context)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.config = model.config
         self.mesh = mesh
+        self.group = group
         graphdef, self.state = nnx.split(model)
         self.graphdef = HashedOnce(graphdef)
         self.layer_graphdef = HashedOnce(nnx.split(model.layers[0])[0])
         self.layer_states = [nnx.split(layer)[1] for layer in model.layers]
         self.inv_freq = jnp.asarray(inverse_frequencies(self.config.rope, self.config.head_dim))
         self.dtype = model.embed_tokens.embedding[...].dtype
-        self.pool = KVPool.create(num_layers=self.config.num_layers, num_blocks=num_blocks,
-                                  block_size=block_size, num_kv_heads=self.config.num_kv_heads,
-                                  head_dim=self.config.head_dim, dtype=self.dtype)
+        pool_shape = dict(num_layers=self.config.num_layers, num_blocks=num_blocks,
+                          block_size=block_size, num_kv_heads=self.config.num_kv_heads,
+                          head_dim=self.config.head_dim, dtype=self.dtype)
         self.allocator = BlockAllocator(num_blocks)
         if mesh is not None:
             devices = mesh.shape[KV_AXIS]
@@ -243,12 +248,16 @@ class ModelRunner:
                 raise ValueError(f"num_blocks ({num_blocks}) must split evenly over the "
                                  f"{devices} devices of the KV mesh")
             replicated = NamedSharding(mesh, PartitionSpec())
-            self.state = jax.device_put(self.state, replicated)
-            self.layer_states = jax.device_put(self.layer_states, replicated)
-            self.pool = jax.device_put(self.pool, NamedSharding(mesh, PartitionSpec(KV_AXIS)))
+            # From host copies: a mesh over several processes takes only host values.
+            self.state, self.layer_states = jax.device_put(
+                jax.tree.map(np.asarray, (self.state, self.layer_states)), replicated)
+            # Each device materialises only its own blocks.
+            self.pool = KVPool.create(**pool_shape,
+                                      sharding=NamedSharding(mesh, PartitionSpec(KV_AXIS)))
             self.allocator = DistributedBlockAllocator(devices, num_blocks // devices)
             self.load_sharding = replicated
         else:
+            self.pool = KVPool.create(**pool_shape)
             # Committed to one device from the start: a layer-wise load hands the steps
             # committed arrays, and jit keys its cache on committedness, so an uncommitted
             # pool would be compiled again for every shape at the first load.
@@ -283,8 +292,50 @@ class ModelRunner:
             raise ValueError(f"a step takes 1 to {self.max_seqs} segments of at most "
                              f"{self.prefill_chunk} tokens in all, got {len(segments)} of "
                              f"{total}")
+        with self._announce("run", segments=[[_ints(s.tokens), int(s.start), _ints(s.blocks)]
+                                             for s in segments]):
+            return self._finish(self._run(segments))
+
+    def replay(self, op: str, args: dict) -> None:
+        """Runs a step the group's leader announced (`op` and its JSON arguments), its
+        results dropped: a follower's share of the step."""
+        if op == "run":
+            self._run([Segment(tokens, start, blocks) for tokens, start, blocks
+                       in args["segments"]])
+        elif op == "prefill":
+            self._prefill(args["tokens"], args["start"], args["blocks"],
+                          all_logits=args["all_logits"])
+        elif op == "decode":
+            self._decode(args["tokens"], args["positions"], args["block_lists"])
+        elif op == "warm_up":
+            self._warm_up(loading=args["loading"])
+        else:
+            raise ValueError(f"the group's leader sent an unknown step {op!r}")
+
+    def _announce(self, op: str, **args):
+        """A context around a public step: with a group, sends it to the followers first
+        and times it until `_finish`; alone, nothing."""
+        return contextlib.nullcontext() if self.group is None else self.group.step(op, args)
+
+    def _finish(self, logits):
+        """With a group: waits for the step (inside the group's timing) and gives its
+        logits on this process's first device, where sampling runs without the
+        followers. Alone: the logits as they are."""
+        if self.group is None:
+            return logits
+        return jax.block_until_ready(logits).addressable_data(0)
+
+    @property
+    def logits_sharding(self):
+        """Where the steps' logits are returned, and sampled."""
+        if self.group is not None:
+            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return self.load_sharding
+
+    def _run(self, segments: list[Segment]):
         if self.mesh is not None:
             return self._run_over_mesh(segments)
+        total = sum(len(s.tokens) for s in segments)
         size = bucket(total, minimum=8)
         height = self.logit_rows(total)  # sequences: at most one per token, max_seqs
         tokens = np.zeros(size, np.int32)
@@ -317,13 +368,13 @@ class ModelRunner:
         decodes = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
         rows: dict[int, jax.Array] = {}
         if decodes:
-            logits = self.decode([segments[i].tokens[0] for i in decodes],
+            logits = self._decode([segments[i].tokens[0] for i in decodes],
                                  [segments[i].start for i in decodes],
                                  [segments[i].blocks for i in decodes])
             rows.update((i, logits[n]) for n, i in enumerate(decodes))
         for i, segment in enumerate(segments):
             if i not in rows:
-                rows[i] = self.prefill(segment.tokens, segment.start, segment.blocks)
+                rows[i] = self._prefill(segment.tokens, segment.start, segment.blocks)
         padding = [jnp.zeros_like(rows[0])] * (self.logit_rows(len(segments)) - len(segments))
         return jnp.stack([rows[i] for i in range(len(segments))] + padding)
 
@@ -335,6 +386,11 @@ class ModelRunner:
         Returns the last token's logits `[V]` float32, or with `all_logits` every token's
         `[len(tokens), V]`.
         """
+        with self._announce("prefill", tokens=_ints(tokens), start=int(start),
+                            blocks=_ints(blocks), all_logits=all_logits):
+            return self._finish(self._prefill(tokens, start, blocks, all_logits=all_logits))
+
+    def _prefill(self, tokens, start: int, blocks: list[int], *, all_logits: bool = False):
         tokens = np.asarray(tokens, np.int32)
         if len(tokens) == 0:
             raise ValueError("prefill needs at least one token")
@@ -343,7 +399,7 @@ class ModelRunner:
         for offset in range(0, len(tokens), self.prefill_chunk):
             piece = tokens[offset:offset + self.prefill_chunk]
             if self.mesh is None and not all_logits:
-                outputs.append(self.run([Segment(piece, start + offset, blocks)])[0])
+                outputs.append(self._run([Segment(piece, start + offset, blocks)])[0])
                 continue
             padded = np.zeros(bucket(len(piece)), np.int32)
             padded[:len(piece)] = piece
@@ -401,6 +457,10 @@ class ModelRunner:
         each prefill chunk length and decode batch) and, with `loading`, each chunk length
         of `prefill_loading` with each count of rows arriving — so no request pays for a
         compilation. Writes nothing. Returns the shapes compiled."""
+        with self._announce("warm_up", loading=loading):
+            return self._warm_up(loading=loading)  # it waits for the compiled steps
+
+    def _warm_up(self, *, loading: bool = False) -> int:
         if self.mesh is None:
             shapes = [("ragged", t, 0) for t in self.step_buckets()]
         else:
@@ -493,8 +553,13 @@ class ModelRunner:
         `block_lists[i]`. Returns logits `[R, V]` float32: row i is sequence i's, rows from
         B on are padding (returned as they are, so that reading a row never compiles a
         slice for a new batch size)."""
+        with self._announce("decode", tokens=_ints(tokens), positions=_ints(positions),
+                            block_lists=[_ints(b) for b in block_lists]):
+            return self._finish(self._decode(tokens, positions, block_lists))
+
+    def _decode(self, tokens, positions, block_lists: list[list[int]]):
         if self.mesh is None:
-            return self.run([Segment([token], position, blocks) for token, position, blocks
+            return self._run([Segment([token], position, blocks) for token, position, blocks
                              in zip(tokens, positions, block_lists)])
         batch = len(tokens)
         rows = bucket(batch, minimum=1)
@@ -508,3 +573,9 @@ class ModelRunner:
             self.graphdef, self.state, self.pool, padded_tokens, padded_positions, tables,
             backend=self.backend, mesh=self.mesh)
         return logits
+
+
+def _ints(values) -> list[int]:
+    """Python ints of `values` (a list or an integer array), as a step's message holds
+    them."""
+    return [int(v) for v in values]

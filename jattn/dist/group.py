@@ -1,0 +1,178 @@
+"""Several processes, one mesh: jax's multi-controller runtime for DistAttention.
+
+Every process of the group runs the same jitted steps over one mesh spanning all their
+devices (the KV pool sharded over it, each process holding its own devices' blocks).
+Process 0, the leader, schedules; before each step it sends the step's inputs to the
+others, the followers, through `StepChannel` (a jax collective), and they run the same
+step. A follower that dies makes the leader's next collective fail; one that hangs stops
+it, which `StepWatchdog` turns into a clean exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+log = logging.getLogger("jattn.dist")
+
+GROUP_FAILED_EXIT = 3
+"""The exit status of a process whose group failed (a peer died or hung)."""
+
+
+def initialize(coordinator: str | None, num_processes: int | None = None,
+               process_id: int | None = None, *, step_timeout_s: float = 60.0) -> None:
+    """Joins this process to the group; call it before any other jax call.
+
+    `coordinator` is process 0's `HOST:PORT` (with `num_processes` and this
+    `process_id`), or "auto" to let jax discover all three (Cloud TPU, SLURM, Open MPI).
+    On CPU the collectives go over gloo (TCP). jax's own heartbeat ends a process whose
+    peer stopped answering after twice `step_timeout_s`, a backstop behind
+    `StepWatchdog`.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator == "auto":
+        jax.distributed.initialize(heartbeat_timeout_seconds=int(2 * step_timeout_s))
+        return
+    if num_processes is None or process_id is None or not 0 <= process_id < num_processes:
+        raise ValueError(f"a process group needs num_processes >= 1 and a process_id in "
+                         f"[0, num_processes), got {num_processes} and {process_id}")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id,
+                               heartbeat_timeout_seconds=int(2 * step_timeout_s))
+
+
+def is_leader() -> bool:
+    """Whether this process schedules the group's steps (process 0)."""
+    return jax.process_index() == 0
+
+
+class StepChannel:
+    """The leader's messages (JSON-able dicts) to the followers, in order.
+
+    Every process must call, in the same order, `send` (the leader) or `receive` (the
+    others): each is one `broadcast_one_to_all` of a `FRAME_BYTES` frame (the message's
+    length, then its first bytes) and, for a longer message, one more of the rest padded
+    to a power of two, so a few shapes are ever compiled.
+    """
+
+    FRAME_BYTES = 4096
+    _LENGTH_BYTES = 4
+
+    def send(self, message: dict) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        frame = np.zeros(self.FRAME_BYTES, np.uint8)
+        frame[:self._LENGTH_BYTES] = np.frombuffer(
+            len(data).to_bytes(self._LENGTH_BYTES, "little"), np.uint8)
+        head = data[:self.FRAME_BYTES - self._LENGTH_BYTES]
+        frame[self._LENGTH_BYTES:self._LENGTH_BYTES + len(head)] = np.frombuffer(head, np.uint8)
+        self._broadcast(frame)
+        rest = data[len(head):]
+        if rest:
+            padded = np.zeros(_power_of_two(len(rest)), np.uint8)
+            padded[:len(rest)] = np.frombuffer(rest, np.uint8)
+            self._broadcast(padded)
+
+    def receive(self) -> dict:
+        frame = self._broadcast(np.zeros(self.FRAME_BYTES, np.uint8))
+        length = int.from_bytes(frame[:self._LENGTH_BYTES].tobytes(), "little")
+        data = frame[self._LENGTH_BYTES:self._LENGTH_BYTES + length].tobytes()
+        if length > len(data):
+            rest = length - len(data)
+            data += self._broadcast(np.zeros(_power_of_two(rest), np.uint8))[:rest].tobytes()
+        return json.loads(data)
+
+    @staticmethod
+    def _broadcast(array: np.ndarray) -> np.ndarray:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.broadcast_one_to_all(array))
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class StepWatchdog:
+    """Calls `on_stall(message)` once if a step runs past `timeout_s` seconds.
+
+    A collective blocked on a peer that hangs cannot be interrupted, so the default
+    `on_stall` logs and ends the process with `GROUP_FAILED_EXIT`; a server passes one
+    that reports NOT_SERVING first.
+    """
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[str], None] | None = None):
+        if timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.on_stall = on_stall or exit_group
+        self._started: float | None = None
+        self._what = ""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, name="jattn-step-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def step(self, what: str):
+        """Times the step run inside it; `what` names it in the message."""
+        with self._lock:
+            self._started, self._what = time.monotonic(), what
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._started = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(0.5, self.timeout_s / 4))
+            with self._lock:
+                started, what = self._started, self._what
+            if started is not None and time.monotonic() - started > self.timeout_s:
+                self.on_stall(f"the process group's step {what!r} has not finished after "
+                              f"{self.timeout_s:g} s: a process of the group hangs or died")
+                return
+
+
+class GroupLeader:
+    """The leader's side of the group, as a `ModelRunner` sees it: `step(op, args)`
+    sends a step to the followers and times it until its results are ready."""
+
+    def __init__(self, channel: StepChannel, watchdog: StepWatchdog):
+        self.channel = channel
+        self.watchdog = watchdog
+
+    @contextlib.contextmanager
+    def step(self, op: str, args: dict):
+        with self.watchdog.step(op):
+            self.channel.send({"op": op, "args": args})
+            yield
+
+    def stop(self) -> None:
+        """Ends the followers' `follow` loops (they return)."""
+        self.channel.send({"op": "stop"})
+
+
+def follow(runner, channel: StepChannel) -> None:
+    """A follower's life: runs each step the leader sends on `runner` (a `ModelRunner`
+    built with the leader's arguments) until the leader stops; a failed collective (the
+    leader died) raises."""
+    while True:
+        message = channel.receive()
+        if message["op"] == "stop":
+            return
+        runner.replay(message["op"], message["args"])
+
+
+def exit_group(message: str) -> None:
+    """Logs `message` and ends this process at once with `GROUP_FAILED_EXIT` (threads
+    blocked in a collective cannot be joined)."""
+    log.critical("%s; exiting with status %d", message, GROUP_FAILED_EXIT)
+    logging.shutdown()
+    os._exit(GROUP_FAILED_EXIT)
