@@ -12,7 +12,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from jattn.dist.group import GroupLeader, StepChannel, StepWatchdog, is_leader
+from jattn.dist.group import GroupLeader, StepChannel, is_leader
 from jattn.dist.group import follow as follow_leader
 from jattn.engine.errors import PromptTooLong
 from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
@@ -96,7 +96,8 @@ class LLM:
         each process builds the LLM with the same arguments; process 0 then generates
         while the others `follow` (no store yet: each turn recomputes its history).
       step_timeout_s: in a group, the longest a step may take before the leader
-        gives the group up (`on_group_failure(message)`, by default: log and exit).
+        gives the group up: `on_group_failure(message)` (by default: log and exit),
+        called too when a step fails (a process of the group died).
     """
 
     def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
@@ -124,7 +125,7 @@ class LLM:
         if self.in_group:
             store = _check_group(kv_parallel, store)
             if is_leader():
-                group = GroupLeader(StepChannel(), StepWatchdog(step_timeout_s, on_group_failure))
+                group = GroupLeader(StepChannel(), step_timeout_s, on_group_failure)
         self.runner = ModelRunner(
             self._build(path, random_weights, seed, params_cache),
             num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,

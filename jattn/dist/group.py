@@ -142,17 +142,27 @@ class StepWatchdog:
 
 class GroupLeader:
     """The leader's side of the group, as a `ModelRunner` sees it: `step(op, args)`
-    sends a step to the followers and times it until its results are ready."""
+    sends a step to the followers and times it until its results are ready. A step that
+    fails (a collective with a dead peer raises) or outlives `watchdog.timeout_s` ends
+    the group through `on_failure(message)` (default `exit_group`): the followers cannot
+    be trusted to be in step any more."""
 
-    def __init__(self, channel: StepChannel, watchdog: StepWatchdog):
+    def __init__(self, channel: StepChannel, timeout_s: float,
+                 on_failure: Callable[[str], None] | None = None):
         self.channel = channel
-        self.watchdog = watchdog
+        self.on_failure = on_failure or exit_group
+        self.watchdog = StepWatchdog(timeout_s, self.on_failure)
 
     @contextlib.contextmanager
     def step(self, op: str, args: dict):
         with self.watchdog.step(op):
-            self.channel.send({"op": op, "args": args})
-            yield
+            try:
+                self.channel.send({"op": op, "args": args})
+                yield
+            except Exception as error:
+                self.on_failure(f"the process group's step {op!r} failed ({error}): a "
+                                "process of the group died")
+                raise
 
     def stop(self) -> None:
         """Ends the followers' `follow` loops (they return)."""

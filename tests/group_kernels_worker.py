@@ -1,0 +1,58 @@
+"""One process of a two-process group on loopback, four CPU devices each: DistAttention's
+decode and prefill over the eight-device mesh spanning both, each process holding only
+its own devices' blocks. Both processes draw the same inputs (same seed); each writes
+the inputs and its outputs to `OUT_DIR/process-I.npz`.
+
+    python tests/group_kernels_worker.py PROCESS_ID PORT OUT_DIR
+"""
+
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+from jattn.dist import group  # noqa: E402
+
+process_id, port, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+group.initialize(f"127.0.0.1:{port}", 2, process_id)
+
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from jattn.dist import paged_attention, prefill_attention  # noqa: E402
+from test_dist_attention import scattered_pool  # noqa: E402
+
+assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
+rng = np.random.default_rng(7)
+block_size, hq, hkv, d = 4, 8, 2, 16
+lengths = np.array([137, 1, 0, 64, 5, 90], np.int32)
+k, v, tables = (np.asarray(a) for a in scattered_pool(
+    rng, lengths, devices=8, per_device=12, block_size=block_size, hkv=hkv, d=d,
+    home_only={4}))
+q = rng.standard_normal((len(lengths), hq, d)).astype(np.float32)
+chunk_q = rng.standard_normal((9, hq, d)).astype(np.float32)
+inv_freq = (10000.0 ** -(np.arange(0, d, 2) / d)).astype(np.float32)
+
+mesh = jax.make_mesh((8,), ("kv",), axis_types=(jax.sharding.AxisType.Auto,))
+sharded = NamedSharding(mesh, PartitionSpec("kv"))
+
+
+def pool(pages):
+    """The pool as one array over both processes, built from this process's blocks."""
+    return jax.make_array_from_callback(pages.shape, sharded, lambda index: pages[index])
+
+
+k_pool, v_pool = pool(k), pool(v)
+assert all(shard.device.process_index == process_id for shard in k_pool.addressable_shards)
+out, lse = jax.jit(lambda *a: paged_attention(*a, mesh=mesh, key_rope_inv_freq=inv_freq))(
+    q, k_pool, v_pool, tables, lengths)
+prefill_out, prefill_lse = prefill_attention(
+    chunk_q, k_pool, v_pool, tables[0], q_offset=128, kv_length=137, mesh=mesh,
+    key_rope_inv_freq=inv_freq, chunk_blocks=3)
+np.savez(os.path.join(out_dir, f"process-{process_id}.npz"), q=q, k=k, v=v, tables=tables,
+         lengths=lengths, chunk_q=chunk_q, inv_freq=inv_freq, out=np.asarray(out),
+         lse=np.asarray(lse), prefill_out=np.asarray(prefill_out),
+         prefill_lse=np.asarray(prefill_lse))
+jax.distributed.shutdown()
