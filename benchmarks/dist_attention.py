@@ -38,7 +38,8 @@ from timing import median_seconds  # noqa: E402
 
 from jattn import LLM  # noqa: E402
 from jattn.dist import paged_attention  # noqa: E402
-from jattn.model.kv_cache import PoolExhausted, blocks_for  # noqa: E402
+from jattn.engine.errors import PromptTooLong  # noqa: E402
+from jattn.model.kv_cache import blocks_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "..", "shared", "models", "tiny-llama3-random")
@@ -100,7 +101,7 @@ def max_context_table(device_counts, blocks_per_device: int, new_tokens: int) ->
             try:
                 llm.generate(prompt + [5] * llm.runner.block_size, max_tokens=new_tokens,
                              ignore_eos=True)
-            except PoolExhausted as error:
+            except PromptTooLong as error:
                 refused = str(error)
         rows.append({"devices": devices, "blocks_per_device": blocks_per_device,
                      "max_context_tokens": longest, "generated": ran, "one_block_more": refused})

@@ -1,0 +1,151 @@
+"""DistAttention over a group of processes against one process, same eight-device mesh.
+
+    python benchmarks/process_group.py [--quick] [--json PATH]
+
+Runs the same model twice, each time in fresh processes on loopback:
+
+  1 process     eight simulated CPU devices in one process (collectives in memory);
+  2 processes   a `jax.distributed` group of two processes of four devices each
+                (collectives over gloo/TCP), process 0 leading, process 1 following.
+
+The pool is sharded over all eight devices either way (tiny-llama3-random, random
+weights, float32). For each context length: one decode step of one sequence, median
+wall time on process 0 (for the group, the step message to the follower included), and
+the bytes the step's collectives move, read from the compiled HLO of the model's decode
+step (every layer): constant in the context. Prints a table; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "..", "shared", "models", "tiny-llama3-random")
+DEVICES = 8
+
+
+def worker(args) -> None:
+    """One process of a run: builds the model over the eight-device mesh; process 0
+    times the decode steps and writes them to `args.out`, the others follow."""
+    import jax
+
+    if args.processes > 1:
+        jax.config.update("jax_num_cpu_devices", DEVICES // args.processes)
+        from jattn.dist import group
+
+        group.initialize(f"127.0.0.1:{args.port}", args.processes, args.process_id)
+    import numpy as np
+
+    from dist_attention import collective_bytes
+    from jattn import LLM
+    from jattn.model.kv_cache import blocks_for, padded_table
+    from jattn.model.runner import _decode_step
+    from timing import median_seconds
+
+    block_size = 16
+    blocks = -(-blocks_for(max(args.contexts) + 1, block_size) // DEVICES) * DEVICES
+    llm = LLM(TINY, random_weights=True, store=None, kv_parallel=DEVICES, num_blocks=blocks,
+              max_running=1)
+    if jax.process_index() != 0:
+        llm.follow()
+        return
+    runner = llm.runner
+    table = padded_table([], runner.table_width)[None]
+    hlo = _decode_step.lower(runner.graphdef, runner.state, runner.pool,
+                             np.zeros(1, np.int32), np.zeros(1, np.int32), table,
+                             backend=runner.backend, mesh=runner.mesh).compile().as_text()
+    step_bytes = collective_bytes(hlo)
+    rows = []
+    for context in args.contexts:
+        owned = runner.allocator.allocate(blocks_for(context + 1, block_size))
+        runner.prefill([7] * context, 0, owned)
+        seconds = median_seconds(lambda: runner.decode([7], [context], [owned]),
+                                 repeats=args.repeats)
+        runner.allocator.free(owned)
+        rows.append({"context": context, "step_ms": seconds * 1e3,
+                     "collective_bytes": sum(step_bytes.values()), "by_kind": step_bytes})
+    llm.close()
+    with open(args.out, "w") as f:
+        json.dump(rows, f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(processes: int, args, directory: str) -> list[dict]:
+    """The rows of one run of `processes` fresh processes."""
+    out = os.path.join(directory, f"{processes}.json")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    # One process simulates all eight devices; a group's processes set their own count.
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={DEVICES}"
+                        if processes == 1 else "")
+    launched = [subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", "--processes", str(processes),
+         "--process-id", str(i), "--port", str(port), "--out", out, "--repeats",
+         str(args.repeats), "--contexts", ",".join(map(str, args.contexts))],
+        cwd=ROOT, env=env) for i in range(processes)]
+    for process in launched:
+        if process.wait(timeout=1800):
+            raise RuntimeError(f"a process of the {processes}-process run failed")
+    with open(out) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--contexts", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 9)
+    args.contexts = ([int(c) for c in args.contexts.split(",")] if args.contexts else
+                     [256, 1024] if args.quick else [256, 512, 1024, 2048, 4000])
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        runs = {n: run(n, args, directory) for n in (1, 2)}
+    print(f"\ndecode step, tiny-llama3-random, batch 1, KV over {DEVICES} CPU devices "
+          f"({platform.machine()}, {os.cpu_count()} cores)")
+    print(f"{'context':>8} {'1 process ms':>13} {'2 processes ms':>15} {'ratio':>6} "
+          f"{'collective bytes (1 / 2)':>25}")
+    rows = []
+    for one, two in zip(runs[1], runs[2]):
+        ratio = two["step_ms"] / one["step_ms"]
+        rows.append({"context": one["context"], "one_process": one, "two_processes": two,
+                     "step_ratio": ratio})
+        print(f"{one['context']:>8} {one['step_ms']:>13.2f} {two['step_ms']:>15.2f} "
+              f"{ratio:>6.2f} {one['collective_bytes']:>12,} / {two['collective_bytes']:,}")
+    import jax
+
+    out = args.json or os.path.join(ROOT, "benchmarks", "results",
+                                    f"process-group-cpu{'-quick' if args.quick else ''}.json")
+    with open(out, "w") as f:
+        json.dump({"machine": {"cpu": platform.processor(), "cpu_count": os.cpu_count(),
+                               "jax": jax.__version__, "devices": DEVICES}, "rows": rows},
+                  f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
