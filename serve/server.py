@@ -43,7 +43,9 @@ def build_llm(config: ServeConfig, on_group_failure=None) -> LLM:
     """The configured LLM; in a group of processes, `on_group_failure(message)` is
     called when a step outlives `step_timeout_s`."""
     store = None
-    if config.store:
+    if config.store and config.coordinator:
+        store = "auto"  # a group keeps KV in the device pool only
+    elif config.store:
         overrides = {k: getattr(config, k) for k in ("hbm_bytes", "host_bytes")
                      if getattr(config, k) is not None}
         store = StoreConfig.sized_for_machine(
@@ -55,7 +57,9 @@ def build_llm(config: ServeConfig, on_group_failure=None) -> LLM:
               num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
               max_running=config.max_running, store=store, kv_parallel=config.kv_parallel,
               step_timeout_s=config.step_timeout_s, on_group_failure=on_group_failure)
-    if store is not None and "hbm_bytes" not in overrides:
+    if config.store and config.hbm_bytes is not None:
+        llm.chats.hbm_bytes = config.hbm_bytes
+    elif config.store:
         llm.chats.hbm_bytes = llm.runner.pool.nbytes() // 2
     return llm
 

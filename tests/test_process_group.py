@@ -80,10 +80,10 @@ def test_dist_attention_across_processes_equals_one_device(tmp_path):
 class Group:
     """`jattn-serve` as a group of two processes of four CPU devices on loopback."""
 
-    def __init__(self, tmp_path, *, step_timeout_s: float = 60.0):
+    def __init__(self, tmp_path, *, store: bool = False, step_timeout_s: float = 60.0):
         coordinator = f"127.0.0.1:{free_port()}"
         flags = ["--coordinator", coordinator, "--num-processes", "2", "--kv-parallel", "8",
-                 "--no-store", "--num-blocks", str(8 * BLOCKS_PER_DEVICE), "--max-running",
+                 "--store" if store else "--no-store", "--num-blocks", str(8 * BLOCKS_PER_DEVICE), "--max-running",
                  "4", "--port", "0", "--http-port", "0", "--no-warm-up",
                  "--step-timeout-s", str(step_timeout_s),
                  "--compilation-cache-dir", str(tmp_path / "xla")]
@@ -118,25 +118,28 @@ class Group:
             process.communicate(timeout=60)
 
 
-def converse(address: str) -> list[list[int]]:
-    """Each answer's token ids of `MESSAGES`, a greedy conversation over gRPC."""
+def converse(address: str) -> list:
+    """The replies (`TurnReply`) to `MESSAGES`, a greedy conversation over gRPC."""
     client = Client(address)
     try:
         return [client.chat("group-test", text=message, max_tokens=ANSWER_TOKENS,
-                            ignore_eos=True).token_ids for message in MESSAGES]
+                            ignore_eos=True) for message in MESSAGES]
     finally:
         client.close()
 
 
 def in_process_server(**config) -> Server:
-    return Server(ServeConfig(store=False, port=0, http_port=None, warm_up=False,
-                              max_running=4, compilation_cache_dir=None, **config)).start()
+    return Server(ServeConfig(port=0, http_port=None, warm_up=False, max_running=4,
+                              compilation_cache_dir=None, **config)).start()
 
 
-def test_group_server_answers_as_one_process_with_twice_its_context(tmp_path):
-    alone = in_process_server(num_blocks=64)
+@pytest.mark.parametrize("store", [False, True])
+def test_group_server_answers_as_one_process_with_twice_its_context(tmp_path, store):
+    """Without the store every turn recomputes its history; with it, the group keeps
+    each turn's KV in the pool for the next (the device tier)."""
+    alone = in_process_server(num_blocks=64, store=store)
     try:
-        want = converse(f"127.0.0.1:{alone.port}")
+        want = [reply.token_ids for reply in converse(f"127.0.0.1:{alone.port}")]
         client = Client(f"127.0.0.1:{alone.port}")
         context = client.describe("group-test").context_tokens
         client.close()
@@ -144,7 +147,8 @@ def test_group_server_answers_as_one_process_with_twice_its_context(tmp_path):
         alone.stop()
     # The conversation needs more blocks than one process's four devices hold ...
     assert 4 * BLOCKS_PER_DEVICE * 16 < context <= 8 * BLOCKS_PER_DEVICE * 16
-    one_process = in_process_server(num_blocks=4 * BLOCKS_PER_DEVICE, kv_parallel=4)
+    one_process = in_process_server(num_blocks=4 * BLOCKS_PER_DEVICE, kv_parallel=4,
+                                    store=store)
     try:
         with pytest.raises(grpc.RpcError) as refused:
             converse(f"127.0.0.1:{one_process.port}")
@@ -152,9 +156,12 @@ def test_group_server_answers_as_one_process_with_twice_its_context(tmp_path):
     finally:
         one_process.stop()
     # ... and fits the two processes' eight, with the same tokens.
-    group = Group(tmp_path)
+    group = Group(tmp_path, store=store)
     try:
-        assert converse(group.address) == want
+        replies = converse(group.address)
+        assert [reply.token_ids for reply in replies] == want
+        reused = [reply.facts.cached_tokens for reply in replies[1:]]
+        assert all(reused) if store else not any(reused), reused
         group.processes[0].send_signal(signal.SIGTERM)
         assert group.processes[0].wait(timeout=120) == 0
         assert group.processes[1].wait(timeout=60) == 0  # the leader stopped the group

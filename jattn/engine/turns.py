@@ -174,7 +174,7 @@ class ChatEngine:
         block_tokens = runner.block_size
         self.block_bytes = runner.config.kv_bytes_per_token(runner.dtype.itemsize) * block_tokens
         self.device = DeviceBlocks(runner.allocator,
-                                   capacity_blocks=hbm_bytes // self.block_bytes if store else 0)
+                                   capacity_blocks=hbm_bytes // self.block_bytes)
         device = runner.pool.k[0].devices().pop()
         # Where saved blocks go when they leave the device (None: a plain host copy).
         self.host_memory_kind = store.config.memory_kind_for(device) if store else None
