@@ -56,16 +56,11 @@ def kv_mesh(devices: int):
                          devices=jax.devices()[:devices])
 
 
-def _check_group(kv_parallel: int, store) -> None:
-    """In a group of processes the mesh must span every device of the group, and the
-    store's host, disk and remote tiers do not cross processes yet: `store` is "auto"
-    (the device tier: half the pool) or None."""
+def _check_group(kv_parallel: int) -> None:
+    """In a group of processes the mesh must span every device of the group."""
     if kv_parallel != jax.device_count():
         raise ValueError(f"in a group of {jax.process_count()} processes kv_parallel must "
                          f"span all {jax.device_count()} devices, got {kv_parallel}")
-    if not (store is None or store == "auto"):
-        raise ValueError("in a group of processes the store keeps KV in the device pool "
-                         "only: pass store='auto' (that tier) or None")
 
 
 class LLM:
@@ -94,9 +89,9 @@ class LLM:
         them, and attention merges the devices' partials exactly. 1: one device. In a
         group of processes (`jattn.dist.group.initialize`), every device of the group:
         each process builds the LLM with the same arguments; process 0 then generates
-        while the others `follow`. There `store` is "auto" (KV kept in the pool between
-        turns, half of it at most) or None: the host, disk and remote tiers do not cross
-        processes yet.
+        while the others `follow`. The store is process 0's: its tiers live in process
+        0's memory, disk and Redis, and the blocks it saves and loads cross to and from
+        the other processes' devices inside the group's steps.
       step_timeout_s: in a group, the longest a step may take before the leader
         gives the group up: `on_group_failure(message)` (by default: log and exit),
         called too when a step fails (a process of the group died).
@@ -125,7 +120,7 @@ class LLM:
         self.in_group = jax.process_count() > 1
         group = None
         if self.in_group:
-            _check_group(kv_parallel, store)
+            _check_group(kv_parallel)
             if is_leader():
                 group = GroupLeader(StepChannel(), step_timeout_s, on_group_failure)
         self.runner = ModelRunner(
@@ -134,10 +129,8 @@ class LLM:
             max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,
             backend=backend, mesh=kv_mesh(kv_parallel), group=group)
         self._group = group
-        device_tier_bytes = 0
-        if self.in_group:  # the pool is the only tier: nothing is copied out of it
-            device_tier_bytes = self.runner.pool.nbytes() // 2 if store == "auto" else 0
-            store = None
+        if self.in_group and not is_leader():
+            store = None  # process 0's store decides; the steps carry its copies
         elif store == "auto":
             store = StoreConfig.sized_for_machine(block_size=block_size,
                                                   hbm_bytes=self.runner.pool.nbytes() // 2)
@@ -152,8 +145,7 @@ class LLM:
             self.runner, self.tokenizer, max_context=self.max_context,
             eos_ids=self.config.eos_token_ids, store=self.store,
             sink_tokens=store.sink_tokens if store is not None else 4,
-            hbm_bytes=store.hbm_bytes if store is not None else device_tier_bytes,
-            fingerprint=fingerprint)
+            hbm_bytes=store.hbm_bytes if store is not None else 0, fingerprint=fingerprint)
 
     def _build(self, path, random_weights, seed, params_cache):
         if random_weights:

@@ -117,11 +117,6 @@ class ServeConfig:
             self.auth_tokens = [self.auth_tokens]
         if any(not isinstance(t, str) or len(t) < 8 for t in self.auth_tokens):
             raise ValueError("auth tokens must be strings of at least 8 characters")
-        if self.coordinator and (self.host_bytes is not None or self.disk_bytes
-                                 or self.remote_url):
-            raise ValueError("in a group of processes the store keeps KV in the device pool "
-                             "only (hbm_bytes): host_bytes, disk_bytes and remote_url do not "
-                             "cross processes yet")
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             raise ValueError(f"default_max_tokens must be in [1, max_tokens={self.max_tokens}]")
 

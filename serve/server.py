@@ -43,9 +43,7 @@ def build_llm(config: ServeConfig, on_group_failure=None) -> LLM:
     """The configured LLM; in a group of processes, `on_group_failure(message)` is
     called when a step outlives `step_timeout_s`."""
     store = None
-    if config.store and config.coordinator:
-        store = "auto"  # a group keeps KV in the device pool only
-    elif config.store:
+    if config.store:
         overrides = {k: getattr(config, k) for k in ("hbm_bytes", "host_bytes")
                      if getattr(config, k) is not None}
         store = StoreConfig.sized_for_machine(

@@ -80,13 +80,14 @@ def test_dist_attention_across_processes_equals_one_device(tmp_path):
 class Group:
     """`jattn-serve` as a group of two processes of four CPU devices on loopback."""
 
-    def __init__(self, tmp_path, *, store: bool = False, step_timeout_s: float = 60.0):
+    def __init__(self, tmp_path, *, store: bool = False, step_timeout_s: float = 60.0,
+                 extra: tuple = ()):
         coordinator = f"127.0.0.1:{free_port()}"
         flags = ["--coordinator", coordinator, "--num-processes", "2", "--kv-parallel", "8",
                  "--store" if store else "--no-store", "--num-blocks", str(8 * BLOCKS_PER_DEVICE), "--max-running",
                  "4", "--port", "0", "--http-port", "0", "--no-warm-up",
                  "--step-timeout-s", str(step_timeout_s),
-                 "--compilation-cache-dir", str(tmp_path / "xla")]
+                 "--compilation-cache-dir", str(tmp_path / "xla"), *extra]
         env = group_env()
         env["JAX_NUM_CPU_DEVICES"] = "4"
         self.processes = [subprocess.Popen(
@@ -118,12 +119,12 @@ class Group:
             process.communicate(timeout=60)
 
 
-def converse(address: str) -> list:
-    """The replies (`TurnReply`) to `MESSAGES`, a greedy conversation over gRPC."""
+def converse(address: str, messages=MESSAGES) -> list:
+    """The replies (`TurnReply`) to `messages`, a greedy conversation over gRPC."""
     client = Client(address)
     try:
         return [client.chat("group-test", text=message, max_tokens=ANSWER_TOKENS,
-                            ignore_eos=True) for message in MESSAGES]
+                            ignore_eos=True) for message in messages]
     finally:
         client.close()
 
@@ -167,6 +168,39 @@ def test_group_server_answers_as_one_process_with_twice_its_context(tmp_path, st
         assert group.processes[1].wait(timeout=60) == 0  # the leader stopped the group
     finally:
         group.close()
+
+
+def test_group_store_reloads_from_host_and_disk_across_a_restart(tmp_path):
+    """Process 0's store: with no device tier, every later turn's history comes back
+    from host memory into the devices of both processes; after the whole group restarts,
+    the session continues from process 0's disk. Tokens as a single process's."""
+    tiers = ["--hbm-bytes", "0", "--disk-bytes", "64MiB"]
+    later = "What happened at the end?"
+    alone = in_process_server(num_blocks=64, store=True, hbm_bytes=0, disk_bytes=64 << 20,
+                              disk_path=str(tmp_path / "alone-disk"))
+    try:
+        want = [r.token_ids for r in converse(f"127.0.0.1:{alone.port}", MESSAGES + [later])]
+    finally:
+        alone.stop()
+    disk = ["--disk-path", str(tmp_path / "group-disk")]
+    group = Group(tmp_path, store=True, extra=(*tiers, *disk))
+    try:
+        replies = converse(group.address)
+        assert [r.token_ids for r in replies] == want[:3]
+        for reply in replies[1:]:
+            assert reply.facts.tier_blocks["host"] > 0 and reply.facts.cached_tokens > 0
+        group.processes[0].send_signal(signal.SIGTERM)  # flushes the store to disk
+        assert group.processes[0].wait(timeout=120) == 0
+        assert group.processes[1].wait(timeout=60) == 0
+    finally:
+        group.close()
+    restarted = Group(tmp_path, store=True, extra=(*tiers, *disk))
+    try:
+        (reply,) = converse(restarted.address, [later])
+        assert reply.token_ids == want[3]
+        assert reply.facts.tier_blocks["disk"] > 0 and reply.facts.cached_tokens > 0
+    finally:
+        restarted.close()
 
 
 def health(address: str) -> int:

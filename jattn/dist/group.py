@@ -89,11 +89,19 @@ class StepChannel:
             data += self._broadcast(np.zeros(_power_of_two(rest), np.uint8))[:rest].tobytes()
         return json.loads(data)
 
+    def send_arrays(self, arrays: list[np.ndarray]) -> None:
+        """After a message that gives their shapes and dtypes: the arrays themselves."""
+        self._broadcast(arrays)
+
+    def receive_arrays(self, specs: list) -> list[np.ndarray]:
+        """The arrays `send_arrays` sent, `specs` being their `[shape, dtype]` pairs."""
+        return self._broadcast([np.zeros(shape, dtype) for shape, dtype in specs])
+
     @staticmethod
-    def _broadcast(array: np.ndarray) -> np.ndarray:
+    def _broadcast(array):
         from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.broadcast_one_to_all(array))
+        return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(array))
 
 
 def _power_of_two(n: int) -> int:
@@ -154,10 +162,15 @@ class GroupLeader:
         self.watchdog = StepWatchdog(timeout_s, self.on_failure)
 
     @contextlib.contextmanager
-    def step(self, op: str, args: dict):
+    def step(self, op: str, args: dict, arrays: list[np.ndarray] = ()):
+        """Around one step: sends `op`, its JSON `args` and its `arrays` (the followers'
+        `replay` finds them in `args["arrays"]`)."""
         with self.watchdog.step(op):
             try:
-                self.channel.send({"op": op, "args": args})
+                specs = [[list(a.shape), a.dtype.str] for a in arrays]
+                self.channel.send({"op": op, "args": args, "arrays": specs})
+                if arrays:
+                    self.channel.send_arrays(list(arrays))
                 yield
             except Exception as error:
                 self.on_failure(f"the process group's step {op!r} failed ({error}): a "
@@ -177,7 +190,10 @@ def follow(runner, channel: StepChannel) -> None:
         message = channel.receive()
         if message["op"] == "stop":
             return
-        runner.replay(message["op"], message["args"])
+        args = message["args"]
+        if message["arrays"]:
+            args["arrays"] = channel.receive_arrays(message["arrays"])
+        runner.replay(message["op"], args)
 
 
 def exit_group(message: str) -> None:

@@ -18,6 +18,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from jattn.conversation import (
     Conversation,
     Turn,
@@ -84,6 +86,13 @@ class BlockCensus:
     def balanced(self) -> bool:
         return (self.double_counted == 0
                 and self.free + self.resident + self.in_flight == self.total)
+
+
+def _stacked(blocks: list, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks' keys and values (each indexable by layer) as layer-major numpy arrays
+    `k, v [L, n, block_size, Hkv, D]`."""
+    return tuple(np.stack([np.stack([np.asarray(getattr(b, part)[layer]) for b in blocks])
+                           for layer in range(num_layers)]) for part in ("k", "v"))
 
 
 def _done(value=True) -> concurrent.futures.Future:
@@ -303,7 +312,7 @@ class ChatEngine:
     def warm_up(self) -> None:
         """Compiles every step a turn can run (packed steps, loading prefills, saves),
         so that no turn waits for a compilation."""
-        self.runner.warm_up(loading=self.store is not None)
+        self.runner.warm_up(loading=self.store is not None and self.runner.loads_layer_by_layer)
         self.warm_up_saves()
 
     def close(self) -> None:
@@ -458,10 +467,14 @@ class ChatEngine:
     def prefill_loading(self, turn: ActiveTurn):
         """Prefills the first tokens (up to `LOADING_CHUNK`) of a `loading` turn while its
         blocks arrive from host memory or disk layer by layer. Returns the last token's
-        logits `[V]` if that was the whole prompt, else None (`step` does the rest)."""
+        logits `[V]` if that was the whole prompt, else None (`step` does the rest). In a
+        group of processes the blocks go in at once and `step` does the whole prompt."""
         tokens = turn.turn_tokens[:LOADING_CHUNK]
         ids, blocks = turn.arriving
         turn.arriving = None
+        if not self.runner.loads_layer_by_layer:
+            self.runner.write_blocks(ids, *_stacked(blocks, self.runner.config.num_layers))
+            return None
         load = self.store.load_layers(blocks, rows=bucket(len(turn.table), minimum=4),
                                       device=self.runner.load_sharding)
         logits = self.runner.prefill_loading(tokens, turn.prefix, turn.table, ids, load)

@@ -209,10 +209,20 @@ def _layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, 
     return layer(x, positions, slots, 0, k_pages, v_pages, attend)
 
 
-@jax.jit
-def _read_blocks(pool: KVPool, ids):
-    """Copies pool blocks `ids [n]` out: `k, v [L, n, bs, Hkv, D]`."""
+def _blocks_of(pool: KVPool, ids):
+    """Pool blocks `ids [n]`: `k, v [L, n, bs, Hkv, D]`."""
     return jnp.stack([p[ids] for p in pool.k]), jnp.stack([p[ids] for p in pool.v])
+
+
+_read_blocks = jax.jit(_blocks_of)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def _write_blocks(pool: KVPool, ids, k, v):
+    """Writes `k, v [L, n, bs, Hkv, D]` into pool blocks `ids [n]` (ids past the pool:
+    padding, dropped). Returns the pool."""
+    return KVPool(tuple(p.at[ids].set(x.astype(p.dtype), mode="drop") for p, x in zip(pool.k, k)),
+                  tuple(p.at[ids].set(x.astype(p.dtype), mode="drop") for p, x in zip(pool.v, v)))
 
 
 class ModelRunner:
@@ -256,8 +266,10 @@ class ModelRunner:
                                       sharding=NamedSharding(mesh, PartitionSpec(KV_AXIS)))
             self.allocator = DistributedBlockAllocator(devices, num_blocks // devices)
             self.load_sharding = replicated
+            self._read_blocks = jax.jit(_blocks_of, out_shardings=(replicated, replicated))
         else:
             self.pool = KVPool.create(**pool_shape)
+            self._read_blocks = _read_blocks
             # Committed to one device from the start: a layer-wise load hands the steps
             # committed arrays, and jit keys its cache on committedness, so an uncommitted
             # pool would be compiled again for every shape at the first load.
@@ -309,13 +321,19 @@ class ModelRunner:
             self._decode(args["tokens"], args["positions"], args["block_lists"])
         elif op == "warm_up":
             self._warm_up(loading=args["loading"])
+        elif op == "copy_out":
+            self._read(np.asarray(args["ids"], np.int32))
+        elif op == "write_blocks":
+            self._write(np.asarray(args["ids"], np.int32), *args["arrays"])
         else:
             raise ValueError(f"the group's leader sent an unknown step {op!r}")
 
-    def _announce(self, op: str, **args):
-        """A context around a public step: with a group, sends it to the followers first
-        and times it until `_finish`; alone, nothing."""
-        return contextlib.nullcontext() if self.group is None else self.group.step(op, args)
+    def _announce(self, op: str, arrays=(), **args):
+        """A context around a public step: with a group, sends it (and `arrays`) to the
+        followers first and times it until `_finish`; alone, nothing."""
+        if self.group is None:
+            return contextlib.nullcontext()
+        return self.group.step(op, args, arrays)
 
     def _finish(self, logits):
         """With a group: waits for the step (inside the group's timing) and gives its
@@ -324,6 +342,12 @@ class ModelRunner:
         if self.group is None:
             return logits
         return jax.block_until_ready(logits).addressable_data(0)
+
+    def _check_alone(self, step: str) -> None:
+        """Layer-by-layer loads do not run in a group of processes (its followers would
+        not join them): blocks go in with `write_blocks`."""
+        if self.group is not None:
+            raise RuntimeError(f"{step} does not run in a group of processes")
 
     @property
     def logits_sharding(self):
@@ -386,14 +410,14 @@ class ModelRunner:
         Returns the last token's logits `[V]` float32, or with `all_logits` every token's
         `[len(tokens), V]`.
         """
+        if len(tokens) == 0:
+            raise ValueError("prefill needs at least one token")
         with self._announce("prefill", tokens=_ints(tokens), start=int(start),
                             blocks=_ints(blocks), all_logits=all_logits):
             return self._finish(self._prefill(tokens, start, blocks, all_logits=all_logits))
 
     def _prefill(self, tokens, start: int, blocks: list[int], *, all_logits: bool = False):
         tokens = np.asarray(tokens, np.int32)
-        if len(tokens) == 0:
-            raise ValueError("prefill needs at least one token")
         table = self._table(blocks)
         outputs = []
         for offset in range(0, len(tokens), self.prefill_chunk):
@@ -422,6 +446,7 @@ class ModelRunner:
         tokens (callers prefill the rest with `run`). Returns the last token's logits
         `[V]` float32.
         """
+        self._check_alone("prefill_loading")
         first = np.asarray(tokens, np.int32)
         if not 1 <= len(first) <= LOADING_CHUNK:
             raise ValueError(f"prefill_loading takes 1 to {LOADING_CHUNK} tokens, "
@@ -513,7 +538,7 @@ class ModelRunner:
     def host_sharding(self, memory_kind: str | None):
         """Where `copy_out` puts blocks for host `memory_kind` (e.g. "pinned_host"), or
         None for a plain copy when they are read."""
-        if memory_kind is None:
+        if memory_kind is None or self.group is not None:
             return None
         return jax.sharding.SingleDeviceSharding(self.pool.k[0].devices().pop(),
                                                  memory_kind=memory_kind)
@@ -526,7 +551,8 @@ class ModelRunner:
         count = len(block_ids)
         padded = np.full(bucket(count, minimum=1), block_ids[-1], np.int32)
         padded[:count] = block_ids  # a few shapes, so a few compilations
-        k, v = _read_blocks(self.pool, padded)
+        with self._announce("copy_out", ids=_ints(padded)):
+            k, v = self._read(padded)
         sharding = self.host_sharding(memory_kind)
         if sharding is not None:
             k, v = jax.device_put((k, v), sharding)  # the copy starts now
@@ -542,11 +568,39 @@ class ModelRunner:
         counts = powers_of_two(1, bucket(max_blocks, minimum=1))
         sharding = self.host_sharding(memory_kind)
         for count in counts:
-            k, v = _read_blocks(self.pool, np.zeros(count, np.int32))
+            with self._announce("copy_out", ids=[0] * count):
+                k, v = jax.block_until_ready(self._read(np.zeros(count, np.int32)))
             if sharding is not None:
-                k, v = jax.device_put((k, v), sharding)
-            jax.block_until_ready((k, v))
+                jax.block_until_ready(jax.device_put((k, v), sharding))
         return len(counts)
+
+    def _read(self, ids):
+        """Pool blocks `ids` as `_blocks_of` gives them; over a mesh, replicated (in a
+        group, every process then holds them all)."""
+        return self._read_blocks(self.pool, ids)
+
+    @property
+    def loads_layer_by_layer(self) -> bool:
+        """Whether blocks from the store arrive through `prefill_loading`; in a group
+        they arrive at once through `write_blocks` (every process must take them)."""
+        return self.group is None
+
+    def write_blocks(self, block_ids: list[int], k, v) -> None:
+        """Writes blocks into the pool at once: `k, v [L, n, block_size, Hkv, D]` numpy
+        arrays go to pool blocks `block_ids` (n of them). In a group they are sent to every
+        process, each of which keeps its own devices' rows."""
+        count = len(block_ids)
+        rows = bucket(count, minimum=4)  # a few shapes, so a few compilations
+        ids = np.full(rows, self.pool.num_blocks, np.int32)  # past the pool: dropped
+        ids[:count] = block_ids
+        pad = ((0, 0), (0, rows - count)) + ((0, 0),) * 3
+        k, v = np.pad(k, pad), np.pad(v, pad)
+        with self._announce("write_blocks", ids=_ints(ids), arrays=[k, v]):
+            self._write(ids, k, v)
+            jax.block_until_ready(self.pool)
+
+    def _write(self, ids, k, v) -> None:
+        self.pool = _write_blocks(self.pool, ids, k, v)
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are
