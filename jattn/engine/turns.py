@@ -535,12 +535,16 @@ class ChatEngine:
 
     def warm_up_saves(self) -> int:
         """Compiles the copy out of the pool for every count of blocks a save can hold
-        (up to a full context), so that no turn's save compiles. Returns the shapes
-        compiled (none without a store)."""
+        (up to a full context), and in a group of processes the writes of a load, so that
+        no turn's save or load compiles. Returns the shapes compiled (none without a
+        store)."""
         if self.store is None:
             return 0
-        return self.runner.warm_up_copies(blocks_for(self.max_context, self.runner.block_size),
-                                          self.host_memory_kind)
+        shapes = self.runner.warm_up_copies(blocks_for(self.max_context, self.runner.block_size),
+                                            self.host_memory_kind)
+        if not self.runner.loads_layer_by_layer:
+            shapes += self.runner.warm_up_writes()
+        return shapes
 
     def _save(self, keys: list[bytes], block_ids: list[int]) -> None:
         """Starts the copy of pool blocks `block_ids` out of the device now, and lets

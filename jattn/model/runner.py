@@ -590,11 +590,23 @@ class ModelRunner:
         arrays go to pool blocks `block_ids` (n of them). In a group they are sent to every
         process, each of which keeps its own devices' rows."""
         count = len(block_ids)
-        rows = bucket(count, minimum=4)  # a few shapes, so a few compilations
+        rows = bucket(count, minimum=4)  # `load_row_buckets`: a few shapes to compile
         ids = np.full(rows, self.pool.num_blocks, np.int32)  # past the pool: dropped
         ids[:count] = block_ids
         pad = ((0, 0), (0, rows - count)) + ((0, 0),) * 3
-        k, v = np.pad(k, pad), np.pad(v, pad)
+        self._send_and_write(ids, np.pad(k, pad), np.pad(v, pad))
+
+    def warm_up_writes(self) -> int:
+        """Compiles `write_blocks` (and, in a group, the sending of its arrays) for every
+        count of rows it can take (`load_row_buckets`), writing nothing. Returns the
+        shapes compiled."""
+        pages = self.pool.k[0]
+        for rows in self.load_row_buckets():
+            zeros = np.zeros((self.config.num_layers, rows, *pages.shape[1:]), pages.dtype)
+            self._send_and_write(np.full(rows, self.pool.num_blocks, np.int32), zeros, zeros)
+        return len(self.load_row_buckets())
+
+    def _send_and_write(self, ids, k, v) -> None:
         with self._announce("write_blocks", ids=_ints(ids), arrays=[k, v]):
             self._write(ids, k, v)
             jax.block_until_ready(self.pool)
