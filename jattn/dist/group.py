@@ -21,6 +21,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jattn.model.kv_cache import bucket
+
 log = logging.getLogger("jattn.dist")
 
 GROUP_FAILED_EXIT = 3
@@ -76,7 +78,7 @@ class StepChannel:
         self._broadcast(frame)
         rest = data[len(head):]
         if rest:
-            padded = np.zeros(_power_of_two(len(rest)), np.uint8)
+            padded = np.zeros(bucket(len(rest), minimum=1), np.uint8)
             padded[:len(rest)] = np.frombuffer(rest, np.uint8)
             self._broadcast(padded)
 
@@ -86,7 +88,7 @@ class StepChannel:
         data = frame[self._LENGTH_BYTES:self._LENGTH_BYTES + length].tobytes()
         if length > len(data):
             rest = length - len(data)
-            data += self._broadcast(np.zeros(_power_of_two(rest), np.uint8))[:rest].tobytes()
+            data += self._broadcast(np.zeros(bucket(rest, minimum=1), np.uint8))[:rest].tobytes()
         return json.loads(data)
 
     def send_arrays(self, arrays: list[np.ndarray]) -> None:
@@ -102,10 +104,6 @@ class StepChannel:
         from jax.experimental import multihost_utils
 
         return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(array))
-
-
-def _power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 class StepWatchdog:
