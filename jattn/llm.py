@@ -6,6 +6,7 @@ runs, so the library and the server take one code path."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterator
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from jattn.dist.group import GroupLeader, StepChannel, is_leader
 from jattn.dist.group import follow as follow_leader
+from jattn.dist.group_store import STORE_STEPS, GroupStore, ProcessShard
 from jattn.engine.errors import PromptTooLong
 from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
 from jattn.engine.scheduler import Engine, EngineLimits
@@ -63,6 +65,19 @@ def _check_group(kv_parallel: int) -> None:
                          f"span all {jax.device_count()} devices, got {kv_parallel}")
 
 
+def _process_share(store: StoreConfig) -> StoreConfig:
+    """This process's own store in a group: the budgets of `store`, its disk files in a
+    directory of its own."""
+    if store.remote_url:
+        raise ValueError("the remote tier does not run in a group of processes (each keeps "
+                         "its own devices' blocks in its own host memory and disk): leave "
+                         "remote_url unset")
+    if not store.disk_path:
+        return store
+    return dataclasses.replace(store, disk_path=os.path.join(
+        store.disk_path, f"process-{jax.process_index()}"))
+
+
 class LLM:
     """A Llama-family model ready to generate.
 
@@ -89,9 +104,10 @@ class LLM:
         them, and attention merges the devices' partials exactly. 1: one device. In a
         group of processes (`jattn.dist.group.initialize`), every device of the group:
         each process builds the LLM with the same arguments; process 0 then generates
-        while the others `follow`. The store is process 0's: its tiers live in process
-        0's memory, disk and Redis, and the blocks it saves and loads cross to and from
-        the other processes' devices inside the group's steps.
+        while the others `follow`. Each process keeps the blocks of its own devices in
+        its own host memory and disk, under the store's budgets (on disk under
+        `<disk_path>/process-<i>`), as process 0 decides (`jattn.dist.group_store`);
+        process 0 keeps the sessions' records. The remote tier does not run in a group.
       step_timeout_s: in a group, the longest a step may take before the leader
         gives the group up: `on_group_failure(message)` (by default: log and exit),
         called too when a step fails (a process of the group died).
@@ -129,17 +145,20 @@ class LLM:
             max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,
             backend=backend, mesh=kv_mesh(kv_parallel), group=group)
         self._group = group
-        if self.in_group and not is_leader():
-            store = None  # process 0's store decides; the steps carry its copies
-        elif store == "auto":
+        if store == "auto":
             store = StoreConfig.sized_for_machine(block_size=block_size,
                                                   hbm_bytes=self.runner.pool.nbytes() // 2)
         if store is not None and store.block_size != block_size:
             raise ValueError(f"store.block_size ({store.block_size}) must equal block_size "
                              f"({block_size})")
         fingerprint = model_fingerprint(self.config, self.runner.state, self.dtype)
-        self.store = (AttentionStore(store, fingerprint=fingerprint)
-                      if store is not None else None)
+        self.store = self._shard = None
+        if store is not None and self.in_group:
+            self._shard = ProcessShard(self.runner, AttentionStore(
+                _process_share(store), fingerprint=fingerprint))
+            self.store = GroupStore(self._shard, group) if is_leader() else self._shard.store
+        elif store is not None:
+            self.store = AttentionStore(store, fingerprint=fingerprint)
         self._engine: Engine | None = None
         self.chats = ChatEngine(
             self.runner, self.tokenizer, max_context=self.max_context,
@@ -249,7 +268,19 @@ class LLM:
         if not self.in_group or is_leader():
             raise RuntimeError("follow() runs on processes 1.. of a group; process 0 "
                                "generates")
-        follow_leader(self.runner, StepChannel())
+        shard = self._shard
+
+        def replay(op: str, args: dict) -> None:
+            if op in STORE_STEPS:
+                shard.replay(op, args)
+            else:
+                self.runner.replay(op, args)
+
+        try:
+            follow_leader(replay, StepChannel())
+        finally:
+            if self.store is not None:
+                self.store.close()  # this process's own saves reach its disk
 
     def stream(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,

@@ -118,3 +118,26 @@ def test_allocator_home_first_then_borrows_and_settles():
         allocator.allocate(30)
     assert allocator.free_blocks == 17
     assert allocator.free_ids() == set(range(20)) - set(first)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocator_takes_only_on_the_devices_asked(seed):
+    """`allocate_on` takes from the given devices only, the one with the most free
+    first; short there, it raises and takes nothing."""
+    rng = np.random.default_rng(seed)
+    allocator = DistributedBlockAllocator(8, 6)
+    allocator.allocate(int(rng.integers(0, 20)))  # uneven free counts
+    devices = sorted(int(d) for d in rng.choice(8, 3, replace=False))
+    free = {d: allocator.free_on(d) for d in devices}
+    count = int(rng.integers(1, sum(free.values()) + 1))
+    taken = allocator.allocate_on(devices, count)
+    assert len(set(taken)) == count and {allocator.device_of(b) for b in taken} <= set(devices)
+    want = dict(free)  # the greedy rule, one block at a time
+    for _ in range(count):
+        want[max(devices, key=lambda d: want[d])] -= 1
+    assert {d: allocator.free_on(d) for d in devices} == want
+    left = list(want.values())
+    before = allocator.free_ids()
+    with pytest.raises(PoolExhausted, match="on devices"):
+        allocator.allocate_on(devices, sum(left) + 1)
+    assert allocator.free_ids() == before

@@ -65,6 +65,20 @@ class DistributedBlockAllocator:
         self._free_set.difference_update(taken)
         return taken
 
+    def allocate_on(self, devices: list[int], count: int) -> list[int]:
+        """Takes `count` blocks on `devices` only, each from the one with the most free
+        blocks; raises `PoolExhausted` (taking none) if fewer are free there."""
+        free = sum(len(self._free[d]) for d in devices)
+        if count > free:
+            raise PoolExhausted(f"asked for {count} KV blocks on devices {devices}, {free} "
+                                "free there")
+        taken = []
+        for _ in range(count):
+            device = max(devices, key=lambda d: len(self._free[d]))
+            taken.append(self._free[device].pop())
+        self._free_set.difference_update(taken)
+        return taken
+
     def free(self, blocks) -> None:
         """Returns blocks to their devices; a block freed twice or out of range is an
         error (and nothing is freed)."""

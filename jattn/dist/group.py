@@ -180,10 +180,10 @@ class GroupLeader:
         self.channel.send({"op": "stop"})
 
 
-def follow(runner, channel: StepChannel) -> None:
-    """A follower's life: runs each step the leader sends on `runner` (a `ModelRunner`
-    built with the leader's arguments) until the leader stops; a failed collective (the
-    leader died) raises."""
+def follow(replay: Callable[[str, dict], None], channel: StepChannel) -> None:
+    """A follower's life: runs each step the leader sends, `replay(op, args)` (on a
+    `ModelRunner` built with the leader's arguments, or this process's share of the
+    store), until the leader stops; a failed collective (the leader died) raises."""
     while True:
         message = channel.receive()
         if message["op"] == "stop":
@@ -191,7 +191,7 @@ def follow(runner, channel: StepChannel) -> None:
         args = message["args"]
         if message["arrays"]:
             args["arrays"] = channel.receive_arrays(message["arrays"])
-        runner.replay(message["op"], args)
+        replay(message["op"], args)
 
 
 def exit_group(message: str) -> None:

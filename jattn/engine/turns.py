@@ -18,7 +18,6 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from jattn.conversation import (
     Conversation,
@@ -33,6 +32,7 @@ from jattn.conversation import (
     turn_entry,
 )
 from jattn.decoding import Continuation
+from jattn.dist.group_store import GroupStore
 from jattn.engine.errors import PromptTooLong
 from jattn.generation import Generation
 from jattn.model.kv_cache import blocks_for, bucket
@@ -86,13 +86,6 @@ class BlockCensus:
     def balanced(self) -> bool:
         return (self.double_counted == 0
                 and self.free + self.resident + self.in_flight == self.total)
-
-
-def _stacked(blocks: list, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks' keys and values (each indexable by layer) as layer-major numpy arrays
-    `k, v [L, n, block_size, Hkv, D]`."""
-    return tuple(np.stack([np.stack([np.asarray(getattr(b, part)[layer]) for b in blocks])
-                           for layer in range(num_layers)]) for part in ("k", "v"))
 
 
 def _done(value=True) -> concurrent.futures.Future:
@@ -176,6 +169,8 @@ class ChatEngine:
         self.max_context = max_context
         self.eos_ids = eos_ids
         self.store = store
+        # In a group of processes each process keeps its own devices' blocks.
+        self.group_store = store if isinstance(store, GroupStore) else None
         self.fingerprint = fingerprint
         self.sink_blocks = math.ceil(sink_tokens / runner.block_size)
         self.sessions: dict[str, Conversation] = {}
@@ -250,8 +245,7 @@ class ChatEngine:
         keys = context_keys(conversation)
         held = {"hbm": sum(1 for key in keys if key in self.device), "host": 0, "disk": 0,
                 "remote": 0}
-        for key in keys if self.store else ():
-            tier = self.store.contains(key)
+        for tier in self.store.held(keys) if self.store else ():
             if tier:
                 held[tier] += 1
         return {"session_id": session_id, "turns": len(conversation.turns),
@@ -467,14 +461,10 @@ class ChatEngine:
     def prefill_loading(self, turn: ActiveTurn):
         """Prefills the first tokens (up to `LOADING_CHUNK`) of a `loading` turn while its
         blocks arrive from host memory or disk layer by layer. Returns the last token's
-        logits `[V]` if that was the whole prompt, else None (`step` does the rest). In a
-        group of processes the blocks go in at once and `step` does the whole prompt."""
+        logits `[V]` if that was the whole prompt, else None (`step` does the rest)."""
         tokens = turn.turn_tokens[:LOADING_CHUNK]
         ids, blocks = turn.arriving
         turn.arriving = None
-        if not self.runner.loads_layer_by_layer:
-            self.runner.write_blocks(ids, *_stacked(blocks, self.runner.config.num_layers))
-            return None
         load = self.store.load_layers(blocks, rows=bucket(len(turn.table), minimum=4),
                                       device=self.runner.load_sharding)
         logits = self.runner.prefill_loading(tokens, turn.prefix, turn.table, ids, load)
@@ -513,16 +503,18 @@ class ChatEngine:
     def _publish(self, turn: ActiveTurn, keys: list[bytes]) -> None:
         """Hands the turn's own full blocks (`turn.table[i]` holds the block of
         `keys[i]`) to the device tier, and saves to the store those it did not have."""
-        saved_keys, saved_ids = [], []
+        new_keys, new_ids = [], []
         own = set(turn.own_blocks(self.device))
         for key, block in zip(keys, turn.table):
             if block not in own:
                 continue
             held, new = self.device.publish(key, block)
-            if new and self.store and key not in turn.loaded and not self.store.contains(key):
-                saved_keys.append(key)
-                saved_ids.append(held)
-        self._save(saved_keys, saved_ids)
+            if new and self.store and key not in turn.loaded:
+                new_keys.append(key)
+                new_ids.append(held)
+        stored = self.store.held(new_keys) if new_keys else []
+        self._save([key for key, tier in zip(new_keys, stored) if tier is None],
+                   [block for block, tier in zip(new_ids, stored) if tier is None])
 
     def abort(self, turn: ActiveTurn) -> None:
         """Frees a turn that will not complete; the history stays as it was."""
@@ -538,13 +530,12 @@ class ChatEngine:
         (up to a full context), and in a group of processes the writes of a load, so that
         no turn's save or load compiles. Returns the shapes compiled (none without a
         store)."""
+        most = blocks_for(self.max_context, self.runner.block_size)
+        if self.group_store is not None:
+            return self.group_store.warm_up(most)
         if self.store is None:
             return 0
-        shapes = self.runner.warm_up_copies(blocks_for(self.max_context, self.runner.block_size),
-                                            self.host_memory_kind)
-        if not self.runner.loads_layer_by_layer:
-            shapes += self.runner.warm_up_writes()
-        return shapes
+        return self.runner.warm_up_copies(most, self.host_memory_kind)
 
     def _save(self, keys: list[bytes], block_ids: list[int]) -> None:
         """Starts the copy of pool blocks `block_ids` out of the device now, and lets
@@ -552,6 +543,9 @@ class ChatEngine:
         views of one layer-major `[L, n, ...]` array, so that a load copies a layer of
         them as one piece."""
         if not keys:
+            return
+        if self.group_store is not None:
+            self.group_store.save_blocks(keys, block_ids)
             return
         arrays = functools.cache(self.runner.copy_out(block_ids, self.host_memory_kind))
 
@@ -630,9 +624,12 @@ class ChatEngine:
             while end < len(keys) and keys[end] not in self.device and \
                     not (remote and keys[end] == remote[0]):
                 end += 1
-            got = self.store.get_run(keys[start:end]) if self.store else []
-            self._take(found, keys[start:], got)
-            start += len(got)
+            if self.group_store is not None:
+                start += self._place(found, keys[start:end])
+            else:
+                got = self.store.get_run(keys[start:end]) if self.store else []
+                self._take(found, keys[start:], got)
+                start += len(got)
             if start < end:
                 if fetch_remote and self.store and self.store.can_fetch:
                     read = self.store.read_remote(keys[start:end])
@@ -647,6 +644,26 @@ class ChatEngine:
             found.table.append(None)
             found.loaded.append(key)
             found.loads.append(block)
+
+    def _place(self, found: "_Context", keys: list[bytes]) -> int:
+        """In a group of processes: loads the leading run of `keys` that some process
+        holds into pool blocks on that process's devices at once, appends them to the
+        context, and returns how many."""
+        placed = self.group_store.load_run(keys, self._allocate_on)
+        for key, (block, tier) in zip(keys, placed):
+            found.tiers[tier] += 1
+            found.table.append(block)
+            found.loaded.append(key)
+        return len(placed)
+
+    def _allocate_on(self, devices: list[int], count: int) -> list[int]:
+        """Pool blocks on the mesh's `devices`, evicting cached blocks of the device tier
+        when those are short; PoolExhausted (taking none) if that is not enough."""
+        allocator = self.runner.allocator
+        short = count - sum(allocator.free_on(device) for device in devices)
+        if short > 0:
+            self.device.evict(short)
+        return allocator.allocate_on(devices, count)
 
     def _start_loads(self, found: "_Context") -> None:
         """Allocates pool blocks for the blocks coming from the store."""

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from jattn.block_allocator import BlockAllocator
 from jattn.dist import DistributedBlockAllocator, prefill_attention
 from jattn.dist import paged_attention as dist_paged_attention
+from jattn.dist.pool_shards import PoolShards
 from jattn.model.kv_cache import (
     KVPool,
     blocks_for,
@@ -267,6 +268,7 @@ class ModelRunner:
             self.allocator = DistributedBlockAllocator(devices, num_blocks // devices)
             self.load_sharding = replicated
             self._read_blocks = jax.jit(_blocks_of, out_shardings=(replicated, replicated))
+            self.shards = PoolShards(mesh, num_blocks, KV_AXIS)
         else:
             self.pool = KVPool.create(**pool_shape)
             self._read_blocks = _read_blocks
@@ -321,10 +323,6 @@ class ModelRunner:
             self._decode(args["tokens"], args["positions"], args["block_lists"])
         elif op == "warm_up":
             self._warm_up(loading=args["loading"])
-        elif op == "copy_out":
-            self._read(np.asarray(args["ids"], np.int32))
-        elif op == "write_blocks":
-            self._write(np.asarray(args["ids"], np.int32), *args["arrays"])
         else:
             raise ValueError(f"the group's leader sent an unknown step {op!r}")
 
@@ -344,8 +342,9 @@ class ModelRunner:
         return jax.block_until_ready(logits).addressable_data(0)
 
     def _check_alone(self, step: str) -> None:
-        """Layer-by-layer loads do not run in a group of processes (its followers would
-        not join them): blocks go in with `write_blocks`."""
+        """Copies in and out of the whole pool do not run in a group of processes (its
+        followers would not join them): the group's store moves each process's own
+        blocks (`read_own_blocks`, `write_own_blocks`)."""
         if self.group is not None:
             raise RuntimeError(f"{step} does not run in a group of processes")
 
@@ -538,7 +537,7 @@ class ModelRunner:
     def host_sharding(self, memory_kind: str | None):
         """Where `copy_out` puts blocks for host `memory_kind` (e.g. "pinned_host"), or
         None for a plain copy when they are read."""
-        if memory_kind is None or self.group is not None:
+        if memory_kind is None:
             return None
         return jax.sharding.SingleDeviceSharding(self.pool.k[0].devices().pop(),
                                                  memory_kind=memory_kind)
@@ -548,11 +547,11 @@ class ModelRunner:
         pool), into host memory of `memory_kind` (None: a plain copy when read). Returns
         a function that waits for the copy and gives `(k, v)` numpy arrays
         `[L, n, block_size, Hkv, D]`, n = len(block_ids)."""
+        self._check_alone("copy_out")
         count = len(block_ids)
         padded = np.full(bucket(count, minimum=1), block_ids[-1], np.int32)
         padded[:count] = block_ids  # a few shapes, so a few compilations
-        with self._announce("copy_out", ids=_ints(padded)):
-            k, v = self._read(padded)
+        k, v = self._read_blocks(self.pool, padded)
         sharding = self.host_sharding(memory_kind)
         if sharding is not None:
             k, v = jax.device_put((k, v), sharding)  # the copy starts now
@@ -565,54 +564,39 @@ class ModelRunner:
     def warm_up_copies(self, max_blocks: int, memory_kind: str | None = None) -> int:
         """Compiles `copy_out` for every count of blocks up to `max_blocks` (powers of
         two). Returns the shapes compiled."""
+        self._check_alone("warm_up_copies")
         counts = powers_of_two(1, bucket(max_blocks, minimum=1))
         sharding = self.host_sharding(memory_kind)
         for count in counts:
-            with self._announce("copy_out", ids=[0] * count):
-                k, v = jax.block_until_ready(self._read(np.zeros(count, np.int32)))
+            k, v = jax.block_until_ready(self._read_blocks(self.pool, np.zeros(count, np.int32)))
             if sharding is not None:
                 jax.block_until_ready(jax.device_put((k, v), sharding))
         return len(counts)
 
-    def _read(self, ids):
-        """Pool blocks `ids` as `_blocks_of` gives them; over a mesh, replicated (in a
-        group, every process then holds them all)."""
-        return self._read_blocks(self.pool, ids)
-
     @property
     def loads_layer_by_layer(self) -> bool:
         """Whether blocks from the store arrive through `prefill_loading`; in a group
-        they arrive at once through `write_blocks` (every process must take them)."""
+        each process writes its own at once (`write_own_blocks`)."""
         return self.group is None
 
-    def write_blocks(self, block_ids: list[int], k, v) -> None:
-        """Writes blocks into the pool at once: `k, v [L, n, block_size, Hkv, D]` numpy
-        arrays go to pool blocks `block_ids` (n of them). In a group they are sent to every
-        process, each of which keeps its own devices' rows."""
-        count = len(block_ids)
-        rows = bucket(count, minimum=4)  # `load_row_buckets`: a few shapes to compile
-        ids = np.full(rows, self.pool.num_blocks, np.int32)  # past the pool: dropped
-        ids[:count] = block_ids
-        pad = ((0, 0), (0, rows - count)) + ((0, 0),) * 3
-        self._send_and_write(ids, np.pad(k, pad), np.pad(v, pad))
+    def read_own_blocks(self, block_ids: list[int]):
+        """Over a mesh: starts copying pool blocks `block_ids` out of the devices that
+        hold them, each on its own (no collective; in a group every process runs it, as
+        a step of the group's store). Returns a function that waits and gives this
+        process's blocks among them, `{id: BlockKV}`."""
+        return self.shards.read(self.pool, block_ids)
 
-    def warm_up_writes(self) -> int:
-        """Compiles `write_blocks` (and, in a group, the sending of its arrays) for every
-        count of rows it can take (`load_row_buckets`), writing nothing. Returns the
-        shapes compiled."""
-        pages = self.pool.k[0]
-        for rows in self.load_row_buckets():
-            zeros = np.zeros((self.config.num_layers, rows, *pages.shape[1:]), pages.dtype)
-            self._send_and_write(np.full(rows, self.pool.num_blocks, np.int32), zeros, zeros)
-        return len(self.load_row_buckets())
+    def write_own_blocks(self, block_ids: list[int], blocks: dict) -> None:
+        """Over a mesh: writes into pool blocks `block_ids` those on this process's
+        devices, `blocks[id]` (a `BlockKV`); every process of a group runs it with the
+        same ids, each giving its own."""
+        self.pool = self.shards.write(self.pool, block_ids, blocks)
 
-    def _send_and_write(self, ids, k, v) -> None:
-        with self._announce("write_blocks", ids=_ints(ids), arrays=[k, v]):
-            self._write(ids, k, v)
-            jax.block_until_ready(self.pool)
-
-    def _write(self, ids, k, v) -> None:
-        self.pool = _write_blocks(self.pool, ids, k, v)
+    def warm_up_own_blocks(self, max_blocks: int) -> int:
+        """Compiles `read_own_blocks` and `write_own_blocks` for up to `max_blocks` ids
+        at once, writing nothing. Returns the shapes compiled."""
+        self.pool, shapes = self.shards.warm_up(self.pool, max_blocks)
+        return shapes
 
     def decode(self, tokens, positions, block_lists: list[list[int]]):
         """One step for a batch: token i at `positions[i]` of the sequence whose blocks are

@@ -118,6 +118,10 @@ class AttentionStore:
         key = checked_block_key(block_key)
         return next((tier.name for tier in self._tiers if tier.contains(key)), None)
 
+    def held(self, block_keys: list[bytes]) -> list[str | None]:
+        """`contains` for each of `block_keys`."""
+        return [self.contains(block_key) for block_key in block_keys]
+
     def get(self, block_key: bytes) -> tuple[BlockKV, str] | None:
         """The block and the name of the tier it came from, or None if no tier holds a
         good copy. A copy found in a later tier is checked (one that fails is dropped,
