@@ -12,7 +12,11 @@ The pool is sharded over all eight devices either way (tiny-llama3-random, rando
 weights, float32). For each context length: one decode step of one sequence, median
 wall time on process 0 (for the group, the step message to the follower included), and
 the bytes the step's collectives move, read from the compiled HLO of the model's decode
-step (every layer): constant in the context. Prints a table; writes JSON.
+step (every layer): constant in the context. For the group, also the store's round trip
+for each context: its blocks saved by the processes whose devices hold them into their
+own host memory, then loaded back onto those processes' devices (median ms), and the
+collective bytes of those copies against one copy of the blocks to every process. Prints
+tables; writes JSON.
 """
 
 from __future__ import annotations
@@ -46,14 +50,17 @@ def worker(args) -> None:
     import numpy as np
 
     from dist_attention import collective_bytes
-    from jattn import LLM
+    from jattn import LLM, StoreConfig
     from jattn.model.kv_cache import blocks_for, padded_table
     from jattn.model.runner import _decode_step
     from timing import median_seconds
 
     block_size = 16
-    blocks = -(-blocks_for(max(args.contexts) + 1, block_size) // DEVICES) * DEVICES
-    llm = LLM(TINY, random_weights=True, store=None, kv_parallel=DEVICES, num_blocks=blocks,
+    blocks = -(-2 * blocks_for(max(args.contexts) + 1, block_size) // DEVICES) * DEVICES
+    grouped = args.processes > 1
+    store = StoreConfig(hbm_bytes=0, host_bytes=1 << 30, block_size=block_size) if grouped \
+        else None
+    llm = LLM(TINY, random_weights=True, store=store, kv_parallel=DEVICES, num_blocks=blocks,
               max_running=1)
     if jax.process_index() != 0:
         llm.follow()
@@ -70,12 +77,65 @@ def worker(args) -> None:
         runner.prefill([7] * context, 0, owned)
         seconds = median_seconds(lambda: runner.decode([7], [context], [owned]),
                                  repeats=args.repeats)
-        runner.allocator.free(owned)
-        rows.append({"context": context, "step_ms": seconds * 1e3,
-                     "collective_bytes": sum(step_bytes.values()), "by_kind": step_bytes})
+        row = {"context": context, "step_ms": seconds * 1e3,
+               "collective_bytes": sum(step_bytes.values()), "by_kind": step_bytes}
+        if grouped:
+            row.update(store_round_trip(llm, owned, args.repeats))  # frees `owned`
+        else:
+            runner.allocator.free(owned)
+        rows.append(row)
     llm.close()
     with open(args.out, "w") as f:
         json.dump(rows, f)
+
+
+def store_round_trip(llm, owned: list[int], repeats: int) -> dict:
+    """In a group: the context's blocks `owned` saved by the processes holding them into
+    their own host memory, then loaded back (median ms of each), and the collective bytes
+    of those copies (the compiled programs) against a copy of the same blocks to every
+    process (a replicated read of the pool, what a store on process 0 alone needs).
+    Frees `owned` before the loads, which go back to the devices of the same
+    processes."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dist_attention import collective_bytes
+    from jattn.model.kv_cache import bucket
+    from jattn.model.runner import _blocks_of
+    from timing import median_seconds
+
+    runner, store = llm.runner, llm.store
+    allocate_on = runner.allocator.allocate_on
+
+    def save():
+        keys = [os.urandom(16) for _ in owned]  # new keys: every save does its work
+        store.save_blocks(keys, owned)
+        store.flush()
+        return keys
+
+    save_seconds = median_seconds(save, repeats=repeats)
+    keys = save()
+    runner.allocator.free(owned)
+
+    def load():
+        placed = store.load_run(keys, allocate_on)
+        assert len(placed) == len(keys), "a block saved was not loaded"
+        runner.allocator.free([block for block, _ in placed])
+
+    load_seconds = median_seconds(load, repeats=repeats)
+    width = bucket(max(sum(runner.allocator.device_of(b) == d for b in owned)
+                       for d in range(DEVICES)), minimum=1)
+    read_hlo, write_hlo = runner.shards.compiled_text(runner.pool, width)
+    replicated = NamedSharding(runner.mesh, PartitionSpec())
+    ids = np.zeros(bucket(len(owned), minimum=1), np.int32)
+    everywhere = jax.jit(_blocks_of, out_shardings=(replicated, replicated)).lower(
+        runner.pool, ids).compile().as_text()
+    return {"blocks": len(owned), "save_ms": save_seconds * 1e3,
+            "load_ms": load_seconds * 1e3,
+            "own_copy_collective_bytes": sum(collective_bytes(read_hlo).values())
+            + sum(collective_bytes(write_hlo).values()),
+            "copy_to_every_process_collective_bytes": sum(collective_bytes(everywhere).values())}
 
 
 def free_port() -> int:
@@ -136,6 +196,14 @@ def main(argv=None) -> None:
                      "step_ratio": ratio})
         print(f"{one['context']:>8} {one['step_ms']:>13.2f} {two['step_ms']:>15.2f} "
               f"{ratio:>6.2f} {one['collective_bytes']:>12,} / {two['collective_bytes']:,}")
+    print("\nthe group's store: a context's blocks saved by the processes whose devices hold "
+          "them, into their own host memory, and loaded back (2 processes)")
+    print(f"{'context':>8} {'blocks':>7} {'save ms':>8} {'load ms':>8} "
+          f"{'collective bytes: own copies / to every process':>48}")
+    for two in runs[2]:
+        print(f"{two['context']:>8} {two['blocks']:>7} {two['save_ms']:>8.2f} "
+              f"{two['load_ms']:>8.2f} {two['own_copy_collective_bytes']:>24,} / "
+              f"{two['copy_to_every_process_collective_bytes']:,}")
     import jax
 
     out = args.json or os.path.join(ROOT, "benchmarks", "results",

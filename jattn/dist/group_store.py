@@ -20,6 +20,7 @@ The steps, which every process runs in the order process 0 announces them:
 - `save(keys, ids)`: each process copies the pool blocks among `ids` on its devices out
   and saves them under their keys in its own store;
 - `hint(keys)`: each process's store keeps those longest and prefetches them;
+- `flush()`: each process waits for its saves in flight;
 - `warm_up_store(max_blocks)`: compiles the reads, writes and gathers.
 
 Every gather also carries each process's store counters, which `GroupStore.stats`
@@ -51,7 +52,8 @@ PROCESS_0_ONLY = frozenset({"sessions", "disk_tier_enabled", "remote_tier_enable
 """Store counters that are process 0's alone (its records, its configuration); every
 other counter is summed over the group."""
 
-STORE_STEPS = frozenset({"probe", "stage", "place", "save", "hint", "warm_up_store"})
+STORE_STEPS = frozenset({"probe", "stage", "place", "save", "hint", "flush",
+                         "warm_up_store"})
 
 
 def run_holders(codes: np.ndarray) -> list[int]:
@@ -168,6 +170,8 @@ class ProcessShard:
             self.save(_keys(args["keys"]), args["ids"])
         elif op == "hint":
             self.hint(_keys(args["keys"]))
+        elif op == "flush":
+            self.store.flush()
         elif op == "warm_up_store":
             self.warm_up(args["max_blocks"])
         else:
@@ -287,9 +291,10 @@ class GroupStore:
         return stats
 
     def flush(self) -> None:
-        """Waits for process 0's saves and record appends in flight (each other process
-        flushes its own when the group stops)."""
-        self._store.flush()
+        """Waits for every process's saves (and process 0's record appends) in
+        flight."""
+        with self._step("flush"):
+            self._store.flush()
 
     def close(self) -> None:
         self._store.close()

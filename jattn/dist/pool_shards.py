@@ -124,6 +124,16 @@ class PoolShards:
                 for part in ("k", "v"))
         return self._write(pool, self._global(table), k, v)
 
+    def compiled_text(self, pool: KVPool, width: int) -> tuple[str, str]:
+        """The compiled `read` and `write` programs for `width` blocks per device, as
+        HLO text (to check what crosses devices)."""
+        table = self._global(np.zeros((len(self.devices), width), np.int32))
+        pages = pool.k[0]
+        rows = jax.ShapeDtypeStruct((len(self.devices), len(pool.k), width, *pages.shape[1:]),
+                                    pages.dtype, sharding=self._sharding)
+        return (self._read.lower(pool, table).compile().as_text(),
+                self._write.lower(pool, table, rows, rows).compile().as_text())
+
     def warm_up(self, pool: KVPool, max_blocks: int) -> tuple[KVPool, int]:
         """Compiles `read` and `write` for every width up to `max_blocks` blocks on one
         device, writing nothing. Returns the pool and the shapes compiled."""

@@ -601,7 +601,8 @@ class ChatEngine:
                remote_read: RemoteRead | None) -> None:
         """Appends to the context the blocks of the leading run of `keys` that some tier
         holds, each from the fastest: the device pool's in place, the local tiers' from
-        the store (each stretch of keys the device does not hold in one `get_run`), then
+        the store (each stretch of keys the device does not hold in one `get_run`; in a
+        group of processes, loaded at once from the processes that hold them), then
         those that `remote_read` brings, if it read the keys that follow. Without such a
         read, and with `fetch_remote`, a run that stops short starts one and raises
         `RemoteFetch`."""
