@@ -116,6 +116,183 @@ def test_step_channel_and_own_pool_blocks_across_processes(worker_results):
                 np.testing.assert_array_equal(result[f"after_{part}_{start}"], want)
 
 
+class Group:
+    """`jattn-serve` as a group of two processes of four CPU devices on loopback."""
+
+    def __init__(self, tmp_path, *, store: bool = False, step_timeout_s: float = 60.0,
+                 extra: tuple = ()):
+        coordinator = f"127.0.0.1:{free_port()}"
+        flags = ["--coordinator", coordinator, "--num-processes", "2", "--kv-parallel", "8",
+                 "--store" if store else "--no-store", "--num-blocks", str(8 * BLOCKS_PER_DEVICE), "--max-running",
+                 "4", "--port", "0", "--http-port", "0", "--no-warm-up",
+                 "--step-timeout-s", str(step_timeout_s),
+                 "--compilation-cache-dir", str(tmp_path / "xla"), *extra]
+        env = group_env()
+        env["JAX_NUM_CPU_DEVICES"] = "4"
+        self.processes = [subprocess.Popen(
+            [sys.executable, "-m", "serve.cli", "serve", *flags, "--process-id", str(i)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+        self.output: list[str] = []
+        for line in self.processes[0].stdout:
+            self.output.append(line)
+            if "listening on" in line:
+                self.address = f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
+                break
+        else:
+            raise AssertionError("the group did not start:\n" + "".join(self.output[-30:])
+                                 + self.processes[1].communicate(timeout=30)[0][-3000:])
+        self.client = Client(self.address)
+        self.client.wait_ready(timeout=120)
+
+    def leader_output(self, timeout: float) -> str:
+        """Process 0's remaining output once it has exited (within `timeout` s)."""
+        rest, _ = self.processes[0].communicate(timeout=timeout)
+        return "".join(self.output) + rest
+
+    def close(self) -> None:
+        self.client.close()
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=60)
+
+
+def converse(address: str, messages=MESSAGES) -> list:
+    """The replies (`TurnReply`) to `messages`, a greedy conversation over gRPC."""
+    client = Client(address)
+    try:
+        return [client.chat("group-test", text=message, max_tokens=ANSWER_TOKENS,
+                            ignore_eos=True) for message in messages]
+    finally:
+        client.close()
+
+
+def in_process_server(**config) -> Server:
+    return Server(ServeConfig(port=0, http_port=None, warm_up=False, max_running=4,
+                              compilation_cache_dir=None, **config)).start()
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_group_server_answers_as_one_process_with_twice_its_context(tmp_path, store):
+    """Without the store every turn recomputes its history; with it, the group keeps
+    each turn's KV in the pool for the next (the device tier)."""
+    alone = in_process_server(num_blocks=64, store=store)
+    try:
+        want = [reply.token_ids for reply in converse(f"127.0.0.1:{alone.port}")]
+        client = Client(f"127.0.0.1:{alone.port}")
+        context = client.describe("group-test").context_tokens
+        client.close()
+    finally:
+        alone.stop()
+    # The conversation needs more blocks than one process's four devices hold ...
+    assert 4 * BLOCKS_PER_DEVICE * 16 < context <= 8 * BLOCKS_PER_DEVICE * 16
+    one_process = in_process_server(num_blocks=4 * BLOCKS_PER_DEVICE, kv_parallel=4,
+                                    store=store)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            converse(f"127.0.0.1:{one_process.port}")
+        assert "does not fit the KV block pool" in refused.value.details()
+    finally:
+        one_process.stop()
+    # ... and fits the two processes' eight, with the same tokens.
+    group = Group(tmp_path, store=store)
+    try:
+        replies = converse(group.address)
+        assert [reply.token_ids for reply in replies] == want
+        reused = [reply.facts.cached_tokens for reply in replies[1:]]
+        assert all(reused) if store else not any(reused), reused
+        group.processes[0].send_signal(signal.SIGTERM)
+        assert group.processes[0].wait(timeout=120) == 0
+        assert group.processes[1].wait(timeout=60) == 0  # the leader stopped the group
+    finally:
+        group.close()
+
+
+def block_keys(disk_root) -> set[str]:
+    """The keys of the KV blocks a disk tier's directory holds."""
+    return {path.stem for path in disk_root.glob("*/blocks/*/*.kv")}
+
+
+def test_group_store_reloads_from_host_and_disk_across_a_restart(tmp_path):
+    """Each process's own store: with no device tier, every later turn's history comes
+    back from host memory into the devices of the process that saved it; each process's
+    disk holds the blocks of its own devices, none twice, together those a single
+    process saves; after the whole group restarts, the session continues from both
+    disks. Tokens as a single process's."""
+    tiers = ["--hbm-bytes", "0", "--disk-bytes", "64MiB"]
+    later = "What happened at the end?"
+    alone = in_process_server(num_blocks=64, store=True, hbm_bytes=0, disk_bytes=64 << 20,
+                              disk_path=str(tmp_path / "alone-disk"))
+    try:
+        alone_replies = converse(f"127.0.0.1:{alone.port}")
+        alone.llm.store.flush()
+        alone_keys = block_keys(tmp_path / "alone-disk")
+        alone_replies += converse(f"127.0.0.1:{alone.port}", [later])
+        want = [reply.token_ids for reply in alone_replies]
+    finally:
+        alone.stop()
+    assert alone_keys
+    disk = ["--disk-path", str(tmp_path / "group-disk")]
+    group = Group(tmp_path, store=True, extra=(*tiers, *disk))
+    try:
+        replies = converse(group.address)
+        assert [r.token_ids for r in replies] == want[:3]
+        for reply in replies[1:]:
+            assert reply.facts.tier_blocks["host"] > 0 and reply.facts.cached_tokens > 0
+        group.processes[0].send_signal(signal.SIGTERM)  # flushes the store to disk
+        assert group.processes[0].wait(timeout=120) == 0
+        assert group.processes[1].wait(timeout=60) == 0
+    finally:
+        group.close()
+    held = [block_keys(tmp_path / "group-disk" / f"process-{i}") for i in range(2)]
+    assert held[0] and held[1] and not held[0] & held[1]
+    assert held[0] | held[1] == alone_keys
+    assert list((tmp_path / "group-disk" / "process-0").glob("*/sessions/*.log"))
+    assert not list((tmp_path / "group-disk" / "process-1").glob("*/sessions/*"))
+    restarted = Group(tmp_path, store=True, extra=(*tiers, *disk))
+    try:
+        session = restarted.client.describe("group-test")  # asks both processes' stores
+        assert session.resident_blocks_by_tier["disk"] == len(alone_keys)
+        (reply,) = converse(restarted.address, [later])
+        assert reply.token_ids == want[3]
+        assert reply.facts.tier_blocks["disk"] > 0
+        assert reply.facts.cached_tokens == alone_replies[3].facts.cached_tokens
+    finally:
+        restarted.close()
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+def test_leader_exits_cleanly_when_a_follower_dies_or_hangs(tmp_path, failure):
+    timeout_s = 8.0
+    group = Group(tmp_path, step_timeout_s=timeout_s)
+    try:
+        assert group.client.chat("before", text="Hello", max_tokens=4).token_ids
+        assert health(group.address) == health_pb2.HealthCheckResponse.SERVING
+        follower = group.processes[1]
+        follower.send_signal(signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError):
+            group.client.chat("after", text="Hello again", max_tokens=4, timeout=4 * timeout_s)
+        output = group.leader_output(timeout=4 * timeout_s)
+        assert group.processes[0].returncode == GROUP_FAILED_EXIT, output[-4000:]
+        assert time.monotonic() - started < 3 * timeout_s
+        reason = (f"has not finished after {timeout_s:g} s" if failure == "hung" else
+                  "failed (")
+        assert reason in output and "a process of the group" in output, output[-4000:]
+        assert f"exiting with status {GROUP_FAILED_EXIT}" in output
+    finally:
+        if group.processes[1].poll() is None:
+            group.processes[1].send_signal(signal.SIGCONT)
+        group.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_run_holders_take_each_key_from_its_fastest_copy(seed):
     """The group's run: keys up to the first no process holds, each from the process
