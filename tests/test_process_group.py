@@ -120,11 +120,11 @@ class Group:
     """`jattn-serve` as a group of two processes of four CPU devices on loopback."""
 
     def __init__(self, tmp_path, *, store: bool = False, step_timeout_s: float = 60.0,
-                 extra: tuple = ()):
+                 warm_up: bool = False, extra: tuple = ()):
         coordinator = f"127.0.0.1:{free_port()}"
         flags = ["--coordinator", coordinator, "--num-processes", "2", "--kv-parallel", "8",
                  "--store" if store else "--no-store", "--num-blocks", str(8 * BLOCKS_PER_DEVICE), "--max-running",
-                 "4", "--port", "0", "--http-port", "0", "--no-warm-up",
+                 "4", "--port", "0", "--http-port", "0", "--warm-up" if warm_up else "--no-warm-up",
                  "--step-timeout-s", str(step_timeout_s),
                  "--compilation-cache-dir", str(tmp_path / "xla"), *extra]
         env = group_env()
@@ -250,7 +250,7 @@ def test_group_store_reloads_from_host_and_disk_across_a_restart(tmp_path):
     assert held[0] | held[1] == alone_keys
     assert list((tmp_path / "group-disk" / "process-0").glob("*/sessions/*.log"))
     assert not list((tmp_path / "group-disk" / "process-1").glob("*/sessions/*"))
-    restarted = Group(tmp_path, store=True, extra=(*tiers, *disk))
+    restarted = Group(tmp_path, store=True, warm_up=True, extra=(*tiers, *disk))
     try:
         session = restarted.client.describe("group-test")  # asks both processes' stores
         assert session.resident_blocks_by_tier["disk"] == len(alone_keys)
