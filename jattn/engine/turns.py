@@ -18,7 +18,6 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-
 from jattn.conversation import (
     Conversation,
     Turn,
@@ -162,7 +161,7 @@ class ChatEngine:
     """Sessions, the device tier of published blocks, and the turn procedure."""
 
     def __init__(self, runner: ModelRunner, tokenizer, *, max_context: int, eos_ids,
-                 store: AttentionStore | None, sink_tokens: int, hbm_bytes: int,
+                 store: AttentionStore | GroupStore | None, sink_tokens: int, hbm_bytes: int,
                  fingerprint: str):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -527,9 +526,9 @@ class ChatEngine:
 
     def warm_up_saves(self) -> int:
         """Compiles the copy out of the pool for every count of blocks a save can hold
-        (up to a full context), and in a group of processes the writes of a load, so that
-        no turn's save or load compiles. Returns the shapes compiled (none without a
-        store)."""
+        (up to a full context) — in a group of processes, every store step's copies and
+        gathers — so that no turn's save or load compiles. Returns the shapes compiled
+        (none without a store)."""
         most = blocks_for(self.max_context, self.runner.block_size)
         if self.group_store is not None:
             return self.group_store.warm_up(most)
