@@ -73,10 +73,13 @@ class ServeConfig:
     host_bytes: int | None = field(default=None, metadata={
         "help": "KV kept in host memory; default: a quarter of the machine's memory"})
     disk_bytes: int = field(default=0, metadata={"help": "KV kept on disk (0: no disk tier)"})
-    disk_path: str | None = field(default=None, metadata={"help": "directory of the disk tier"})
+    disk_path: str | None = field(default=None, metadata={
+        "help": "directory of the disk tier (in a group of processes, each process's under "
+                "process-<i> in it)"})
     remote_url: str | None = field(default=None, metadata={
         "help": "a Redis shared by replicas as the tier after disk, holding blocks and "
-                "session records: redis://[user:password@]host:port/db (rediss:// for TLS)"})
+                "session records: redis://[user:password@]host:port/db (rediss:// for TLS); "
+                "not in a group of processes"})
     remote_prefix: str = field(default="jattn:", metadata={
         "help": "prefix of every Redis key of the remote tier"})
     max_queue: int = field(default=256, metadata={"help": "turns waiting; more: RESOURCE_EXHAUSTED"})
