@@ -8,7 +8,9 @@ the dense reference; the table gives the median time, the speed-up over the refe
 and the largest difference from it. On a GPU it also gives decode bandwidth as a fraction
 of a device-to-device copy of the same bytes, and prefill TFLOP/s beside
 `jax.nn.dot_product_attention` (cuDNN's fused attention, and XLA's). A backend that fails
-to compile or run at a size is recorded with its error and the others go on.
+to compile or run at a size is recorded with its error and the others go on. The Pallas
+decode kernel also runs reading 2, 4 and 8 pages per step of its loop, to pick its
+tuning on the device.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from timing import median_seconds  # noqa: E402
 from pallas_kernels import flash_attention, paged_attention  # noqa: E402
 
 REFERENCE_BYTES_LIMIT = 6 * 2**30
+PAGES_PER_STEP = (2, 4, 8)
+"""The Pallas decode kernel's pages per loop step tried beside its default of one."""
 """The dense reference is skipped where its score matrices would pass this."""
 
 
@@ -117,24 +121,35 @@ def _compare(rows_for_size: list[Row], outputs: dict) -> None:
         row.max_abs_diff_vs_reference = float(np.max(np.abs(got - want)))
 
 
+def decode_variants(backends) -> list[tuple[str, str, dict]]:
+    """`(label, backend, keyword arguments)` of each decode row: every backend, and the
+    Pallas kernel reading `PAGES_PER_STEP` pages per step of its loop (the GPU kernel's
+    tuning; other kernels ignore it)."""
+    variants = [(backend, backend, {}) for backend in backends]
+    if "pallas" in backends:
+        variants += [(f"pallas pages_per_step={pages}", "pallas", {"pages_per_step": pages})
+                     for pages in PAGES_PER_STEP]
+    return variants
+
+
 def bench_decode(contexts, backends, shape: Shape, batch: int, repeats: int, on_gpu: bool):
     rows = []
     for context in tqdm(contexts, desc="decode", unit="context"):
         args = decode_inputs(jax.random.key(context), context, batch, shape)
         kv_bytes = 2 * batch * context * shape.kv_heads * shape.head_dim * shape.itemsize
         size_rows, outputs = [], {}
-        for backend in backends:
-            fn = jax.jit(lambda *a, b=backend: paged_attention(*a, backend=b)[0])
+        for label, backend, options in decode_variants(backends):
+            fn = jax.jit(lambda *a, b=backend, o=options: paged_attention(*a, backend=b, **o)[0])
             seconds, output = timed(fn, args, repeats)
             if seconds is None:
-                size_rows.append(Row("decode", context, backend, None, error=output))
+                size_rows.append(Row("decode", context, label, None, error=output))
                 continue
-            outputs[backend] = output
+            outputs[label] = output
             extra = {"kv_gbytes_per_s": kv_bytes / seconds / 1e9}
             if on_gpu:
                 extra["fraction_of_copy_bandwidth"] = (
                     kv_bytes / seconds) / (2 * kv_bytes / copy_seconds(kv_bytes, repeats))
-            size_rows.append(Row("decode", context, backend, seconds * 1e3, extra=extra))
+            size_rows.append(Row("decode", context, label, seconds * 1e3, extra=extra))
         _compare(size_rows, outputs)
         rows += size_rows
         del args, outputs

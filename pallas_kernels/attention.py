@@ -113,9 +113,10 @@ def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size:
     return tables, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "choice", "num_splits"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "choice", "num_splits",
+                                             "pages_per_step"))
 def _paged(q, k_pages, v_pages, block_tables, lengths, inv_freq, block_positions, *,
-           sm_scale, choice, num_splits):
+           sm_scale, choice, num_splits, pages_per_step):
     tables, lengths = sanitize_block_tables(
         block_tables, lengths, num_blocks=k_pages.shape[0], block_size=k_pages.shape[1])
     args = (q, k_pages, v_pages, tables, lengths)
@@ -129,14 +130,15 @@ def _paged(q, k_pages, v_pages, block_tables, lengths, inv_freq, block_positions
     if num_splits is not None:
         kwargs["num_splits"] = num_splits
     if choice.kind == "pallas_gpu":
-        return paged_attention_gpu(*args, **kwargs, interpret=choice.interpret)
+        return paged_attention_gpu(*args, **kwargs, pages_per_step=pages_per_step or 1,
+                                   interpret=choice.interpret)
     return paged_attention_tpu(*args, **kwargs, interpret=choice.interpret)
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
                     sm_scale: float | None = None, backend: str = "auto",
                     key_rope_inv_freq=None, num_splits: int | None = None,
-                    block_positions=None):
+                    block_positions=None, pages_per_step: int | None = None):
     """Decode attention, one query per sequence, over a paged KV cache, with its LSE.
 
     Args:
@@ -158,6 +160,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
         j). A table may then list any subset of a sequence's blocks, in any order, each
         full but the last: the keys still take their true positions (DistAttention
         attends each device's share of a sequence this way).
+      pages_per_step: pages the Pallas GPU kernel reads per step of its loop (more
+        memory in flight per program); `None`: one. Other backends ignore it.
 
     Returns:
       `(out [B, Hq, D] in q's dtype, lse [B, Hq] float32)`; a sequence of length 0 gets
@@ -176,7 +180,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
     if batch == 0 or block_tables.shape[1] == 0 or k_pages.shape[0] == 0:
         return _empty_result((batch, hq), d, q.dtype)
     return _paged(q, k_pages, v_pages, block_tables, lengths, key_rope_inv_freq,
-                  block_positions, sm_scale=sm_scale, choice=choice, num_splits=num_splits)
+                  block_positions, sm_scale=sm_scale, choice=choice, num_splits=num_splits,
+                  pages_per_step=pages_per_step)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "choice", "block_q"))

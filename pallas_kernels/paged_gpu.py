@@ -2,8 +2,10 @@
 
 Grid `(B, Hkv, splits)`. Program (b, h, s) takes the query heads of group h (GQA: the
 `Hq // Hkv` heads sharing key/value head h, padded to a power of two), walks the pages of
-split s of sequence b's block table, loading each `[block_size, D]` page slice straight
-from the pool through the table, and writes a partial `(out, lse)`. The partials are
+split s of sequence b's block table `pages_per_step` at a time (each step's page loads
+issued together, so more memory is in flight per program), loading each
+`[block_size, D]` page slice straight from the pool through the table, and writes a
+partial `(out, lse)`. The partials are
 merged after the kernel by `merge_attention`. Pages past a sequence's length are never
 visited; slots past its length inside its last page are masked and zeroed.
 """
@@ -25,7 +27,8 @@ TARGET_PROGRAMS = 264
 
 
 def _paged_kernel(lengths_ref, tables_ref, positions_ref, inv_freq_ref, q_ref, k_ref, v_ref,
-                  out_ref, lse_ref, *, sm_scale, block_size, pages_per_split, rotate_keys):
+                  out_ref, lse_ref, *, sm_scale, block_size, pages_per_split, pages_per_step,
+                  rotate_keys):
     """One (sequence, kv head, split).
 
     lengths_ref `[B]`, tables_ref and positions_ref `[B, max_blocks]` int32 (the position
@@ -46,30 +49,41 @@ def _paged_kernel(lengths_ref, tables_ref, positions_ref, inv_freq_ref, q_ref, k
     slot = jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
     slot_row = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], block_size), 1)
 
-    def body(page, state):
-        block = tables_ref[b, page]
+    def page_tile(page):
+        """Page `page`'s values (zeroed where not owned) and masked scores `[G, bs]`; a
+        page at or past `end` (a step's tail) is wholly masked, read from page `end - 1`."""
+        visible = page < end
+        entry = jnp.minimum(page, end - 1)
+        block = tables_ref[b, entry]
         v = v_ref[block, :, h, :]
-        owned = page * block_size + slot < length
-        v = jnp.where(owned, v, jnp.zeros_like(v))
+        v = jnp.where(visible & (page * block_size + slot < length), v, jnp.zeros_like(v))
         if rotate_keys:
             raw = rotary.rotated_key_scores(
                 q1, q2, k_ref[block, :, h, pl.ds(0, half)], k_ref[block, :, h, pl.ds(half, half)],
-                positions_ref[b, page] + slot, inv_freq, tile_matmul.dot_nt)
+                positions_ref[b, entry] + slot, inv_freq, tile_matmul.dot_nt)
         else:
             raw = tile_matmul.dot_nt(q, k_ref[block, :, h, :])
-        scores = jnp.where(page * block_size + slot_row < length, raw * sm_scale, -jnp.inf)
-        return online_softmax.update(*state, scores, v, tile_matmul.dot_nn)
+        scores = jnp.where(visible & (page * block_size + slot_row < length), raw * sm_scale,
+                           -jnp.inf)
+        return scores, v
 
+    def body(step, state):
+        tiles = [page_tile(first + step * pages_per_step + i) for i in range(pages_per_step)]
+        for scores, v in tiles:
+            state = online_softmax.update(*state, scores, v, tile_matmul.dot_nn)
+        return state
+
+    steps = jax.lax.div(end - first + pages_per_step - 1, pages_per_step)
     state = online_softmax.initial_state((q.shape[0],), d)
-    out, lse = online_softmax.finish(*jax.lax.fori_loop(first, end, body, state))
+    out, lse = online_softmax.finish(*jax.lax.fori_loop(0, steps, body, state))
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
 
 def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
                         key_rope_inv_freq=None, block_positions=None,
-                        num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                        interpret: bool = False):
+                        num_splits: int | None = None, pages_per_step: int = 1,
+                        num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Decode attention; arguments and results as `pallas_kernels.paged_attention`.
 
     `block_tables` must already be sanitised (entries past a sequence's pages in range).
@@ -77,13 +91,16 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
     defaults to enough splits to fill the GPU (`TARGET_PROGRAMS`). With
     `key_rope_inv_freq [D/2]`, keys are rotated inside the kernel: slot r of table entry j
     of sequence b to position `block_positions[b, j] + r` (int32 `[B, max_blocks]`, in
-    tokens; default `j * block_size`, i.e. token i at position i).
+    tokens; default `j * block_size`, i.e. token i at position i). `pages_per_step`
+    pages are read per step of each program's loop.
     """
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_pages.shape
     max_blocks = block_tables.shape[1]
     group = hq // hkv
     group_pad = max(16, pl.next_power_of_2(group))
+    if pages_per_step < 1:
+        raise ValueError(f"pages_per_step must be >= 1, got {pages_per_step}")
     for name, size in (("block_size", block_size), ("head_dim", d)):
         if size & (size - 1):
             raise ValueError(f"the GPU paged kernel needs a power-of-two {name}, got {size}")
@@ -98,7 +115,8 @@ def paged_attention_gpu(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
                         ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
     kernel = functools.partial(_paged_kernel, sm_scale=sm_scale, block_size=block_size,
-                               pages_per_split=pages_per_split, rotate_keys=rotate_keys)
+                               pages_per_split=pages_per_split, pages_per_step=pages_per_step,
+                               rotate_keys=rotate_keys)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     outs, lses = pl.pallas_call(
         kernel,

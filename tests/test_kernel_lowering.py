@@ -67,3 +67,18 @@ def test_ragged_kernels_lower(platform, ragged, custom_call, dtype, head_dim, ro
     for tokens in (200, 1):
         assert custom_call in _lower(mixed_batch, platform, ((tokens, 8, head_dim), dtype),
                                      pool, pool, tables, query_starts, kv_lengths)
+
+
+@pytest.mark.parametrize("pages_per_step", [2, 4, 8])
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rotated_keys"])
+def test_paged_gpu_kernel_lowers_with_several_pages_per_step(pages_per_step, rope):
+    inv_freq = jnp.linspace(1.0, 1e-4, 64) if rope else None
+
+    def decode(q, k_pages, v_pages, tables, lengths):
+        return paged_attention_gpu(q, k_pages, v_pages, tables, lengths, sm_scale=0.125,
+                                   key_rope_inv_freq=inv_freq, pages_per_step=pages_per_step)
+
+    pool = ((64, 16, 2, 128), jnp.bfloat16)
+    text = _lower(decode, "cuda", ((4, 8, 128), jnp.bfloat16), pool, pool,
+                  ((4, 16), jnp.int32), ((4,), jnp.int32))
+    assert "__gpu$xla.gpu.triton" in text

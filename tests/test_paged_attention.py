@@ -39,7 +39,7 @@ def make_pool(rng, lengths, *, block_size, hkv, d, spare_blocks=3, max_blocks=No
 
 
 def _run(backend, lengths, *, hq, hkv, d, block_size, dtype, seed, num_splits=None,
-         max_blocks=None, rope=False):
+         max_blocks=None, rope=False, pages_per_step=None):
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, np.int32)
     k_np, v_np, tables = make_pool(rng, lengths, block_size=block_size, hkv=hkv, d=d,
@@ -50,6 +50,7 @@ def _run(backend, lengths, *, hq, hkv, d, block_size, dtype, seed, num_splits=No
     inv_freq = 10000.0 ** -(np.arange(0, d, 2) / d) if rope else None
     out, lse = paged_attention(q, k, v, jnp.asarray(tables), jnp.asarray(lengths),
                                backend=backend, num_splits=num_splits,
+                               pages_per_step=pages_per_step,
                                key_rope_inv_freq=None if inv_freq is None else
                                jnp.asarray(inv_freq, jnp.float32))
     want_out, want_lse = attention_oracle.paged(q64, k64, v64, tables, lengths, d ** -0.5,
@@ -99,6 +100,18 @@ def test_paged_split_k_counts(backend, num_splits):
     """Any split count, including more splits than pages, gives the same answer."""
     _run(backend, [30, 7], hq=4, hkv=2, d=16, block_size=4, dtype=jnp.float32, seed=11,
          num_splits=num_splits, max_blocks=9)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("pages_per_step", [2, 3, 8])
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rotated_keys"])
+def test_paged_gpu_pages_per_step(num_splits, pages_per_step, rope):
+    """The GPU kernel reading several pages per step: a step's pages past its split's
+    end or the sequence's length are masked (their table entries are garbage, their
+    slots NaN), whatever the step size against the split and the length."""
+    _run("pallas_gpu", [30, 7, 0, 64], hq=4, hkv=2, d=16, block_size=4, dtype=jnp.float32,
+         seed=pages_per_step + 10 * num_splits, num_splits=num_splits, max_blocks=17,
+         rope=rope, pages_per_step=pages_per_step)
 
 
 @settings(max_examples=25, deadline=None)
