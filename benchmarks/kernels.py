@@ -9,8 +9,9 @@ and the largest difference from it. On a GPU it also gives decode bandwidth as a
 of a device-to-device copy of the same bytes, and prefill TFLOP/s beside
 `jax.nn.dot_product_attention` (cuDNN's fused attention, and XLA's). A backend that fails
 to compile or run at a size is recorded with its error and the others go on. The Pallas
-decode kernel also runs reading 2, 4 and 8 pages per step of its loop, to pick its
-tuning on the device.
+decode kernel also runs reading 2, 4 and 8 pages per step of its loop, and the Pallas
+prefill kernel with larger tiles at the longest prefill, to pick their tuning on the
+device.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from pallas_kernels import flash_attention, paged_attention  # noqa: E402
 REFERENCE_BYTES_LIMIT = 6 * 2**30
 PAGES_PER_STEP = (2, 4, 8)
 """The Pallas decode kernel's pages per loop step tried beside its default of one."""
+PREFILL_TILES = ((128, 64), (64, 128), (128, 128))
+"""The Pallas prefill kernel's `(block_q, block_k)` tried beside its default, at the
+longest prefill of a run."""
 """The dense reference is skipped where its score matrices would pass this."""
 
 
@@ -166,6 +170,11 @@ def bench_prefill(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
                     if b != "reference" or score_bytes <= REFERENCE_BYTES_LIMIT]
         if on_gpu:
             runnable += DOT_PRODUCT_ATTENTION.values()
+        tiles = {}
+        if "pallas" in backends and length == max(lengths):
+            tiles = {f"pallas block_q={q} block_k={k}": {"block_q": q, "block_k": k}
+                     for q, k in PREFILL_TILES}
+            runnable += list(tiles)
         size_rows, outputs = [], {}
         for backend in runnable:
             implementation = next((i for i, name in DOT_PRODUCT_ATTENTION.items()
@@ -173,6 +182,9 @@ def bench_prefill(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
             if implementation is not None:
                 fn = jax.jit(lambda q, k, v, i=implementation: jax.nn.dot_product_attention(
                     q[None], k[None], v[None], is_causal=True, implementation=i)[0])
+            elif backend in tiles:
+                fn = jax.jit(lambda *a, t=tiles[backend]: flash_attention(
+                    *a, backend="pallas", **t)[0])
             else:
                 fn = jax.jit(lambda *a, b=backend: flash_attention(*a, backend=b)[0])
             seconds, output = timed(fn, args, repeats)
