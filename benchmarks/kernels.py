@@ -34,12 +34,12 @@ from timing import median_seconds  # noqa: E402
 from pallas_kernels import flash_attention, paged_attention  # noqa: E402
 
 REFERENCE_BYTES_LIMIT = 6 * 2**30
+"""The dense reference is skipped where its score matrices would pass this."""
 PAGES_PER_STEP = (2, 4, 8)
 """The Pallas decode kernel's pages per loop step tried beside its default of one."""
 PREFILL_TILES = ((128, 64), (64, 128), (128, 128))
 """The Pallas prefill kernel's `(block_q, block_k)` tried beside its default, at the
 longest prefill of a run."""
-"""The dense reference is skipped where its score matrices would pass this."""
 
 
 @dataclass

@@ -106,7 +106,6 @@ def store_round_trip(llm, owned: list[int], repeats: int) -> dict:
     from timing import median_seconds
 
     runner, store = llm.runner, llm.store
-    allocate_on = runner.allocator.allocate_on
 
     def save():
         keys = [os.urandom(16) for _ in owned]  # new keys: every save does its work
@@ -119,7 +118,7 @@ def store_round_trip(llm, owned: list[int], repeats: int) -> dict:
     runner.allocator.free(owned)
 
     def load():
-        placed = store.load_run(keys, allocate_on)
+        placed = store.load_run(keys, runner.allocator.allocate_on, runner.allocator.free)
         assert len(placed) == len(keys), "a block saved was not loaded"
         runner.allocator.free([block for block, _ in placed])
 

@@ -58,17 +58,14 @@ prefill_out, prefill_lse = prefill_attention(
     chunk_q, k_pool, v_pool, tables[0], q_offset=128, kv_length=137, mesh=mesh,
     key_rope_inv_freq=inv_freq, chunk_blocks=3)
 
-# A message past the channel's first frame, and an array after it, from process 0.
+# A message past the channel's first frame, from process 0.
 drawn = np.random.default_rng(process_id + 100)  # each process its own: only 0's is sent
 message = {"keys": [drawn.bytes(16).hex() for _ in range(300)]}  # about 11 KB of JSON
-message_array = drawn.standard_normal((3, 5)).astype(np.float32)
 channel = StepChannel()
 if process_id == 0:
     channel.send(message)
-    channel.send_arrays([message_array])
 else:
     message = channel.receive()
-    (message_array,) = channel.receive_arrays([[[3, 5], "<f4"]])
 
 # Each process reads and writes only the pool blocks on its own devices.
 shards = PoolShards(mesh, k.shape[0], "kv")
@@ -88,7 +85,7 @@ np.savez(os.path.join(out_dir, f"process-{process_id}.npz"), q=q, k=k, v=v, tabl
          lengths=lengths, chunk_q=chunk_q, inv_freq=inv_freq, out=np.asarray(out),
          lse=np.asarray(lse), prefill_out=np.asarray(prefill_out),
          prefill_lse=np.asarray(prefill_lse), message=json.dumps(message),
-         message_array=message_array, ids=ids, own_ids=np.asarray(own_ids, np.int64),
+         ids=ids, own_ids=np.asarray(own_ids, np.int64),
          read_k=np.stack([read[b].k for b in own_ids]) if own_ids else np.zeros(0),
          read_v=np.stack([read[b].v for b in own_ids]) if own_ids else np.zeros(0),
          new_k=new_k, new_v=new_v, **after)

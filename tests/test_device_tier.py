@@ -101,3 +101,21 @@ def test_random_use_keeps_every_block_accounted_for():
 def test_negative_capacity_is_refused():
     with pytest.raises(ValueError, match="capacity_blocks"):
         DeviceBlocks(BlockAllocator(2), capacity_blocks=-1)
+
+
+def test_eviction_limited_to_some_blocks_takes_only_those_in_policy_order():
+    """`evict(count, where=...)` (a load that needs room on one process's devices) frees
+    only blocks the predicate accepts, least recently released first, and leaves the
+    others cached."""
+    allocator = BlockAllocator(12)
+    device = DeviceBlocks(allocator, capacity_blocks=12)
+    blocks = allocator.allocate(12)
+    for n, block in enumerate(blocks):
+        device.publish(key(n), block)
+    even = {b for b in blocks if b % 2 == 0}
+    assert device.evict(3, where=lambda block: block in even) == 3
+    gone = [n for n in range(12) if key(n) not in device]
+    assert gone == [n for n, b in enumerate(blocks) if b in even][:3]
+    assert allocator.free_ids() == {blocks[n] for n in gone}
+    assert device.evict(20, where=lambda block: block in even) == 3  # the rest of them
+    assert all(key(n) in device for n, b in enumerate(blocks) if b not in even)

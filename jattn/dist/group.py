@@ -91,14 +91,6 @@ class StepChannel:
             data += self._broadcast(np.zeros(bucket(rest, minimum=1), np.uint8))[:rest].tobytes()
         return json.loads(data)
 
-    def send_arrays(self, arrays: list[np.ndarray]) -> None:
-        """After a message that gives their shapes and dtypes: the arrays themselves."""
-        self._broadcast(arrays)
-
-    def receive_arrays(self, specs: list) -> list[np.ndarray]:
-        """The arrays `send_arrays` sent, `specs` being their `[shape, dtype]` pairs."""
-        return self._broadcast([np.zeros(shape, dtype) for shape, dtype in specs])
-
     @staticmethod
     def _broadcast(array):
         from jax.experimental import multihost_utils
@@ -160,15 +152,11 @@ class GroupLeader:
         self.watchdog = StepWatchdog(timeout_s, self.on_failure)
 
     @contextlib.contextmanager
-    def step(self, op: str, args: dict, arrays: list[np.ndarray] = ()):
-        """Around one step: sends `op`, its JSON `args` and its `arrays` (the followers'
-        `replay` finds them in `args["arrays"]`)."""
+    def step(self, op: str, args: dict):
+        """Around one step: sends `op` and its JSON `args`."""
         with self.watchdog.step(op):
             try:
-                specs = [[list(a.shape), a.dtype.str] for a in arrays]
-                self.channel.send({"op": op, "args": args, "arrays": specs})
-                if arrays:
-                    self.channel.send_arrays(list(arrays))
+                self.channel.send({"op": op, "args": args})
                 yield
             except Exception as error:
                 self.on_failure(f"the process group's step {op!r} failed ({error}): a "
@@ -188,10 +176,7 @@ def follow(replay: Callable[[str, dict], None], channel: StepChannel) -> None:
         message = channel.receive()
         if message["op"] == "stop":
             return
-        args = message["args"]
-        if message["arrays"]:
-            args["arrays"] = channel.receive_arrays(message["arrays"])
-        replay(message["op"], args)
+        replay(message["op"], message["args"])
 
 
 def exit_group(message: str) -> None:

@@ -12,15 +12,16 @@ sessions' records.
 The steps, which every process runs in the order process 0 announces them:
 
 - `probe(keys)`: which tier of which process holds each key (one gather of tier codes);
-- `stage(keys)`: each process reads the keys it holds, and a gather of what each read
-  fixes the leading run that some process holds and each key's holder (the process
-  with the fastest copy, the lowest among equals); always followed by
+- `stage(keys)`: a probe fixes the leading run that some process holds and each key's
+  holder (the process with the fastest copy, the lowest among equals); each holder
+  reads its keys of the run, and a second gather of the reads that failed (a copy lost
+  or found corrupt since the probe) cuts the run before the first; always followed by
 - `place(ids)`: process 0 has taken pool blocks for the first `len(ids)` keys of the run
   on their holders' devices; each process writes the blocks it read into its own;
 - `save(keys, ids)`: each process copies the pool blocks among `ids` on its devices out
   and saves them under their keys in its own store;
 - `hint(keys)`: each process's store keeps those longest and prefetches them;
-- `flush()`: each process waits for its saves in flight;
+- `flush()`: each process waits for its saves in flight, then for the others;
 - `warm_up_store(max_blocks)`: compiles the reads, writes and gathers.
 
 Every gather also carries each process's store counters, which `GroupStore.stats`
@@ -103,7 +104,9 @@ class ProcessShard:
         row[:len(codes)] = codes
         stats = self.store.stats()
         row[width:] = [float(stats[name]) for name in STATS]
-        table = np.asarray(multihost_utils.process_allgather(row))
+        # As 32-bit words: jax (without x64) would round float64 counters to float32.
+        words = multihost_utils.process_allgather(row.view(np.uint32))
+        table = np.ascontiguousarray(np.asarray(words, np.uint32)).view(np.float64)
         self.peer_stats = table[:, width:]
         return table[:, :len(codes)].astype(np.int64)
 
@@ -113,21 +116,20 @@ class ProcessShard:
         return self._gather([TIER_CODES.get(self.store.contains(key), 0) for key in keys])
 
     def stage(self, keys: list[bytes]) -> list[tuple[int, str]]:
-        """Reads every key this process holds; returns `(holder process, tier)` for
-        each key of the group's leading run, and keeps this process's blocks of it for
-        `place`."""
-        found, codes = {}, []
-        for index, key in enumerate(keys):
-            got = self.store.get(key) if self.store.contains(key) else None
-            if got is not None:
-                found[index] = got[0]
-            codes.append(TIER_CODES[got[1]] if got is not None else 0)
-        table = self._gather(codes)
+        """Returns `(holder process, tier)` for each key of the group's leading run, and
+        keeps the blocks this process holds of it, read, for `place`."""
+        table = self.probe(keys)
         holders = run_holders(table)
-        self._staged = {index: found[index] for index, holder in enumerate(holders)
-                        if holder == self.process}
+        if not holders:
+            return []
+        read = {index: self.store.get(keys[index]) for index, holder in enumerate(holders)
+                if holder == self.process}
+        lost = self._gather([int(read.get(index, True) is None)
+                             for index in range(len(holders))]).any(axis=0)
+        run = int(np.argmax(lost)) if lost.any() else len(holders)
+        self._staged = {index: got[0] for index, got in read.items() if index < run}
         return [(holder, TIER_NAMES[int(table[holder, index])])
-                for index, holder in enumerate(holders)]
+                for index, holder in enumerate(holders[:run])]
 
     def place(self, ids: list[int]) -> None:
         """Writes the staged blocks of the run's first `len(ids)` keys into pool blocks
@@ -150,6 +152,11 @@ class ProcessShard:
     def hint(self, keys: list[bytes]) -> concurrent.futures.Future:
         return self.store.hint(keys)
 
+    def flush(self) -> None:
+        """Waits for this process's saves in flight, then for every other process's."""
+        self.store.flush()
+        self._gather([])
+
     def warm_up(self, max_blocks: int) -> int:
         """Compiles the pool reads and writes and the gathers for up to `max_blocks`
         keys. Returns the shapes compiled."""
@@ -171,7 +178,7 @@ class ProcessShard:
         elif op == "hint":
             self.hint(_keys(args["keys"]))
         elif op == "flush":
-            self.store.flush()
+            self.flush()
         elif op == "warm_up_store":
             self.warm_up(args["max_blocks"])
         else:
@@ -215,16 +222,14 @@ class GroupStore:
         return [TIER_NAMES.get(min((int(c) for c in column if c), default=0))
                 for column in codes.T]
 
-    def contains(self, key: bytes) -> str | None:
-        return self.held([key])[0]
-
-    def load_run(self, keys: list[bytes], allocate_on: Callable[[list[int], int], list[int]]
-                 ) -> list[tuple[int, str]]:
+    def load_run(self, keys: list[bytes], allocate_on: Callable[[list[int], int], list[int]],
+                 free: Callable[[list[int]], None]) -> list[tuple[int, str]]:
         """Loads the leading run of `keys` that some process holds into pool blocks on
         the devices of the process holding each, and returns `(pool block, tier)` for
         each key loaded, in order. `allocate_on(devices, count)` takes pool blocks on
         those allocator devices (`PoolExhausted` when it cannot): the run stops at the
-        first key with no room on its holder's devices."""
+        first key with no room on its holder's devices. On any other error the blocks
+        taken are given back with `free(ids)`, and nothing is loaded."""
         if not keys:
             return []
         with self._step("stage", keys=_hex(keys)):
@@ -237,6 +242,10 @@ class GroupStore:
                 except PoolExhausted:
                     break
                 tiers.append(tier)
+        except BaseException:
+            free(ids)
+            ids = []
+            raise
         finally:  # every process holds staged blocks until `place`
             with self._step("place", ids=ids):
                 self._shard.place(ids)
@@ -294,7 +303,7 @@ class GroupStore:
         """Waits for every process's saves (and process 0's record appends) in
         flight."""
         with self._step("flush"):
-            self._store.flush()
+            self._shard.flush()
 
     def close(self) -> None:
         self._store.close()

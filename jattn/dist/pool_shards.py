@@ -91,11 +91,15 @@ class PoolShards:
         table, where = self._local_ids(ids, fill=0)
         k, v = self._read(pool, self._global(table))
 
+        wanted = {position for position, _ in where.values()}
+
         def blocks() -> dict[int, BlockKV]:
             mine = {}
             for k_shard, v_shard in zip(k.addressable_shards, v.addressable_shards):
-                mine[k_shard.index[0].start] = (np.asarray(k_shard.data)[0],
-                                                np.asarray(v_shard.data)[0])
+                position = k_shard.index[0].start
+                if position in wanted:  # only devices that hold some of `ids`
+                    mine[position] = (np.asarray(k_shard.data)[0],
+                                      np.asarray(v_shard.data)[0])
             return {block: BlockKV(mine[position][0][:, row], mine[position][1][:, row])
                     for block, (position, row) in where.items() if position in mine}
 

@@ -649,7 +649,7 @@ class ChatEngine:
         """In a group of processes: loads the leading run of `keys` that some process
         holds into pool blocks on that process's devices at once, appends them to the
         context, and returns how many."""
-        placed = self.group_store.load_run(keys, self._allocate_on)
+        placed = self.group_store.load_run(keys, self._allocate_on, self.runner.allocator.free)
         for key, (block, tier) in zip(keys, placed):
             found.tiers[tier] += 1
             found.table.append(block)
@@ -658,11 +658,12 @@ class ChatEngine:
 
     def _allocate_on(self, devices: list[int], count: int) -> list[int]:
         """Pool blocks on the mesh's `devices`, evicting cached blocks of the device tier
-        when those are short; PoolExhausted (taking none) if that is not enough."""
+        there when those are short; PoolExhausted (taking none) if that is not enough."""
         allocator = self.runner.allocator
         short = count - sum(allocator.free_on(device) for device in devices)
         if short > 0:
-            self.device.evict(short)
+            on_devices = set(devices)
+            self.device.evict(short, where=lambda block: allocator.device_of(block) in on_devices)
         return allocator.allocate_on(devices, count)
 
     def _start_loads(self, found: "_Context") -> None:

@@ -218,14 +218,6 @@ def _blocks_of(pool: KVPool, ids):
 _read_blocks = jax.jit(_blocks_of)
 
 
-@functools.partial(jax.jit, donate_argnames=("pool",))
-def _write_blocks(pool: KVPool, ids, k, v):
-    """Writes `k, v [L, n, bs, Hkv, D]` into pool blocks `ids [n]` (ids past the pool:
-    padding, dropped). Returns the pool."""
-    return KVPool(tuple(p.at[ids].set(x.astype(p.dtype), mode="drop") for p, x in zip(pool.k, k)),
-                  tuple(p.at[ids].set(x.astype(p.dtype), mode="drop") for p, x in zip(pool.v, v)))
-
-
 class ModelRunner:
     """A model, its KV pool of `num_blocks` blocks of `block_size` tokens, and its steps.
 
@@ -326,12 +318,12 @@ class ModelRunner:
         else:
             raise ValueError(f"the group's leader sent an unknown step {op!r}")
 
-    def _announce(self, op: str, arrays=(), **args):
-        """A context around a public step: with a group, sends it (and `arrays`) to the
+    def _announce(self, op: str, **args):
+        """A context around a public step: with a group, sends it to the
         followers first and times it until `_finish`; alone, nothing."""
         if self.group is None:
             return contextlib.nullcontext()
-        return self.group.step(op, args, arrays)
+        return self.group.step(op, args)
 
     def _finish(self, logits):
         """With a group: waits for the step (inside the group's timing) and gives its
@@ -342,9 +334,9 @@ class ModelRunner:
         return jax.block_until_ready(logits).addressable_data(0)
 
     def _check_alone(self, step: str) -> None:
-        """Copies in and out of the whole pool do not run in a group of processes (its
-        followers would not join them): the group's store moves each process's own
-        blocks (`read_own_blocks`, `write_own_blocks`)."""
+        """Layer-by-layer loads and copies in and out of the whole pool do not run in a
+        group of processes (its followers would not join them): the group's store moves
+        each process's own blocks at once (`read_own_blocks`, `write_own_blocks`)."""
         if self.group is not None:
             raise RuntimeError(f"{step} does not run in a group of processes")
 

@@ -87,9 +87,10 @@ class DeviceBlocks:
         for position, key in enumerate(upcoming_keys):
             self._upcoming.setdefault(key, position)
 
-    def evict(self, count: int) -> int:
-        """Frees up to `count` cached blocks in policy order; returns how many."""
-        victims = self._victims(count)
+    def evict(self, count: int, where=None) -> int:
+        """Frees up to `count` cached blocks in policy order — only pool blocks for which
+        `where(block)` is true, if given; returns how many."""
+        victims = self._victims(count, where)
         for key in victims:
             del self._cached[key]
         self.allocator.free([self._block.pop(key) for key in victims])
@@ -100,12 +101,13 @@ class DeviceBlocks:
         """Evicts cached blocks past `capacity_blocks`; returns how many."""
         return self.evict(max(0, len(self._cached) - self.capacity_blocks))
 
-    def _victims(self, count: int) -> list[bytes]:
+    def _victims(self, count: int, where=None) -> list[bytes]:
         victims, hinted = [], []
         for key in self._cached:  # least recently released first
             if len(victims) == count:
                 return victims
-            (hinted if key in self._upcoming else victims).append(key)
+            if where is None or where(self._block[key]):
+                (hinted if key in self._upcoming else victims).append(key)
         hinted.sort(key=lambda key: -self._upcoming[key])  # needed farthest ahead first
         return victims + hinted[:count - len(victims)]
 
