@@ -8,7 +8,6 @@ import contextlib
 import numpy as np
 import pytest
 
-from jattn.block_allocator import PoolExhausted
 from jattn.dist.allocator import DistributedBlockAllocator
 from jattn.dist.group_store import GroupStore
 

@@ -168,8 +168,6 @@ class ChatEngine:
         self.max_context = max_context
         self.eos_ids = eos_ids
         self.store = store
-        # In a group of processes each process keeps its own devices' blocks.
-        self.group_store = store if isinstance(store, GroupStore) else None
         self.fingerprint = fingerprint
         self.sink_blocks = math.ceil(sink_tokens / runner.block_size)
         self.sessions: dict[str, Conversation] = {}
@@ -181,6 +179,12 @@ class ChatEngine:
         device = runner.pool.k[0].devices().pop()
         # Where saved blocks go when they leave the device (None: a plain host copy).
         self.host_memory_kind = store.config.memory_kind_for(device) if store else None
+
+    @property
+    def group_store(self) -> GroupStore | None:
+        """The store in a group of processes, where each process keeps its own devices'
+        blocks; None alone."""
+        return self.store if isinstance(self.store, GroupStore) else None
 
     @property
     def hbm_bytes(self) -> int:

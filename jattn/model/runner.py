@@ -319,8 +319,8 @@ class ModelRunner:
             raise ValueError(f"the group's leader sent an unknown step {op!r}")
 
     def _announce(self, op: str, **args):
-        """A context around a public step: with a group, sends it to the
-        followers first and times it until `_finish`; alone, nothing."""
+        """A context around a public step: with a group, sends it to the followers
+        first and times it until `_finish`; alone, nothing."""
         if self.group is None:
             return contextlib.nullcontext()
         return self.group.step(op, args)
