@@ -4,7 +4,7 @@
 
 Three tables, written to JSON too:
 
-  collectives   bytes moved by collectives in one decode step of `jattn.dist.
+  collectives   bytes moved by collectives in one decode step of `jattn.distributed.
                 paged_attention` (Llama-3-8B heads, batch 8, one layer), read from the
                 compiled HLO, for contexts 1K to 64K: constant in the context.
   max context   the longest sequence `LLM(kv_parallel=N)` runs with a fixed pool per
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_seconds  # noqa: E402
 
 from jattn import LLM  # noqa: E402
-from jattn.dist import paged_attention  # noqa: E402
+from jattn.distributed import paged_attention  # noqa: E402
 from jattn.engine.errors import PromptTooLong  # noqa: E402
 from jattn.model.kv_cache import blocks_for  # noqa: E402
 

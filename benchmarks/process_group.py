@@ -44,7 +44,7 @@ def worker(args) -> None:
 
     if args.processes > 1:
         jax.config.update("jax_num_cpu_devices", DEVICES // args.processes)
-        from jattn.dist import group
+        from jattn.distributed import group
 
         group.initialize(f"127.0.0.1:{args.port}", args.processes, args.process_id)
     import numpy as np

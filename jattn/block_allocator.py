@@ -1,5 +1,5 @@
 """Which blocks of a KV pool are free: host-side bookkeeping of pool block ids, shared by
-the model's pool (`BlockAllocator`) and the mesh-wide pool of `jattn.dist`."""
+the model's pool (`BlockAllocator`) and the mesh-wide pool of `jattn.distributed`."""
 
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from jattn.dist.group import GroupLeader, StepChannel, is_leader
-from jattn.dist.group import follow as follow_leader
-from jattn.dist.group_store import STORE_STEPS, GroupStore, ProcessShard
+from jattn.distributed.group import GroupLeader, StepChannel, is_leader
+from jattn.distributed.group import follow as follow_leader
+from jattn.distributed.group_store import STORE_STEPS, GroupStore, ProcessShard
 from jattn.engine.errors import PromptTooLong
 from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
 from jattn.engine.scheduler import Engine, EngineLimits
@@ -102,11 +102,11 @@ class LLM:
       kv_parallel: spread the KV pool over this many devices (DistAttention): each
         holds `num_blocks / kv_parallel` blocks, a sequence's blocks may lie on any of
         them, and attention merges the devices' partials exactly. 1: one device. In a
-        group of processes (`jattn.dist.group.initialize`), every device of the group:
+        group of processes (`jattn.distributed.group.initialize`), every device of the group:
         each process builds the LLM with the same arguments; process 0 then generates
         while the others `follow`. Each process keeps the blocks of its own devices in
         its own host memory and disk, under the store's budgets (on disk under
-        `<disk_path>/process-<i>`), as process 0 decides (`jattn.dist.group_store`);
+        `<disk_path>/process-<i>`), as process 0 decides (`jattn.distributed.group_store`);
         process 0 keeps the sessions' records. The remote tier does not run in a group.
       step_timeout_s: in a group, the longest a step may take before the leader
         gives the group up: `on_group_failure(message)` (by default: log and exit),

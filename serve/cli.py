@@ -35,7 +35,7 @@ def _serve(args) -> int:
     config = from_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if config.coordinator:
-        from jattn.dist import group
+        from jattn.distributed import group
 
         group.initialize(config.coordinator, config.num_processes, config.process_id,
                          step_timeout_s=config.step_timeout_s)
@@ -64,7 +64,7 @@ def _follow(config) -> int:
     import jax
 
     from jattn.compile_cache import use_compilation_cache
-    from jattn.dist.group import exit_group
+    from jattn.distributed.group import exit_group
     from serve.server import build_llm
 
     use_compilation_cache(config.compilation_cache_dir)

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jattn import LLM
 from jattn.compile_cache import use_compilation_cache
-from jattn.dist.group import exit_group
+from jattn.distributed.group import exit_group
 from jattn.engine import EngineLimits
 from jattn.store import StoreConfig
 from serve.auth import Tenants

@@ -15,7 +15,7 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-from jattn.dist import group  # noqa: E402
+from jattn.distributed import group  # noqa: E402
 
 process_id, port, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 group.initialize(f"127.0.0.1:{port}", 2, process_id)
@@ -23,9 +23,9 @@ group.initialize(f"127.0.0.1:{port}", 2, process_id)
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from jattn.dist import paged_attention, prefill_attention  # noqa: E402
-from jattn.dist.group import StepChannel  # noqa: E402
-from jattn.dist.pool_shards import PoolShards  # noqa: E402
+from jattn.distributed import paged_attention, prefill_attention  # noqa: E402
+from jattn.distributed.group import StepChannel  # noqa: E402
+from jattn.distributed.pool_shards import PoolShards  # noqa: E402
 from jattn.model.kv_cache import KVPool  # noqa: E402
 from jattn.store.tier import BlockKV  # noqa: E402
 from test_dist_attention import scattered_pool  # noqa: E402

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jattn.dist import DistributedBlockAllocator, paged_attention, prefill_attention
+from jattn.distributed import DistributedBlockAllocator, paged_attention, prefill_attention
 from jattn.block_allocator import PoolExhausted
 from pallas_kernels import flash_attention
 from pallas_kernels import paged_attention as single_device_paged_attention

@@ -8,8 +8,8 @@ import contextlib
 import numpy as np
 import pytest
 
-from jattn.dist.allocator import DistributedBlockAllocator
-from jattn.dist.group_store import GroupStore
+from jattn.distributed.allocator import DistributedBlockAllocator
+from jattn.distributed.group_store import GroupStore
 
 
 class RecordingGroup:

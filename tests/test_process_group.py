@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jattn.dist.group import GROUP_FAILED_EXIT, StepChannel
-from jattn.dist.group_store import run_holders
+from jattn.distributed.group import GROUP_FAILED_EXIT, StepChannel
+from jattn.distributed.group_store import run_holders
 from pallas_kernels import flash_attention
 from pallas_kernels import paged_attention as single_device_paged_attention
 from serve.client import Client

@@ -31,7 +31,7 @@ from jattn.conversation import (
     turn_entry,
 )
 from jattn.decoding import Continuation
-from jattn.dist.group_store import GroupStore
+from jattn.distributed.group_store import GroupStore
 from jattn.engine.errors import PromptTooLong
 from jattn.generation import Generation
 from jattn.model.kv_cache import blocks_for, bucket

@@ -9,9 +9,9 @@ longest context) and one height (`max_seqs`), so a handful of compilations serve
 request. The pool is donated to each step and updated in place.
 
 A pool sharded over a device mesh (DistAttention) runs a step's sequences as one
-prefill per prompt chunk and one decode batch instead, through `jattn.dist`. When the
+prefill per prompt chunk and one decode batch instead, through `jattn.distributed`. When the
 mesh spans several processes, the leader's runner is given the group
-(`jattn.dist.group.GroupLeader`): each public step is first sent to the followers, whose
+(`jattn.distributed.group.GroupLeader`): each public step is first sent to the followers, whose
 runners `replay` it, and its logits come back on the leader's first device.
 """
 
@@ -29,9 +29,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jattn.block_allocator import BlockAllocator
-from jattn.dist import DistributedBlockAllocator, prefill_attention
-from jattn.dist import paged_attention as dist_paged_attention
-from jattn.dist.pool_shards import PoolShards
+from jattn.distributed import DistributedBlockAllocator, prefill_attention
+from jattn.distributed import paged_attention as dist_paged_attention
+from jattn.distributed.pool_shards import PoolShards
 from jattn.model.kv_cache import (
     KVPool,
     blocks_for,

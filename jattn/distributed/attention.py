@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jattn.dist.merge import merge_over_axis
+from jattn.distributed.merge import merge_over_axis
 from pallas_kernels import online_softmax, paged_attention as local_paged_attention
 from pallas_kernels import rotary
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from jattn.model.kv_cache import bucket
 
-log = logging.getLogger("jattn.dist")
+log = logging.getLogger("jattn.distributed")
 
 GROUP_FAILED_EXIT = 3
 """The exit status of a process whose group failed (a peer died or hung)."""

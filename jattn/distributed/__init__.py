@@ -5,7 +5,7 @@
     DistributedBlockAllocator(num_devices, blocks_per_device)
 """
 
-from jattn.dist.allocator import DistributedBlockAllocator
-from jattn.dist.attention import paged_attention, prefill_attention
+from jattn.distributed.allocator import DistributedBlockAllocator
+from jattn.distributed.attention import paged_attention, prefill_attention
 
 __all__ = ["DistributedBlockAllocator", "paged_attention", "prefill_attention"]

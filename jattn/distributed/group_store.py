@@ -1,6 +1,6 @@
 """The store of a process group: every process keeps the blocks of its own devices.
 
-In a group (`jattn.dist.group`) the KV pool is sharded over every process's devices, and
+In a group (`jattn.distributed.group`) the KV pool is sharded over every process's devices, and
 every process has its own `AttentionStore`: host memory and disk on its own machine,
 each under the budgets of the group's store configuration. A block is saved by the
 process whose device holds it, into its own tiers, and loaded back into a device of a
