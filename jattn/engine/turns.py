@@ -32,7 +32,8 @@ from jattn.conversation import (
 )
 from jattn.decoding import Continuation
 from jattn.distributed.group_store import GroupStore
-from jattn.engine.errors import PromptTooLong
+from jattn.engine.encoding import InputEncoder
+from jattn.engine.errors import InvalidRequest, PromptTooLong
 from jattn.generation import Generation
 from jattn.model.kv_cache import blocks_for, bucket
 from jattn.model.runner import LOADING_CHUNK, ModelRunner, Segment
@@ -207,10 +208,10 @@ class ChatEngine:
         its blocks' keys are rooted in cache `scope`). `check_remote`: whether the store
         may ask the remote tier (see `AttentionStore.get_record`)."""
         held = self.sessions.get(session_id)
-        entries = (self.store.get_record(session_id, check_remote=check_remote)
-                   if self.store and isinstance(session_id, str)
-                   and (held is None or self.store.shared) else None)
-        if held is None or (entries and len(entries) > len(held.turns)):
+        entries = (self.store.newer_record(session_id, None if held is None else len(held.turns),
+                                           check_remote=check_remote)
+                   if self.store and isinstance(session_id, str) else None)
+        if held is None or entries:
             # New here, or (with a tier shared by replicas) another replica ran turns since.
             self.sessions[session_id] = (
                 Conversation.from_entries(entries, self.runner.block_size) if entries
@@ -341,28 +342,10 @@ class ChatEngine:
 
     def encode_message(self, conversation: Conversation, message, kind: str = "message"
                        ) -> list[int]:
-        """The token ids a turn appends: `message` as token ids (a list), as raw text
-        (`kind` "text": the tokenizer's beginning-of-sequence token on a first turn
-        only), as a user message (`kind` "message") or as `(role, content)` pairs (`kind`
-        "messages") through the chat template: the whole template on a first turn, the
-        messages' part of it (no beginning-of-sequence token) later."""
-        if not isinstance(message, str) and kind != "messages":
-            return list(message)
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass the message as token ids")
-        first = not conversation.tokens
-        if kind == "text":
-            return self.tokenizer.encode(message, add_special_tokens=first)
-        chat = ([{"role": "user", "content": message}] if kind == "message"
-                else [{"role": role, "content": content} for role, content in message])
-        if first:
-            return self.tokenizer.encode_chat(chat)
-        if self.tokenizer.chat_template:
-            ids = self.tokenizer.encode_chat(chat)
-            bos = self.tokenizer.token_id(self.tokenizer.bos_token)
-            return ids[1:] if ids and ids[0] == bos else ids
-        return self.tokenizer.encode("\n" + self.tokenizer.render_chat(chat),
-                                     add_special_tokens=False)
+        """The token ids that `message`, input of `kind`, appends to `conversation` (see
+        `InputEncoder.encode`)."""
+        return InputEncoder(self.tokenizer, self.vocab_size).encode(
+            message, kind, first_turn=not conversation.tokens)
 
     def begin(self, session_id, message, params: SamplingParams, *, ignore_eos: bool,
               start_time: float, ephemeral: bool = False, scope: str = "",
@@ -382,9 +365,10 @@ class ChatEngine:
         date (unless `record_fresh`); a context that continues in the remote tier (with
         `fetch_remote`) raises `RemoteFetch` while the first layer of those blocks comes,
         and the attempt after that takes them from `remote_read`. Each changes nothing."""
-        if (self.store and self.store.shared and isinstance(session_id, str)
-                and not record_fresh):
-            raise RemoteFetch(self.store.refresh_record(session_id), {"record_fresh": True})
+        refresh = (self.store.refresh_record(session_id) if self.store and
+                   isinstance(session_id, str) and not record_fresh else None)
+        if refresh is not None:
+            raise RemoteFetch(refresh, {"record_fresh": True})
         new_session = session_id not in self.sessions
         conversation = self.conversation(session_id, scope=scope,
                                          check_remote=not record_fresh)
@@ -402,7 +386,7 @@ class ChatEngine:
     def _begin(self, session_id, conversation, new_ids, params, *, ignore_eos,
                start_time, ephemeral, max_new_tokens, remote) -> ActiveTurn:
         if not new_ids:
-            raise ValueError("message is empty: give at least one token")
+            raise InvalidRequest("message is empty: give at least one token")
         if max_new_tokens is not None and len(new_ids) > max_new_tokens:
             raise PromptTooLong(f"the turn has {len(new_ids)} new tokens, more than the "
                              f"limit of {max_new_tokens}")
@@ -619,7 +603,7 @@ class ChatEngine:
                 start += 1
                 continue
             if remote and keys[start:start + len(remote)] == remote:
-                blocks = self.store.remote_blocks(remote_read)
+                blocks = self.store.remote_run(remote_read, _NoAllocation()).arriving
                 self._take(found, keys[start:], [(b, "remote") for b in blocks])
                 start += len(blocks)
                 remote = []
@@ -635,8 +619,9 @@ class ChatEngine:
                 self._take(found, keys[start:], got)
                 start += len(got)
             if start < end:
-                if fetch_remote and self.store and self.store.can_fetch:
-                    read = self.store.read_remote(keys[start:end])
+                read = self.store.read_remote(keys[start:end]) if fetch_remote and self.store \
+                    else None
+                if read is not None:
                     raise RemoteFetch(read.ready, {"fetch_remote": False, "remote_read": read})
                 return
 
@@ -764,3 +749,8 @@ class _Context:
     def own_blocks(self, device: DeviceBlocks) -> list[int]:
         """The table's pool blocks that are not the device tier's."""
         return own_blocks(self.table, self.acquired, device)
+
+
+class _NoAllocation:
+    def allocate(self, count):
+        return [None] * count

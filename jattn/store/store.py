@@ -49,6 +49,7 @@ from jattn.store.config import StoreConfig
 from jattn.store.disk_files import DiskFiles
 from jattn.store.disk_tier import DiskTier
 from jattn.store.host_tier import HostTier
+from jattn.store.kv_store import LoadedRun, PoolSide, SavedBlocks, WarmUpSteps, resolved
 from jattn.store.layer_load import LayerwiseLoad, LoadTiming, StagingPool
 from jattn.store.records import SessionRecords
 from jattn.store.remote_read import RemoteRead, is_remote
@@ -72,16 +73,11 @@ STATS = (
     "remote_blocks_written", "remote_bytes_written", "remote_blocks_known")
 
 
-def _resolved(value) -> concurrent.futures.Future:
-    """A future already resolved to `value`."""
-    future = concurrent.futures.Future()
-    future.set_result(value)
-    return future
-
-
 class AttentionStore:
     """KV blocks by content key and records of sessions, under the byte budgets of
-    `config` (see the module docstring)."""
+    `config` (see the module docstring). It is the single process's `KVStore`
+    (`jattn.store.kv_store`): the engine loads runs through `load_run` and
+    `remote_run`, whose KV arrives layer by layer with the turn's first step."""
 
     def __init__(self, config: StoreConfig, *, fingerprint: str):
         self.config = config
@@ -121,6 +117,26 @@ class AttentionStore:
     def held(self, block_keys: list[bytes]) -> list[str | None]:
         """`contains` for each of `block_keys`."""
         return [self.contains(block_key) for block_key in block_keys]
+
+    def missing(self, block_keys: list[bytes]) -> list[bytes]:
+        """The keys of `block_keys` that no tier holds: those a save would file."""
+        return [key for key in block_keys if self.contains(key) is None]
+
+    @property
+    def lookahead(self) -> int:
+        """How many upcoming sessions a `hint` is worth (`StoreConfig.lookahead`)."""
+        return self.config.lookahead
+
+    def load_run(self, block_keys: list[bytes], pool: PoolSide) -> LoadedRun:
+        """The leading run of `block_keys` that a local tier holds (as `get_run`), in
+        pool blocks taken from `pool` (`PoolExhausted`, taking none, if it is short),
+        its KV arriving: the turn's first step writes it layer by layer."""
+        found = self.get_run(block_keys)
+        if not found:
+            return LoadedRun()
+        return LoadedRun(block_ids=pool.allocate(len(found)),
+                         tiers=[tier for _, tier in found],
+                         arriving=[block for block, _ in found])
 
     def get(self, block_key: bytes) -> tuple[BlockKV, str] | None:
         """The block and the name of the tier it came from, or None if no tier holds a
@@ -168,29 +184,30 @@ class AttentionStore:
                 return block, position
         return None
 
-    @property
-    def can_fetch(self) -> bool:
-        """True with a remote tier that is reachable (as far as is known)."""
-        return self._remote is not None and self._remote.enabled
-
-    def read_remote(self, block_keys: list[bytes]) -> RemoteRead:
+    def read_remote(self, block_keys: list[bytes]) -> RemoteRead | None:
         """Starts reading the leading run of `block_keys` that the remote tier holds,
         layer by layer, on a thread of its own (see `RemoteRead`): its `ready` future
-        resolves to the run's length once layer 0 has arrived; `remote_blocks` then gives
+        resolves to the run's length once layer 0 has arrived; `remote_run` then gives
         the blocks for a layer-wise load. Once every layer has arrived the blocks are
-        also put into host memory, for later turns."""
+        also put into host memory, for later turns. None without a remote tier, or
+        while it is unreachable (as far as is known)."""
+        if self._remote is None or not self._remote.enabled:
+            return None
         keys = [checked_block_key(block_key) for block_key in block_keys]
         with self._lock:
             self._counts["remote_fetches"] += 1
         return RemoteRead(self._remote, keys, executor=self._fetcher,
                           on_arrival=self._remote_arrived, on_lost=self._remote_lost)
 
-    def remote_blocks(self, read: RemoteRead) -> list[BlockKV]:
-        """The blocks of a `read_remote` whose `ready` has resolved, counted as hits of
-        the remote tier."""
+    def remote_run(self, read: RemoteRead, pool: PoolSide) -> LoadedRun:
+        """The blocks of a `read_remote` whose `ready` has resolved, in pool blocks taken
+        from `pool` (`PoolExhausted`, taking none, if it is short), arriving; counted as
+        hits of the remote tier."""
         blocks = read.blocks()
+        block_ids = pool.allocate(len(blocks))
         self._count_hits(self._remote.name, len(blocks), sum(b.nbytes for b in blocks))
-        return blocks
+        return LoadedRun(block_ids=block_ids, tiers=[self._remote.name] * len(blocks),
+                         arriving=blocks)
 
     def _remote_arrived(self, keys: list[bytes], blocks: list[BlockKV],
                         seconds: float) -> None:
@@ -221,8 +238,15 @@ class AttentionStore:
             self._touch([key])
             with self._lock:
                 self._counts["saves_skipped_held"] += 1
-            return _resolved(self._holding(key))
+            return resolved(self._holding(key))
         return self._submit(self._save, key, produce)
+
+    def save_blocks(self, block_keys: list[bytes], block_ids: list[int],
+                    saved: SavedBlocks) -> None:
+        """`save`s pool block `block_ids[i]` under `block_keys[i]`, each produced from
+        `saved()` (`{pool block: BlockKV}`, waiting for the copies a step started)."""
+        for key, block in zip(block_keys, block_ids):
+            self.save(key, functools.partial(_saved_block, saved, block))
 
     def _save(self, key: bytes, produce) -> tuple[str, ...]:
         """Store thread: puts the block (from host memory if held, else from `produce`)
@@ -329,13 +353,7 @@ class AttentionStore:
         """
         with self._lock:  # queues each session's writes in the order of its entries
             write = self._records.append(session_id, entry)
-            return _resolved(True) if write is None else self._submit(write)
-
-    @property
-    def shared(self) -> bool:
-        """True with a tier shared by replicas (whose turns may extend a session's record
-        behind this process's back)."""
-        return self._records.shared
+            return resolved(True) if write is None else self._submit(write)
 
     def get_record(self, session_id: str, *, check_remote: bool = True) -> list | None:
         """The session's record entries in order (a new list), from memory or (after a
@@ -347,9 +365,23 @@ class AttentionStore:
         thread, and then `check_remote=False` asks nothing of Redis)."""
         return self._records.get(session_id, check_remote=check_remote)
 
-    def refresh_record(self, session_id: str) -> concurrent.futures.Future:
+    def newer_record(self, session_id: str, turns_known: int | None, *,
+                     check_remote: bool = True) -> list | None:
+        """The session's record entries if they are more than `turns_known` (None: the
+        caller knows nothing of the session), else None. Without a tier shared by
+        replicas nobody else extends a record, so a session the caller knows is answered
+        without a lookup."""
+        if turns_known is not None and not self._records.shared:
+            return None
+        entries = self.get_record(session_id, check_remote=check_remote)
+        return entries if entries and len(entries) > (turns_known or 0) else None
+
+    def refresh_record(self, session_id: str) -> concurrent.futures.Future | None:
         """Brings the session's record in memory up to date with the remote tier's (one
-        call to Redis, two if other replicas extended it), on a thread of its own."""
+        call to Redis, two if other replicas extended it), on a thread of its own; None
+        without a tier shared by replicas (nothing to wait for)."""
+        if not self._records.shared:
+            return None
         return self._fetcher.submit(self._records.refresh, session_id)
 
     def drop(self, session_id: str) -> None:
@@ -414,6 +446,11 @@ class AttentionStore:
                 self._counts[f"{seconds}_stall_seconds"] += timing.stall
                 self._counts[f"{seconds}_hidden_seconds"] += timing.hidden
 
+    def warm_up(self, steps: WarmUpSteps, max_blocks: int) -> int:
+        """Has the runner compile what this store's loads (layer by layer) and saves (up
+        to `max_blocks` blocks at once) run. Returns the shapes compiled."""
+        return steps.compile_arrivals() + steps.compile_saves(max_blocks)
+
     def count_device_hits(self, blocks: int, nbytes: int) -> None:
         """The engine reports blocks it reused straight from its device pool."""
         with self._lock:
@@ -438,3 +475,8 @@ class AttentionStore:
         with self._lock:
             totals.update(self._counts)
         return {name: totals[name] for name in STATS}
+
+
+def _saved_block(saved: SavedBlocks, block: int) -> BlockKV:
+    """Pool block `block`'s KV from a step's copies out (waiting for them)."""
+    return saved()[block]

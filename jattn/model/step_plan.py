@@ -1,0 +1,86 @@
+"""A model step as a value: what the scheduler decides and the runner executes.
+
+The scheduler builds one `StepPlan` per step; `ModelRunner.execute(plan)` runs it and
+returns a `StepOutput`. In a group of processes the same plan (plain data, but for a
+layer-wise `arrival`, which never runs in a group) is what process 0 sends to its
+followers, which execute it on their own devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import jax
+
+LOADING_CHUNK = 64
+"""The most tokens a step with an `arrival` runs layer by layer; a turn's later tokens go
+to the packed steps, batched with other turns."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's part of a step: `tokens` written at positions `start...` of the
+    sequence whose pool blocks are `blocks` (covering every position up to
+    `start + len(tokens)`)."""
+
+    tokens: tuple[int, ...]
+    start: int
+    blocks: tuple[int, ...]
+
+
+class LayerSource(Protocol):
+    """KV arriving layer by layer (e.g. `jattn.store.layer_load.LayerwiseLoad`)."""
+
+    def layer(self, index: int, *, after=None) -> tuple[jax.Array, jax.Array]:
+        """Layer `index`'s `(k, v)` `[R, block_size, Hkv, D]` (R >= the blocks
+        arriving; extra rows ignored), once `after` (an array the step computed) is
+        dispatched."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """KV coming from the store into pool blocks `block_ids`, layer by layer from
+    `source`, while the step's one segment runs (each layer written before it is
+    attended)."""
+
+    block_ids: tuple[int, ...]
+    source: LayerSource
+
+
+@dataclass(frozen=True)
+class BlockSave:
+    """A pool block whose KV is to be saved under its content key."""
+
+    key: bytes
+    block: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step: `saves` start copying out of the pool first (the step then donates
+    it), then `segments` run packed, at most `max_seqs` of at most `prefill_chunk`
+    tokens in all (none: the step only starts the saves). With an `arrival`, the plan
+    holds exactly one segment of at most `LOADING_CHUNK` tokens and runs layer by
+    layer. `sampled[i]`: whether segment i's last token's logits are sampled (a decode,
+    or a prompt's last chunk); empty when no one samples. `all_logits`: the plan holds
+    one segment and wants the logits of every one of its tokens (scoring a text, not
+    serving it)."""
+
+    segments: tuple[Segment, ...] = ()
+    sampled: tuple[bool, ...] = ()
+    arrival: Arrival | None = None
+    saves: tuple[BlockSave, ...] = ()
+    all_logits: bool = False
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a step gives back: `logits` `[R, V]` float32, row i for segment i (rows from
+    len(segments) on are padding; with `all_logits`, row i for the segment's token i,
+    rows past its tokens padding; None for a step without segments), and `saved()`,
+    which waits for the copies of the plan's saves and returns `{pool block: BlockKV}`
+    of those this process holds (None without saves; calling it again is free)."""
+
+    logits: jax.Array | None
+    saved: Callable[[], dict] | None = None
