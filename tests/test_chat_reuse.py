@@ -53,7 +53,7 @@ def assert_same_tokens(answers, recomputed):
 def test_recompute_path_truncates_past_the_window(recomputed):
     llm = LLM(store=None)
     results = run(llm)
-    conversation = llm.chats.sessions["alice"]
+    conversation = llm.engine.conversation("alice")
     assert len(conversation.tokens) > 512  # the history outgrew the 512-token window
     assert any(turn.dropped for turn in conversation.turns)
     assert conversation.blocks[0][1] == 0  # the sink block is kept
@@ -74,7 +74,7 @@ def test_host_tier_reuse_equals_recompute(recomputed, kind):
     """No device budget: every later turn loads its history from host memory, saved
     there through the memory kind asked for."""
     llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**9, host_memory_kind=kind))
-    assert (llm.chats.host_memory_kind == "pinned_host") == (kind == "pinned_host")
+    assert (llm.runner.save_memory_kind == "pinned_host") == (kind == "pinned_host")
     answers = run(llm)
     assert_same_tokens(answers, recomputed)
     later = [r for (_, turn), r in answers.items() if turn > 0]
@@ -95,7 +95,7 @@ def test_every_tier_and_misses_give_the_same_tokens(recomputed, tmp_path, caplog
         stats = llm.store.stats()
         assert stats["host_bytes"] <= config.host_bytes
         assert stats["disk_bytes"] <= config.disk_bytes
-        assert llm.chats.store_stats()["hbm_blocks"] * BLOCK_BYTES <= config.hbm_bytes
+        assert llm.engine.stats()["store"]["hbm_blocks"] * BLOCK_BYTES <= config.hbm_bytes
     assert_same_tokens(answers, recomputed)
     tiers = set().union(*(r.tiers or {} for r in answers.values()))
     assert {"hbm", "host", "disk"} <= tiers
@@ -129,8 +129,8 @@ def test_corrupt_entries_are_dropped_and_recomputed(recomputed, tmp_path, caplog
     first = LLM(store=config)
     for turn in range(3):
         first.chat("alice", MESSAGES[turn], max_tokens=64, ignore_eos=True)
+    keys = context_keys(first.engine.conversation("alice"))
     first.close()
-    keys = context_keys(first.chats.sessions["alice"])
     victim = block_file(tmp_path, first, keys[3])
     data = open(victim, "rb").read()
     if damage == "flip":
@@ -165,8 +165,8 @@ def test_a_block_of_another_history_is_never_used(recomputed, tmp_path):
     for turn in range(3):
         first.chat("alice", MESSAGES[turn], max_tokens=64, ignore_eos=True)
         first.chat("bob", MESSAGES[turn + 4], max_tokens=64, ignore_eos=True)
+    alice, bob = (context_keys(first.engine.conversation(s)) for s in ("alice", "bob"))
     first.close()
-    alice, bob = (context_keys(first.chats.sessions[s]) for s in ("alice", "bob"))
     for mine, theirs in zip(alice, bob):
         shutil.copyfile(block_file(tmp_path, first, theirs), block_file(tmp_path, first, mine))
     second = LLM(store=config)
@@ -200,12 +200,12 @@ def test_end_session_forgets_the_session_and_keeps_its_blocks_by_content(tmp_pat
     first = llm.chat("a", prompt, max_tokens=8, ignore_eos=True)
     llm.end_session("a")
     llm.store.flush()
-    assert "a" not in llm.chats.sessions and llm.store.get_record("a") is None
+    assert llm.engine.conversation("a") is None and llm.store.get_record("a") is None
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".log")]
-    assert llm.chats.block_census().balanced
+    assert llm.engine.block_census().balanced
     again = llm.chat("a", prompt, max_tokens=8, ignore_eos=True)
     assert again.token_ids == first.token_ids and again.cached_tokens == 48
-    assert len(llm.chats.sessions["a"].turns) == 1  # a new conversation
+    assert len(llm.engine.conversation("a").turns) == 1  # a new conversation
 
 
 @pytest.mark.parametrize("args,pattern", [
@@ -218,12 +218,12 @@ def test_end_session_forgets_the_session_and_keeps_its_blocks_by_content(tmp_pat
 def test_bad_chat_input_changes_nothing(args, pattern):
     llm = LLM()
     llm.chat("a", "Once upon a time", max_tokens=10)
-    before = list(llm.chats.sessions["a"].tokens)
-    free = llm.runner.allocator.free_blocks
+    before = llm.engine.conversation("a").tokens
+    free = llm.engine.block_census().free
     with pytest.raises(ValueError, match=pattern):
         llm.chat(*args)
-    assert llm.chats.sessions["a"].tokens == before
-    assert llm.runner.allocator.free_blocks == free
+    assert llm.engine.conversation("a").tokens == before
+    assert llm.engine.block_census().free == free
     assert np.isfinite(llm.chat("a", "The end.", max_tokens=3).ttft_s)
 
 
@@ -236,7 +236,7 @@ def test_a_recomputation_that_fails_midway_frees_every_block(failing_call):
     llm = LLM(store=None, num_blocks=96, max_context=96)
     for turn in range(4):
         llm.chat("a", MESSAGES[turn], max_tokens=24, ignore_eos=True)
-    assert any(t.dropped for t in llm.chats.sessions["a"].turns)  # truncated
+    assert any(t.dropped for t in llm.engine.conversation("a").turns)  # truncated
     real, calls = llm.runner.prefill, []
 
     def failing(*args, **kwargs):
@@ -249,7 +249,7 @@ def test_a_recomputation_that_fails_midway_frees_every_block(failing_call):
     with pytest.raises(RuntimeError, match="pool ran out"):
         llm.chat("a", MESSAGES[4], max_tokens=24, ignore_eos=True)
     llm.runner.prefill = real
-    census = llm.chats.block_census()
+    census = llm.engine.block_census()
     assert census.balanced and census.free == census.total, census
     reference = LLM(store=None, max_context=96)
     for turn in range(5):

@@ -8,6 +8,7 @@ import pytest
 from jattn import LLM, StoreConfig
 from jattn.conversation import context_keys
 from jattn.model.kv_cache import blocks_for
+from jattn.model.step_plan import BlockSave, StepPlan
 
 SYSTEM = [7, 8, 9, 10] * 12  # a 48-token "system prompt": three full blocks
 
@@ -38,13 +39,13 @@ def test_one_offs_with_a_shared_prefix_reuse_it_and_give_the_stateless_tokens(st
 def test_two_sessions_with_one_system_prompt_hold_one_copy(stateless):
     llm = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
     a = llm.chat("a", SYSTEM + user_prompt(3), max_tokens=8, ignore_eos=True)
-    held_after_a = llm.chats.store_stats()["hbm_blocks"]
+    held_after_a = llm.engine.stats()["store"]["hbm_blocks"]
     b = llm.chat("b", SYSTEM + user_prompt(4), max_tokens=8, ignore_eos=True)
     assert b.cached_tokens == len(SYSTEM)
-    keys_a, keys_b = (context_keys(llm.chats.sessions[s]) for s in "ab")
+    keys_a, keys_b = (context_keys(llm.engine.conversation(s)) for s in "ab")
     assert keys_a[:3] == keys_b[:3] and keys_a[3:] != keys_b[3:]
     distinct = len(set(keys_a) | set(keys_b))
-    assert llm.chats.store_stats()["hbm_blocks"] == distinct < len(keys_a) + len(keys_b)
+    assert llm.engine.stats()["store"]["hbm_blocks"] == distinct < len(keys_a) + len(keys_b)
     assert held_after_a == len(keys_a)
     llm.store.flush()
     assert llm.store.stats()["host_blocks"] == distinct
@@ -64,7 +65,7 @@ def test_reused_kv_equals_a_one_shot_prefill(stateless, tier, tmp_path):
     llm = LLM(store=config)
     llm.chat("s", SYSTEM + user_prompt(5), max_tokens=30, ignore_eos=True)
     llm.store.flush()
-    conversation = llm.chats.sessions["s"]
+    conversation = llm.engine.conversation("s")
     keys = context_keys(conversation)
     turn = llm.chats.begin("s", [5, 6, 7], llm_params(), ignore_eos=True, start_time=0.0)
     assert turn.result.tiers == {tier: len(keys)}
@@ -78,12 +79,13 @@ def test_reused_kv_equals_a_one_shot_prefill(stateless, tier, tmp_path):
 
 
 def prefill_alone(chats, turn):
-    """Runs a turn's whole prompt as the engine would with no other turn: its loading
-    prefill, then packed steps. Returns the logits `[V]` of its first answer token."""
-    logits = chats.prefill_loading(turn) if turn.loading else None
+    """Runs a turn's whole prompt as the engine would with no other turn: its first
+    step taking the blocks arriving, then packed steps. Returns the logits `[V]` of its
+    first answer token."""
+    logits = chats.run(chats.plan_arrival(turn)).logits[0] if turn.loading else None
     while turn.prefilling:
         count = min(len(turn.turn_tokens) - turn.prefilled, chats.step_tokens)
-        logits = chats.step([], [(turn, count)])[0]
+        logits = chats.run(chats.plan_step([], [(turn, count)])).logits[0]
     return logits
 
 
@@ -94,17 +96,21 @@ def llm_params():
 
 
 def read_blocks(llm, ids):
-    return llm.runner.copy_out(list(ids))()
+    """K and V `[L, n, 16, Hkv, D]` of pool blocks `ids`, copied out by a step's saves."""
+    plan = StepPlan(saves=tuple(BlockSave(bytes(16), block) for block in ids))
+    saved = llm.runner.execute(plan).saved()
+    return tuple(np.stack([np.asarray(getattr(saved[block], part)) for block in ids], axis=1)
+                 for part in ("k", "v"))
 
 
 def one_shot_blocks(llm, tokens):
     """K and V `[L, n, 16, Hkv, D]` of a stateless prefill of `tokens` (n full blocks)."""
-    ids = llm.runner.allocator.allocate(blocks_for(len(tokens), 16))
+    ids = llm.chats.blocks.allocate(blocks_for(len(tokens), 16))
     try:
         llm.runner.prefill(tokens, 0, ids)
         return read_blocks(llm, ids)
     finally:
-        llm.runner.allocator.free(ids)
+        llm.chats.blocks.free(ids)
 
 
 def test_scopes_never_share_a_block():
@@ -172,10 +178,12 @@ def test_a_truncated_context_recomputed_equals_a_store_that_lost_nothing():
     for seed in range(5):
         for llm in (keeper, forgetful):
             llm.chat("s", user_prompt(seed), max_tokens=20, ignore_eos=True)
-    conversation = keeper.chats.sessions["s"]
+    conversation = keeper.engine.conversation("s")
     assert any(turn.dropped for turn in conversation.turns)
     assert conversation.blocks[1][1] > 16  # the context skips part of the history
-    kept = [keeper.chats.device.block_of(key) for key in context_keys(conversation)]
+    held = keeper.chats.begin("s", [5], llm_params(), ignore_eos=True, start_time=0.0)
+    kept = held.table[:len(context_keys(conversation))]
+    assert held.result.tiers == {"hbm": len(kept)}
     turn = forgetful.chats.begin("s", [5], llm_params(), ignore_eos=True, start_time=0.0)
     try:
         assert turn.result.cached_tokens == 0 and not turn.dropped
@@ -183,5 +191,7 @@ def test_a_truncated_context_recomputed_equals_a_store_that_lost_nothing():
         recomputed = read_blocks(forgetful, turn.table[:len(kept)])
     finally:
         forgetful.chats.abort(turn)
-    for got, want in zip(recomputed, read_blocks(keeper, kept)):
+    expected = read_blocks(keeper, kept)
+    keeper.chats.abort(held)
+    for got, want in zip(recomputed, expected):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
