@@ -10,7 +10,6 @@ import pytest
 
 from jattn.store import AttentionStore, BlockKV, StoreConfig
 from jattn.store import disk_entry
-from jattn.store.policy import eviction_order
 
 FINGERPRINT = "f" * 64
 DIRECTORY_BYTES = 4096  # what the store counts per directory below its root (documented)
@@ -102,13 +101,6 @@ def test_a_failed_write_removes_the_directories_it_created(tmp_path, monkeypatch
     with pytest.raises(OSError):
         disk_entry.write_atomic(str(tmp_path / "kept" / "a" / "b" / "entry.kv"), b"data")
     assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
-
-
-def test_eviction_order_is_scheduler_aware_then_lru():
-    last_used = {"a": 5, "b": 1, "c": 9, "d": 3, "e": 7}
-    order = eviction_order(["a", "b", "c", "d", "e"], last_used=last_used,
-                           upcoming=["c", "x", "a"])
-    assert order == ["b", "d", "e", "a", "c"]  # outside by LRU, then farthest-upcoming
 
 
 def test_host_budget_holds_and_hinted_blocks_outlive_older_unhinted_ones():
@@ -332,23 +324,6 @@ def test_concurrent_sessions_from_many_threads(tmp_path):
 def test_bad_store_config_is_named(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         StoreConfig(**kwargs)
-
-
-def test_first_victim_is_the_head_of_the_eviction_order():
-    import random
-
-    from jattn.store.policy import first_victim, window_rank
-
-    rng = random.Random(0)
-    for _ in range(200):
-        sessions = rng.sample(range(30), rng.randint(1, 12))
-        last_used = {s: rng.randint(0, 100) for s in sessions if rng.random() < 0.8}
-        upcoming = rng.sample(range(30), rng.randint(0, 8))
-        order = eviction_order(sessions, last_used=last_used, upcoming=upcoming)
-        head = first_victim(sessions, last_used=last_used, upcoming_rank=window_rank(upcoming))
-        rank = (lambda s: last_used.get(s, -1)) if head not in upcoming else \
-            (lambda s: -window_rank(upcoming)[s])
-        assert rank(head) == rank(order[0])
 
 
 def test_host_memory_kind_choice():

@@ -1,7 +1,7 @@
-"""Placement of the store's tiers: `Tier` evicts exactly as a brute-force reading of the
-eviction rule would, and every `BlockTier` (host memory, disk) keeps the tier contract:
-round trips by key, a budget that holds against a brute-force byte count, eviction in
-policy order, idempotent puts of held keys, checked gets."""
+"""Placement of the store's tiers: `EvictionOrder` and `Placement` evict exactly as a
+brute-force reading of the eviction rule would, and every `BlockTier` (host memory, disk)
+keeps the tier contract: round trips by key, a budget that holds against a brute-force
+byte count, eviction in that order, idempotent puts of held keys, checked gets."""
 
 import hashlib
 import itertools
@@ -15,17 +15,69 @@ from hypothesis import strategies as st
 
 from jattn.store.disk_files import DIRECTORY_BYTES, DiskFiles, block_file
 from jattn.store.disk_tier import DiskTier
+from jattn.store.eviction import EvictionOrder
 from jattn.store.host_tier import HostTier
-from jattn.store.placement import Tier
-from jattn.store.policy import eviction_order
+from jattn.store.placement import Placement
 from jattn.store.tier import BlockKV, BlockTier
 
-SESSIONS = [f"s{i:02d}" for i in range(10)]
+KEYS = [f"s{i:02d}" for i in range(10)]
 CAPACITY = 10
 
 
+def reference_order(held, *, last_used: dict, upcoming: list) -> list:
+    """The documented rule, by sorting: keys outside `upcoming` first, least recently used
+    (smallest `last_used`) first; then keys inside it, the one whose first position in
+    `upcoming` is farthest first."""
+    first_seen = {}
+    for position, key in enumerate(upcoming):
+        first_seen.setdefault(key, position)
+    outside = sorted((last_used[key], key) for key in held if key not in first_seen)
+    inside = sorted((-first_seen[key], key) for key in held if key in first_seen)
+    return [key for _, key in outside + inside]
+
+
+def test_eviction_order_is_scheduler_aware_then_lru():
+    order = EvictionOrder()
+    for key in "bdaec":  # last used: b first, c last
+        order.use(key)
+    order.hint(["c", "x", "a"])
+    assert order.take(5) == ["b", "d", "e", "a", "c"]  # outside by LRU, then farthest-upcoming
+    assert len(order) == 0 and order.take(1) == []
+
+
+def test_eviction_order_takes_as_the_reference_under_random_use():
+    """Random uses, removes, hints and takes (some limited by a predicate): every take
+    returns the head of the reference order among the keys it accepts, and leaves the
+    others held."""
+    rng = random.Random(0)
+    order, clock = EvictionOrder(), itertools.count()
+    last_used, upcoming = {}, []
+    for _ in range(5000):
+        action, key = rng.random(), rng.randrange(40)
+        if action < 0.45:
+            order.use(key)
+            last_used[key] = next(clock)
+        elif action < 0.55:
+            order.remove(key)
+            last_used.pop(key, None)
+        elif action < 0.65:
+            upcoming = rng.choices(range(50), k=rng.randrange(12))
+            order.hint(upcoming)
+        else:
+            count, parity = rng.randrange(4), rng.choice([None, 0, 1])
+            accept = None if parity is None else (lambda k: k % 2 == parity)
+            want = [k for k in reference_order(last_used, last_used=last_used,
+                                               upcoming=upcoming)
+                    if accept is None or accept(k)][:count]
+            assert order.take(count, accept) == want
+            for taken in want:
+                del last_used[taken]
+        assert len(order) == len(last_used)
+        assert all(k in order for k in last_used)
+
+
 class ReferenceTier:
-    """Sorts every held session by the documented rule at each admit."""
+    """Sorts every held key by the documented rule at each admit."""
 
     def __init__(self, capacity):
         self.capacity = capacity
@@ -35,118 +87,112 @@ class ReferenceTier:
     def used(self):
         return sum(self.sizes.values())
 
-    def admit(self, entry, nbytes, *, last_used, upcoming):
-        self.sizes.pop(entry, None)
+    def admit(self, key, nbytes, *, last_used, upcoming):
+        self.sizes.pop(key, None)
         if nbytes > self.capacity:
             return False, []
-        first_seen = {}
-        for i, key in enumerate(upcoming):
-            first_seen.setdefault(key, i)
-        held = {key for key, _ in self.sizes} - {entry[0]}
-        outside = sorted((last_used.get(k, -1), k) for k in held if k not in first_seen)
-        inside = sorted((-first_seen[k], k) for k in held if k in first_seen)
         evicted = []
-        for _, victim in outside + inside:
+        for victim in reference_order(self.sizes, last_used=last_used, upcoming=upcoming):
             if self.used + nbytes <= self.capacity:
                 break
-            gone = sorted(e for e in self.sizes if e[0] == victim)
-            for old in gone:
-                del self.sizes[old]
-            evicted += gone
-        if self.used + nbytes > self.capacity:
-            return False, evicted
-        self.sizes[entry] = nbytes
+            del self.sizes[victim]
+            evicted.append(victim)
+        self.sizes[key] = nbytes
         return True, evicted
 
 
+def admit(placement, key, nbytes):
+    """Takes `key` as the store's tiers do: forgets it, refuses what could never fit,
+    makes room and admits. Returns `(admitted, evicted keys in order)`."""
+    placement.remove(key)
+    if nbytes > placement.capacity:
+        return False, []
+    evicted = []
+    fits = placement.make_room(key, lambda: placement.used + nbytes <= placement.capacity,
+                               evicted.append)
+    if fits:
+        placement.admit(key, nbytes)
+    return fits, evicted
+
+
 def run_and_compare(ops, capacity=CAPACITY):
-    """Applies `ops` to a `Tier` and the reference; they must agree after each step."""
-    tier, reference = Tier(capacity), ReferenceTier(capacity)
+    """Applies `ops` to a `Placement` and the reference; they must agree after each step."""
+    placement, reference = Placement(capacity), ReferenceTier(capacity)
     clock = itertools.count()
     last_used, upcoming = {}, []
     for op, *args in ops:
         if op == "admit":
-            key, serial, nbytes = args
-            entry = (key, serial)
-            got = tier.admit(entry, nbytes, last_used=last_used, upcoming=upcoming)
-            want = reference.admit(entry, nbytes, last_used=last_used, upcoming=upcoming)
+            key, nbytes = args
+            last_used[key] = next(clock)
+            got = admit(placement, key, nbytes)
+            want = reference.admit(key, nbytes, last_used=last_used, upcoming=upcoming)
             assert got == want, (op, args)
-        elif op == "touch":  # the store's clock moves while the session is held
-            last_used[args[0]] = next(clock)
-        elif op == "window":  # a new window, or the same list edited in place
-            if args[1]:
-                upcoming[:] = args[0]
-            else:
-                upcoming = list(args[0])
+        elif op == "touch":  # a use of a held key
+            placement.touch(args[0])
+            if args[0] in reference.sizes:
+                last_used[args[0]] = next(clock)
+        elif op == "window":
+            upcoming = list(args[0])
+            placement.hint(upcoming)
         elif op == "remove":
-            tier.remove(tuple(args))
-            reference.sizes.pop(tuple(args), None)
-        elif op == "drop":  # as the store drops a session: every entry, and its clock
-            for entry in tier.entries_of(args[0]):
-                tier.remove(entry)
-            reference.sizes = {e: n for e, n in reference.sizes.items() if e[0] != args[0]}
-            last_used.pop(args[0], None)
-        assert tier.sizes == reference.sizes
-        assert tier.used == reference.used <= capacity
-        assert tier.sessions() == {key for key, _ in reference.sizes}
-        for key in SESSIONS:
-            assert tier.entries_of(key) == sorted(e for e in reference.sizes if e[0] == key)
+            placement.remove(args[0])
+            reference.sizes.pop(args[0], None)
+        assert {key: placement.size_of(key) for key in placement.keys()} == reference.sizes
+        assert placement.used == reference.used <= capacity
+        assert len(placement) == len(reference.sizes)
+        assert all((key in placement) == (key in reference.sizes) for key in KEYS)
 
 
-session = st.sampled_from(SESSIONS)
+key_names = st.sampled_from(KEYS)
 operation = st.one_of(
-    st.tuples(st.just("admit"), session, st.integers(0, 3), st.integers(1, CAPACITY + 1)),
-    st.tuples(st.just("touch"), session),
-    st.tuples(st.just("window"), st.lists(session, max_size=8), st.booleans()),
-    st.tuples(st.just("remove"), session, st.integers(0, 3)),
-    st.tuples(st.just("drop"), session),
+    st.tuples(st.just("admit"), key_names, st.integers(1, CAPACITY + 1)),
+    st.tuples(st.just("touch"), key_names),
+    st.tuples(st.just("window"), st.lists(key_names, max_size=8)),
+    st.tuples(st.just("remove"), key_names),
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(operation, max_size=120))
-def test_tier_decides_as_the_reference(ops):
+def test_placement_decides_as_the_reference(ops):
     run_and_compare(ops)
 
 
-def random_ops(rng, count, *, drops=1, largest=4, windows=1):
-    """`count` random operations; the keywords weigh drops and new windows against ten
-    admits (of at most `largest` bytes), four touches and two removes."""
+def random_ops(rng, count, *, removes=1, largest=4, windows=1):
+    """`count` random operations; the keywords weigh removes and new windows against ten
+    admits (of at most `largest` bytes) and four touches."""
     for _ in range(count):
-        kind = rng.choices(["admit", "touch", "window", "remove", "drop"],
-                           weights=[10, 4, windows, 2, drops])[0]
-        key = rng.choice(SESSIONS)
+        kind = rng.choices(["admit", "touch", "window", "remove"],
+                           weights=[10, 4, windows, removes])[0]
+        key = rng.choice(KEYS)
         if kind == "admit":
-            yield kind, key, rng.randrange(4), rng.randint(1, largest)
+            yield kind, key, rng.randint(1, largest)
         elif kind == "window":
-            yield kind, rng.choices(SESSIONS, k=rng.randrange(9)), rng.random() < 0.3
-        elif kind == "remove":
-            yield kind, key, rng.randrange(4)
+            yield kind, rng.choices(KEYS, k=rng.randrange(9))
         else:
             yield kind, key
 
 
-def test_tier_agrees_over_long_runs():
-    """Long runs, in phases of small entries and many drops (sessions come and go without
-    evictions, so stale heap items pile up and the tier rebuilds its heaps) and phases
+def test_placement_agrees_over_long_runs():
+    """Long runs, in phases of small entries and many removes (keys come and go without
+    evictions, so stale heap items pile up and the order rebuilds its heaps) and phases
     of large entries under a window that rarely changes (evictions at almost every
-    admit, often of window sessions)."""
+    admit, often of window keys)."""
     for seed, capacity in enumerate([10, 20, 20, 30, 40]):
         rng = random.Random(seed)
-        phases = [random_ops(rng, 1000, drops=10, largest=1) if i % 2 else
+        phases = [random_ops(rng, 1000, removes=10, largest=1) if i % 2 else
                   random_ops(rng, 1000, windows=0.05) for i in range(6)]
         run_and_compare(itertools.chain(*phases), capacity)
 
 
-def test_refuses_what_does_not_fit_and_spares_its_own_session():
-    tier = Tier(4)
-    last_used = {"a": 0, "b": 1}
-    assert tier.admit(("a", 0), 2, last_used=last_used, upcoming=[]) == (True, [])
-    assert tier.admit(("b", 0), 2, last_used=last_used, upcoming=[]) == (True, [])
-    assert tier.admit(("c", 0), 5, last_used=last_used, upcoming=[]) == (False, [])
-    assert tier.admit(("a", 1), 2, last_used=last_used, upcoming=[]) == (True, [("b", 0)])
-    assert tier.admit(("a", 2), 1, last_used=last_used, upcoming=[]) == (False, [])
-    assert tier.used == 4 and tier.sessions() == {"a"}
+def test_refuses_what_does_not_fit_and_spares_the_key_it_makes_room_for():
+    placement = Placement(4)
+    assert admit(placement, "a", 2) == (True, [])
+    assert admit(placement, "b", 2) == (True, [])
+    assert admit(placement, "c", 5) == (False, [])
+    evicted = []
+    assert not placement.make_room("a", lambda: placement.used + 3 <= 4, evicted.append)
+    assert evicted == ["b"] and placement.keys() == ["a"] and placement.used == 2
 
 
 # ----- the tier interface ---------------------------------------------------------------
@@ -255,8 +301,8 @@ def test_the_budget_holds_under_random_puts_of_random_sizes(make_tier):
     assert tier.stats()[f"{tier.name}_evictions"] > 0
 
 
-def test_a_tier_evicts_in_policy_order(make_tier):
-    """Equal blocks: each put that evicts takes the head of `eviction_order` over the
+def test_a_tier_evicts_in_the_eviction_order(make_tier):
+    """Equal blocks: each put that evicts takes the head of the reference order over the
     held keys, under the uses (puts, gets, touches) and the window the tier was given."""
     probe = make_tier(10**6)
     probe.put(tier_key("probe"), kv_block(0))
@@ -285,7 +331,7 @@ def test_a_tier_evicts_in_policy_order(make_tier):
             assert tier.put(key, kv_block(0))
             last_used[key] = next(clock)
             evicted = set(held) - set(tier.keys())
-            order = eviction_order(held, last_used=last_used, upcoming=upcoming)
+            order = reference_order(held, last_used=last_used, upcoming=upcoming)
             assert evicted == set(order[:len(evicted)])
             evictions += len(evicted)
     assert evictions > 20

@@ -4,10 +4,11 @@ under their content keys, so that any later request with the same content reuses
 A held block is *referenced* while running turns read it (`acquire` ... `release`), and
 *cached* (no references) between uses. Cached blocks leave the pool — their ids go back
 to the allocator — when the pool needs room (`evict`) or the cache passes its budget
-(`trim`): blocks of the scheduler's upcoming requests (`hint`) last, the one needed
-farthest ahead first among those; all others first, least recently released first. A
-referenced block is never evicted. One key is held by at most one block: publishing a
-key already held frees the newcomer and keeps the held block.
+(`trim`), in the order every tier evicts by (`eviction.EvictionOrder`): blocks of the
+scheduler's upcoming requests (`hint`) last, the one needed farthest ahead first among
+those; all others first, least recently released first. A referenced block is never
+evicted. One key is held by at most one block: publishing a key already held frees the
+newcomer and keeps the held block.
 
 The tier keeps ids only; the engine copies KV in and out of the pool. It needs an
 allocator with `free(ids)` (the engine's `BlockAllocator`).
@@ -15,8 +16,9 @@ allocator with `free(ids)` (the engine's `BlockAllocator`).
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
+
+from jattn.store.eviction import EvictionOrder
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,7 @@ class DeviceBlocks:
         self.capacity_blocks = capacity_blocks
         self._block: dict[bytes, int] = {}  # key -> pool block id
         self._references: dict[bytes, int] = {}  # referenced keys -> count (> 0)
-        self._cached: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self._upcoming: dict[bytes, int] = {}  # hinted key -> first position in the window
+        self._cached = EvictionOrder()  # the keys of unreferenced blocks
         self._evicted = 0
 
     def __contains__(self, key: bytes) -> bool:
@@ -57,7 +58,7 @@ class DeviceBlocks:
     def acquire(self, key: bytes) -> int:
         """References the block holding `key` (KeyError if none) and returns its id."""
         block = self._block[key]
-        self._cached.pop(key, None)
+        self._cached.remove(key)
         self._references[key] = self._references.get(key, 0) + 1
         return block
 
@@ -68,7 +69,7 @@ class DeviceBlocks:
             self._references[key] = count
             return
         del self._references[key]
-        self._cached[key] = None
+        self._cached.use(key)
 
     def publish(self, key: bytes, block: int) -> tuple[int, bool]:
         """Hands a freshly computed pool `block` over under `key`, cached. Returns the
@@ -78,21 +79,18 @@ class DeviceBlocks:
             self.allocator.free([block])
             return self._block[key], False
         self._block[key] = block
-        self._cached[key] = None
+        self._cached.use(key)
         return block, True
 
     def hint(self, upcoming_keys) -> None:
         """The keys the scheduler's next requests read, most imminent first."""
-        self._upcoming = {}
-        for position, key in enumerate(upcoming_keys):
-            self._upcoming.setdefault(key, position)
+        self._cached.hint(upcoming_keys)
 
     def evict(self, count: int, where=None) -> int:
-        """Frees up to `count` cached blocks in policy order — only pool blocks for which
-        `where(block)` is true, if given; returns how many."""
-        victims = self._victims(count, where)
-        for key in victims:
-            del self._cached[key]
+        """Frees up to `count` cached blocks in eviction order — only pool blocks for
+        which `where(block)` is true, if given; returns how many."""
+        accept = None if where is None else (lambda key: where(self._block[key]))
+        victims = self._cached.take(count, accept)
         self.allocator.free([self._block.pop(key) for key in victims])
         self._evicted += len(victims)
         return len(victims)
@@ -100,16 +98,6 @@ class DeviceBlocks:
     def trim(self) -> int:
         """Evicts cached blocks past `capacity_blocks`; returns how many."""
         return self.evict(max(0, len(self._cached) - self.capacity_blocks))
-
-    def _victims(self, count: int, where=None) -> list[bytes]:
-        victims, hinted = [], []
-        for key in self._cached:  # least recently released first
-            if len(victims) == count:
-                return victims
-            if where is None or where(self._block[key]):
-                (hinted if key in self._upcoming else victims).append(key)
-        hinted.sort(key=lambda key: -self._upcoming[key])  # needed farthest ahead first
-        return victims + hinted[:count - len(victims)]
 
     def held_blocks(self) -> list[int]:
         """The ids of every held block (referenced or cached)."""
