@@ -8,6 +8,11 @@ class PoolExhausted(RuntimeError):
     """The block pool cannot give the blocks asked for."""
 
 
+class BlockNotAllocated(RuntimeError):
+    """A block handed back that the pool has not handed out (freed twice, or not of this
+    pool): a bug of the caller, never bad input."""
+
+
 class BlockAllocator:
     """Hands out block ids of a pool of `num_blocks`; host side, not thread-safe.
 
@@ -40,13 +45,13 @@ class BlockAllocator:
         return blocks
 
     def free(self, blocks) -> None:
-        """Returns blocks to the pool; a block freed twice or out of range is an error
-        (and then none of `blocks` is freed)."""
+        """Returns blocks to the pool; BlockNotAllocated (and none of `blocks` freed) for
+        a block freed twice or out of range."""
         blocks = list(blocks)
         seen = set()
         for block in blocks:
             if not 0 <= block < self.num_blocks or self._is_free[block] or block in seen:
-                raise ValueError(f"block {block} is not an allocated block of this pool")
+                raise BlockNotAllocated(f"block {block} is not an allocated block of this pool")
             seen.add(block)
         for block in blocks:
             self._is_free[block] = 1

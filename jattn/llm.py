@@ -13,10 +13,12 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
+from jattn.defaults import BLOCK_SIZE, MAX_RUNNING, PREFILL_CHUNK, SINK_TOKENS
 from jattn.distributed.group import GroupLeader, StepChannel, is_leader
 from jattn.distributed.group import follow as follow_leader
 from jattn.distributed.group_store import STORE_STEPS, GroupStore, ProcessShard
-from jattn.engine.errors import PromptTooLong
+from jattn.engine.encoding import InputEncoder
+from jattn.engine.errors import InvalidRequest, PromptTooLong
 from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
 from jattn.engine.scheduler import Engine, EngineLimits
 from jattn.engine.turns import ChatEngine, ChatTurn
@@ -98,7 +100,8 @@ class LLM:
       params_cache: a directory for the converted parameters (orbax): restored from if
         present, written after loading safetensors otherwise.
       store: a `StoreConfig` to keep each chat session's KV across turns (the default
-        sizes one from the machine), or None to recompute the history every turn.
+        sizes one from the machine), or None to recompute the history every turn. Its
+        `hbm_bytes` None gives the device tier a share of the pool (`device_budget`).
       kv_parallel: spread the KV pool over this many devices (DistAttention): each
         holds `num_blocks / kv_parallel` blocks, a sequence's blocks may lie on any of
         them, and attention merges the devices' partials exactly. 1: one device. In a
@@ -114,9 +117,9 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
-                 seed: int = 0, block_size: int = 16, max_context: int | None = None,
-                 num_blocks: int | None = None, prefill_chunk: int = 512,
-                 max_running: int = 32,
+                 seed: int = 0, block_size: int = BLOCK_SIZE, max_context: int | None = None,
+                 num_blocks: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 max_running: int = MAX_RUNNING,
                  backend: str = "auto", params_cache: str | None = None,
                  store: StoreConfig | None | str = "auto", kv_parallel: int = 1,
                  step_timeout_s: float = 60.0, on_group_failure=None):
@@ -127,6 +130,7 @@ class LLM:
         self.config = ModelConfig.from_dir(path)
         self.dtype = jnp.dtype(dtype or _default_dtype())
         self.tokenizer = Tokenizer.from_dir(path)
+        self.input_encoder = InputEncoder(self.tokenizer, self.config.vocab_size)
         self.max_context = max_context or self.config.max_position_embeddings
         if not 1 <= self.max_context <= self.config.max_position_embeddings:
             raise ValueError(
@@ -146,8 +150,7 @@ class LLM:
             backend=backend, mesh=kv_mesh(kv_parallel), group=group)
         self._group = group
         if store == "auto":
-            store = StoreConfig.sized_for_machine(block_size=block_size,
-                                                  hbm_bytes=self.runner.pool.nbytes() // 2)
+            store = StoreConfig.sized_for_machine(block_size=block_size)
         if store is not None and store.block_size != block_size:
             raise ValueError(f"store.block_size ({store.block_size}) must equal block_size "
                              f"({block_size})")
@@ -160,11 +163,15 @@ class LLM:
         elif store is not None:
             self.store = AttentionStore(store, fingerprint=fingerprint)
         self._engine: Engine | None = None
+        if store is None:
+            sink_tokens, hbm_bytes = SINK_TOKENS, 0
+        else:
+            sink_tokens, hbm_bytes = (store.sink_tokens,
+                                      store.device_budget(self.runner.pool.nbytes()))
         self.chats = ChatEngine(
             self.runner, self.tokenizer, max_context=self.max_context,
-            eos_ids=self.config.eos_token_ids, store=self.store,
-            sink_tokens=store.sink_tokens if store is not None else 4,
-            hbm_bytes=store.hbm_bytes if store is not None else 0, fingerprint=fingerprint)
+            eos_ids=self.config.eos_token_ids, store=self.store, sink_tokens=sink_tokens,
+            hbm_bytes=hbm_bytes, fingerprint=fingerprint)
 
     def _build(self, path, random_weights, seed, params_cache):
         if random_weights:
@@ -181,21 +188,12 @@ class LLM:
         return model
 
     def encode_prompt(self, prompt) -> list[int]:
-        """Token ids of a prompt: a string (needs a tokenizer) or a list of token ids."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-                   or not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids must be integers in [0, {self.config.vocab_size}), "
-                    f"got {bad[:5]}")
+        """Token ids of a prompt: a string (needs a tokenizer) or a list of token ids;
+        InvalidRequest (PromptTooLong) naming what is wrong."""
+        ids = self.input_encoder.encode(prompt, "text" if isinstance(prompt, str) else "tokens",
+                                        first_turn=True)
         if not ids:
-            raise ValueError("prompt is empty: give at least one token")
+            raise InvalidRequest("prompt is empty: give at least one token")
         if len(ids) >= self.max_context:
             raise PromptTooLong(
                 f"prompt has {len(ids)} tokens; the context holds {self.max_context}, "

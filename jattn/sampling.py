@@ -1,4 +1,5 @@
-"""Sampling parameters, their validation, and choosing the next token from logits."""
+"""Sampling parameters, their validation (InvalidRequest naming a bad one), and choosing
+the next token from logits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jattn.engine.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -28,21 +31,23 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
                 or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise InvalidRequest(f"max_tokens must be an integer >= 1, got "
+                                 f"{self.max_tokens!r}")
         if not _finite_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got "
+                                 f"{self.temperature!r}")
         if not _finite_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or
                                       not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [0, 2**64) or None, "
-                             f"got {self.seed!r}")
+            raise InvalidRequest(f"seed must be an integer in [0, 2**64) or None, "
+                                 f"got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+            raise InvalidRequest(f"stop must be non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
 
     @property

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from jattn.engine import InvalidRequest
+
 
 class Tenants:
     """The accepted tokens, each with a namespace derived from its hash. Whether a call
@@ -63,8 +65,8 @@ MAX_CACHE_SALT_CHARS = 1024
 
 def cache_scope(namespace: str, cache_salt: str = "") -> str:
     """Who may share a turn's KV: the tenant's `namespace`, narrowed by a request's
-    `cache_salt`. ValueError for a salt longer than `MAX_CACHE_SALT_CHARS`."""
+    `cache_salt`. InvalidRequest for a salt longer than `MAX_CACHE_SALT_CHARS`."""
     if len(cache_salt) > MAX_CACHE_SALT_CHARS:
-        raise ValueError(f"cache_salt of {len(cache_salt)} characters is longer than "
-                         f"{MAX_CACHE_SALT_CHARS}")
+        raise InvalidRequest(f"cache_salt of {len(cache_salt)} characters is longer than "
+                             f"{MAX_CACHE_SALT_CHARS}")
     return f"{namespace}\0{cache_salt}" if cache_salt else namespace

@@ -22,17 +22,17 @@ import uuid
 import grpc
 
 from serve.client import Client
-from serve.config import add_arguments, from_arguments
 
 
 def serve_main(argv=None) -> int:
+    from serve.config import add_arguments, from_arguments  # loads jax: only when serving
+
     parser = argparse.ArgumentParser(prog="jattn-serve", description="Serve a model over gRPC and the OpenAI HTTP API.")
     add_arguments(parser)
-    return _serve(parser.parse_args(argv))
+    return _serve(from_arguments(parser.parse_args(argv)))
 
 
-def _serve(args) -> int:
-    config = from_arguments(args)
+def _serve(config) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if config.coordinator:
         from jattn.distributed import group
@@ -41,7 +41,7 @@ def _serve(args) -> int:
                          step_timeout_s=config.step_timeout_s)
         if not group.is_leader():
             return _follow(config)
-    from serve.server import Server  # loads jax: only when serving
+    from serve.server import Server
 
     server = Server(config).start()
     print(f"jattn-serve listening on {server.config.host}:{server.port}", flush=True)
@@ -267,11 +267,13 @@ def _simulate(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # its flags are ServeConfig's, which the client commands skip
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="jattn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a model over gRPC (as jattn-serve)")
-    add_arguments(serve)
-    serve.set_defaults(run=_serve)
+    commands.add_parser("serve", help="serve a model over gRPC (as jattn-serve; "
+                        "jattn serve --help lists its flags)")
     for name, run, help_text in (("chat", _chat, "talk to a server, turn by turn"),
                                  ("describe", _describe, "what a server holds for a session"),
                                  ("end", _end, "forget a session on a server"),

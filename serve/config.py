@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from jattn.defaults import BLOCK_SIZE, HBM_SHARE, MAX_RUNNING, PREFILL_CHUNK
+from jattn.engine import EngineLimits
+from jattn.store import StoreConfig
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -49,7 +53,7 @@ class ServeConfig:
         "help": "context window in tokens; default: the model's"})
     num_blocks: int | None = field(default=None, metadata={
         "help": "KV blocks in the device pool; default: twice the context window"})
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    block_size: int = field(default=BLOCK_SIZE, metadata={"help": "tokens per KV block"})
     kv_parallel: int = field(default=1, metadata={
         "help": "devices the KV pool is spread over (DistAttention); 1: one device; in a "
                 "group of processes, all the group's devices"})
@@ -63,13 +67,14 @@ class ServeConfig:
     step_timeout_s: float = field(default=60.0, metadata={
         "help": "in a group, seconds a model step may take before process 0 reports "
                 "NOT_SERVING and exits (a process of the group died or hangs)"})
-    prefill_chunk: int = field(default=512, metadata={
+    prefill_chunk: int = field(default=PREFILL_CHUNK, metadata={
         "help": "the most tokens one model step packs: chunks of several turns' prompts "
                 "together with the decode batch's tokens"})
     store: bool = field(default=True, metadata={
         "help": "keep conversations' KV between turns (false: recompute every turn)"})
     hbm_bytes: int | None = field(default=None, metadata={
-        "help": "KV kept in the device pool between turns; default: half the pool"})
+        "help": f"KV kept in the device pool between turns; default: {HBM_SHARE:g} of the "
+                "pool's bytes"})
     host_bytes: int | None = field(default=None, metadata={
         "help": "KV kept in host memory; default: a quarter of the machine's memory"})
     disk_bytes: int = field(default=0, metadata={"help": "KV kept on disk (0: no disk tier)"})
@@ -80,19 +85,23 @@ class ServeConfig:
         "help": "a Redis shared by replicas as the tier after disk, holding blocks and "
                 "session records: redis://[user:password@]host:port/db (rediss:// for TLS); "
                 "not in a group of processes"})
-    remote_prefix: str = field(default="jattn:", metadata={
+    remote_prefix: str = field(default=StoreConfig.remote_prefix, metadata={
         "help": "prefix of every Redis key of the remote tier"})
-    max_queue: int = field(default=256, metadata={"help": "turns waiting; more: RESOURCE_EXHAUSTED"})
-    max_running: int = field(default=32, metadata={
+    max_queue: int = field(default=EngineLimits.max_queue, metadata={
+        "help": "turns waiting; more: RESOURCE_EXHAUSTED"})
+    max_running: int = field(default=MAX_RUNNING, metadata={
         "help": "turns run together (decoding or prefilling)"})
-    max_prefill_seqs: int = field(default=32, metadata={
+    max_prefill_seqs: int = field(default=EngineLimits.max_prefill_seqs, metadata={
         "help": "most turns whose prompts one model step prefills (1: one turn's chunk "
                 "per step, beside the decodes)"})
-    max_prompt_tokens: int = field(default=8192, metadata={"help": "new tokens per turn"})
-    max_tokens: int = field(default=2048, metadata={"help": "tokens per answer, at most"})
+    max_prompt_tokens: int = field(default=EngineLimits.max_prompt_tokens, metadata={
+        "help": "new tokens per turn"})
+    max_tokens: int = field(default=EngineLimits.max_tokens, metadata={
+        "help": "tokens per answer, at most"})
     default_max_tokens: int = field(default=256, metadata={
         "help": "tokens per answer when a request does not say"})
-    max_sessions: int = field(default=100_000, metadata={"help": "conversations held at once"})
+    max_sessions: int = field(default=EngineLimits.max_sessions, metadata={
+        "help": "conversations held at once"})
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: serve TLS"})
     tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
     auth_tokens: list[str] = field(default_factory=list, metadata={

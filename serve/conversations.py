@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from jattn.engine import SessionNotFound
+from jattn.engine import InvalidRequest, SessionNotFound
 from serve.errors import abort
 from serve.metrics import Metrics
 from serve.protos import jattn_pb2, jattn_pb2_grpc
@@ -40,7 +40,7 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
 
         def start():
             if kind is None:
-                raise ValueError("no input: set one of message, text, token_ids")
+                raise InvalidRequest("no input: set one of message, text, token_ids")
             value = (tuple(request.token_ids.ids) if kind == "token_ids"
                      else getattr(request, kind))
             return self.service.start_turn(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import grpc
 
+from jattn.engine import InvalidRequest
 from serve.metrics import Metrics
 from serve.protos import jetstream_pb2, jetstream_pb2_grpc
 from serve.service import Service
@@ -31,7 +32,7 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
         def start():
             content = request.WhichOneof("content")
             if content is None:
-                raise ValueError("no prompt: set text_content or token_content")
+                raise InvalidRequest("no prompt: set text_content or token_content")
             if content == "text_content":
                 kind, value = "text", request.text_content.text
             else:

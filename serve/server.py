@@ -50,16 +50,11 @@ def build_llm(config: ServeConfig, on_group_failure=None) -> LLM:
             block_size=config.block_size, disk_bytes=config.disk_bytes,
             disk_path=config.disk_path, remote_url=config.remote_url,
             remote_prefix=config.remote_prefix, **overrides)
-    llm = LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
-              block_size=config.block_size, max_context=config.max_context,
-              num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
-              max_running=config.max_running, store=store, kv_parallel=config.kv_parallel,
-              step_timeout_s=config.step_timeout_s, on_group_failure=on_group_failure)
-    if config.store and config.hbm_bytes is not None:
-        llm.chats.hbm_bytes = config.hbm_bytes
-    elif config.store:
-        llm.chats.hbm_bytes = llm.runner.pool.nbytes() // 2
-    return llm
+    return LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
+               block_size=config.block_size, max_context=config.max_context,
+               num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
+               max_running=config.max_running, store=store, kv_parallel=config.kv_parallel,
+               step_timeout_s=config.step_timeout_s, on_group_failure=on_group_failure)
 
 
 class Server:

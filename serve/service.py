@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from jattn.engine import (
     Engine,
     EngineStopped,
+    InvalidRequest,
     PromptTooLong,
     QueueFull,
     SessionNotFound,
@@ -34,7 +35,7 @@ class ErrorKind(enum.Enum):
     """What went wrong, whatever the transport: each maps to one gRPC status code and one
     HTTP status."""
 
-    INVALID = "invalid"  # the input can never run as given
+    INVALID = "invalid"  # the input can never run as given (an `InvalidRequest`)
     TOO_LONG = "too_long"  # the input does not fit the limits or the context window
     UNAUTHENTICATED = "unauthenticated"
     NOT_FOUND = "not_found"  # no such session (or model)
@@ -50,7 +51,7 @@ _KINDS = (
     (TooManySessions, ErrorKind.BUSY),
     (EngineStopped, ErrorKind.UNAVAILABLE),
     (PromptTooLong, ErrorKind.TOO_LONG),
-    (ValueError, ErrorKind.INVALID),
+    (InvalidRequest, ErrorKind.INVALID),
 )
 
 
@@ -125,7 +126,7 @@ class Service:
                  top_p: float | None = None, top_k: int | None = None,
                  seed: int | None = None, stop=()) -> SamplingParams:
         """Sampling parameters, None (or 0 for `max_tokens` and `top_p`) meaning the
-        default; ValueError naming a parameter out of range."""
+        default; InvalidRequest naming a parameter out of range."""
         return SamplingParams(max_tokens=max_tokens or self.default_max_tokens,
                               temperature=0.0 if temperature is None else temperature,
                               top_p=top_p or 1.0, top_k=top_k or 0, seed=seed,
@@ -135,8 +136,9 @@ class Service:
                    params: SamplingParams, ignore_eos: bool = False,
                    cache_salt: str = "") -> TurnStream:
         """Submits a turn: of the caller's session `session_id`, or a one-off (None).
-        Raises ValueError (bad input), PromptTooLong, QueueFull, TooManySessions or
-        EngineStopped."""
+        Raises InvalidRequest (bad input; PromptTooLong for input that does not fit),
+        QueueFull or EngineStopped; the stream fails with TooManySessions when the turn
+        would open a session past the limit."""
         session = scoped(caller.namespace, session_id) if session_id else None
         return self.engine.submit(TurnRequest(
             session, kind, value, params, ignore_eos,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jattn.block_allocator import BlockAllocator, PoolExhausted
+from jattn.block_allocator import BlockAllocator, BlockNotAllocated, PoolExhausted
 
 
 @settings(max_examples=60, deadline=None)
@@ -39,7 +39,7 @@ def test_matches_a_set_of_free_blocks(num_blocks, seed, steps):
             elif mistake == 3:
                 bad = num_blocks + count  # out of range
             if bad is not None:
-                with pytest.raises(ValueError, match=f"block {bad} is not an allocated"):
+                with pytest.raises(BlockNotAllocated, match=f"block {bad} is not an allocated"):
                     allocator.free(giving + [bad])
             else:
                 allocator.free(giving)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jattn.distributed import DistributedBlockAllocator, paged_attention, prefill_attention
-from jattn.block_allocator import PoolExhausted
+from jattn.block_allocator import BlockNotAllocated, PoolExhausted
 from pallas_kernels import flash_attention
 from pallas_kernels import paged_attention as single_device_paged_attention
 
@@ -111,7 +111,7 @@ def test_allocator_home_first_then_borrows_and_settles():
     assert all(debtor == 2 for debtor, _ in allocator.debts)
     allocator.free(second)
     assert not allocator.debts and allocator.free_on(2) == 2
-    with pytest.raises(ValueError, match="not an allocated block"):
+    with pytest.raises(BlockNotAllocated, match="not an allocated block"):
         allocator.free([second[0]])
     with pytest.raises(PoolExhausted, match="asked for 30 KV blocks, 17 of 20 free over 4 "
                                             "devices"):

@@ -10,7 +10,7 @@ import pytest
 
 from jattn import LLM, StoreConfig
 from jattn.sampling import SamplingParams
-from jattn.engine import EngineLimits, QueueFull, SessionNotFound, TurnRequest
+from jattn.engine import EngineLimits, InvalidRequest, QueueFull, SessionNotFound, TurnRequest
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
             "Then it started to rain."]
@@ -124,7 +124,7 @@ def test_cancel_frees_blocks_and_keeps_the_history():
 ])
 def test_bad_requests_are_refused_by_name(request_, pattern):
     engine = LLM(store=None).start_engine(EngineLimits(max_tokens=1000))
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(InvalidRequest, match=pattern):
         engine.submit(request_)
     assert [t.id for t in engine.submit(turn("b", "Hello"))]  # still serving
     with pytest.raises(SessionNotFound):

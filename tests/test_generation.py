@@ -8,6 +8,7 @@ import pytest
 
 from jattn import LLM
 from jattn.decoding import Continuation, sample_next
+from jattn.engine import InvalidRequest
 from jattn.generation import Generation
 from jattn.sampling import SamplingParams, sample_rows, seed_key_data
 
@@ -101,7 +102,7 @@ def test_every_64_bit_seed_is_its_own_stream():
                                   jax.random.key_data(jax.random.key(5)))
     assert seed_key_data(2**64 - 1).tolist() == [2**32 - 1, 2**32 - 1]
     for bad in (-1, 2**64, 1.5, True):
-        with pytest.raises(ValueError, match="seed"):
+        with pytest.raises(InvalidRequest, match="seed"):
             SamplingParams(seed=bad)
 
 
@@ -166,7 +167,7 @@ def test_a_batch_samples_each_row_as_it_would_alone():
     (dict(stop=[""]), r"stop must be non-empty strings"),
 ])
 def test_bad_sampling_parameters_are_named(kwargs, pattern):
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(InvalidRequest, match=pattern):
         SamplingParams(**kwargs)
 
 
@@ -178,7 +179,7 @@ def test_bad_sampling_parameters_are_named(kwargs, pattern):
 ])
 def test_bad_prompts_are_named_and_free_nothing(llm, prompt, pattern):
     free = llm.runner.allocator.free_blocks
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(InvalidRequest, match=pattern):
         llm.generate(prompt)
     assert llm.runner.allocator.free_blocks == free
 

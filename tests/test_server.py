@@ -2,11 +2,13 @@
 concurrency, every bad input, fuzzing, shutdown, restart, TLS and token isolation."""
 
 import datetime
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 import grpc
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jattn import LLM, StoreConfig
+from jattn.block_allocator import BlockAllocator
 from serve.client import Client
 from serve.config import ServeConfig
 from serve.protos import jattn_pb2
@@ -126,6 +129,48 @@ def test_bad_input_gets_a_status_that_names_it(served, call, code, pattern):
     assert raised.value.code().name == code
     assert pattern in raised.value.details()
     assert client.chat("ok", "Hello", max_tokens=3).token_ids  # still serving
+
+
+def test_an_internal_error_as_a_turn_begins_is_internal_and_the_server_serves_on(
+        served, monkeypatch):
+    """A double free while a turn begins is a bug, not bad input: gRPC INTERNAL and HTTP
+    500 without its details, counted as failed (not invalid), and the server keeps
+    serving with every pool block accounted for."""
+    server, client = served
+    allocate = BlockAllocator.allocate
+    armed = []
+
+    def allocate_then_free_twice(self, count):
+        blocks = allocate(self, count)
+        if armed:
+            armed.pop()
+            self.free(blocks)
+            self.free(blocks)  # the injected bug: these blocks are free already
+        return blocks
+
+    monkeypatch.setattr(BlockAllocator, "allocate", allocate_then_free_twice)
+    before = server.engine.stats()
+    armed.append(True)
+    with pytest.raises(grpc.RpcError) as raised:
+        client.chat("double-free", "Once upon a time", max_tokens=4)
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert "block" not in raised.value.details()
+    armed.append(True)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}/v1/chat/completions",
+        data=json.dumps({"model": "stories260K", "max_tokens": 4, "messages": [
+            {"role": "user", "content": "Once upon a time"}]}).encode(),
+        headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answered:
+        urllib.request.urlopen(request, timeout=60)
+    assert answered.value.code == 500
+    assert json.loads(answered.value.read())["error"]["type"] == "server_error"
+    assert not armed
+    after = server.engine.stats()
+    assert after.get("failed", 0) == before.get("failed", 0) + 2
+    assert after.get("invalid", 0) == before.get("invalid", 0)
+    assert client.chat("double-free", "Once upon a time", max_tokens=4).token_ids
+    assert server.engine.block_census().balanced
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

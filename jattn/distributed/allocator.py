@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 
-from jattn.block_allocator import PoolExhausted
+from jattn.block_allocator import BlockNotAllocated, PoolExhausted
 
 
 class DistributedBlockAllocator:
@@ -80,13 +80,13 @@ class DistributedBlockAllocator:
         return taken
 
     def free(self, blocks) -> None:
-        """Returns blocks to their devices; a block freed twice or out of range is an
-        error (and nothing is freed)."""
+        """Returns blocks to their devices; BlockNotAllocated (and nothing freed) for a
+        block freed twice or out of range."""
         blocks = list(blocks)
         seen = set()
         for block in blocks:
             if not 0 <= block < self.num_blocks or block in seen or block in self._free_set:
-                raise ValueError(f"block {block} is not an allocated block of this pool")
+                raise BlockNotAllocated(f"block {block} is not an allocated block of this pool")
             seen.add(block)
         for block in blocks:
             creditor = self.device_of(block)

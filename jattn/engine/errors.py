@@ -1,4 +1,15 @@
-"""The errors a client of the engine may see, besides ValueError for bad input."""
+"""The errors a client of the engine may see. `InvalidRequest` (a `ValueError`) is bad
+input and nothing else: any other exception out of the engine is an internal error."""
+
+
+class InvalidRequest(ValueError):
+    """The request can never run as given; the message names what is wrong. Raising it
+    changes nothing."""
+
+
+class PromptTooLong(InvalidRequest):
+    """The input does not fit: longer than a turn's limit, or than the context window
+    (after truncating the history) with room for one new token."""
 
 
 class QueueFull(Exception):
@@ -15,9 +26,3 @@ class SessionNotFound(KeyError):
 
 class EngineStopped(Exception):
     """The engine no longer accepts work (it is shutting down)."""
-
-
-class PromptTooLong(ValueError):
-    """The input does not fit: longer than a turn's limit, or than the context window
-    (after truncating the history) with room for one new token."""
-

@@ -5,10 +5,14 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from jattn.engine.turns import ChatTurn
+from jattn.engine.errors import InvalidRequest
 from jattn.generation import StreamedToken
 from jattn.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from jattn.engine.turns import ChatTurn
 
 INPUT_KINDS = ("message", "messages", "text", "tokens")
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -18,24 +22,54 @@ MAX_STOP_CHARS = 256
 
 
 def check_session_id(session_id) -> None:
-    """Raises ValueError unless `session_id` is a non-empty string of at most
+    """Raises InvalidRequest unless `session_id` is a non-empty string of at most
     `MAX_SESSION_ID_CHARS` characters."""
     if not isinstance(session_id, str) or not session_id:
-        raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+        raise InvalidRequest(f"session_id must be a non-empty string, got {session_id!r}")
     if len(session_id) > MAX_SESSION_ID_CHARS:
-        raise ValueError(f"session_id of {len(session_id)} characters is longer than "
-                         f"{MAX_SESSION_ID_CHARS}")
+        raise InvalidRequest(f"session_id of {len(session_id)} characters is longer than "
+                             f"{MAX_SESSION_ID_CHARS}")
 
 
 def check_stop_strings(stop: tuple[str, ...]) -> None:
-    """Raises ValueError for more than `MAX_STOP_STRINGS` stop strings or one longer
+    """Raises InvalidRequest for more than `MAX_STOP_STRINGS` stop strings or one longer
     than `MAX_STOP_CHARS` characters (each is searched for after every token)."""
     if len(stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"{len(stop)} stop strings: at most {MAX_STOP_STRINGS}")
+        raise InvalidRequest(f"{len(stop)} stop strings: at most {MAX_STOP_STRINGS}")
     long = [s for s in stop if len(s) > MAX_STOP_CHARS]
     if long:
-        raise ValueError(f"a stop string of {len(long[0])} characters is longer than "
-                         f"{MAX_STOP_CHARS}")
+        raise InvalidRequest(f"a stop string of {len(long[0])} characters is longer than "
+                             f"{MAX_STOP_CHARS}")
+
+
+def check_token_ids(ids, vocab_size: int) -> None:
+    """Raises InvalidRequest, naming the first few offenders, unless every id of `ids` is
+    an integer in [0, `vocab_size`)."""
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+           or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+
+
+def require_tokenizer(tokenizer):
+    """`tokenizer`; InvalidRequest if the model has none (None): text needs one."""
+    if tokenizer is None:
+        raise InvalidRequest("this model has no tokenizer: send token ids")
+    return tokenizer
+
+
+def message_texts(messages) -> list[str]:
+    """The contents of "messages" input: `(role, content)` pairs; InvalidRequest naming
+    the first that is not one, or whose role is not one of `CHAT_ROLES`."""
+    if not isinstance(messages, (tuple, list)):
+        raise InvalidRequest("messages must be a list of (role, content) pairs")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, (tuple, list)) and len(message) == 2):
+            raise InvalidRequest(f"messages[{i}] is not a (role, content) pair")
+        if message[0] not in CHAT_ROLES:
+            raise InvalidRequest(f"messages[{i}] has role {message[0]!r}; roles are "
+                                 f"{', '.join(CHAT_ROLES)}")
+    return [content for _, content in messages]
 
 
 @dataclass(frozen=True)
@@ -66,7 +100,7 @@ class TurnStream:
 
     Iterating yields `StreamedToken`s (`chunks()`: lists of those that have arrived) and
     ends when the turn does; it raises the turn's
-    error if it failed (a `ValueError` for input that cannot run). `result` is the
+    error if it failed (`InvalidRequest` for input that cannot run). `result` is the
     `ChatTurn` (filled as the turn runs: its reuse facts are set before the first token).
     `cancel()` stops the turn and frees its blocks at the engine's next step.
     """

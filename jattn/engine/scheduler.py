@@ -40,20 +40,24 @@ from jattn.decoding import Continuation, sample_next
 from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
 from jattn.sampling import SamplingParams
+from jattn.defaults import MAX_RUNNING
 from jattn.engine.errors import (
     EngineStopped,
+    InvalidRequest,
     PromptTooLong,
     QueueFull,
     SessionNotFound,
     TooManySessions,
 )
 from jattn.engine.requests import (
-    CHAT_ROLES,
     INPUT_KINDS,
     TurnRequest,
     TurnStream,
     check_session_id,
     check_stop_strings,
+    check_token_ids,
+    message_texts,
+    require_tokenizer,
 )
 
 log = logging.getLogger("jattn.engine")
@@ -66,8 +70,8 @@ class EngineLimits:
     turn, `max_tokens` per answer, `max_sessions` conversations known at once."""
 
     max_queue: int = 256
-    max_running: int = 32
-    max_prefill_seqs: int = 32
+    max_running: int = MAX_RUNNING
+    max_prefill_seqs: int = MAX_RUNNING
     max_prompt_tokens: int = 8192
     max_tokens: int = 2048
     max_sessions: int = 100_000
@@ -88,20 +92,6 @@ def _warm_up_sampling(chats: ChatEngine) -> None:
                                 chats.runner.logits_sharding)
         sample_next([continuation], logits)
     continuation.sample(logits[0])
-
-
-def _message_texts(messages) -> list[str]:
-    """The contents of "messages" input: `(role, content)` pairs; ValueError naming the
-    first that is not one, or whose role is not one of `CHAT_ROLES`."""
-    if not isinstance(messages, (tuple, list)):
-        raise ValueError("messages must be a list of (role, content) pairs")
-    for i, message in enumerate(messages):
-        if not (isinstance(message, (tuple, list)) and len(message) == 2):
-            raise ValueError(f"messages[{i}] is not a (role, content) pair")
-        if message[0] not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}] has role {message[0]!r}; roles are "
-                             f"{', '.join(CHAT_ROLES)}")
-    return [content for _, content in messages]
 
 
 class Engine:
@@ -144,8 +134,9 @@ class Engine:
     # ----- the clients' side ---------------------------------------------------------------
 
     def submit(self, request: TurnRequest) -> TurnStream:
-        """Queues a turn. Raises ValueError for a request that can never run (naming what
-        is wrong), QueueFull, TooManySessions, or EngineStopped."""
+        """Queues a turn. Raises InvalidRequest for a request that can never run (naming
+        what is wrong), QueueFull, or EngineStopped; the stream fails with
+        TooManySessions if the turn would open a session past the limit when it begins."""
         self._validate(request)
         stream = TurnStream(request, self._cancel)
         with self._condition:
@@ -154,49 +145,43 @@ class Engine:
             if len(self._waiting) >= self.limits.max_queue:
                 self.counters["rejected_queue_full"] += 1
                 raise QueueFull(f"the queue holds {self.limits.max_queue} turns already")
-            session = request.session_id
-            if session is not None and not self.chats.has_session(session) and \
-                    self.chats.session_count() >= self.limits.max_sessions:
-                raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
             self._waiting.append(stream)
             self.counters["requests"] += 1
             self._condition.notify()
         return stream
 
     def _validate(self, request: TurnRequest) -> None:
+        """Raises InvalidRequest, naming what is wrong, for a request that can never
+        run."""
         if request.session_id is not None:
             check_session_id(request.session_id)
         check_stop_strings(request.params.stop)
         if request.kind not in INPUT_KINDS:
-            raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {request.kind!r}")
+            raise InvalidRequest(f"input kind must be one of {INPUT_KINDS}, got "
+                                 f"{request.kind!r}")
         if request.kind == "tokens":
             ids = request.value
-            vocab = self.chats.vocab_size
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-                   or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            check_token_ids(ids, self.chats.vocab_size)
             if not ids:
-                raise ValueError("tokens is empty")
+                raise InvalidRequest("tokens is empty")
             if len(ids) > self.limits.max_prompt_tokens:
                 raise PromptTooLong(f"{len(ids)} tokens is more than the limit of "
                                     f"{self.limits.max_prompt_tokens} per turn")
         else:
-            texts = (_message_texts(request.value) if request.kind == "messages"
+            texts = (message_texts(request.value) if request.kind == "messages"
                      else [request.value])
             if not all(isinstance(text, str) for text in texts):
-                raise ValueError(f"{request.kind} must be a string")
-            if not self.chats.has_tokenizer:
-                raise ValueError("this model has no tokenizer: send token ids")
+                raise InvalidRequest(f"{request.kind} must be a string")
+            require_tokenizer(self.chats.tokenizer)
             size = sum(len(text) for text in texts)  # characters bound tokens from above
             if size > 8 * self.limits.max_prompt_tokens:
                 raise PromptTooLong(f"{request.kind} of {size} characters is longer than the "
                                     f"limit of {self.limits.max_prompt_tokens} tokens allows")
             if not any(text.strip() for text in texts):
-                raise ValueError(f"{request.kind} is empty")
+                raise InvalidRequest(f"{request.kind} is empty")
         if request.params.max_tokens > self.limits.max_tokens:
-            raise ValueError(f"max_tokens {request.params.max_tokens} is more than the limit "
-                             f"of {self.limits.max_tokens}")
+            raise InvalidRequest(f"max_tokens {request.params.max_tokens} is more than the "
+                                 f"limit of {self.limits.max_tokens}")
 
     def _cancel(self, stream: TurnStream) -> None:
         with self._condition:
@@ -388,8 +373,12 @@ class Engine:
                     return
                 stream.fail(PromptTooLong(f"the turn does not fit the KV block pool: {error}"))
                 continue
-            except (ValueError, TooManySessions) as error:
+            except InvalidRequest as error:
                 self.counters["invalid"] += 1
+                stream.fail(error)
+                continue
+            except TooManySessions as error:
+                self.counters["rejected_too_many_sessions"] += 1
                 stream.fail(error)
                 continue
             except Exception as error:
@@ -406,7 +395,8 @@ class Engine:
 
     def _begin(self, request: TurnRequest, started: float, resume: dict) -> ActiveTurn:
         """Begins the turn of `request` (received at `started`); `resume`: the keyword
-        arguments that its earlier attempts' `RemoteFetch`es asked for."""
+        arguments that its earlier attempts' `RemoteFetch`es asked for. TooManySessions
+        if it would open a session past `max_sessions`."""
         session = request.session_id
         ephemeral = session is None
         if ephemeral:

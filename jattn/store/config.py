@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from jattn.defaults import BLOCK_SIZE, HBM_SHARE, LOOKAHEAD, SINK_TOKENS
+
 
 def _machine_memory_bytes() -> int:
     try:
@@ -21,7 +23,8 @@ class StoreConfig:
     """Byte budgets are hard limits: a tier never holds more.
 
     Args:
-      hbm_bytes: KV kept in the device block pool between turns.
+      hbm_bytes: KV kept in the device block pool between turns; None: a share
+        (`jattn.defaults.HBM_SHARE`) of the pool (see `device_budget`).
       host_bytes: KV kept in host memory.
       disk_bytes: KV kept on local disk (0 disables the tier).
       disk_path: directory of the disk tier; required when `disk_bytes > 0`.
@@ -39,13 +42,13 @@ class StoreConfig:
         "pinned_host", "unpinned_host", or "numpy" (a plain host copy).
     """
 
-    hbm_bytes: int = 256 * 2**20
+    hbm_bytes: int | None = None
     host_bytes: int = 1 * 2**30
     disk_bytes: int = 0
     disk_path: str | None = None
-    block_size: int = 16
-    sink_tokens: int = 4
-    lookahead: int = 8
+    block_size: int = BLOCK_SIZE
+    sink_tokens: int = SINK_TOKENS
+    lookahead: int = LOOKAHEAD
     host_memory_kind: str = "auto"
     remote_url: str | None = None
     remote_prefix: str = "jattn:"
@@ -53,6 +56,8 @@ class StoreConfig:
     def __post_init__(self):
         for name in ("hbm_bytes", "host_bytes", "disk_bytes"):
             value = getattr(self, name)
+            if name == "hbm_bytes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.disk_bytes > 0 and not self.disk_path:
@@ -70,6 +75,11 @@ class StoreConfig:
                 ("redis://", "rediss://", "unix://")):
             raise ValueError(f"remote_url must be redis://, rediss:// or unix://, got "
                              f"{self.remote_url!r}")
+
+    def device_budget(self, pool_bytes: int) -> int:
+        """The device tier's budget in bytes, for a device pool of `pool_bytes`:
+        `hbm_bytes`, or `HBM_SHARE` of the pool when that is None."""
+        return int(HBM_SHARE * pool_bytes) if self.hbm_bytes is None else self.hbm_bytes
 
     def memory_kind_for(self, device) -> str | None:
         """The jax memory kind saved blocks are copied to on `device`, or None for a
