@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import itertools
 import logging
 import threading
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jattn.conversation import Conversation
 from jattn.engine.turns import ActiveTurn, BlockCensus, ChatEngine, OneOff, RemoteFetch
 from jattn.store.remote_read import RemoteBlockLost
 from jattn.decoding import Continuation, sample_next
@@ -225,6 +227,11 @@ class Engine:
         """A session's turns, history and context tokens, and where its blocks are."""
         check_session_id(session_id)
         return self._call(self._describe, session_id)
+
+    def conversation(self, session_id) -> Conversation | None:
+        """A copy of a session's conversation (history, context blocks and their keys,
+        turn log), or None if the session is unknown."""
+        return self._call(self._conversation, session_id)
 
     def hint(self, upcoming_session_ids) -> None:
         """Sessions whose turns come next, most imminent first: their context blocks are
@@ -421,20 +428,22 @@ class Engine:
             self.chats.hint(upcoming)
 
     def _loading_step(self) -> None:
-        """The opening tokens of the oldest turn whose blocks arrive from the store."""
+        """The opening tokens of the oldest turn whose blocks arrive from the store, run
+        layer by layer while they come."""
         stream = next((s for s, t in self._active.items() if t.loading), None)
         if stream is None:
             return
         turn = self._active[stream]
         try:
-            logits = self.chats.prefill_loading(turn)
-            if logits is not None:
-                self._deliver(stream, turn, turn.continuation.sample(logits))
+            plan = self.chats.plan_arrival(turn)
+            logits = self.chats.run(plan).logits
+            if plan.sampled[0]:
+                self._deliver(stream, turn, turn.continuation.sample(logits[0]))
         except RemoteBlockLost as lost:
             log.warning("restarting a turn without the remote tier: %s", lost)
             self._restart(stream, {"fetch_remote": False})
         except Exception as error:
-            log.exception("a loading prefill failed")
+            log.exception("a loading step failed")
             self._fail_turn(stream, error)
 
     def _restart(self, stream: TurnStream, resume: dict) -> None:
@@ -470,11 +479,12 @@ class Engine:
         if prefilling:
             self.counters["prefill_steps"] += 1
             self.counters["prefill_chunks"] += len(prefilling)
+        plan = self.chats.plan_step([t for _, t in decoding],
+                                    [(t, count) for _, t, count in prefilling])
         try:
-            logits = self.chats.step([t for _, t in decoding],
-                                     [(t, count) for _, t, count in prefilling])
-            tokens = sample_next([None if t.prefilling else t.continuation
-                                  for _, t in members], logits)
+            logits = self.chats.run(plan).logits
+            tokens = sample_next([t.continuation if sampled else None
+                                  for (_, t), sampled in zip(members, plan.sampled)], logits)
         except Exception as error:
             log.exception("a model step of %d turns failed", len(members))
             for stream, _ in members:
@@ -533,6 +543,11 @@ class Engine:
         if not self.chats.known(session_id):
             raise SessionNotFound(session_id)
         self.chats.end(session_id)
+
+    def _conversation(self, session_id) -> Conversation | None:
+        if not self.chats.known(session_id):
+            return None
+        return copy.deepcopy(self.chats.conversation(session_id))
 
     def _describe(self, session_id: str) -> dict:
         if not self.chats.known(session_id):
