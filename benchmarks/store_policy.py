@@ -2,12 +2,14 @@
 
     python benchmarks/store_policy.py [--trace PATH] [--model-bytes-per-token 131072]
 
-Drives the store's own placement code with the trace's requests, without data, through
-`jattn.bench.simulate` (which says how blocks are reused and placed). `scheduler` passes
-the blocks of the next `--lookahead` requests as the upcoming window; `lru` passes none.
-Reports, for each device and host budget, the fraction of prefix blocks served by each
-tier and the modelled TTFT (prefill rate and tier bandwidths as parameters), writes JSON
-and a PNG plot.
+Drives the engine's device tier and the store's placement code with the trace's requests,
+without data, through `jattn.bench.simulate` (whose docstring says exactly what it models:
+saves written through to every tier, a block found in a later tier copied into host
+memory). `scheduler` hints the blocks of the next `--lookahead` requests to the device,
+host and disk tiers and prefetches them into host memory; `lru` hints none. Reports, for
+each device and host budget, the fraction of prefix blocks served by each tier, the
+blocks prefetched and the modelled TTFT (prefill rate and tier bandwidths as
+parameters), writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def main(argv=None) -> None:
         result = simulate(requests, machine, kv_bytes_per_token=args.model_bytes_per_token,
                           policy=policy, lookahead=args.lookahead)
         rows.append(dict(policy=policy, hbm_gib=hbm_gib, host_gib=host_gib,
-                         **result["hit_rate"], ttft_p50_s=result["ttft_p50_s"],
+                         **result["hit_rate"], prefetched_blocks=result["prefetched_blocks"],
+                         ttft_p50_s=result["ttft_p50_s"],
                          ttft_p90_s=result["ttft_p90_s"],
                          ttft_without_store_p50_s=result["ttft_without_store_p50_s"],
                          ttft_mean_ratio=result["ttft_mean_ratio"]))
@@ -70,10 +73,12 @@ def main(argv=None) -> None:
           f"{args.prefill_tokens_per_s:g} tokens/s; loads at {args.hbm_gbps:g} / "
           f"{args.host_gbps:g} / {args.disk_gbps:g} GB/s from device / host / disk.")
     print(f"{'policy':10} {'HBM GiB':>8} {'host GiB':>9} {'hbm':>7} {'host':>7} {'disk':>7} "
-          f"{'miss':>7} {'TTFT p50':>9} {'p90':>7} {'no store p50':>13} {'mean ratio':>11}")
+          f"{'miss':>7} {'prefetched':>10} {'TTFT p50':>9} {'p90':>7} {'no store p50':>13} "
+          f"{'mean ratio':>11}")
     for row in rows:
         print(f"{row['policy']:10} {row['hbm_gib']:>8g} {row['host_gib']:>9g} "
               f"{row['hbm']:>7.1%} {row['host']:>7.1%} {row['disk']:>7.1%} {row['miss']:>7.1%} "
+              f"{row['prefetched_blocks']:>10} "
               f"{row['ttft_p50_s']:>9.3f} {row['ttft_p90_s']:>7.3f} "
               f"{row['ttft_without_store_p50_s']:>13.3f} {row['ttft_mean_ratio']:>11.3f}")
     out = args.json or os.path.join(ROOT, "benchmarks", "results", "store-policy.json")

@@ -1,6 +1,7 @@
 """The placement simulator: with room for everything it reuses exactly the prefix blocks
-the trace repeats; with none, nothing; scheduler-aware eviction keeps what the queue
-needs next where LRU does not; TTFT follows the stated model."""
+the trace repeats; with none, nothing; saves write through to every tier; scheduler-aware
+eviction keeps what the queue needs next where LRU does not, and its prefetch brings it
+from disk into host memory; TTFT follows the stated model."""
 
 import json
 
@@ -65,6 +66,32 @@ def test_scheduler_keeps_what_the_queue_needs_next():
     assert scheduler["hit_rate"]["hbm"] == 0.25
 
 
+def test_saves_write_through_to_every_tier():
+    """One block of host memory and one of disk: saving block 2 evicts block 1 from both
+    (each tier took every save), so block 1 is not found again."""
+    block = 512 * 1024
+    requests = [request([1]), request([2]), request([1])]
+    result = simulate(requests, Machine(0, block, block), kv_bytes_per_token=1024,
+                      policy="lru")
+    assert result["hit_rate"]["miss"] == 1.0
+
+
+def test_scheduler_prefetches_the_next_request_from_disk_into_host_memory():
+    """Two blocks of host memory, a large disk, look-ahead one request. Blocks 1, 2, 3, 4
+    are saved to both; saving 3 evicts 1 from host memory. While 4 runs, the hint names
+    1: it is read back into host memory (evicting 2), and saving 4 evicts 3, not the
+    hinted 1, so the last request finds 1 in host memory. Without hints 1 stays on disk."""
+    block = 512 * 1024
+    requests = [request([n]) for n in (1, 2, 3, 4, 1)]
+    machine = Machine(0, 2 * block, BIG)
+    scheduler = simulate(requests, machine, kv_bytes_per_token=1024, policy="scheduler",
+                         lookahead=1)
+    lru = simulate(requests, machine, kv_bytes_per_token=1024, policy="lru")
+    assert scheduler["prefetched_blocks"] == 1 and lru["prefetched_blocks"] == 0
+    assert scheduler["hit_rate"]["host"] == lru["hit_rate"]["disk"] == pytest.approx(1 / 5)
+    assert scheduler["hit_rate"]["disk"] == lru["hit_rate"]["host"] == 0
+
+
 def test_ttft_model():
     machine = Machine(0, BIG, 0, host_bytes_per_s=512 * 1024 * 10,
                       prefill_tokens_per_s=1000)
@@ -84,8 +111,9 @@ def test_policy_is_checked():
 
 
 def test_the_remote_tier_catches_what_local_tiers_cannot_hold_at_its_bandwidth():
-    """Local tiers of one block: the second request's two repeated blocks come from the
-    remote tier (one evicted there, one never admitted locally), loaded at its rate."""
+    """A device tier of one block and no host memory or disk: the last request's two
+    blocks come from the remote tier, which every save was written through to, loaded at
+    its rate."""
     block_tokens, kv = 512, 1024
     requests = [request([1, 2]), request([3]), request([1, 2])]
     machine = Machine(block_tokens * kv, 0, 0, remote_bytes=BIG, remote_bytes_per_s=1e9,
