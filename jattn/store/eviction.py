@@ -21,8 +21,9 @@ from collections.abc import Callable, Hashable, Iterable
 class EvictionOrder:
     """The keys a tier may evict, each with its last use, under the scheduler's window.
 
-    Costs: `use` and `remove` O(log n) amortised, `hint` O(window), `take` O(log n)
-    amortised per key it takes or passes over (n: keys held). The heaps below are
+    Costs (n: keys held): `use` O(log n) amortised, `remove` O(1), `hint` O(log n) per
+    key of the old and new windows, `take` O(log n) amortised per key it takes or
+    passes over. The heaps below are
     updated lazily: an item whose key has left, been used again or entered or left the
     window is dropped when it reaches the top, and the heaps are rebuilt once stale items
     outnumber live ones.
