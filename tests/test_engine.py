@@ -89,10 +89,10 @@ def test_one_off_equals_a_stateless_generation_and_leaves_nothing():
     engine = llm.start_engine()
     one_off = turn(None, "The cat sat", SamplingParams(max_tokens=30), "text")
     assert [t.id for t in engine.submit(one_off)] == expected  # publishes its blocks
-    free = llm.runner.allocator.free_blocks
+    free = engine.block_census().free
     stream = engine.submit(one_off)
     assert [t.id for t in stream] == expected
-    assert llm.runner.allocator.free_blocks == free and not llm.chats.sessions
+    assert engine.block_census().free == free and engine.stats()["sessions"] == 0
     engine.shutdown()
 
 
@@ -101,7 +101,7 @@ def test_cancel_frees_blocks_and_keeps_the_history():
     engine = llm.start_engine()
     list(engine.submit(turn("a", MESSAGES[0])))
     before = engine.describe("a")
-    free = llm.runner.allocator.free_blocks
+    free = engine.block_census().free
     stream = engine.submit(turn("a", MESSAGES[1], SamplingParams(max_tokens=400)))
     first = next(iter(stream))
     stream.cancel()
@@ -109,7 +109,7 @@ def test_cancel_frees_blocks_and_keeps_the_history():
     assert first.id is not None and len(rest) < 399
     assert stream.result.finish_reason == "cancelled"
     assert engine.describe("a")["history_tokens"] == before["history_tokens"]
-    assert llm.runner.allocator.free_blocks >= free - 4  # only resident context blocks
+    assert engine.block_census().free >= free - 4  # only resident context blocks
     assert engine.stats()["cancelled"] == 1
     engine.shutdown()
 

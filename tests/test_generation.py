@@ -178,16 +178,16 @@ def test_bad_sampling_parameters_are_named(kwargs, pattern):
     ([1] * 512, r"prompt has 512 tokens; the context holds 512"),
 ])
 def test_bad_prompts_are_named_and_free_nothing(llm, prompt, pattern):
-    free = llm.runner.allocator.free_blocks
+    free = llm.engine.block_census().free
     with pytest.raises(InvalidRequest, match=pattern):
         llm.generate(prompt)
-    assert llm.runner.allocator.free_blocks == free
+    assert llm.engine.block_census().free == free
 
 
 def test_blocks_return_to_the_pool(llm):
-    free = llm.runner.allocator.free_blocks
+    free = llm.engine.block_census().free
     stream = llm.stream("Once upon a time", max_tokens=50)
     next(stream)
-    assert llm.runner.allocator.free_blocks < free
+    assert llm.engine.block_census().free < free
     stream.close()  # a consumer that goes away frees the sequence's blocks
     assert llm.engine.block_census().free == free

@@ -260,20 +260,20 @@ def test_seed_past_2_63_samples_and_the_engine_lives(open_server):
 
 def test_a_turn_that_fails_in_the_engine_fails_alone(open_server, monkeypatch):
     chats = open_server.engine.chats
-    real = chats.step
+    real = chats.run
 
-    def broken(decoding, prefilling):
-        if any(turn.new_ids[-3:] == [7, 8, 9] for turn, _ in prefilling):
+    def broken(plan):
+        if any(segment.tokens[-3:] == (7, 8, 9) for segment in plan.segments):
             raise RuntimeError("a kernel fault")
-        return real(decoding, prefilling)
+        return real(plan)
 
-    monkeypatch.setattr(chats, "step", broken)
+    monkeypatch.setattr(chats, "run", broken)
     client = Client(f"127.0.0.1:{open_server.port}")
     with pytest.raises(grpc.RpcError) as raised:
         client.chat("doomed", token_ids=[5, 6, 7, 8, 9], max_tokens=4)
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "kernel fault" not in raised.value.details()  # internals stay in the log
-    monkeypatch.setattr(chats, "step", real)
+    monkeypatch.setattr(chats, "run", real)
     assert open_server.engine.is_live()
     assert open_server.engine.block_census().balanced
     client.close()

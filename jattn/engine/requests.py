@@ -1,4 +1,5 @@
-"""What a client hands the engine and what it gets back."""
+"""What a client hands the engine, its validation (InvalidRequest naming what is wrong),
+and what the client gets back."""
 
 from __future__ import annotations
 
