@@ -19,3 +19,7 @@ LOOKAHEAD = 8
 HBM_SHARE = 0.5
 """The share of the device pool that the device tier may keep cached between turns when
 no budget is given."""
+
+STEP_TIMEOUT_S = 60.0
+"""In a process group, the longest one step may take before the leader gives the group
+up (a process died or hangs), in seconds."""

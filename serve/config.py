@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from jattn.defaults import BLOCK_SIZE, HBM_SHARE, MAX_RUNNING, PREFILL_CHUNK
+from jattn.defaults import BLOCK_SIZE, HBM_SHARE, MAX_RUNNING, PREFILL_CHUNK, STEP_TIMEOUT_S
 from jattn.engine import EngineLimits
 from jattn.store import StoreConfig
 
@@ -64,7 +64,7 @@ class ServeConfig:
         "help": "processes in the group (with coordinator HOST:PORT)"})
     process_id: int | None = field(default=None, metadata={
         "help": "this process's index in the group: 0 serves, the others follow its steps"})
-    step_timeout_s: float = field(default=60.0, metadata={
+    step_timeout_s: float = field(default=STEP_TIMEOUT_S, metadata={
         "help": "in a group, seconds a model step may take before process 0 reports "
                 "NOT_SERVING and exits (a process of the group died or hangs)"})
     prefill_chunk: int = field(default=PREFILL_CHUNK, metadata={

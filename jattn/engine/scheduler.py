@@ -85,15 +85,16 @@ class EngineLimits:
 
 
 def _warm_up_sampling(chats: ChatEngine) -> None:
-    """Compiles sampling from the logits of every model step and of a loading prefill,
-    placed where the model's steps leave them."""
+    """Compiles sampling from the logits of every model step — a packed step's rows at
+    once, a first step's whose blocks arrive row 0 alone — placed where the steps leave
+    them."""
     continuation = Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
                                 result=Generation("", [], "length"), start_time=0.0)
     for rows in chats.logit_row_counts():
         logits = jax.device_put(jnp.zeros((rows, chats.vocab_size), jnp.float32),
                                 chats.runner.logits_sharding)
         sample_next([continuation], logits)
-    continuation.sample(logits[0])
+        continuation.sample(logits[0])
 
 
 class Engine:
@@ -218,8 +219,8 @@ class Engine:
         return EngineStopped("the engine is shutting down")
 
     def end_session(self, session_id: str) -> None:
-        """Forgets a session everywhere; SessionNotFound if it is unknown; ValueError if
-        a turn of it is in flight."""
+        """Forgets a session everywhere; SessionNotFound if it is unknown; InvalidRequest
+        if a turn of it is in flight."""
         check_session_id(session_id)
         self._call(self._end_session, session_id)
 
@@ -539,7 +540,7 @@ class Engine:
 
     def _end_session(self, session_id: str) -> None:
         if self.chats.is_busy(session_id):
-            raise ValueError(f"session {session_id!r} has a turn in flight")
+            raise InvalidRequest(f"session {session_id!r} has a turn in flight")
         if not self.chats.known(session_id):
             raise SessionNotFound(session_id)
         self.chats.end(session_id)
