@@ -16,7 +16,16 @@ import jax.numpy as jnp
 from jattn.defaults import BLOCK_SIZE, MAX_RUNNING, PREFILL_CHUNK, SINK_TOKENS
 from jattn.distributed.group import GroupLeader, StepChannel, is_leader
 from jattn.distributed.group import follow as follow_leader
-from jattn.distributed.group_store import STORE_STEPS, GroupStore, ProcessShard
+from jattn.distributed.group_store import (
+    Flush,
+    GroupStore,
+    Hint,
+    Place,
+    Probe,
+    ProcessShard,
+    Stage,
+    StoreWarmUp,
+)
 from jattn.engine.encoding import InputEncoder
 from jattn.engine.errors import InvalidRequest, PromptTooLong
 from jattn.engine.requests import TurnRequest, TurnStream, check_session_id
@@ -25,7 +34,9 @@ from jattn.engine.turns import ChatEngine, ChatTurn
 from jattn.generation import StreamedToken
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import blocks_for
+from jattn.model.leader_steps import CompileSaves, CompileSteps
 from jattn.model.runner import ModelRunner
+from jattn.model.step_plan import StepPlan
 from jattn.model.weights import (
     has_safetensors,
     load_safetensors,
@@ -262,20 +273,29 @@ class LLM:
 
     def follow(self) -> None:
         """On a process other than 0 of a group: runs the leader's steps on this
-        process's share of the pool until the leader's LLM closes."""
+        process's share of the pool and of the store until the leader's LLM closes."""
         if not self.in_group or is_leader():
             raise RuntimeError("follow() runs on processes 1.. of a group; process 0 "
                                "generates")
-        shard = self._shard
+        runner, shard = self.runner, self._shard
 
-        def replay(op: str, args: dict) -> None:
-            if op in STORE_STEPS:
-                shard.replay(op, args)
-            else:
-                self.runner.replay(op, args)
+        def execute(plan: StepPlan) -> None:
+            output = runner.execute(plan)
+            if plan.saves:  # the blocks of this process's devices, into its own store
+                shard.file(plan.saves, output.saved)
 
+        steps = {StepPlan: execute,
+                 CompileSteps: lambda _: runner.compile_steps(),
+                 CompileSaves: lambda step: runner.compile_saves(step.max_blocks)}
+        if shard is not None:
+            steps |= {Probe: lambda step: shard.probe(list(step.keys)),
+                      Stage: lambda step: shard.stage(list(step.keys)),
+                      Place: lambda step: shard.place(list(step.block_ids)),
+                      Hint: lambda step: shard.hint(list(step.keys)),
+                      Flush: lambda _: shard.flush(),
+                      StoreWarmUp: lambda step: shard.warm_up(step.max_blocks)}
         try:
-            follow_leader(replay, StepChannel())
+            follow_leader(steps, StepChannel())
         finally:
             if self.store is not None:
                 self.store.close()  # this process's own saves reach its disk

@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from jattn.distributed import paged_attention, prefill_attention  # noqa: E402
-from jattn.distributed.group import StepChannel  # noqa: E402
+from jattn.distributed.group import StepChannel, to_plain  # noqa: E402
+from jattn.distributed.group_store import Probe  # noqa: E402
 from jattn.distributed.pool_shards import PoolShards  # noqa: E402
 from jattn.model.kv_cache import KVPool  # noqa: E402
 from jattn.store.tier import BlockKV  # noqa: E402
@@ -60,12 +61,12 @@ prefill_out, prefill_lse = prefill_attention(
 
 # A message past the channel's first frame, from process 0.
 drawn = np.random.default_rng(process_id + 100)  # each process its own: only 0's is sent
-message = {"keys": [drawn.bytes(16).hex() for _ in range(300)]}  # about 11 KB of JSON
+message = Probe(tuple(drawn.bytes(16) for _ in range(300)))  # about 10 KB of JSON
 channel = StepChannel()
 if process_id == 0:
     channel.send(message)
 else:
-    message = channel.receive()
+    message = channel.receive([Probe])
 
 # Each process reads and writes only the pool blocks on its own devices.
 shards = PoolShards(mesh, k.shape[0], "kv")
@@ -84,7 +85,8 @@ after = {f"after_{part}_{shard.index[0].start}": np.asarray(shard.data)
 np.savez(os.path.join(out_dir, f"process-{process_id}.npz"), q=q, k=k, v=v, tables=tables,
          lengths=lengths, chunk_q=chunk_q, inv_freq=inv_freq, out=np.asarray(out),
          lse=np.asarray(lse), prefill_out=np.asarray(prefill_out),
-         prefill_lse=np.asarray(prefill_lse), message=json.dumps(message),
+         prefill_lse=np.asarray(prefill_lse), message=json.dumps(to_plain(message)),
+         message_type=type(message).__name__,
          ids=ids, own_ids=np.asarray(own_ids, np.int64),
          read_k=np.stack([read[b].k for b in own_ids]) if own_ids else np.zeros(0),
          read_v=np.stack([read[b].v for b in own_ids]) if own_ids else np.zeros(0),

@@ -13,16 +13,17 @@ from model_references import model_dir
 def test_chunks_then_decode_equal_one_shot(name, seed):
     llm = LLM(model_dir(name))
     runner = llm.runner
+    allocator = runner.new_allocator()
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, llm.config.vocab_size, size=200).tolist()
     decoded = 6
     prefix = len(ids) - decoded
 
-    blocks = runner.allocator.allocate(blocks_for(len(ids), runner.block_size))
+    blocks = allocator.allocate(blocks_for(len(ids), runner.block_size))
     one_shot = np.asarray(runner.prefill(ids, 0, blocks, all_logits=True))
-    runner.allocator.free(blocks)
+    allocator.free(blocks)
 
-    blocks = runner.allocator.allocate(blocks_for(len(ids), runner.block_size))
+    blocks = allocator.allocate(blocks_for(len(ids), runner.block_size))
     # Poison the blocks first: nothing may read slots the sequence has not written.
     runner.pool = type(runner.pool)(
         tuple(p.at[np.asarray(blocks)].set(np.nan) for p in runner.pool.k),
@@ -34,7 +35,7 @@ def test_chunks_then_decode_equal_one_shot(name, seed):
                                                 all_logits=True)))
     for position in range(prefix, len(ids)):
         pieces.append(np.asarray(runner.decode([ids[position]], [position], [blocks]))[:1])
-    runner.allocator.free(blocks)
+    allocator.free(blocks)
     chunked = np.concatenate(pieces)
     assert not np.isnan(chunked).any()
     np.testing.assert_allclose(chunked, one_shot, atol=2e-4, rtol=1e-4)

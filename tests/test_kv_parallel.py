@@ -27,14 +27,15 @@ def test_greedy_generation_is_unchanged_on_8_devices(one_device):
 def test_a_context_larger_than_one_devices_share_runs_over_8(one_device):
     spread = LLM(store=None, kv_parallel=8, num_blocks=64)  # 8 blocks = 128 tokens a device
     runner = spread.runner
-    assert runner.allocator.blocks_per_device * runner.block_size < len(PROMPT_IDS) + 40
+    allocator = runner.new_allocator()
+    assert allocator.blocks_per_device * runner.block_size < len(PROMPT_IDS) + 40
     want = one_device.generate(PROMPT_IDS, max_tokens=40, ignore_eos=True).token_ids
     assert spread.generate(PROMPT_IDS, max_tokens=40, ignore_eos=True).token_ids == want
-    blocks = runner.allocator.allocate(22)
-    assert len({runner.allocator.device_of(b) for b in blocks}) >= 3
-    assert runner.allocator.debts
-    runner.allocator.free(blocks)
-    assert not runner.allocator.debts
+    blocks = allocator.allocate(22)
+    assert len({allocator.device_of(b) for b in blocks}) >= 3
+    assert allocator.debts
+    allocator.free(blocks)
+    assert not allocator.debts
 
 
 def test_chat_with_the_store_on_8_devices_equals_recompute():

@@ -8,7 +8,7 @@ import pytest
 
 from jattn import LLM
 from jattn.model.kv_cache import KVPool, blocks_for
-from jattn.model.runner import LOADING_CHUNK
+from jattn.model.step_plan import LOADING_CHUNK, Arrival, Segment, StepPlan
 from jattn.store import BlockKV
 from jattn.store.layer_load import LayerwiseLoad, StagingPool, _runs, _stage
 from model_references import model_dir
@@ -82,15 +82,16 @@ def test_a_failed_staging_reaches_the_engine():
 
 @pytest.mark.parametrize("name,seed,new_tokens", [("stories260K", 0, 23),
                                                   ("tiny-qwen2-random", 1, 600)])
-def test_prefill_loading_equals_prefill_over_resident_blocks(name, seed, new_tokens):
+def test_a_step_with_kv_arriving_equals_prefill_over_resident_blocks(name, seed, new_tokens):
     llm = LLM(model_dir(name), store=None, prefill_chunk=256)
     runner = llm.runner
+    allocator = runner.new_allocator()
     rng = np.random.default_rng(seed)
     history = rng.integers(3, llm.config.vocab_size, size=4 * runner.block_size).tolist()
     turn = rng.integers(3, llm.config.vocab_size, size=new_tokens).tolist()
     total = blocks_for(len(history) + len(turn), runner.block_size)
 
-    blocks = runner.allocator.allocate(total)
+    blocks = allocator.allocate(total)
     runner.prefill(history, 0, blocks)
     expected_logits = np.asarray(runner.prefill(turn, len(history), blocks))
     expected_kv = [np.asarray(p[np.asarray(blocks)]) for p in runner.pool.k + runner.pool.v]
@@ -99,14 +100,16 @@ def test_prefill_loading_equals_prefill_over_resident_blocks(name, seed, new_tok
                       for b in blocks[:4]]
 
     # The same blocks land elsewhere in a pool poisoned with NaN, layer by layer.
-    moved = runner.allocator.allocate(total)
+    moved = allocator.allocate(total)
     runner.pool = KVPool(tuple(p.at[np.asarray(moved)].set(np.nan) for p in runner.pool.k),
                          tuple(p.at[np.asarray(moved)].set(np.nan) for p in runner.pool.v))
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         load = LayerwiseLoad(history_blocks, rows=8, executor=executor)
         opening = turn[:LOADING_CHUNK]
-        logits = np.asarray(runner.prefill_loading(opening, len(history), moved, moved[:4],
-                                                   load))
+        plan = StepPlan(segments=(Segment(tuple(opening), len(history), tuple(moved)),),
+                        sampled=(len(opening) == len(turn),),
+                        arrival=Arrival(tuple(moved[:4]), load))
+        logits = np.asarray(runner.execute(plan).logits[0])
     if len(turn) > len(opening):  # the rest as the engine runs it: packed steps
         logits = np.asarray(runner.prefill(turn[len(opening):], len(history) + len(opening),
                                            moved))

@@ -10,17 +10,16 @@ from model_references import model_dir, reference_cases
 
 @pytest.fixture(scope="module")
 def stories():
-    return LLM()  # the package's embedded copy
+    return LLM(store=None)  # the package's embedded copy
 
 
 def full_sequence_logits(llm, ids):
-    """Logits `[len(ids), V]` of one prefill over `ids` (teacher forcing)."""
+    """Logits `[len(ids), V]` of one prefill over `ids` (teacher forcing), in pool blocks
+    of an allocator of its own: the LLMs here keep nothing in the pool between calls
+    (no store)."""
     runner = llm.runner
-    blocks = runner.allocator.allocate(blocks_for(len(ids), runner.block_size))
-    try:
-        return np.asarray(runner.prefill(ids, 0, blocks, all_logits=True))
-    finally:
-        runner.allocator.free(blocks)
+    return np.asarray(runner.prefill(ids, 0, runner.new_allocator().allocate(
+        blocks_for(len(ids), runner.block_size)), all_logits=True))
 
 
 def check_logits(logits, case, sums_key):
@@ -53,7 +52,7 @@ def test_stories260k_once_upon_a_time(stories):
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-random", "tiny-llama3-random"])
 def test_tiny_models_match_transformers(name):
-    llm = LLM(model_dir(name))
+    llm = LLM(model_dir(name), store=None)
     assert llm.tokenizer is None
     for case in reference_cases(name):
         generation = llm.generate(case["prompt_ids"], max_tokens=len(case["greedy_ids"]),
@@ -66,7 +65,7 @@ def test_tiny_models_match_transformers(name):
 def test_bfloat16_model_tracks_float32(stories):
     """bfloat16 weights and cache: logits stay near transformers' float32 ones and the
     greedy story starts the same."""
-    bf16 = LLM(dtype="bfloat16")
+    bf16 = LLM(dtype="bfloat16", store=None)
     case = reference_cases("stories260K")[1]
     logits = full_sequence_logits(bf16, case["prompt_ids"] + case["greedy_ids"])
     for token, value in case["last_logits_top8"]:

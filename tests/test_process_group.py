@@ -88,13 +88,14 @@ def test_dist_attention_across_processes_equals_one_device(worker_results):
 
 def test_step_channel_and_own_pool_blocks_across_processes(worker_results):
     """From the same two-process run: a message longer than the channel's first frame
-    arrives whole; each process reads exactly the pool blocks on
+    arrives whole, as its dataclass; each process reads exactly the pool blocks on
     its own devices, with their values, and writes only those, leaving every other
     block as it was (unowned slots stay NaN)."""
     results = worker_results
     sent = json.loads(str(results[0]["message"]))
     assert len(json.dumps(sent)) > StepChannel.FRAME_BYTES
     assert json.loads(str(results[1]["message"])) == sent
+    assert [str(result["message_type"]) for result in results] == ["Probe", "Probe"]
     k, v, ids = results[0]["k"], results[0]["v"], [int(i) for i in results[0]["ids"]]
     owned = [set(int(b) for b in result["own_ids"]) for result in results]
     assert owned[0] and owned[1] and not owned[0] & owned[1] and owned[0] | owned[1] == set(ids)

@@ -2,20 +2,25 @@
 
 Every process of the group runs the same jitted steps over one mesh spanning all their
 devices (the KV pool sharded over it, each process holding its own devices' blocks).
-Process 0, the leader, schedules; before each step it sends the step's inputs to the
-others, the followers, through `StepChannel` (a jax collective), and they run the same
-step. A follower that dies makes the leader's next collective fail; one that hangs stops
+Process 0, the leader, schedules; before each step it sends the step to the others, the
+followers, through `StepChannel` (a jax collective) — a `StepPlan`, or a small dataclass
+for a warm-up or a store step — and they run the same step. A follower that dies makes the leader's next collective fail; one that hangs stops
 it, which `StepWatchdog` turns into a clean exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
 import threading
 import time
+import types
+import typing
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -56,8 +61,55 @@ def is_leader() -> bool:
     return jax.process_index() == 0
 
 
+@dataclass(frozen=True)
+class Stop:
+    """The leader's last message: the followers' `follow` loops return."""
+
+
+def to_plain(message):
+    """A message (a dataclass) as JSON-able data: each dataclass a dict of its fields,
+    bytes as hex, tuples and lists as lists."""
+    if dataclasses.is_dataclass(message):
+        return {f.name: to_plain(getattr(message, f.name))
+                for f in dataclasses.fields(message)}
+    if isinstance(message, bytes):
+        return message.hex()
+    if isinstance(message, (tuple, list)):
+        return [to_plain(item) for item in message]
+    if isinstance(message, np.generic):
+        return message.item()
+    return message
+
+
+@functools.cache
+def _field_types(kind: type) -> dict[str, type]:
+    """A dataclass's fields' types, its annotations resolved (once per class)."""
+    return typing.get_type_hints(kind)
+
+
+def from_plain(data, kind):
+    """The value of type `kind` that `to_plain` made `data` of, read by `kind`'s
+    annotations: dataclasses, bytes, `tuple[X, ...]`, `X | None` and JSON's own types."""
+    if dataclasses.is_dataclass(kind):
+        hints = _field_types(kind)
+        return kind(**{name: from_plain(value, hints[name]) for name, value in data.items()})
+    if kind is bytes:
+        return bytes.fromhex(data)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        return tuple(from_plain(item, args[0]) for item in data)
+    if origin in (typing.Union, types.UnionType):
+        if data is None:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return from_plain(data, inner)
+    return data
+
+
 class StepChannel:
-    """The leader's messages (JSON-able dicts) to the followers, in order.
+    """The leader's messages to the followers, in order: frozen dataclasses, sent as the
+    JSON of their type's name and fields (`to_plain`) and rebuilt from the types the
+    receiver knows.
 
     Every process must call, in the same order, `send` (the leader) or `receive` (the
     others): each is one `broadcast_one_to_all` of a `FRAME_BYTES` frame (the message's
@@ -68,8 +120,9 @@ class StepChannel:
     FRAME_BYTES = 4096
     _LENGTH_BYTES = 4
 
-    def send(self, message: dict) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode()
+    def send(self, message) -> None:
+        data = json.dumps({"type": type(message).__name__, "fields": to_plain(message)},
+                          separators=(",", ":")).encode()
         frame = np.zeros(self.FRAME_BYTES, np.uint8)
         frame[:self._LENGTH_BYTES] = np.frombuffer(
             len(data).to_bytes(self._LENGTH_BYTES, "little"), np.uint8)
@@ -82,14 +135,20 @@ class StepChannel:
             padded[:len(rest)] = np.frombuffer(rest, np.uint8)
             self._broadcast(padded)
 
-    def receive(self) -> dict:
+    def receive(self, kinds: typing.Iterable[type]):
+        """The next message: one of the dataclasses `kinds`, or `Stop`. A type the
+        receiver does not know raises ValueError."""
         frame = self._broadcast(np.zeros(self.FRAME_BYTES, np.uint8))
         length = int.from_bytes(frame[:self._LENGTH_BYTES].tobytes(), "little")
         data = frame[self._LENGTH_BYTES:self._LENGTH_BYTES + length].tobytes()
         if length > len(data):
             rest = length - len(data)
             data += self._broadcast(np.zeros(bucket(rest, minimum=1), np.uint8))[:rest].tobytes()
-        return json.loads(data)
+        message = json.loads(data)
+        known = {kind.__name__: kind for kind in (*kinds, Stop)}
+        if message["type"] not in known:
+            raise ValueError(f"the group's leader sent an unknown step {message['type']!r}")
+        return from_plain(message["fields"], known[message["type"]])
 
     @staticmethod
     def _broadcast(array):
@@ -139,11 +198,11 @@ class StepWatchdog:
 
 
 class GroupLeader:
-    """The leader's side of the group, as a `ModelRunner` sees it: `step(op, args)`
-    sends a step to the followers and times it until its results are ready. A step that
-    fails (a collective with a dead peer raises) or outlives `watchdog.timeout_s` ends
-    the group through `on_failure(message)` (default `exit_group`): the followers cannot
-    be trusted to be in step any more."""
+    """The leader's side of the group: `step(message)` sends a step to the followers
+    and times it until its results are ready. A step that fails (a collective with a
+    dead peer raises) or outlives `watchdog.timeout_s` ends the group through
+    `on_failure(message)` (default `exit_group`): the followers cannot be trusted to be
+    in step any more."""
 
     def __init__(self, channel: StepChannel, timeout_s: float,
                  on_failure: Callable[[str], None] | None = None):
@@ -152,31 +211,32 @@ class GroupLeader:
         self.watchdog = StepWatchdog(timeout_s, self.on_failure)
 
     @contextlib.contextmanager
-    def step(self, op: str, args: dict):
-        """Around one step: sends `op` and its JSON `args`."""
-        with self.watchdog.step(op):
+    def step(self, message):
+        """Around one step: sends `message` (a dataclass) to the followers first."""
+        name = type(message).__name__
+        with self.watchdog.step(name):
             try:
-                self.channel.send({"op": op, "args": args})
+                self.channel.send(message)
                 yield
             except Exception as error:
-                self.on_failure(f"the process group's step {op!r} failed ({error}): a "
+                self.on_failure(f"the process group's step {name!r} failed ({error}): a "
                                 "process of the group died")
                 raise
 
     def stop(self) -> None:
         """Ends the followers' `follow` loops (they return)."""
-        self.channel.send({"op": "stop"})
+        self.channel.send(Stop())
 
 
-def follow(replay: Callable[[str, dict], None], channel: StepChannel) -> None:
-    """A follower's life: runs each step the leader sends, `replay(op, args)` (on a
-    `ModelRunner` built with the leader's arguments, or this process's share of the
-    store), until the leader stops; a failed collective (the leader died) raises."""
+def follow(steps: dict[type, Callable], channel: StepChannel) -> None:
+    """A follower's life: runs each step the leader sends, `steps[type(message)](message)`
+    (this process's share of it), until the leader stops; a failed collective (the
+    leader died) raises."""
     while True:
-        message = channel.receive()
-        if message["op"] == "stop":
+        message = channel.receive(steps)
+        if isinstance(message, Stop):
             return
-        replay(message["op"], message["args"])
+        steps[type(message)](message)
 
 
 def exit_group(message: str) -> None:

@@ -5,24 +5,28 @@ every process has its own `AttentionStore`: host memory and disk on its own mach
 each under the budgets of the group's store configuration. A block is saved by the
 process whose device holds it, into its own tiers, and loaded back into a device of a
 process that holds it: no block crosses processes, in either direction. Process 0
-decides: its `GroupStore`, what its `ChatEngine` sees, announces each store step, and
+decides: its `GroupStore`, the `KVStore` its engine sees, announces each store step, and
 every process's `ProcessShard` runs it on its own share. Process 0's store also keeps the
-sessions' records.
+sessions' records, which no other process writes.
 
-The steps, which every process runs in the order process 0 announces them:
+The store steps, which every process runs in the order process 0 announces them, each
+announced as its message:
 
-- `probe(keys)`: which tier of which process holds each key (one gather of tier codes);
-- `stage(keys)`: a probe fixes the leading run that some process holds and each key's
+- `Probe(keys)`: which tier of which process holds each key (one gather of tier codes);
+- `Stage(keys)`: a probe fixes the leading run that some process holds and each key's
   holder (the process with the fastest copy, the lowest among equals); each holder
   reads its keys of the run, and a second gather of the reads that failed (a copy lost
   or found corrupt since the probe) cuts the run before the first; always followed by
-- `place(ids)`: process 0 has taken pool blocks for the first `len(ids)` keys of the run
-  on their holders' devices; each process writes the blocks it read into its own;
-- `save(keys, ids)`: each process copies the pool blocks among `ids` on its devices out
-  and saves them under their keys in its own store;
-- `hint(keys)`: each process's store keeps those longest and prefetches them;
-- `flush()`: each process waits for its saves in flight, then for the others;
-- `warm_up_store(max_blocks)`: compiles the reads, writes and gathers.
+- `Place(block_ids)`: process 0 has taken pool blocks for the first `len(block_ids)` keys
+  of the run on their holders' devices; each process writes the blocks it read into its
+  own;
+- `Hint(keys)`: each process's store keeps those longest and prefetches them;
+- `Flush()`: each process waits for its saves in flight, then for the others;
+- `StoreWarmUp(max_blocks)`: compiles the gathers and the writes of `Place`.
+
+Saves need no store step of their own: they ride on the `StepPlan` that copies their
+blocks out of the pool, and each process files the blocks of its own devices
+(`ProcessShard.file`).
 
 Every gather also carries each process's store counters, which `GroupStore.stats`
 sums: they are as fresh as the last store step.
@@ -33,13 +37,15 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import threading
-from typing import Callable
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from jattn.block_allocator import PoolExhausted
 from jattn.model.kv_cache import bucket, powers_of_two
+from jattn.model.step_plan import BlockSave
+from jattn.store.kv_store import LoadedRun, PoolSide, SavedBlocks, WarmUpSteps
 from jattn.store.store import STATS, AttentionStore
 from jattn.store.tier import BlockKV
 
@@ -53,8 +59,45 @@ PROCESS_0_ONLY = frozenset({"sessions", "disk_tier_enabled", "remote_tier_enable
 """Store counters that are process 0's alone (its records, its configuration); every
 other counter is summed over the group."""
 
-STORE_STEPS = frozenset({"probe", "stage", "place", "save", "hint", "flush",
-                         "warm_up_store"})
+
+@dataclass(frozen=True)
+class Probe:
+    """Which tier of which process holds each of `keys` (`ProcessShard.probe`)."""
+
+    keys: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Read the group's leading run of `keys` (`ProcessShard.stage`)."""
+
+    keys: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Write the staged run into pool blocks `block_ids` (`ProcessShard.place`)."""
+
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Hint:
+    """The keys the next requests read, most imminent first (`ProcessShard.hint`)."""
+
+    keys: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Wait for every process's saves (`ProcessShard.flush`)."""
+
+
+@dataclass(frozen=True)
+class StoreWarmUp:
+    """Compile the store steps for up to `max_blocks` keys (`ProcessShard.warm_up`)."""
+
+    max_blocks: int
 
 
 def run_holders(codes: np.ndarray) -> list[int]:
@@ -70,14 +113,6 @@ def run_holders(codes: np.ndarray) -> list[int]:
     return holders
 
 
-def _hex(keys: list[bytes]) -> list[str]:
-    return [key.hex() for key in keys]
-
-
-def _keys(hexes: list[str]) -> list[bytes]:
-    return [bytes.fromhex(key) for key in hexes]
-
-
 class ProcessShard:
     """This process's part of the group's store: its own `AttentionStore` and the
     runner's pool blocks on its own devices. Each method is the body of a store step
@@ -90,9 +125,9 @@ class ProcessShard:
         self.peer_stats = np.zeros((jax.process_count(), len(STATS)))
         self._staged: dict[int, BlockKV] = {}  # run index -> block this process read
 
-    def positions_of(self, process: int) -> list[int]:
+    def devices_of_process(self, process: int) -> list[int]:
         """The allocator's device numbers of `process`'s devices."""
-        return self.runner.shards.positions_of(process)
+        return self.runner.devices_of_process(process)
 
     def _gather(self, codes: list[int]) -> np.ndarray:
         """Every process's `codes` (one per key), `[P, len(codes)]`; also refreshes
@@ -131,23 +166,21 @@ class ProcessShard:
         return [(holder, TIER_NAMES[int(table[holder, index])])
                 for index, holder in enumerate(holders[:run])]
 
-    def place(self, ids: list[int]) -> None:
-        """Writes the staged blocks of the run's first `len(ids)` keys into pool blocks
-        `ids` (each on its holder's devices); forgets the rest."""
+    def place(self, block_ids: list[int]) -> None:
+        """Writes the staged blocks of the run's first `len(block_ids)` keys into pool
+        blocks `block_ids` (each on its holder's devices); forgets the rest."""
         staged, self._staged = self._staged, {}
-        if ids:
-            self.runner.write_own_blocks(ids, {block: staged[index]
-                                               for index, block in enumerate(ids)
-                                               if index in staged})
+        if block_ids:
+            self.runner.write_blocks(list(block_ids), {block: staged[index]
+                                                       for index, block in enumerate(block_ids)
+                                                       if index in staged})
 
-    def save(self, keys: list[bytes], ids: list[int]) -> None:
-        """Starts copying the pool blocks among `ids` on this process's devices out, and
-        has the store's thread file each under its key (`keys[i]` for `ids[i]`)."""
-        blocks = functools.cache(self.runner.read_own_blocks(ids))
-        shards = self.runner.shards
-        for key, block in zip(keys, ids):
-            if shards.process_of(block) == self.process:
-                self.store.save(key, functools.partial(lambda b: blocks()[b], block))
+    def file(self, saves: tuple[BlockSave, ...], saved: SavedBlocks) -> None:
+        """Has the store's thread file each of `saves` whose block is on this process's
+        devices under its key, its KV from `saved()` (the copies a step started)."""
+        for save in saves:
+            if self.runner.process_of(save.block) == self.process:
+                self.store.save(save.key, functools.partial(_block_of, saved, save.block))
 
     def hint(self, keys: list[bytes]) -> concurrent.futures.Future:
         return self.store.hint(keys)
@@ -158,41 +191,27 @@ class ProcessShard:
         self._gather([])
 
     def warm_up(self, max_blocks: int) -> int:
-        """Compiles the pool reads and writes and the gathers for up to `max_blocks`
+        """Compiles the gathers and the pool writes of `place` for up to `max_blocks`
         keys. Returns the shapes compiled."""
         widths = powers_of_two(8, bucket(max_blocks, minimum=8))
         for width in widths:
             self._gather([0] * width)
-        return self.runner.warm_up_own_blocks(max_blocks) + len(widths)
+        return self.runner.compile_writes(max_blocks) + len(widths)
 
-    def replay(self, op: str, args: dict) -> None:
-        """Runs a store step process 0 announced (see `STORE_STEPS`)."""
-        if op == "probe":
-            self.probe(_keys(args["keys"]))
-        elif op == "stage":
-            self.stage(_keys(args["keys"]))
-        elif op == "place":
-            self.place(args["ids"])
-        elif op == "save":
-            self.save(_keys(args["keys"]), args["ids"])
-        elif op == "hint":
-            self.hint(_keys(args["keys"]))
-        elif op == "flush":
-            self.flush()
-        elif op == "warm_up_store":
-            self.warm_up(args["max_blocks"])
-        else:
-            raise ValueError(f"the group's leader sent an unknown store step {op!r}")
+
+def _block_of(saved: SavedBlocks, block: int) -> BlockKV:
+    return saved()[block]
 
 
 class GroupStore:
-    """The group's store as process 0's `ChatEngine` sees it: each call that touches
+    """The group's `KVStore`, as process 0's engine sees it: each call that touches
     blocks is a store step of the whole group (`ProcessShard`), announced through
     `group` (a `GroupLeader`); records, configuration and device-tier counts are
-    process 0's own store's. Call it from the thread that runs the group's steps."""
+    process 0's own store's. Call it from the thread that runs the group's steps.
 
-    shared = False  # no tier shared by replicas: the remote tier does not run in a group
-    can_fetch = False
+    Its runs are written into the pool by the store itself (`LoadedRun.arriving` is
+    empty); there is no remote tier in a group, so `read_remote` starts nothing and a
+    record needs no refresh."""
 
     def __init__(self, shard: ProcessShard, group):
         self._shard = shard
@@ -202,89 +221,108 @@ class GroupStore:
         self._misses = 0  # lookups whose run stopped short, over the group
 
     @property
-    def config(self):
-        return self._store.config
-
-    @property
-    def fingerprint(self) -> str:
-        return self._store.fingerprint
-
-    def _step(self, op: str, **args):
-        return self._group.step(op, args)
+    def lookahead(self) -> int:
+        return self._store.config.lookahead
 
     def held(self, keys: list[bytes]) -> list[str | None]:
         """For each key, the fastest tier that some process holds it in ("host",
         "disk"), or None."""
         if not keys:
             return []
-        with self._step("probe", keys=_hex(keys)):
+        with self._group.step(Probe(tuple(keys))):
             codes = self._shard.probe(keys)
         return [TIER_NAMES.get(min((int(c) for c in column if c), default=0))
                 for column in codes.T]
 
-    def load_run(self, keys: list[bytes], allocate_on: Callable[[list[int], int], list[int]],
-                 free: Callable[[list[int]], None]) -> list[tuple[int, str]]:
+    def missing(self, keys: list[bytes]) -> list[bytes]:
+        """The keys no process holds."""
+        return [key for key, tier in zip(keys, self.held(keys)) if tier is None]
+
+    def load_run(self, keys: list[bytes], pool: PoolSide) -> LoadedRun:
         """Loads the leading run of `keys` that some process holds into pool blocks on
-        the devices of the process holding each, and returns `(pool block, tier)` for
-        each key loaded, in order. `allocate_on(devices, count)` takes pool blocks on
-        those allocator devices (`PoolExhausted` when it cannot): the run stops at the
-        first key with no room on its holder's devices. On any other error the blocks
-        taken are given back with `free(ids)`, and nothing is loaded."""
+        the devices of the process holding each (`pool.allocate_on_process`), written
+        into the pool before it returns. The run stops at the first key with no room on
+        its holder's devices (`PoolExhausted`). On any other error the blocks taken are
+        given back (`pool.free`), nothing is loaded, and the error is raised."""
         if not keys:
-            return []
-        with self._step("stage", keys=_hex(keys)):
+            return LoadedRun()
+        with self._group.step(Stage(tuple(keys))):
             run = self._shard.stage(keys)
         ids, tiers = [], []
         try:
             for process, tier in run:
                 try:
-                    ids += allocate_on(self._shard.positions_of(process), 1)
+                    ids += pool.allocate_on_process(process, 1)
                 except PoolExhausted:
                     break
                 tiers.append(tier)
         except BaseException:
-            free(ids)
+            pool.free(ids)
             ids = []
             raise
         finally:  # every process holds staged blocks until `place`
-            with self._step("place", ids=ids):
+            with self._group.step(Place(tuple(ids))):
                 self._shard.place(ids)
         if len(ids) < len(keys):
             with self._lock:
                 self._misses += 1
-        return list(zip(ids, tiers))
+        return LoadedRun(ids, tiers)
 
-    def save_blocks(self, keys: list[bytes], block_ids: list[int]) -> None:
-        """Saves pool blocks `block_ids` under `keys`, each by the process whose device
-        holds it, into its own store, without waiting for the copies."""
-        if keys:
-            with self._step("save", keys=_hex(keys), ids=[int(b) for b in block_ids]):
-                self._shard.save(keys, block_ids)
+    def read_remote(self, keys: list[bytes]) -> None:
+        """No remote tier runs in a group: nothing to read."""
+        return None
 
-    def hint(self, upcoming_block_keys) -> concurrent.futures.Future:
+    def remote_run(self, read, pool: PoolSide) -> LoadedRun:
+        return LoadedRun()
+
+    def load_layers(self, blocks: list[BlockKV], *, rows: int, device=None):
+        raise RuntimeError("a group store writes its runs into the pool itself: nothing "
+                           "arrives layer by layer")
+
+    def save_blocks(self, keys: list[bytes], block_ids: list[int],
+                    saved: SavedBlocks) -> None:
+        """Files pool blocks `block_ids` under `keys`: those on process 0's devices into
+        its own store, from `saved()` (the copies of the plan that saved them); every
+        other process files its own as it executes that plan."""
+        self._shard.file(tuple(BlockSave(key, int(block))
+                               for key, block in zip(keys, block_ids)), saved)
+
+    def hint(self, keys: list[bytes]) -> concurrent.futures.Future:
         """Every process's store keeps these longest and prefetches those it holds
         (`AttentionStore.hint`); returns process 0's prefetch."""
-        keys = list(upcoming_block_keys)
-        with self._step("hint", keys=_hex(keys)):
+        keys = list(keys)
+        with self._group.step(Hint(tuple(keys))):
             return self._shard.hint(keys)
-
-    def warm_up(self, max_blocks: int) -> int:
-        """Compiles every store step's programs for up to `max_blocks` keys at once, on
-        every process. Returns the shapes compiled."""
-        with self._step("warm_up_store", max_blocks=max_blocks):
-            return self._shard.warm_up(max_blocks)
 
     def count_device_hits(self, blocks: int, nbytes: int) -> None:
         self._store.count_device_hits(blocks, nbytes)
 
-    def get_record(self, session_id: str, *, check_remote: bool = True) -> list | None:
-        return self._store.get_record(session_id, check_remote=check_remote)
+    def newer_record(self, session_id: str, turns_known: int | None, *,
+                     check_remote: bool = True) -> list | None:
+        """The session's record entries when the caller knows nothing of it
+        (`turns_known` None): a session of an earlier run. Records are process 0's own,
+        and nothing else extends them, so a known session is never behind."""
+        if turns_known is not None:
+            return None
+        return self._store.get_record(session_id, check_remote=False)
+
+    def refresh_record(self, session_id: str) -> None:
+        """No replica shares the records: nothing to refresh."""
+        return None
 
     def append_record(self, session_id: str, entry: dict) -> concurrent.futures.Future:
         return self._store.append_record(session_id, entry)
 
     def drop(self, session_id: str) -> None:
         self._store.drop(session_id)
+
+    def warm_up(self, steps: WarmUpSteps, max_blocks: int) -> int:
+        """Compiles every store step's programs for up to `max_blocks` keys at once, on
+        every process, and the copies of the saves (`steps.compile_saves`); nothing
+        arrives layer by layer. Returns the shapes compiled."""
+        with self._group.step(StoreWarmUp(max_blocks)):
+            shapes = self._shard.warm_up(max_blocks)
+        return shapes + steps.compile_saves(max_blocks)
 
     def stats(self) -> dict:
         """`AttentionStore.stats` over the group: process 0's own counters now plus the
@@ -302,8 +340,9 @@ class GroupStore:
     def flush(self) -> None:
         """Waits for every process's saves (and process 0's record appends) in
         flight."""
-        with self._step("flush"):
+        with self._group.step(Flush()):
             self._shard.flush()
 
     def close(self) -> None:
         self._store.close()
+

@@ -10,6 +10,7 @@ takes the blocks on its own devices only.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Callable
 
@@ -84,22 +85,29 @@ class PoolShards:
         return jax.make_array_from_callback(table.shape, self._sharding,
                                             lambda index: table[index])
 
-    def read(self, pool: KVPool, ids: list[int]) -> Callable[[], dict[int, BlockKV]]:
+    def read(self, pool: KVPool, ids: list[int], memory_kind: str | None = None
+             ) -> Callable[[], dict[int, BlockKV]]:
         """Starts copying pool blocks `ids` out of the devices that hold them, each on
-        its own (the next step may donate the pool). Returns a function that waits and
-        gives this process's blocks among `ids`, by id, as numpy `[L, bs, Hkv, D]`."""
+        its own (the next step may donate the pool), into host memory of `memory_kind`
+        (e.g. "pinned_host"; None: a plain copy when they are read). Returns a function
+        that waits and gives this process's blocks among `ids`, by id, as numpy
+        `[L, bs, Hkv, D]`: views of one layer-major `[L, m, bs, Hkv, D]` array per device
+        (its m blocks in the order of `ids`), so that a load copies a layer of a
+        device's blocks as one piece."""
         table, where = self._local_ids(ids, fill=0)
         k, v = self._read(pool, self._global(table))
-
-        wanted = {position for position, _ in where.values()}
+        if memory_kind is not None:
+            k, v = jax.device_put((k, v), self._sharding.with_memory_kind(memory_kind))
+        counts = collections.Counter(position for position, _ in where.values())
 
         def blocks() -> dict[int, BlockKV]:
             mine = {}
             for k_shard, v_shard in zip(k.addressable_shards, v.addressable_shards):
                 position = k_shard.index[0].start
-                if position in wanted:  # only devices that hold some of `ids`
-                    mine[position] = (np.asarray(k_shard.data)[0],
-                                      np.asarray(v_shard.data)[0])
+                if position in counts:  # only devices that hold some of `ids`
+                    mine[position] = tuple(
+                        np.ascontiguousarray(np.asarray(shard.data)[0, :, :counts[position]])
+                        for shard in (k_shard, v_shard))
             return {block: BlockKV(mine[position][0][:, row], mine[position][1][:, row])
                     for block, (position, row) in where.items() if position in mine}
 
@@ -138,16 +146,27 @@ class PoolShards:
         return (self._read.lower(pool, table).compile().as_text(),
                 self._write.lower(pool, table, rows, rows).compile().as_text())
 
-    def warm_up(self, pool: KVPool, max_blocks: int) -> tuple[KVPool, int]:
-        """Compiles `read` and `write` for every width up to `max_blocks` blocks on one
-        device, writing nothing. Returns the pool and the shapes compiled."""
+    def compile_reads(self, pool: KVPool, max_blocks: int,
+                      memory_kind: str | None = None) -> int:
+        """Compiles `read` (into `memory_kind`) for every width up to `max_blocks`
+        blocks on one device. Returns the shapes compiled."""
+        widths = powers_of_two(1, bucket(max_blocks, minimum=1))
+        for width in widths:
+            k, v = self._read(pool, self._global(np.zeros((len(self.devices), width), np.int32)))
+            if memory_kind is not None:
+                k, v = jax.device_put((k, v), self._sharding.with_memory_kind(memory_kind))
+            jax.block_until_ready((k, v))
+        return len(widths)
+
+    def compile_writes(self, pool: KVPool, max_blocks: int) -> tuple[KVPool, int]:
+        """Compiles `write` for every width up to `max_blocks` blocks on one device,
+        writing nothing. Returns the pool and the shapes compiled."""
         widths = powers_of_two(1, bucket(max_blocks, minimum=1))
         pages = pool.k[0]
         for width in widths:
             padding = np.full((len(self.devices), width), self.blocks_per_device, np.int32)
-            jax.block_until_ready(self._read(pool, self._global(np.zeros_like(padding))))
             zeros = np.zeros((len(self.devices), len(pool.k), width, *pages.shape[1:]),
                              pages.dtype)
             pool = self._write(pool, self._global(padding), self._global(zeros),
                                self._global(zeros))
-        return jax.block_until_ready(pool), 2 * len(widths)
+        return jax.block_until_ready(pool), len(widths)

@@ -1,0 +1,455 @@
+"""How a model's steps run where its KV pool lies: `SingleDeviceSteps` (the pool on one
+device) and `MeshSteps` (the pool sharded over a device mesh, DistAttention; the mesh
+may span the processes of a group, each process then running the same steps on its own
+devices).
+
+Both execute a `StepPlan` the same way (`PoolSteps.execute`): the copies of its saves
+start first, then its segments run as one packed step, or its one segment runs layer by
+layer while KV arrives for it. They differ in how a packed step runs (`run_segments`),
+how blocks are copied out of the pool (`copy_out`), and which shapes a warm-up compiles
+(`compile_steps`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from jattn.block_allocator import BlockAllocator
+from jattn.distributed import DistributedBlockAllocator
+from jattn.distributed.pool_shards import PoolShards
+from jattn.model.kv_cache import KVPool, bucket, padded_table, powers_of_two
+from jattn.model.llama import LlamaForCausalLM
+from jattn.model.step_functions import (
+    KV_AXIS,
+    HashedOnce,
+    embed_step,
+    layer_step,
+    logits_step,
+    mesh_decode_step,
+    mesh_prefill_step,
+    ragged_step,
+    read_blocks,
+)
+from jattn.model.step_plan import LOADING_CHUNK, Arrival, Segment, StepOutput, StepPlan
+from jattn.positions import inverse_frequencies
+from jattn.store.tier import BlockKV
+
+SavedBlocks = Callable[[], dict[int, BlockKV]]
+"""Waits for copies out of the pool; `{pool block: BlockKV}` of the blocks this process
+holds."""
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """The shapes a step is compiled for: at most `prefill_chunk` tokens packed, at most
+    `max_seqs` sequences (the block tables' height), block tables `table_width` wide
+    (the longest context, in blocks)."""
+
+    prefill_chunk: int
+    max_seqs: int
+    table_width: int
+
+    def table(self, blocks) -> np.ndarray:
+        """A sequence's block table, int32 `[table_width]`."""
+        return padded_table(list(blocks), self.table_width)
+
+    def logit_rows(self, tokens: int) -> int:
+        """Rows of logits a step of `tokens` packed tokens returns, and the sequences
+        its tables have room for: one per token bucketed, at most `max_seqs`."""
+        return min(bucket(tokens, minimum=8), self.max_seqs)
+
+    def step_buckets(self) -> list[int]:
+        """The packed token counts a step is compiled for."""
+        return powers_of_two(8, bucket(self.prefill_chunk, minimum=8))
+
+    def arrival_buckets(self) -> list[int]:
+        """The token counts a step with KV arriving is compiled for."""
+        return powers_of_two(16, bucket(min(LOADING_CHUNK, self.prefill_chunk)))
+
+    def load_row_buckets(self) -> list[int]:
+        """The row counts KV arriving for a step is padded to (`bucket(n, 4)` for n
+        blocks)."""
+        return powers_of_two(4, self.table_width)
+
+
+class PoolSteps:
+    """A model split for the jitted steps, its KV pool, and how a `StepPlan` runs over
+    them (see the module docstring). A subclass places the model and the pool
+    (`pool`, `load_sharding`, `logits_sharding`) and runs the packed steps.
+
+    Attributes:
+      pool: the `KVPool`, donated to each step and replaced by its result.
+      load_sharding: where KV arriving layer by layer is expected.
+      logits_sharding: where a step's logits are returned.
+      save_memory_kind: the host memory kind blocks saved by a plan are copied to (e.g.
+        "pinned_host"), or None for a plain host copy when they are read.
+    """
+
+    mesh = None  # the mesh that layer-by-layer steps attend over (None: one device)
+
+    def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
+                 limits: StepLimits, backend: str, save_memory_kind: str | None):
+        config = model.config
+        graphdef, self.state = nnx.split(model)
+        self.graphdef = HashedOnce(graphdef)
+        self.layer_graphdef = HashedOnce(nnx.split(model.layers[0])[0])
+        self.layer_states = [nnx.split(layer)[1] for layer in model.layers]
+        self.inv_freq = jnp.asarray(inverse_frequencies(config.rope, config.head_dim))
+        self.dtype = model.embed_tokens.embedding[...].dtype
+        self.pool_shape = dict(num_layers=config.num_layers, num_blocks=num_blocks,
+                               block_size=block_size, num_kv_heads=config.num_kv_heads,
+                               head_dim=config.head_dim, dtype=self.dtype)
+        self.limits = limits
+        self.backend = backend
+        self.save_memory_kind = save_memory_kind
+
+    # ----- the pool's blocks ----------------------------------------------------------
+
+    def new_allocator(self):
+        """An allocator of the pool's block ids."""
+        raise NotImplementedError
+
+    def process_of(self, block: int) -> int:
+        """The process whose device holds pool block `block`."""
+        raise NotImplementedError
+
+    def devices_of_process(self, process: int) -> list[int]:
+        """The allocator's device numbers of process `process`'s devices."""
+        raise NotImplementedError
+
+    def write_blocks(self, block_ids: list[int], blocks: dict[int, BlockKV]) -> None:
+        """Writes blocks into the pool at once (over a mesh; on one device KV from the
+        store arrives layer by layer with a step instead)."""
+        raise RuntimeError("blocks are written into the pool at once only over a mesh; "
+                           "on one device they arrive layer by layer with a step")
+
+    def compile_writes(self, max_blocks: int) -> int:
+        """Compiles `write_blocks` for up to `max_blocks` ids at once."""
+        raise RuntimeError("blocks are written into the pool at once only over a mesh")
+
+    # ----- a plan ---------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Runs a checked plan (`ModelRunner.execute`) on this process's devices."""
+        saved = None
+        if plan.saves:
+            saved = functools.cache(self.copy_out([save.block for save in plan.saves],
+                                                  self.save_memory_kind))
+        if plan.arrival is not None:
+            logits = self.run_arriving(plan.segments[0], plan.arrival)
+        elif plan.segments:
+            logits = self.run_segments(plan.segments, all_logits=plan.all_logits)
+        else:
+            logits = None
+        return StepOutput(logits, saved)
+
+    def run_segments(self, segments: tuple[Segment, ...], *, all_logits: bool) -> jax.Array:
+        """One packed step over `segments`; logits `[R, V]` as `StepOutput` has them."""
+        raise NotImplementedError
+
+    def copy_out(self, block_ids: list[int], memory_kind: str | None) -> SavedBlocks:
+        """Starts copying pool blocks `block_ids` out now (the next step donates the
+        pool) into host memory of `memory_kind`; returns the function that waits for
+        them (`StepOutput.saved`)."""
+        raise NotImplementedError
+
+    def run_arriving(self, segment: Segment, arrival: Arrival) -> jax.Array:
+        """Runs `segment` one layer per step, each step first writing its layer of the
+        blocks arriving (so layer l+1 is still in transit while layer l computes).
+        Returns logits `[R, V]` float32: row 0 the segment's last token's, the others
+        padding (R is `logit_rows` of the tokens bucketed)."""
+        count = len(segment.tokens)
+        tokens = np.zeros(bucket(count), np.int32)
+        tokens[:count] = segment.tokens
+        table = self.limits.table(segment.blocks)
+        x = embed_step(self.graphdef, self.state, tokens)
+        ids = None
+        new_k, new_v = list(self.pool.k), list(self.pool.v)
+        self.pool = None  # its layers are donated one by one below
+        try:
+            for layer, state in enumerate(self.layer_states):
+                k, v = arrival.source.layer(layer, after=x)
+                if ids is None:
+                    ids = np.full(k.shape[0], new_k[0].shape[0], np.int32)  # past the pool
+                    ids[:len(arrival.block_ids)] = arrival.block_ids
+                x, new_k[layer], new_v[layer] = layer_step(
+                    self.layer_graphdef, state, x, new_k[layer], new_v[layer], ids, k, v,
+                    jnp.int32(segment.start), jnp.int32(count), table, self.inv_freq,
+                    backend=self.backend, mesh=self.mesh)
+        finally:
+            self.pool = KVPool(tuple(new_k), tuple(new_v))
+        rows = np.zeros(self.limits.logit_rows(len(tokens)), np.int32)
+        rows[0] = count - 1
+        return logits_step(self.graphdef, self.state, x, rows)
+
+    # ----- warm-up --------------------------------------------------------------------
+
+    def compile_steps(self) -> int:
+        """Compiles every packed step a server can meet, writing nothing. Returns the
+        shapes compiled."""
+        raise NotImplementedError
+
+    def compile_arrivals(self) -> int:
+        """Compiles `run_arriving` for each token count with each count of rows
+        arriving (zeros, to ids past the pool: dropped). Returns the shapes compiled."""
+        shapes = [(tokens, rows) for rows in self.limits.load_row_buckets()
+                  for tokens in self.limits.arrival_buckets()]
+        table = self.limits.table([])
+        pages = self.pool.k[0]
+        for tokens, rows in tqdm(shapes, desc="compiling arrivals", unit="shape"):
+            arriving = jax.device_put(jnp.zeros((rows, *pages.shape[1:]), pages.dtype),
+                                      self.load_sharding)  # where a load delivers them
+            x = embed_step(self.graphdef, self.state, np.zeros(tokens, np.int32))
+            new_k, new_v = list(self.pool.k), list(self.pool.v)
+            x, new_k[0], new_v[0] = layer_step(
+                self.layer_graphdef, self.layer_states[0], x, new_k[0], new_v[0],
+                np.full(rows, pages.shape[0], np.int32), arriving, arriving, jnp.int32(0),
+                jnp.int32(0), table, self.inv_freq, backend=self.backend, mesh=self.mesh)
+            self.pool = KVPool(tuple(new_k), tuple(new_v))
+            pages = self.pool.k[0]
+            logits_step(self.graphdef, self.state, x,
+                        np.zeros(self.limits.logit_rows(tokens), np.int32))
+        jax.block_until_ready(self.pool)
+        return len(shapes)
+
+    def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
+        """Compiles `copy_out` into `memory_kind` for every count of blocks up to
+        `max_blocks`. Returns the shapes compiled."""
+        raise NotImplementedError
+
+    def compile_saves(self, max_blocks: int) -> int:
+        """Compiles the copies of up to `max_blocks` blocks a plan's saves make."""
+        return self.compile_copies(max_blocks, self.save_memory_kind)
+
+
+class SingleDeviceSteps(PoolSteps):
+    """The pool and the model on one device; a packed step is one ragged step
+    (`ragged_step`), whatever mix of decodes and prompt chunks it holds."""
+
+    def __init__(self, model: LlamaForCausalLM, **kwargs):
+        super().__init__(model, **kwargs)
+        # Committed to one device from the start: a layer-wise load hands the steps
+        # committed arrays, and jit keys its cache on committedness, so an uncommitted
+        # pool would be compiled again for every shape at the first load.
+        self.device = jax.devices()[0]
+        self.load_sharding = self.logits_sharding = jax.sharding.SingleDeviceSharding(
+            self.device)
+        self.state, self.layer_states, self.pool = jax.device_put(
+            (self.state, self.layer_states, KVPool.create(**self.pool_shape)),
+            self.load_sharding)
+
+    def new_allocator(self) -> BlockAllocator:
+        """One allocator of the whole pool."""
+        return BlockAllocator(self.pool_shape["num_blocks"])
+
+    def process_of(self, block: int) -> int:
+        return 0
+
+    def devices_of_process(self, process: int) -> list[int]:
+        return [0]
+
+    def run_segments(self, segments: tuple[Segment, ...], *, all_logits: bool) -> jax.Array:
+        """The segments' tokens packed into one `[T]` row (T bucketed), one block table
+        per segment; logits of each segment's last token, or with `all_logits` of every
+        token of the one segment."""
+        total = sum(len(s.tokens) for s in segments)
+        size = bucket(total, minimum=8)
+        height = self.limits.logit_rows(total)  # sequences: at most one per token
+        tokens = np.zeros(size, np.int32)
+        positions = np.full(size, -1, np.int32)
+        sequences = np.zeros(size, np.int32)
+        starts = np.full(height + 1, total, np.int32)
+        kv_lengths = np.zeros(height, np.int32)
+        tables = np.zeros((height, self.limits.table_width), np.int32)
+        rows = np.zeros(height, np.int32)
+        offset = 0
+        for i, segment in enumerate(segments):
+            count = len(segment.tokens)
+            end = offset + count
+            tokens[offset:end] = segment.tokens
+            positions[offset:end] = np.arange(segment.start, segment.start + count)
+            sequences[offset:end] = i
+            starts[i] = offset
+            kv_lengths[i] = segment.start + count
+            tables[i, :len(segment.blocks)] = segment.blocks
+            rows[i] = end - 1
+            offset = end
+        if all_logits:
+            rows = np.arange(size, dtype=np.int32)
+        logits, self.pool = ragged_step(
+            self.graphdef, self.state, self.pool, tokens, positions, sequences, starts,
+            kv_lengths, tables, rows, backend=self.backend)
+        return logits
+
+    def _host_sharding(self, memory_kind: str | None):
+        if memory_kind is None:
+            return None
+        return jax.sharding.SingleDeviceSharding(self.device, memory_kind=memory_kind)
+
+    def copy_out(self, block_ids: list[int], memory_kind: str | None) -> SavedBlocks:
+        """The blocks as views of one layer-major `[L, n, bs, Hkv, D]` array each for
+        keys and values (n = len(block_ids)), so that a load copies a layer of them as
+        one piece."""
+        count = len(block_ids)
+        padded = np.full(bucket(count, minimum=1), block_ids[-1], np.int32)
+        padded[:count] = block_ids  # a few shapes, so a few compilations
+        k, v = read_blocks(self.pool, padded)
+        sharding = self._host_sharding(memory_kind)
+        if sharding is not None:
+            k, v = jax.device_put((k, v), sharding)  # the copy starts now
+
+        def blocks() -> dict[int, BlockKV]:
+            keys, values = (np.ascontiguousarray(np.asarray(a)[:, :count]) for a in (k, v))
+            return {block: BlockKV(keys[:, i], values[:, i])
+                    for i, block in enumerate(block_ids)}
+
+        return blocks
+
+    def compile_steps(self) -> int:
+        limits = self.limits
+        buckets = limits.step_buckets()
+        for size in tqdm(buckets, desc="compiling", unit="shape"):
+            height = limits.logit_rows(size)
+            _, self.pool = ragged_step(
+                self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
+                np.full(size, -1, np.int32), np.zeros(size, np.int32),
+                np.zeros(height + 1, np.int32), np.zeros(height, np.int32),
+                np.zeros((height, limits.table_width), np.int32), np.zeros(height, np.int32),
+                backend=self.backend)
+        jax.block_until_ready(self.pool)
+        return len(buckets)
+
+    def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
+        counts = powers_of_two(1, bucket(max_blocks, minimum=1))
+        sharding = self._host_sharding(memory_kind)
+        for count in counts:
+            k, v = read_blocks(self.pool, np.zeros(count, np.int32))
+            if sharding is not None:
+                k, v = jax.device_put((k, v), sharding)
+            jax.block_until_ready((k, v))
+        return len(counts)
+
+
+class MeshSteps(PoolSteps):
+    """The pool sharded over the "kv" axis of `mesh` (each device holding
+    `num_blocks / devices` blocks, each process its own devices'), the model replicated;
+    a packed step runs each prompt chunk as a prefill of its own and the one-token
+    segments as one decode batch, attending where the blocks lie (DistAttention).
+    Blocks are copied out and written in by the devices holding them (`PoolShards`)."""
+
+    def __init__(self, model: LlamaForCausalLM, *, mesh, **kwargs):
+        super().__init__(model, **kwargs)
+        num_blocks, devices = self.pool_shape["num_blocks"], mesh.shape[KV_AXIS]
+        if num_blocks % devices:
+            raise ValueError(f"num_blocks ({num_blocks}) must split evenly over the "
+                             f"{devices} devices of the KV mesh")
+        self.mesh = mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.load_sharding = self.logits_sharding = replicated
+        # From host copies: a mesh over several processes takes only host values.
+        self.state, self.layer_states = jax.device_put(
+            jax.tree.map(np.asarray, (self.state, self.layer_states)), replicated)
+        # Each device materialises only its own blocks.
+        self.pool = KVPool.create(**self.pool_shape,
+                                  sharding=NamedSharding(mesh, PartitionSpec(KV_AXIS)))
+        self.shards = PoolShards(mesh, num_blocks, KV_AXIS)
+
+    def new_allocator(self) -> DistributedBlockAllocator:
+        """An allocator over the mesh's devices, in mesh order."""
+        return DistributedBlockAllocator(len(self.shards.devices), self.shards.blocks_per_device)
+
+    def process_of(self, block: int) -> int:
+        return self.shards.process_of(block)
+
+    def devices_of_process(self, process: int) -> list[int]:
+        return self.shards.positions_of(process)
+
+    def run_segments(self, segments: tuple[Segment, ...], *, all_logits: bool) -> jax.Array:
+        if all_logits:
+            return self._prefill(segments[0], all_logits=True)
+        decodes = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
+        rows: dict[int, jax.Array] = {}
+        if decodes:
+            logits = self._decode([segments[i] for i in decodes])
+            rows.update((i, logits[n]) for n, i in enumerate(decodes))
+        for i, segment in enumerate(segments):
+            if i not in rows:
+                rows[i] = self._prefill(segment, all_logits=False)
+        height = self.limits.logit_rows(sum(len(s.tokens) for s in segments))
+        padding = [jnp.zeros_like(rows[0])] * (height - len(segments))
+        return jnp.stack([rows[i] for i in range(len(segments))] + padding)
+
+    def _prefill(self, segment: Segment, *, all_logits: bool) -> jax.Array:
+        """One prompt chunk alone: logits `[T, V]` of its tokens bucketed if
+        `all_logits`, else `[V]` of its last."""
+        count = len(segment.tokens)
+        tokens = np.zeros(bucket(count), np.int32)
+        tokens[:count] = segment.tokens
+        logits, self.pool = mesh_prefill_step(
+            self.graphdef, self.state, self.pool, tokens, jnp.int32(segment.start),
+            jnp.int32(count), self.limits.table(segment.blocks), backend=self.backend,
+            all_logits=all_logits, mesh=self.mesh)
+        return logits
+
+    def _decode(self, segments: list[Segment]) -> jax.Array:
+        """One-token segments as one decode batch (padded to a power of two): logits
+        `[B, V]`, row i segment i's."""
+        rows = bucket(len(segments), minimum=1)
+        tables = np.stack([self.limits.table(s.blocks) for s in segments] +
+                          [self.limits.table([])] * (rows - len(segments)))
+        tokens = np.zeros(rows, np.int32)
+        positions = np.full(rows, -1, np.int32)
+        for i, segment in enumerate(segments):
+            tokens[i], positions[i] = segment.tokens[0], segment.start
+        logits, self.pool = mesh_decode_step(
+            self.graphdef, self.state, self.pool, tokens, positions, tables,
+            backend=self.backend, mesh=self.mesh)
+        return logits
+
+    def copy_out(self, block_ids: list[int], memory_kind: str | None) -> SavedBlocks:
+        """Each device copies out the blocks it holds (no collective); the blocks of a
+        device are views of one layer-major array (see `PoolShards.read`)."""
+        return self.shards.read(self.pool, block_ids, memory_kind)
+
+    def write_blocks(self, block_ids: list[int], blocks: dict[int, BlockKV]) -> None:
+        """Writes into pool blocks `block_ids` those on this process's devices,
+        `blocks[id]`; every process of a group runs it with the same ids, each giving
+        its own."""
+        self.pool = self.shards.write(self.pool, block_ids, blocks)
+
+    def compile_writes(self, max_blocks: int) -> int:
+        """Compiles `write_blocks` for up to `max_blocks` ids at once, writing nothing.
+        Returns the shapes compiled."""
+        self.pool, shapes = self.shards.compile_writes(self.pool, max_blocks)
+        return shapes
+
+    def compile_steps(self) -> int:
+        limits = self.limits
+        shapes = [("prefill", t) for t in powers_of_two(16, bucket(limits.prefill_chunk))]
+        shapes += [("decode", b) for b in powers_of_two(1, bucket(limits.max_seqs, 1))]
+        table = limits.table([])
+        for kind, size in tqdm(shapes, desc="compiling", unit="shape"):
+            if kind == "prefill":
+                _, self.pool = mesh_prefill_step(
+                    self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
+                    jnp.int32(0), jnp.int32(0), table, backend=self.backend,
+                    all_logits=False, mesh=self.mesh)
+            else:
+                _, self.pool = mesh_decode_step(
+                    self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
+                    np.full(size, -1, np.int32), np.stack([table] * size),
+                    backend=self.backend, mesh=self.mesh)
+        jax.block_until_ready(self.pool)
+        return len(shapes)
+
+    def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
+        return self.shards.compile_reads(self.pool, max_blocks, memory_kind)
