@@ -115,11 +115,11 @@ def step_time_table(contexts, devices: int, repeats: int) -> list[dict]:
                   num_blocks=-(-blocks_for(max(contexts) + 1, 16) // count) * count)
         runner = llm.runner
         for context in tqdm(contexts, desc=f"step time on {count}", unit="context"):
-            blocks = runner.allocator.allocate(blocks_for(context + 1, runner.block_size))
+            blocks = llm.chats.blocks.allocate(blocks_for(context + 1, runner.block_size))
             runner.prefill([7] * context, 0, blocks)
             seconds = median_seconds(lambda: runner.decode([7], [context], [blocks]),
                                      repeats=repeats)
-            runner.allocator.free(blocks)
+            llm.chats.blocks.free(blocks)
             rows.append({"devices": count, "context": context, "step_ms": seconds * 1e3})
     return rows
 

@@ -42,24 +42,24 @@ def load(name: str) -> LLM:
 def prefill_rate(llm: LLM, length: int, repeats: int) -> float:
     runner = llm.runner
     tokens = np.random.default_rng(0).integers(3, llm.config.vocab_size, size=length)
-    blocks = runner.allocator.allocate(blocks_for(length, runner.block_size))
+    blocks = llm.chats.blocks.allocate(blocks_for(length, runner.block_size))
     try:
         seconds = median_seconds(lambda: runner.prefill(tokens, 0, blocks), repeats=repeats)
     finally:
-        runner.allocator.free(blocks)
+        llm.chats.blocks.free(blocks)
     return length / seconds
 
 
 def decode_rate(llm: LLM, batch: int, context: int, repeats: int) -> float:
     runner = llm.runner
     per_sequence = blocks_for(context + 1, runner.block_size)
-    block_lists = [runner.allocator.allocate(per_sequence) for _ in range(batch)]
+    block_lists = [llm.chats.blocks.allocate(per_sequence) for _ in range(batch)]
     try:
         seconds = median_seconds(
             lambda: runner.decode([5] * batch, [context] * batch, block_lists), repeats=repeats)
     finally:
         for blocks in block_lists:
-            runner.allocator.free(blocks)
+            llm.chats.blocks.free(blocks)
     return batch / seconds
 
 

@@ -69,14 +69,14 @@ def one_shot_ttft(llm: LLM, tokens: list[int]) -> float:
     """Prefill of the whole context in one pass and the first token's logits (the second
     of two runs, so compilation is not counted)."""
     runner = llm.runner
-    blocks = runner.allocator.allocate(blocks_for(len(tokens) + 1, runner.block_size))
+    blocks = llm.chats.blocks.allocate(blocks_for(len(tokens) + 1, runner.block_size))
     try:
         np.asarray(runner.prefill(tokens, 0, blocks))
         start = time.perf_counter()
         np.asarray(runner.prefill(tokens, 0, blocks))
         return time.perf_counter() - start
     finally:
-        runner.allocator.free(blocks)
+        llm.chats.blocks.free(blocks)
 
 
 def main(argv=None) -> None:
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
                 results[mode].append(result.ttft_s)
                 tokens_per_turn[mode].append(result.token_ids)
                 if mode == "hbm":
-                    history = llm.chats.sessions["conversation"].tokens
+                    history = llm.engine.conversation("conversation").tokens
                     context.append(len(history) - len(result.token_ids))
                     prompt = history[:context[-1]]
                     one_shot.append(one_shot_ttft(llm, prompt))

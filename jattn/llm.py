@@ -13,7 +13,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from jattn.defaults import BLOCK_SIZE, MAX_RUNNING, PREFILL_CHUNK, SINK_TOKENS
+from jattn.defaults import BLOCK_SIZE, MAX_RUNNING, PREFILL_CHUNK, SINK_TOKENS, STEP_TIMEOUT_S
 from jattn.distributed.group import GroupLeader, StepChannel, is_leader
 from jattn.distributed.group import follow as follow_leader
 from jattn.distributed.group_store import (
@@ -133,7 +133,7 @@ class LLM:
                  max_running: int = MAX_RUNNING,
                  backend: str = "auto", params_cache: str | None = None,
                  store: StoreConfig | None | str = "auto", kv_parallel: int = 1,
-                 step_timeout_s: float = 60.0, on_group_failure=None):
+                 step_timeout_s: float = STEP_TIMEOUT_S, on_group_failure=None):
         path = EMBEDDED_MODEL if model is None else os.fspath(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
@@ -154,17 +154,18 @@ class LLM:
             _check_group(kv_parallel)
             if is_leader():
                 group = GroupLeader(StepChannel(), step_timeout_s, on_group_failure)
-        self.runner = ModelRunner(
-            self._build(path, random_weights, seed, params_cache),
-            num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
-            max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,
-            backend=backend, mesh=kv_mesh(kv_parallel), group=group)
-        self._group = group
         if store == "auto":
             store = StoreConfig.sized_for_machine(block_size=block_size)
         if store is not None and store.block_size != block_size:
             raise ValueError(f"store.block_size ({store.block_size}) must equal block_size "
                              f"({block_size})")
+        self.runner = ModelRunner(
+            self._build(path, random_weights, seed, params_cache),
+            num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
+            max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,
+            backend=backend, mesh=kv_mesh(kv_parallel), group=group,
+            save_memory_kind=store.memory_kind_for(jax.local_devices()[0]) if store else None)
+        self._group = group
         fingerprint = model_fingerprint(self.config, self.runner.state, self.dtype)
         self.store = self._shard = None
         if store is not None and self.in_group:

@@ -198,7 +198,7 @@ def test_a_conversation_moves_between_replicas_with_the_tokens_of_one_server(red
 
 
 def test_remote_blocks_load_layer_by_layer_and_a_block_evicted_midway_is_recomputed(
-        redis_server):
+        redis_server, monkeypatch):
     """Replica B's turn takes replica A's prefix from Redis layer by layer: the load is
     counted as the remote tier's, with its transfer split into hidden and stalled time.
     Then Redis evicts a block after B has read its first layer: B's turn starts again,
@@ -224,16 +224,15 @@ def test_remote_blocks_load_layer_by_layer_and_a_block_evicted_midway_is_recompu
     assert b.store.stats()["host_blocks"] >= 3
 
     c = replica(redis_server.url)
-    tier = c.store._remote
-    read_layer = tier.read_layer
+    read_layer = RemoteTier.read_layer
 
-    def evict_after_layer_0(keys, layer):
-        values = read_layer(keys, layer)
+    def evict_after_layer_0(tier, keys, layer):
+        values = read_layer(tier, keys, layer)
         if layer == 0 and keys:
             redis_server.client().delete(tier.block_name(keys[-1]))
         return values
 
-    tier.read_layer = evict_after_layer_0
+    monkeypatch.setattr(RemoteTier, "read_layer", evict_after_layer_0)
     again = c.generate(prefix + [10, 11], max_tokens=6, ignore_eos=True)
     assert again.token_ids == want.token_ids
     assert again.tiers == {} and again.recomputed_tokens == len(prefix) + 2

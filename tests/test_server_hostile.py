@@ -291,10 +291,10 @@ def test_a_dead_engine_says_not_serving_fails_fast_and_stops():
     held = client.chat_events("held", "Once upon a time", max_tokens=60, ignore_eos=True)
     next(iter(held))  # a turn is running
 
-    def die():
+    def die(*args, **kwargs):
         raise _Fatal("the engine's thread ends")
 
-    server.engine._admit = die  # the next step ends the thread
+    server.engine.chats.begin = die  # the next turn to begin ends the thread
     waiting = client.chat_events("waiting", "Once upon a time", max_tokens=4)
     with pytest.raises(grpc.RpcError) as raised:
         list(waiting)
