@@ -85,6 +85,16 @@ class ModelRunner:
         return self._steps.dtype
 
     @property
+    def backend(self) -> str:
+        """The attention backend of the steps (see `pallas_kernels.backend`); set, it
+        takes effect at the next step (each backend compiles steps of its own)."""
+        return self._steps.backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        self._steps.backend = backend
+
+    @property
     def prefill_chunk(self) -> int:
         return self.limits.prefill_chunk
 
