@@ -59,9 +59,6 @@ class ModelRunner:
         self._steps = (SingleDeviceSteps(model, **placement) if mesh is None
                        else MeshSteps(model, mesh=mesh, **placement))
         self._executor = self._steps if group is None else LeaderSteps(self._steps, group)
-        # For callers that still take blocks through the runner; the engine's KV-cache
-        # manager holds an allocator of its own (`new_allocator`).
-        self.allocator = self.new_allocator()
 
     # ----- what the runner holds --------------------------------------------------------
 
