@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from jattn import LLM, StoreConfig
+from jattn import LLM
 from jattn.bench.redis_server import RedisServer
 from serve.client import Client
 from serve.config import ServeConfig

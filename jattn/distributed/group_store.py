@@ -35,7 +35,6 @@ sums: they are as fresh as the last store step.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import threading
 from dataclasses import dataclass
 
@@ -178,9 +177,8 @@ class ProcessShard:
     def file(self, saves: tuple[BlockSave, ...], saved: SavedBlocks) -> None:
         """Has the store's thread file each of `saves` whose block is on this process's
         devices under its key, its KV from `saved()` (the copies a step started)."""
-        for save in saves:
-            if self.runner.process_of(save.block) == self.process:
-                self.store.save(save.key, functools.partial(_block_of, saved, save.block))
+        own = [save for save in saves if self.runner.process_of(save.block) == self.process]
+        self.store.save_blocks([save.key for save in own], [save.block for save in own], saved)
 
     def hint(self, keys: list[bytes]) -> concurrent.futures.Future:
         return self.store.hint(keys)
@@ -197,10 +195,6 @@ class ProcessShard:
         for width in widths:
             self._gather([0] * width)
         return self.runner.compile_writes(max_blocks) + len(widths)
-
-
-def _block_of(saved: SavedBlocks, block: int) -> BlockKV:
-    return saved()[block]
 
 
 class GroupStore:

@@ -238,11 +238,6 @@ class KVCacheManager:
                 held[tier] += 1
         return held
 
-    @property
-    def cached_budget_bytes(self) -> int:
-        """The device tier's budget for cached blocks, in bytes."""
-        return self.device.capacity_blocks * self.block_bytes
-
     def census(self) -> BlockCensus:
         """Counts where every pool block is; `balanced` unless a block leaked or is
         claimed twice."""

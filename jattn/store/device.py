@@ -51,10 +51,6 @@ class DeviceBlocks:
     def __contains__(self, key: bytes) -> bool:
         return key in self._block
 
-    def block_of(self, key: bytes) -> int:
-        """The pool block holding `key` (KeyError if none)."""
-        return self._block[key]
-
     def acquire(self, key: bytes) -> int:
         """References the block holding `key` (KeyError if none) and returns its id."""
         block = self._block[key]

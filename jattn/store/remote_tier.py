@@ -246,10 +246,6 @@ class RemoteTier:
 
     # ----- faults ----------------------------------------------------------------------
 
-    def _available(self) -> bool:
-        with self._lock:
-            return self._down_since is None
-
     def _call(self, doing: str, function, *args, **kwargs):
         """`function(*args, **kwargs)` against Redis, or None (without trying, while
         Redis is left alone after a fault; or after a fault, which is logged once per
