@@ -47,12 +47,9 @@ def worker(args) -> None:
         from jattn.distributed import group
 
         group.initialize(f"127.0.0.1:{args.port}", args.processes, args.process_id)
-    import numpy as np
-
     from dist_attention import collective_bytes
     from jattn import LLM, StoreConfig
-    from jattn.model.kv_cache import blocks_for, padded_table
-    from jattn.model.runner import _decode_step
+    from jattn.model.kv_cache import blocks_for
     from timing import median_seconds
 
     block_size = 16
@@ -65,15 +62,11 @@ def worker(args) -> None:
     if jax.process_index() != 0:
         llm.follow()
         return
-    runner = llm.runner
-    table = padded_table([], runner.table_width)[None]
-    hlo = _decode_step.lower(runner.graphdef, runner.state, runner.pool,
-                             np.zeros(1, np.int32), np.zeros(1, np.int32), table,
-                             backend=runner.backend, mesh=runner.mesh).compile().as_text()
-    step_bytes = collective_bytes(hlo)
+    runner, pool = llm.runner, llm.chats.blocks
+    step_bytes = collective_bytes(runner.compiled_text(1)["decode"])
     rows = []
     for context in args.contexts:
-        owned = runner.allocator.allocate(blocks_for(context + 1, block_size))
+        owned = pool.allocate(blocks_for(context + 1, block_size))
         runner.prefill([7] * context, 0, owned)
         seconds = median_seconds(lambda: runner.decode([7], [context], [owned]),
                                  repeats=args.repeats)
@@ -82,7 +75,7 @@ def worker(args) -> None:
         if grouped:
             row.update(store_round_trip(llm, owned, args.repeats))  # frees `owned`
         else:
-            runner.allocator.free(owned)
+            pool.free(owned)
         rows.append(row)
     llm.close()
     with open(args.out, "w") as f:
@@ -90,50 +83,52 @@ def worker(args) -> None:
 
 
 def store_round_trip(llm, owned: list[int], repeats: int) -> dict:
-    """In a group: the context's blocks `owned` saved by the processes holding them into
-    their own host memory, then loaded back (median ms of each), and the collective bytes
-    of those copies (the compiled programs) against a copy of the same blocks to every
-    process (a replicated read of the pool, what a store on process 0 alone needs).
-    Frees `owned` before the loads, which go back to the devices of the same
-    processes."""
+    """In a group: the context's pool blocks `owned` saved by the processes holding them
+    into their own host memory (a plan of saves alone, then a flush), then loaded back
+    (median ms of each), and the collective bytes of those copies (the compiled
+    programs) against a copy of the same blocks to every process (a replicated read of
+    the pool, what a store on process 0 alone needs). Frees `owned` before the loads,
+    which go back to the devices of the same processes."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
     from dist_attention import collective_bytes
     from jattn.model.kv_cache import bucket
-    from jattn.model.runner import _blocks_of
+    from jattn.model.step_functions import read_blocks
+    from jattn.model.step_plan import BlockSave, StepPlan
     from timing import median_seconds
 
-    runner, store = llm.runner, llm.store
+    runner, store, pool = llm.runner, llm.store, llm.chats.blocks
 
     def save():
         keys = [os.urandom(16) for _ in owned]  # new keys: every save does its work
-        store.save_blocks(keys, owned)
+        llm.chats.run(StepPlan(saves=tuple(BlockSave(key, block)
+                                           for key, block in zip(keys, owned))))
         store.flush()
         return keys
 
     save_seconds = median_seconds(save, repeats=repeats)
     keys = save()
-    runner.allocator.free(owned)
+    width = bucket(max(sum(pool.allocator.device_of(b) == d for b in owned)
+                       for d in range(DEVICES)), minimum=1)
+    pool.free(owned)
 
     def load():
-        placed = store.load_run(keys, runner.allocator.allocate_on, runner.allocator.free)
-        assert len(placed) == len(keys), "a block saved was not loaded"
-        runner.allocator.free([block for block, _ in placed])
+        run = store.load_run(keys, pool)
+        assert len(run) == len(keys), "a block saved was not loaded"
+        pool.free(run.block_ids)
 
     load_seconds = median_seconds(load, repeats=repeats)
-    width = bucket(max(sum(runner.allocator.device_of(b) == d for b in owned)
-                       for d in range(DEVICES)), minimum=1)
-    read_hlo, write_hlo = runner.shards.compiled_text(runner.pool, width)
-    replicated = NamedSharding(runner.mesh, PartitionSpec())
+    programs = runner.compiled_text(width)
+    replicated = NamedSharding(runner.pool.k[0].sharding.mesh, PartitionSpec())
     ids = np.zeros(bucket(len(owned), minimum=1), np.int32)
-    everywhere = jax.jit(_blocks_of, out_shardings=(replicated, replicated)).lower(
+    everywhere = jax.jit(read_blocks, out_shardings=(replicated, replicated)).lower(
         runner.pool, ids).compile().as_text()
     return {"blocks": len(owned), "save_ms": save_seconds * 1e3,
             "load_ms": load_seconds * 1e3,
-            "own_copy_collective_bytes": sum(collective_bytes(read_hlo).values())
-            + sum(collective_bytes(write_hlo).values()),
+            "own_copy_collective_bytes": sum(collective_bytes(programs["read"]).values())
+            + sum(collective_bytes(programs["write"]).values()),
             "copy_to_every_process_collective_bytes": sum(collective_bytes(everywhere).values())}
 
 

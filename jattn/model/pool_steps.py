@@ -136,6 +136,10 @@ class PoolSteps:
         """Compiles `write_blocks` for up to `max_blocks` ids at once."""
         raise RuntimeError("blocks are written into the pool at once only over a mesh")
 
+    def compiled_text(self, blocks_per_device: int) -> dict[str, str]:
+        """The compiled programs of a mesh as HLO text (see `MeshSteps.compiled_text`)."""
+        raise RuntimeError("only steps over a mesh have collectives to read")
+
     # ----- a plan ---------------------------------------------------------------------
 
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -431,6 +435,18 @@ class MeshSteps(PoolSteps):
         Returns the shapes compiled."""
         self.pool, shapes = self.shards.compile_writes(self.pool, max_blocks)
         return shapes
+
+    def compiled_text(self, blocks_per_device: int) -> dict[str, str]:
+        """The programs whose collectives could cross devices, compiled (nothing runs)
+        and as HLO text, to read what they move: "decode", the decode step of one
+        sequence (every layer); "read" and "write", the copies of `blocks_per_device`
+        blocks per device out of and into the pool (`PoolShards.compiled_text`)."""
+        decode = mesh_decode_step.lower(
+            self.graphdef, self.state, self.pool, np.zeros(1, np.int32),
+            np.full(1, -1, np.int32), self.limits.table([])[None], backend=self.backend,
+            mesh=self.mesh).compile().as_text()
+        read, write = self.shards.compiled_text(self.pool, blocks_per_device)
+        return {"decode": decode, "read": read, "write": write}
 
     def compile_steps(self) -> int:
         limits = self.limits

@@ -238,3 +238,12 @@ class ModelRunner:
         """Compiles `write_blocks` for up to `max_blocks` ids at once, writing nothing.
         Returns the shapes compiled."""
         return self._steps.compile_writes(max_blocks)
+
+    # ----- inspection -------------------------------------------------------------------
+
+    def compiled_text(self, blocks_per_device: int) -> dict[str, str]:
+        """Over a mesh: the HLO text of the compiled decode step of one sequence
+        ("decode") and of the copies of `blocks_per_device` blocks per device out of and
+        into the pool ("read", "write"), to read what their collectives move. Compiles
+        on this process alone and runs nothing (in a group, nothing is announced)."""
+        return self._steps.compiled_text(blocks_per_device)
