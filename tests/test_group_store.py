@@ -27,6 +27,7 @@ from jattn.distributed.group_store import (
 )
 from jattn.model.leader_steps import CompileSaves, CompileSteps, LeaderSteps
 from jattn.model.step_plan import Arrival, BlockSave, Segment, StepOutput, StepPlan
+from jattn.store import AttentionStore
 from jattn.store.kv_store import KVStore, LoadedRun
 
 
@@ -35,10 +36,13 @@ class RecordingGroup:
 
     def __init__(self):
         self.steps = []
+        self.compiling = []  # the steps announced as compiling
 
     @contextlib.contextmanager
-    def step(self, message):
+    def step(self, message, *, compiles=False):
         self.steps.append(message)
+        if compiles:
+            self.compiling.append(message)
         yield
 
 
@@ -52,6 +56,8 @@ class RecordingStore:
 
     def save(self, key, produce):
         self.saved[key] = produce
+
+    save_blocks = AttentionStore.save_blocks  # each block through `save`
 
     def get_record(self, session_id, *, check_remote=True):
         self.record_reads.append(session_id)
@@ -205,7 +211,7 @@ def test_records_are_read_only_for_a_session_the_caller_does_not_know():
 def test_warm_up_announces_the_store_steps_and_compiles_the_saves():
     group, shard = RecordingGroup(), RecordingShard()
     assert GroupStore(shard, group).warm_up(shard.runner, 40) == 3
-    assert group.steps == [StoreWarmUp(40)]
+    assert group.steps == group.compiling == [StoreWarmUp(40)]
     assert shard.warmed == [40] and shard.runner.compiled == [40]
 
 
@@ -241,8 +247,30 @@ def test_the_leader_announces_each_plan_itself_before_running_it():
     assert group.steps == [plan] and steps.plans == [plan]
     np.testing.assert_array_equal(output.logits, np.arange(6.0).reshape(2, 3))
     assert leader.compile_steps() == 5 and leader.compile_saves(8) == 8
-    assert group.steps[1:] == [CompileSteps(), CompileSaves(8)]
+    assert group.steps[1:] == group.compiling == [CompileSteps(), CompileSaves(8)]
     assert leader.compile_arrivals() == 0 and len(group.steps) == 3
+
+
+def test_a_compiling_step_gets_ten_times_the_step_timeout():
+    """The watchdog ends the group when a step outlives its limit: a step's limit is
+    the timeout, a compiling warm-up step's `COMPILE_TIMEOUT_FACTOR` times it."""
+    import time
+
+    from jattn.distributed.group import COMPILE_TIMEOUT_FACTOR, GroupLeader
+
+    class Channel:
+        def send(self, message):
+            pass
+
+    stalls = []
+    leader = GroupLeader(Channel(), 0.1, on_failure=stalls.append)
+    assert COMPILE_TIMEOUT_FACTOR == 10
+    with leader.step(CompileSteps(), compiles=True):
+        time.sleep(0.4)  # 4 timeouts: within the compile limit of 1 s
+    assert stalls == []
+    with leader.step(StepPlan()):
+        time.sleep(0.4)
+    assert len(stalls) == 1 and "'StepPlan' has not finished after 0.1 s" in stalls[0]
 
 
 def test_the_leader_refuses_kv_arriving_layer_by_layer():

@@ -30,6 +30,9 @@ from jattn.model.kv_cache import bucket
 
 log = logging.getLogger("jattn.distributed")
 
+COMPILE_TIMEOUT_FACTOR = 10
+"""A warm-up step that compiles may take this many times the step timeout."""
+
 GROUP_FAILED_EXIT = 3
 """The exit status of a process whose group failed (a peer died or hung)."""
 
@@ -172,14 +175,17 @@ class StepWatchdog:
         self.on_stall = on_stall or exit_group
         self._started: float | None = None
         self._what = ""
+        self._limit_s = timeout_s
         self._lock = threading.Lock()
         threading.Thread(target=self._watch, name="jattn-step-watchdog", daemon=True).start()
 
     @contextlib.contextmanager
-    def step(self, what: str):
-        """Times the step run inside it; `what` names it in the message."""
+    def step(self, what: str, *, limit_s: float | None = None):
+        """Times the step run inside it, against `limit_s` seconds (default
+        `timeout_s`); `what` names it in the message."""
         with self._lock:
             self._started, self._what = time.monotonic(), what
+            self._limit_s = limit_s or self.timeout_s
         try:
             yield
         finally:
@@ -190,10 +196,10 @@ class StepWatchdog:
         while True:
             time.sleep(min(0.5, self.timeout_s / 4))
             with self._lock:
-                started, what = self._started, self._what
-            if started is not None and time.monotonic() - started > self.timeout_s:
+                started, what, limit_s = self._started, self._what, self._limit_s
+            if started is not None and time.monotonic() - started > limit_s:
                 self.on_stall(f"the process group's step {what!r} has not finished after "
-                              f"{self.timeout_s:g} s: a process of the group hangs or died")
+                              f"{limit_s:g} s: a process of the group hangs or died")
                 return
 
 
@@ -211,10 +217,13 @@ class GroupLeader:
         self.watchdog = StepWatchdog(timeout_s, self.on_failure)
 
     @contextlib.contextmanager
-    def step(self, message):
-        """Around one step: sends `message` (a dataclass) to the followers first."""
+    def step(self, message, *, compiles: bool = False):
+        """Around one step: sends `message` (a dataclass) to the followers first. A
+        warm-up step that `compiles` gets `COMPILE_TIMEOUT_FACTOR` times the time
+        limit: compiling a model's shapes takes far longer than running one."""
         name = type(message).__name__
-        with self.watchdog.step(name):
+        limit_s = self.watchdog.timeout_s * (COMPILE_TIMEOUT_FACTOR if compiles else 1)
+        with self.watchdog.step(name, limit_s=limit_s):
             try:
                 self.channel.send(message)
                 yield

@@ -314,7 +314,7 @@ class GroupStore:
         """Compiles every store step's programs for up to `max_blocks` keys at once, on
         every process, and the copies of the saves (`steps.compile_saves`); nothing
         arrives layer by layer. Returns the shapes compiled."""
-        with self._group.step(StoreWarmUp(max_blocks)):
+        with self._group.step(StoreWarmUp(max_blocks), compiles=True):
             shapes = self._shard.warm_up(max_blocks)
         return shapes + steps.compile_saves(max_blocks)
 

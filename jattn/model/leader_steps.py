@@ -55,7 +55,7 @@ class LeaderSteps:
         return StepOutput(logits, output.saved)
 
     def compile_steps(self) -> int:
-        with self.group.step(CompileSteps()):
+        with self.group.step(CompileSteps(), compiles=True):
             return self.steps.compile_steps()  # it waits for the compiled steps
 
     def compile_arrivals(self) -> int:
@@ -63,5 +63,5 @@ class LeaderSteps:
         return 0
 
     def compile_saves(self, max_blocks: int) -> int:
-        with self.group.step(CompileSaves(max_blocks)):
+        with self.group.step(CompileSaves(max_blocks), compiles=True):
             return self.steps.compile_saves(max_blocks)
