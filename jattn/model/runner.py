@@ -112,6 +112,11 @@ class ModelRunner:
         return self.limits.logit_rows(tokens)
 
     @property
+    def save_memory_kind(self) -> str | None:
+        """The host memory kind a plan's saves are copied to (None: a plain host copy)."""
+        return self._steps.save_memory_kind
+
+    @property
     def load_sharding(self):
         """Where KV arriving layer by layer (`Arrival.source`) is expected."""
         return self._steps.load_sharding
