@@ -381,6 +381,10 @@ class MeshSteps(PoolSteps):
         if all_logits:
             return self._prefill(segments[0], all_logits=True)
         decodes = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
+        height = self.limits.logit_rows(sum(len(s.tokens) for s in segments))
+        if len(decodes) == len(segments):  # a decode batch alone: its rows as they are
+            logits = self._decode(list(segments))
+            return jnp.pad(logits, ((0, max(height - logits.shape[0], 0)), (0, 0)))[:height]
         rows: dict[int, jax.Array] = {}
         if decodes:
             logits = self._decode([segments[i] for i in decodes])
@@ -388,7 +392,6 @@ class MeshSteps(PoolSteps):
         for i, segment in enumerate(segments):
             if i not in rows:
                 rows[i] = self._prefill(segment, all_logits=False)
-        height = self.limits.logit_rows(sum(len(s.tokens) for s in segments))
         padding = [jnp.zeros_like(rows[0])] * (height - len(segments))
         return jnp.stack([rows[i] for i in range(len(segments))] + padding)
 
