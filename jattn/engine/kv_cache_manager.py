@@ -126,7 +126,7 @@ class KVCacheManager:
         except BaseException:
             self.release(lease)
             raise
-        if lease.tiers["hbm"]:
+        if lease.tiers["hbm"] and lease.remote is None:  # else counted when matched again
             self.store.count_device_hits(lease.tiers["hbm"], lease.tiers["hbm"] * self.block_bytes)
         return lease
 
