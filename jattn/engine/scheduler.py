@@ -394,6 +394,10 @@ class Engine:
                 self.counters["failed"] += 1
                 stream.fail(error)
                 continue
+            except BaseException:  # the thread ends: back in the queue, the turn fails with it
+                with self._condition:
+                    self._waiting.appendleft(stream)
+                raise
             self._active[stream] = turn
             stream.start(turn.result)
 
