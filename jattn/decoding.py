@@ -1,13 +1,12 @@
-"""The decode side of one sequence: sampling keys, stop rules, text; and the sampling of
-a decode batch's next tokens in one call."""
+"""The decode side of one sequence: its draws (key, parameters), stop rules, text."""
 
 from __future__ import annotations
 
 import time
-import numpy as np
 
 from jattn.generation import Generation, IncrementalText, StreamedToken
-from jattn.sampling import SamplingParams, sample_rows, seed_key_data
+from jattn.model.step_plan import Draw
+from jattn.sampling import SamplingParams, seed_key_data
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
@@ -41,9 +40,12 @@ class Continuation:
         self._text = IncrementalText(tokenizer.decode) if tokenizer else None
         result.finish_reason = "length"
 
-    def sample(self, logits) -> int:
-        """A token from this sequence's logits `[V]` under its sampling parameters."""
-        return sample_next([self], logits[None])[0]
+    def draw(self) -> Draw:
+        """How this sequence's next token is drawn (each call is the next draw)."""
+        p = self.params
+        self.draws += 1
+        return Draw((int(self.key_data[0]), int(self.key_data[1])), self.draws - 1,
+                    p.temperature, p.top_k, p.top_p)
 
     def take(self, token: int) -> StreamedToken | None:
         if self.steps == 0:
@@ -70,32 +72,3 @@ class Continuation:
         if self._text:
             self.result.text = cut_at_stop(self._text.text, self.params.stop)
         return None
-
-
-def sample_next(continuations: list[Continuation | None], logits) -> list[int | None]:
-    """The next token of each continuation, continuation i's from row i of
-    `logits [R, V]` (R >= len(continuations); later rows, and rows whose continuation
-    is None, are not sampled: None), in one call: a batch costs one sampling dispatch
-    and one transfer of R token ids."""
-    rows = logits.shape[0]
-    key_data = None
-    draws = np.zeros(rows, np.int32)
-    temperature = np.zeros(rows, np.float32)  # rows not sampled: greedy, the cheapest
-    top_k = np.zeros(rows, np.int32)
-    top_p = np.ones(rows, np.float32)
-    for row, continuation in enumerate(continuations):
-        if continuation is None:
-            continue
-        if key_data is None:
-            key_data = np.zeros((rows, *continuation.key_data.shape),
-                                continuation.key_data.dtype)
-        p = continuation.params
-        key_data[row], draws[row] = continuation.key_data, continuation.draws
-        temperature[row], top_p[row] = p.temperature, p.top_p
-        top_k[row] = min(p.top_k, logits.shape[-1])  # past the vocabulary: all of it
-        continuation.draws += 1
-    if key_data is None:
-        return [None] * len(continuations)
-    tokens = np.asarray(sample_rows(logits, key_data, draws, temperature, top_k, top_p))
-    return [int(token) if continuation is not None else None
-            for token, continuation in zip(tokens, continuations)]

@@ -3,6 +3,7 @@ the next token from logits."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -97,8 +98,42 @@ def sample_rows(logits, key_data, draws, temperature, top_k, top_p):
     One call samples a whole decode batch (parameters are traced, so one compiled
     function serves every mix of settings). Temperature 0 is argmax. Top-k keeps the k
     largest logits (ties at the k-th kept); top-p keeps the smallest set of most likely
-    tokens whose probability reaches p (the most likely token always stays).
+    tokens whose probability reaches p (the most likely token always stays). A batch
+    with every row greedy skips the sorts the filters need.
     """
-    keys = jax.vmap(jax.random.fold_in)(
-        jax.random.wrap_key_data(key_data, impl=KEY_IMPL), draws)
-    return jax.vmap(_sample_row)(logits, keys, temperature, top_k, top_p)
+
+    def drawn():
+        keys = jax.vmap(jax.random.fold_in)(
+            jax.random.wrap_key_data(key_data, impl=KEY_IMPL), draws)
+        return jax.vmap(_sample_row)(logits, keys, temperature, top_k, top_p)
+
+    def greedy():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.all(temperature == 0), greedy, drawn)
+
+
+def draw_arguments(draws, rows: int) -> tuple[np.ndarray, ...]:
+    """The arrays `sample_rows` takes for `rows` rows: row i from `draws[i]` (a
+    `jattn.model.step_plan.Draw`, or None), every other row greedy (the cheapest).
+    Returns (key_data `[rows, 2]` uint32, numbers int32, temperature float32, top_k
+    int32, top_p float32), each `[rows]`."""
+    key_data = np.zeros((rows, 2), np.uint32)
+    numbers = np.zeros(rows, np.int32)
+    temperature = np.zeros(rows, np.float32)
+    top_k = np.zeros(rows, np.int32)
+    top_p = np.ones(rows, np.float32)
+    for row, draw in enumerate(draws):
+        if draw is not None:
+            key_data[row] = draw.key
+            numbers[row], temperature[row] = draw.number, draw.temperature
+            top_k[row], top_p[row] = min(draw.top_k, 2**31 - 1), draw.top_p
+    return key_data, numbers, temperature, top_k, top_p
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def draw_tokens(logits, key_data, numbers, temperature, top_k, top_p, *, width: int):
+    """`sample_rows` of `logits [R, V]` (R <= width), padded with zeros to `[width]`
+    int32: the tokens of a step, as the next step reads them."""
+    tokens = sample_rows(logits, key_data, numbers, temperature, top_k, top_p)
+    return jnp.pad(tokens, (0, width - tokens.shape[0]))

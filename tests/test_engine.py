@@ -10,7 +10,7 @@ import pytest
 
 from jattn import LLM, StoreConfig
 from jattn.sampling import SamplingParams
-from jattn.engine import EngineLimits, InvalidRequest, QueueFull, SessionNotFound, TurnRequest
+from jattn.engine import Engine, EngineLimits, InvalidRequest, QueueFull, SessionNotFound, TurnRequest
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
             "Then it started to rain."]
@@ -189,3 +189,36 @@ def test_a_slow_reader_gets_every_token_that_arrived_in_one_chunk():
     closed.push(StreamedToken(7, "7"))
     closed.close()
     assert [[t.id for t in chunk] for chunk in closed.chunks()] == [[7]]
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_taken_one_by_one():
+    """With overlap, step N+1 is dispatched before step N's tokens reach the host and
+    reads them on the device; a mix of greedy and seeded turns of every length, ending
+    by end-of-sequence, stop string or budget, arriving together, gets the tokens and
+    endings of an engine that takes each step's tokens before planning the next, and
+    every block comes back."""
+    rng = np.random.default_rng(11)
+    requests = []
+    for i in range(14):
+        prompt = rng.integers(3, 500, int(rng.integers(4, 70))).tolist()
+        sampling = dict(max_tokens=int(rng.integers(1, 40)))
+        if i % 2:
+            sampling.update(temperature=0.9, top_k=int(rng.integers(0, 40)),
+                            top_p=float(rng.uniform(0.5, 1.0)), seed=int(rng.integers(2**63)))
+        if i % 5 == 4:
+            sampling["stop"] = ("e",)
+        requests.append(TurnRequest(None, "tokens", tuple(prompt), SamplingParams(**sampling)))
+
+    def run(overlap):
+        engine = Engine(LLM(store=store(), num_blocks=256).chats, EngineLimits(max_running=6),
+                        overlap=overlap)
+        streams = [engine.submit(request) for request in requests]
+        answers = [([t.id for t in stream], stream.result.finish_reason) for stream in streams]
+        census = engine.block_census()
+        assert census.balanced and census.in_flight == 0
+        engine.shutdown()
+        return answers
+
+    overlapped, one_by_one = run(True), run(False)
+    assert overlapped == one_by_one
+    assert {reason for _, reason in overlapped} == {"stop", "length"}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from jattn import LLM
-from jattn.decoding import Continuation, sample_next
+from jattn.decoding import Continuation
 from jattn.engine import InvalidRequest
 from jattn.generation import Generation
-from jattn.sampling import SamplingParams, sample_rows, seed_key_data
+from jattn.sampling import SamplingParams, draw_arguments, draw_tokens, sample_rows, seed_key_data
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,8 @@ def test_top_k_past_the_vocabulary_keeps_it_all():
                                   result=Generation("", [], "length"), start_time=0.0)
                      for s in range(2000)]
     rows = np.repeat(logits[None].astype(np.float32), len(continuations), axis=0)
-    freq = np.bincount(sample_next(continuations, rows), minlength=4) / len(continuations)
+    drawn = sample_rows(rows, *draw_arguments([c.draw() for c in continuations], len(rows)))
+    freq = np.bincount(np.asarray(drawn), minlength=4) / len(continuations)
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.035)
 
 
@@ -136,8 +137,9 @@ def test_sampling_follows_the_softmax():
 
 
 def test_a_batch_samples_each_row_as_it_would_alone():
-    """Rows of one `sample_next` call, each with its own parameters and key, give the
-    tokens each continuation samples on its own, whatever the padding rows hold."""
+    """Rows of one `draw_tokens` call, each with its own parameters and key, give the
+    tokens each continuation draws on its own, whatever the padding rows hold; the
+    tokens come padded to the width asked for."""
     rng = np.random.default_rng(7)
     settings = [SamplingParams(), SamplingParams(temperature=0.9, seed=1),
                 SamplingParams(temperature=1.3, top_k=5, seed=2),
@@ -153,8 +155,13 @@ def test_a_batch_samples_each_row_as_it_would_alone():
     together = [continuation(p) for p in settings]
     alone = [continuation(p) for p in settings]
     for _ in range(3):
-        batch = sample_next(together, jnp.asarray(logits))
-        assert batch == [c.sample(jnp.asarray(logits[i])) for i, c in enumerate(alone)]
+        draws = [c.draw() for c in together]
+        batch = np.asarray(draw_tokens(jnp.asarray(logits), *draw_arguments(draws, 8),
+                                       width=16))
+        assert batch.shape == (16,)
+        for i, c in enumerate(alone):
+            row = jnp.asarray(logits[i:i + 1])
+            assert batch[i] == int(sample_rows(row, *draw_arguments([c.draw()], 1))[0])
     assert batch[0] == int(np.argmax(logits[0]))
 
 

@@ -6,8 +6,11 @@ fit the block pool waits for blocks), then runs one packed model step: the next 
 every turn past its prefill, and prompt chunks of up to `max_prefill_seqs` turns still
 prefilling, oldest first, filling the step's token budget — so many turns that arrive
 together prefill together, and a long prompt is spread over many steps and never stalls
-the batch. A turn whose context arrives from host memory or disk first runs its opening
-tokens layer by layer, alone, while the blocks come. A turn reuses its
+the batch. Steps overlap the host's work: each step is dispatched before the tokens of
+the step before it reach the host (the next tokens stay on the device as its inputs), so
+the device runs step N+1 while the host delivers step N's tokens; a turn that ended at
+step N costs one wasted row in step N+1. A turn whose context arrives from host memory or
+disk first runs its opening tokens layer by layer, alone, while the blocks come. A turn reuses its
 session's KV through the `ChatEngine` and the AttentionStore; the queue's next
 sessions go to `AttentionStore.hint`, which prefetches them from disk and keeps them
 from eviction. Tokens reach each `TurnStream` as they are sampled; a cancelled turn
@@ -32,16 +35,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 
 from jattn.conversation import Conversation
 from jattn.engine.turns import ActiveTurn, BlockCensus, ChatEngine, OneOff, RemoteFetch
 from jattn.store.remote_read import RemoteBlockLost
-from jattn.decoding import Continuation, sample_next
-from jattn.generation import Generation
 from jattn.block_allocator import PoolExhausted
-from jattn.sampling import SamplingParams
+from jattn.model.step_plan import StepOutput
 from jattn.defaults import MAX_RUNNING
 from jattn.engine.errors import (
     EngineStopped,
@@ -84,17 +84,13 @@ class EngineLimits:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _warm_up_sampling(chats: ChatEngine) -> None:
-    """Compiles sampling from the logits of every model step — a packed step's rows at
-    once, a first step's whose blocks arrive row 0 alone — placed where the steps leave
-    them."""
-    continuation = Continuation(SamplingParams(), budget=1, eos=set(), tokenizer=None,
-                                result=Generation("", [], "length"), start_time=0.0)
-    for rows in chats.logit_row_counts():
-        logits = jax.device_put(jnp.zeros((rows, chats.vocab_size), jnp.float32),
-                                chats.runner.logits_sharding)
-        sample_next([continuation], logits)
-        continuation.sample(logits[0])
+@dataclass
+class _InFlight:
+    """A model step dispatched and not yet taken: its output, and for each token it
+    draws, the turn's stream, the turn, and the token's row."""
+
+    output: StepOutput
+    drawn: list[tuple[TurnStream, ActiveTurn, int]]
 
 
 class Engine:
@@ -102,17 +98,19 @@ class Engine:
     of its own that owns the model from now on (`LLM.start_engine` makes one; the
     library and the server both run their turns here). `warm_up` compiles every shape
     first, so no request waits for a compilation. `on_failure(error)` is called (on the
-    engine's thread) if that thread ever stops unexpectedly."""
+    engine's thread) if that thread ever stops unexpectedly. `overlap` False takes each
+    step's tokens before the next step is planned (the device waits for the host)."""
 
     def __init__(self, chats: ChatEngine, limits: EngineLimits = EngineLimits(), *,
-                 warm_up: bool = False, on_failure=None):
+                 warm_up: bool = False, on_failure=None, overlap: bool = True):
         if limits.max_running > chats.max_turns_per_step:
             raise ValueError(f"max_running ({limits.max_running}) is more than the "
                              f"{chats.max_turns_per_step} turns a model step runs")
         if warm_up:
             chats.warm_up()
-            _warm_up_sampling(chats)
         self.chats = chats
+        self.overlap = overlap
+        self._in_flight: _InFlight | None = None
         self.limits = limits
         self._condition = threading.Condition()
         self._waiting: collections.deque[TurnStream] = collections.deque()
@@ -280,13 +278,15 @@ class Engine:
             self._fail_engine(error)
 
     def _step(self) -> bool:
-        """One step: pending calls, cancellations, admission, hints, one prefill chunk,
-        one decode batch. False once the engine has stopped."""
+        """One step: pending calls, cancellations, admission, hints, a loading turn's
+        first step, one packed model step dispatched, the one before it taken. False
+        once the engine has stopped."""
         with self._condition:
             while not (self._admissible() or self._active or self._calls or self._cancelled
-                       or not self._accepting):
+                       or self._in_flight or not self._accepting):
                 self._condition.wait()
-            if not self._accepting and not (self._waiting or self._active or self._calls):
+            if not self._accepting and not (self._waiting or self._active or self._calls
+                                            or self._in_flight):
                 self._stopped = True
                 return False
             calls, self._calls = self._calls, []
@@ -434,22 +434,24 @@ class Engine:
 
     def _loading_step(self) -> None:
         """The opening tokens of the oldest turn whose blocks arrive from the store, run
-        layer by layer while they come."""
+        layer by layer while they come; its first token is taken at once."""
         stream = next((s for s, t in self._active.items() if t.loading), None)
         if stream is None:
             return
         turn = self._active[stream]
         try:
             plan = self.chats.plan_arrival(turn)
-            logits = self.chats.run(plan).logits
-            if plan.sampled[0]:
-                self._deliver(stream, turn, turn.continuation.sample(logits[0]))
+            output = self.chats.run(plan)
         except RemoteBlockLost as lost:
             log.warning("restarting a turn without the remote tier: %s", lost)
             self._restart(stream, {"fetch_remote": False})
+            return
         except Exception as error:
             log.exception("a loading step failed")
             self._fail_turn(stream, error)
+            return
+        if plan.sampled[0]:
+            self._take(_InFlight(output, [(stream, turn, 0)]))
 
     def _restart(self, stream: TurnStream, resume: dict) -> None:
         """Frees a turn that has produced nothing yet and queues it to begin again, first,
@@ -464,10 +466,24 @@ class Engine:
             self._fetching[stream] = (ready, turn.continuation.start_time, resume)
 
     def _model_step(self) -> None:
-        """One packed step: every decoding turn's next token, and prompt chunks of the
-        oldest prefilling turns (at most `max_prefill_seqs`) within the token budget."""
-        decoding = [(s, t) for s, t in self._active.items()
-                    if not t.prefilling and t.continuation.steps > 0]
+        """Dispatches one packed step, then takes the step dispatched before it (or,
+        without `overlap`, this one)."""
+        previous, self._in_flight = self._in_flight, None
+        try:
+            self._in_flight = self._dispatch(previous)
+        finally:
+            if previous is not None:
+                self._take(previous)
+        if not self.overlap and self._in_flight is not None:
+            current, self._in_flight = self._in_flight, None
+            self._take(current)
+
+    def _dispatch(self, previous: _InFlight | None) -> _InFlight | None:
+        """Plans and dispatches one packed step: the next token of every decoding turn
+        (fed from `previous`'s tokens on the device while pending), and prompt chunks
+        of the oldest prefilling turns (at most `max_prefill_seqs`) within the token
+        budget. None if no turn has work."""
+        decoding = [(s, t) for s, t in self._active.items() if t.decoding]
         budget = self.chats.step_tokens - len(decoding)
         prefilling = []
         for stream, turn in self._active.items():
@@ -478,28 +494,42 @@ class Engine:
                 prefilling.append((stream, turn, count))
                 budget -= count
         if not decoding and not prefilling:
-            return
+            return None
         members = decoding + [(s, t) for s, t, _ in prefilling]
         self.counters["model_steps"] += 1
         if prefilling:
             self.counters["prefill_steps"] += 1
             self.counters["prefill_chunks"] += len(prefilling)
         plan = self.chats.plan_step([t for _, t in decoding],
-                                    [(t, count) for _, t, count in prefilling])
+                                    [(t, count) for _, t, count in prefilling],
+                                    fed_tokens=previous.output.tokens if previous else None)
         try:
-            logits = self.chats.run(plan).logits
-            tokens = sample_next([t.continuation if sampled else None
-                                  for (_, t), sampled in zip(members, plan.sampled)], logits)
+            output = self.chats.run(plan)
         except Exception as error:
             log.exception("a model step of %d turns failed", len(members))
             for stream, _ in members:
                 self._fail_turn(stream, error)
+            return None
+        return _InFlight(output, [(stream, turn, row) for row, ((stream, turn), sampled)
+                                  in enumerate(zip(members, plan.sampled)) if sampled])
+
+    def _take(self, step: _InFlight) -> None:
+        """Reads a step's tokens to the host (waiting for it) and delivers each to its
+        turn, unless the turn has ended since the step was planned."""
+        try:
+            tokens = np.asarray(step.output.tokens)
+        except Exception as error:
+            log.exception("a model step of %d turns failed", len(step.drawn))
+            for stream, turn, _ in step.drawn:
+                if self._active.get(stream) is turn:
+                    self._fail_turn(stream, error)
             return
-        for (stream, turn), token in zip(members, tokens):
-            if token is None:
+        for stream, turn, row in step.drawn:
+            turn.pending -= 1
+            if self._active.get(stream) is not turn or turn.continuation.finished:
                 continue
             try:
-                self._deliver(stream, turn, token)
+                self._deliver(stream, turn, int(tokens[row]))
             except Exception as error:
                 log.exception("delivering a token failed")
                 self._fail_turn(stream, error)

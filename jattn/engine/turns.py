@@ -87,7 +87,9 @@ class ActiveTurn:
     message ids, the context blocks `dropped` by truncation, the `lease` on its pool
     blocks (context blocks, then the turn's), `prefix` tokens of reused context,
     `turn_tokens` to prefill (any history recomputed, the history's tail, the message),
-    of which `prefilled` are planned, and the decode state."""
+    of which `prefilled` are planned, and the decode state: `pending` tokens drawn by
+    steps dispatched but not yet taken, the last of them in row `fed_row` of the
+    latest step's tokens."""
 
     session_id: object
     conversation: Conversation
@@ -100,6 +102,8 @@ class ActiveTurn:
     continuation: Continuation
     ephemeral: bool = False
     prefilled: int = 0
+    pending: int = 0
+    fed_row: int = 0
 
     @property
     def table(self) -> list[int]:
@@ -122,9 +126,16 @@ class ActiveTurn:
         return self.prefix + len(self.turn_tokens)
 
     @property
-    def next_position(self) -> int:
-        """Position at which the last sampled token is fed back."""
-        return self.decode_start + self.continuation.steps - 1
+    def drawn(self) -> int:
+        """Tokens drawn by the steps dispatched so far (taken or pending)."""
+        return self.continuation.steps + self.pending
+
+    @property
+    def decoding(self) -> bool:
+        """True while the turn has a drawn token to feed back and room for the token
+        after it: a decode step would help it (unless a pending token ended it)."""
+        return self.drawn > 0 and not self.continuation.finished and \
+            self.drawn < self.continuation.budget
 
 
 class ChatEngine:
@@ -230,10 +241,6 @@ class ChatEngine:
         """The most tokens one model step packs (decodes and prompt chunks)."""
         return self.runner.prefill_chunk
 
-    def logit_row_counts(self) -> list[int]:
-        """The row counts of the logits a step returns."""
-        return sorted({self.runner.logit_rows(t) for t in self.runner.step_buckets()})
-
     def warm_up(self) -> None:
         """Compiles every step a turn can run (packed steps, and what the store's loads
         and saves run), so that no turn waits for a compilation."""
@@ -333,35 +340,56 @@ class ChatEngine:
     # ----- steps -----------------------------------------------------------------------
 
     def plan_step(self, decoding: list[ActiveTurn],
-                  prefilling: list[tuple[ActiveTurn, int]]) -> StepPlan:
-        """The plan of one packed step: the last token of each turn of `decoding` (each
-        past its prefill) at its next position, then the next `count` prompt tokens of
-        each `(turn, count)` of `prefilling` (none `loading`), which it counts as
-        prefilled. Segment i's last token is sampled for a decode and for a prompt's
-        last chunk."""
-        segments = [Segment((t.result.token_ids[-1],), t.next_position, tuple(t.table))
-                    for t in decoding]
-        sampled = [True] * len(decoding)
+                  prefilling: list[tuple[ActiveTurn, int]], fed_tokens=None) -> StepPlan:
+        """The plan of one packed step: the last drawn token of each turn of `decoding`
+        (each `decoding`) at its position — read on the device from `fed_tokens` (the
+        latest step's `StepOutput.tokens`) while it is pending, else from the host —
+        then the next `count` prompt tokens of each `(turn, count)` of `prefilling`
+        (none `loading`), which it counts as prefilled. Segment i's next token is drawn
+        for a decode and for a prompt's last chunk, and counted pending."""
+        segments = []
+        for turn in decoding:
+            position = turn.decode_start + turn.drawn - 1
+            if turn.pending:
+                segments.append(Segment((0,), position, tuple(turn.table), fed=turn.fed_row))
+            else:
+                segments.append(Segment((turn.result.token_ids[-1],), position,
+                                        tuple(turn.table)))
+        drawing = list(decoding)
         for turn, count in prefilling:
             done = turn.prefilled
             segments.append(Segment(tuple(turn.turn_tokens[done:done + count]),
                                     turn.prefix + done, tuple(turn.table)))
             turn.prefilled += count
-            sampled.append(not turn.prefilling)
-        return StepPlan(segments=tuple(segments), sampled=tuple(sampled))
+            drawing.append(turn if not turn.prefilling else None)
+        draws = []
+        for row, turn in enumerate(drawing):
+            draws.append(None if turn is None else self._draw(turn, row))
+        return StepPlan(segments=tuple(segments),
+                        sampled=tuple(draw is not None for draw in draws),
+                        draws=tuple(draws), fed_tokens=fed_tokens)
+
+    @staticmethod
+    def _draw(turn: ActiveTurn, row: int):
+        """The turn's next draw, made by the step being planned in `row`."""
+        turn.pending += 1
+        turn.fed_row = row
+        return turn.continuation.draw()
 
     def plan_arrival(self, turn: ActiveTurn) -> StepPlan:
         """The plan of a `loading` turn's first step: its first tokens (up to
         `LOADING_CHUNK`), run layer by layer while the blocks from the store arrive,
-        which it counts as prefilled."""
+        which it counts as prefilled (the next token drawn, in row 0, if they end the
+        prompt)."""
         tokens = turn.turn_tokens[:LOADING_CHUNK]
         arriving = turn.lease.take_arriving()
         source = self.store.load_layers([block for _, block in arriving],
                                         rows=bucket(len(turn.table), minimum=4),
                                         device=self.runner.load_sharding)
         turn.prefilled = len(tokens)
+        draw = None if turn.prefilling else self._draw(turn, 0)
         return StepPlan(segments=(Segment(tuple(tokens), turn.prefix, tuple(turn.table)),),
-                        sampled=(not turn.prefilling,),
+                        sampled=(draw is not None,), draws=(draw,),
                         arrival=Arrival(tuple(block for block, _ in arriving), source))
 
     def run(self, plan: StepPlan) -> StepOutput:

@@ -9,12 +9,13 @@ into the pool at once (`jattn.distributed.group_store`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
 
 from jattn.model.pool_steps import MeshSteps
-from jattn.model.step_plan import StepOutput, StepPlan
+from jattn.model.step_plan import StepOutput, StepPlan, with_fed_tokens
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,26 @@ class LeaderSteps:
         self.logits_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def execute(self, plan: StepPlan) -> StepOutput:
+        """Announces `plan` as plain data (its fed tokens read to the host, nothing
+        drawn), runs it, and draws its tokens here from the logits."""
         if plan.arrival is not None:
             raise RuntimeError("a step with KV arriving layer by layer does not run in a "
                                "group of processes: each process's store writes its own "
                                "blocks into the pool at once")
-        with self.group.step(plan):
-            output = self.steps.execute(plan)
+        announced = dataclasses.replace(with_fed_tokens(plan), draws=())
+        with self.group.step(announced):
+            output = self.steps.execute(announced)
             logits = output.logits
             if logits is not None:
                 logits = jax.block_until_ready(logits).addressable_data(0)
-        return StepOutput(logits, output.saved)
+        tokens = self.steps.draw(logits, plan.draws) if plan.draws else None
+        return StepOutput(logits, output.saved, tokens)
 
     def compile_steps(self) -> int:
         with self.group.step(CompileSteps(), compiles=True):
-            return self.steps.compile_steps()  # it waits for the compiled steps
+            shapes = self.steps.compile_steps()  # it waits for the compiled steps
+        self.steps.compile_draws(self.logits_sharding)
+        return shapes
 
     def compile_arrivals(self) -> int:
         """Nothing arrives layer by layer in a group: no shape to compile."""

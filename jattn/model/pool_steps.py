@@ -39,8 +39,16 @@ from jattn.model.step_functions import (
     ragged_step,
     read_blocks,
 )
-from jattn.model.step_plan import LOADING_CHUNK, Arrival, Segment, StepOutput, StepPlan
+from jattn.model.step_plan import (
+    LOADING_CHUNK,
+    Arrival,
+    Segment,
+    StepOutput,
+    StepPlan,
+    with_fed_tokens,
+)
 from jattn.positions import inverse_frequencies
+from jattn.sampling import draw_arguments, draw_tokens
 from jattn.store.tier import BlockKV
 
 SavedBlocks = Callable[[], dict[int, BlockKV]]
@@ -109,6 +117,7 @@ class PoolSteps:
                                block_size=block_size, num_kv_heads=config.num_kv_heads,
                                head_dim=config.head_dim, dtype=self.dtype)
         self.limits = limits
+        self.vocab_size = config.vocab_size
         self.backend = backend
         self.save_memory_kind = save_memory_kind
 
@@ -148,17 +157,28 @@ class PoolSteps:
         if plan.saves:
             saved = functools.cache(self.copy_out([save.block for save in plan.saves],
                                                   self.save_memory_kind))
+        tokens = None
         if plan.arrival is not None:
             logits = self.run_arriving(plan.segments[0], plan.arrival)
         elif plan.segments:
-            logits = self.run_segments(plan.segments, all_logits=plan.all_logits)
+            logits, tokens = self.run_segments(plan)
         else:
             logits = None
-        return StepOutput(logits, saved)
+        if plan.draws and tokens is None:
+            tokens = self.draw(logits, plan.draws)
+        return StepOutput(logits, saved, tokens)
 
-    def run_segments(self, segments: tuple[Segment, ...], *, all_logits: bool) -> jax.Array:
-        """One packed step over `segments`; logits `[R, V]` as `StepOutput` has them."""
+    def run_segments(self, plan: StepPlan) -> tuple[jax.Array, jax.Array | None]:
+        """One packed step over `plan.segments`: logits `[R, V]` as `StepOutput` has
+        them, and the tokens of `plan.draws` if the step drew them (None: `draw` them
+        from the logits)."""
         raise NotImplementedError
+
+    def draw(self, logits: jax.Array, draws) -> jax.Array:
+        """The tokens of `draws` (see `StepPlan.draws`) from a step's `logits [R, V]`,
+        where they lie: `[max_seqs]` int32."""
+        return draw_tokens(logits, *draw_arguments(draws, logits.shape[0]),
+                           width=self.limits.max_seqs)
 
     def copy_out(self, block_ids: list[int], memory_kind: str | None) -> SavedBlocks:
         """Starts copying pool blocks `block_ids` out now (the next step donates the
@@ -220,8 +240,8 @@ class PoolSteps:
                 jnp.int32(0), table, self.inv_freq, backend=self.backend, mesh=self.mesh)
             self.pool = KVPool(tuple(new_k), tuple(new_v))
             pages = self.pool.k[0]
-            logits_step(self.graphdef, self.state, x,
-                        np.zeros(self.limits.logit_rows(tokens), np.int32))
+            self.draw(logits_step(self.graphdef, self.state, x,
+                                  np.zeros(self.limits.logit_rows(tokens), np.int32)), ())
         jax.block_until_ready(self.pool)
         return len(shapes)
 
@@ -250,6 +270,9 @@ class SingleDeviceSteps(PoolSteps):
         self.state, self.layer_states, self.pool = jax.device_put(
             (self.state, self.layer_states, KVPool.create(**self.pool_shape)),
             self.load_sharding)
+        # What a step without fed tokens reads for them.
+        self.no_tokens = jax.device_put(np.zeros(self.limits.max_seqs, np.int32),
+                                        self.load_sharding)
 
     def new_allocator(self) -> BlockAllocator:
         """One allocator of the whole pool."""
@@ -261,10 +284,12 @@ class SingleDeviceSteps(PoolSteps):
     def devices_of_process(self, process: int) -> list[int]:
         return [0]
 
-    def run_segments(self, segments: tuple[Segment, ...], *, all_logits: bool) -> jax.Array:
+    def run_segments(self, plan: StepPlan) -> tuple[jax.Array, jax.Array | None]:
         """The segments' tokens packed into one `[T]` row (T bucketed), one block table
-        per segment; logits of each segment's last token, or with `all_logits` of every
-        token of the one segment."""
+        per segment, `fed` tokens read on the device from `plan.fed_tokens`; logits of
+        each segment's last token, or with `all_logits` of every token of the one
+        segment; the tokens of `plan.draws`, drawn in the same step."""
+        segments = plan.segments
         total = sum(len(s.tokens) for s in segments)
         size = bucket(total, minimum=8)
         height = self.limits.logit_rows(total)  # sequences: at most one per token
@@ -275,11 +300,14 @@ class SingleDeviceSteps(PoolSteps):
         kv_lengths = np.zeros(height, np.int32)
         tables = np.zeros((height, self.limits.table_width), np.int32)
         rows = np.zeros(height, np.int32)
+        fed_rows = np.full(size, -1, np.int32)
         offset = 0
         for i, segment in enumerate(segments):
             count = len(segment.tokens)
             end = offset + count
             tokens[offset:end] = segment.tokens
+            if segment.fed is not None:
+                fed_rows[offset] = segment.fed
             positions[offset:end] = np.arange(segment.start, segment.start + count)
             sequences[offset:end] = i
             starts[i] = offset
@@ -287,12 +315,14 @@ class SingleDeviceSteps(PoolSteps):
             tables[i, :len(segment.blocks)] = segment.blocks
             rows[i] = end - 1
             offset = end
-        if all_logits:
+        if plan.all_logits:
             rows = np.arange(size, dtype=np.int32)
-        logits, self.pool = ragged_step(
+        fed = self.no_tokens if plan.fed_tokens is None else plan.fed_tokens
+        logits, drawn, self.pool = ragged_step(
             self.graphdef, self.state, self.pool, tokens, positions, sequences, starts,
-            kv_lengths, tables, rows, backend=self.backend)
-        return logits
+            kv_lengths, tables, rows, fed, fed_rows, draw_arguments(plan.draws, len(rows)),
+            backend=self.backend)
+        return logits, (drawn if plan.draws else None)
 
     def _host_sharding(self, memory_kind: str | None):
         if memory_kind is None:
@@ -323,12 +353,14 @@ class SingleDeviceSteps(PoolSteps):
         buckets = limits.step_buckets()
         for size in tqdm(buckets, desc="compiling", unit="shape"):
             height = limits.logit_rows(size)
-            _, self.pool = ragged_step(
+            _, fed, self.pool = ragged_step(
                 self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
                 np.full(size, -1, np.int32), np.zeros(size, np.int32),
                 np.zeros(height + 1, np.int32), np.zeros(height, np.int32),
                 np.zeros((height, limits.table_width), np.int32), np.zeros(height, np.int32),
+                self.no_tokens, np.full(size, -1, np.int32), draw_arguments((), height),
                 backend=self.backend)
+
         jax.block_until_ready(self.pool)
         return len(buckets)
 
@@ -377,7 +409,13 @@ class MeshSteps(PoolSteps):
     def devices_of_process(self, process: int) -> list[int]:
         return self.shards.positions_of(process)
 
-    def run_segments(self, segments: tuple[Segment, ...], *, all_logits: bool) -> jax.Array:
+    def run_segments(self, plan: StepPlan) -> tuple[jax.Array, None]:
+        """Reads `fed` tokens to the host first (the decode and prefill steps take
+        tokens from it), then runs the segments; the tokens of `plan.draws` are drawn
+        from the logits after."""
+        return self._run_segments(with_fed_tokens(plan).segments, plan.all_logits), None
+
+    def _run_segments(self, segments: tuple[Segment, ...], all_logits: bool) -> jax.Array:
         if all_logits:
             return self._prefill(segments[0], all_logits=True)
         decodes = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
@@ -467,8 +505,15 @@ class MeshSteps(PoolSteps):
                     self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
                     np.full(size, -1, np.int32), np.stack([table] * size),
                     backend=self.backend, mesh=self.mesh)
+        self.compile_draws(self.logits_sharding)
         jax.block_until_ready(self.pool)
         return len(shapes)
+
+    def compile_draws(self, sharding) -> None:
+        """Compiles `draw` from the logits of every packed step, lying on `sharding`."""
+        for rows in sorted({self.limits.logit_rows(t) for t in self.limits.step_buckets()}):
+            self.draw(jax.device_put(jnp.zeros((rows, self.vocab_size), jnp.float32),
+                                     sharding), ())
 
     def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
         return self.shards.compile_reads(self.pool, max_blocks, memory_kind)

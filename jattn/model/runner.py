@@ -145,7 +145,9 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepOutput:
         """Runs `plan` (see `StepPlan`): its saves' copies start, then its segments run
         as one packed step, or its one segment layer by layer while `plan.arrival`'s KV
-        arrives. Returns the `StepOutput`. A plan the runner cannot run (a segment whose
+        arrives, and the tokens of its draws are drawn. Nothing waits for the device: a
+        plan may read the tokens of the step before (`StepPlan.fed_tokens`) before they
+        are computed. Returns the `StepOutput`. A plan the runner cannot run (a segment whose
         blocks do not cover it, more segments or tokens than a step takes, ...) raises
         ValueError and runs nothing."""
         self._check(plan)
@@ -158,10 +160,17 @@ class ModelRunner:
             raise ValueError(f"a step takes at most {self.max_seqs} segments of at most "
                              f"{self.prefill_chunk} tokens in all, got {len(segments)} of "
                              f"{total}")
-        if plan.sampled and len(plan.sampled) != len(segments):
-            raise ValueError(f"sampled has {len(plan.sampled)} entries for "
-                             f"{len(segments)} segments")
+        for name, entries in (("sampled", plan.sampled), ("draws", plan.draws)):
+            if entries and len(entries) != len(segments):
+                raise ValueError(f"{name} has {len(entries)} entries for {len(segments)} "
+                                 "segments")
         for segment in segments:
+            if segment.fed is not None and not (
+                    plan.fed_tokens is not None and len(segment.tokens) == 1
+                    and 0 <= segment.fed < self.max_seqs and plan.arrival is None):
+                raise ValueError(f"a fed segment is one token read from row {segment.fed} "
+                                 f"of the fed tokens (0 to {self.max_seqs - 1}) of a step "
+                                 "without an arrival")
             end = segment.start + len(segment.tokens)
             if not segment.tokens or segment.start < 0:
                 raise ValueError(f"a segment needs tokens at a position >= 0, got "

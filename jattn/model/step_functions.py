@@ -19,6 +19,7 @@ from jattn.distributed import paged_attention as mesh_paged_attention
 from jattn.distributed import prefill_attention as mesh_prefill_attention
 from jattn.model.kv_cache import KVPool, token_slots
 from jattn.positions import inverse_frequencies
+from jattn.sampling import sample_rows
 from pallas_kernels import ragged_paged_attention
 
 KV_AXIS = "kv"
@@ -71,16 +72,22 @@ def _chunk_attend(table, start, count, inv_freq, backend, mesh):
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend"),
                    donate_argnames=("pool",))
 def ragged_step(graphdef, state, pool: KVPool, tokens, positions, sequences, query_starts,
-                kv_lengths, tables, logit_rows, *, backend):
-    """The query tokens of up to `S` sequences packed together, through the model.
+                kv_lengths, tables, logit_rows, fed_tokens, fed_rows, draws, *, backend):
+    """The query tokens of up to `S` sequences packed together, through the model, and
+    the next token of each sequence drawn from its logits.
 
     tokens, positions, sequences `[T]` (each token's position and sequence; position -1
     for padding: nothing written); query_starts `[S + 1]`, kv_lengths `[S]`, tables
     `[S, M]` as `ragged_paged_attention` takes them; logit_rows `[R]`: the tokens whose
-    logits are wanted. Returns (logits `[R, V]` float32, pool).
+    logits are wanted. fed_tokens `[W]` int32: the previous step's drawn tokens;
+    fed_rows `[T]`: token t is `fed_tokens[fed_rows[t]]` where that is >= 0 (it stays on
+    the device), else `tokens[t]`. draws: the `[R]` arrays `sample_rows` takes (see
+    `jattn.sampling.draw_arguments`). Returns (logits `[R, V]` float32, the tokens drawn
+    from them padded to `[W]` int32, pool).
     """
     model = nnx.merge(graphdef.value, state)
     inv_freq = _rope_frequencies(model)
+    tokens = jnp.where(fed_rows >= 0, fed_tokens[jnp.maximum(fed_rows, 0)], tokens)
     slots = jax.vmap(lambda sequence, position: token_slots(
         tables[sequence], position[None], block_size=pool.block_size,
         num_blocks=pool.num_blocks)[0])(sequences, positions)
@@ -89,7 +96,10 @@ def ragged_step(graphdef, state, pool: KVPool, tokens, positions, sequences, que
         return ragged_paged_attention(q, k_pages, v_pages, tables, query_starts, kv_lengths,
                                       key_rope_inv_freq=inv_freq, backend=backend)[0]
 
-    return model(tokens, jnp.maximum(positions, 0), slots, pool, attend, rows=logit_rows)
+    logits, pool = model(tokens, jnp.maximum(positions, 0), slots, pool, attend,
+                         rows=logit_rows)
+    drawn = sample_rows(logits, *draws)[:fed_tokens.shape[0]]
+    return logits, jnp.pad(drawn, (0, fed_tokens.shape[0] - drawn.shape[0])), pool
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend", "all_logits", "mesh"),
