@@ -31,14 +31,11 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-import redis
 
 from jattn.store import disk_entry
 from jattn.store.tier import BlockKV
 
 log = logging.getLogger("jattn.store")
-
-_FAULTS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # KEYS[1]: a record list; ARGV[1]: the frames it must hold to append (-1: replace it, if it
 # holds no more frames than given); ARGV[2..]: the frames. Returns 1 if written, else 0.
@@ -70,7 +67,10 @@ class RemoteTier:
 
     def __init__(self, url: str, *, fingerprint: str, prefix: str = "jattn:",
                  timeout_s: float = 1.0, retry_s: float = 2.0):
+        import redis  # imported only with a remote tier (0.4 s)
+
         self.fingerprint = fingerprint
+        self._faults = (redis.ConnectionError, redis.TimeoutError, OSError)
         self._namespace = f"{prefix}{fingerprint[:16]}:"
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                            socket_connect_timeout=timeout_s)
@@ -255,7 +255,7 @@ class RemoteTier:
                 return None
         try:
             result = function(*args, **kwargs)
-        except _FAULTS as error:
+        except self._faults as error:
             with self._lock:
                 self._stats["remote_errors"] += 1
                 first = self._down_since is None
