@@ -54,13 +54,18 @@ class Continuation:
         if token in self.eos:
             return self._finish("stop")
         delta = self._text.push(token) if self._text else ""
-        if self._text and self.params.stop and any(s in self._text.text
-                                                   for s in self.params.stop):
+        if delta and self._ends_in_stop(len(delta)):
             return self._finish("stop")
         self.result.token_ids.append(token)
         if self.steps >= self.budget:
             self._finish("length")
         return StreamedToken(token, delta)
+
+    def _ends_in_stop(self, added: int) -> bool:
+        """Whether a stop string appears in the text's last `added` characters, or
+        across them and the ones before (it did not appear before)."""
+        text = self._text.text
+        return any(stop in text[-(added + len(stop) - 1):] for stop in self.params.stop)
 
     def finish(self, reason: str) -> None:
         """Ends the generation early (for example "cancelled")."""

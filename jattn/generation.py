@@ -31,22 +31,29 @@ class StreamedToken:
 
 
 class IncrementalText:
-    """Decodes a growing list of ids into text deltas.
+    """Decodes a growing list of ids into text deltas, at a constant cost per id.
 
-    Decoding the whole list each time (and diffing) keeps spaces and multi-byte
-    characters right, which decoding tokens one by one does not.
+    Each push decodes a short window of ids, from the start of the previous delta's ids
+    on, with and without the new id, and emits the difference: decoding ids in context
+    (not one by one) keeps spaces and multi-byte characters right, and the window keeps
+    the cost from growing with the text. A delta is held back ("") while the window ends
+    in an incomplete character. `text` is every delta so far.
     """
 
     def __init__(self, decode):
         self._decode = decode
         self._ids: list[int] = []
+        self._window = 0  # where the window starts: the ids of the last delta on
+        self._emitted = 0  # ids already in `text`
         self.text = ""
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd"):
+        known = self._decode(self._ids[self._window:self._emitted])
+        window = self._decode(self._ids[self._window:])
+        if len(window) <= len(known) or window.endswith("\ufffd"):
             return ""
-        delta = text[len(self.text):]
-        self.text = text
+        delta = window[len(known):]
+        self._window, self._emitted = self._emitted, len(self._ids)
+        self.text += delta
         return delta
