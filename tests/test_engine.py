@@ -1,6 +1,7 @@
 """The serving engine: many conversations at once give the tokens of one at a time;
 cancellation, limits and shutdown."""
 
+import contextlib
 import logging
 import threading
 
@@ -11,6 +12,7 @@ import pytest
 from jattn import LLM, StoreConfig
 from jattn.sampling import SamplingParams
 from jattn.engine import Engine, EngineLimits, InvalidRequest, QueueFull, SessionNotFound, TurnRequest
+from jattn.model.compile_queue import THREAD_NAME
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
             "Then it started to rain."]
@@ -144,31 +146,88 @@ def test_full_queue_and_shutdown_with_turns_in_flight():
         assert len(list(stream)) == 24
 
 
-def test_warm_up_leaves_nothing_to_compile(caplog):
-    """After `warm_up`, turns that prefill, decode in batches, save to host memory and
-    load their history back layer by layer compile nothing."""
-    llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**8), max_context=128)
+@pytest.fixture(scope="module")
+def warming():
+    """An engine just warmed up on one device (4 turns a step, steps of up to 64
+    tokens): only its 8-token packed step and the saves' copies are compiled; the 16-,
+    32- and 64-token steps and the steps taking KV from host memory compile in the
+    background. Every block saved goes to host memory (no device tier). The dict
+    keeps the long prompt's answer from one test to the next."""
+    llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**8), max_context=128,
+              prefill_chunk=64, max_running=4)
     engine = llm.start_engine(EngineLimits(max_running=4), warm_up=True)
+    yield llm, engine, {}
+    engine.shutdown()
+
+
+LONG_PROMPT = tuple(range(3, 103))
+"""100 tokens: more than the first packed step takes."""
+
+
+@contextlib.contextmanager
+def compilations(caplog):
+    """The XLA compilations logged meanwhile (`jax_log_compiles`): a list of log
+    records, filled when the block ends."""
+    compiled = []
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):
-            def client(s):
-                for t, message in enumerate(MESSAGES[:3]):
-                    params = SamplingParams(max_tokens=4 + 3 * s + t)
-                    list(engine.submit(turn(f"w{s}", message * (1 + s % 2), params)))
-
-            threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            caplog.clear()
+            yield compiled
     finally:
         jax.config.update("jax_log_compiles", False)
-    stats = llm.store.stats()
-    assert stats["layerwise_loads"] >= 4 and engine.stats()["completed"] == 12
-    compiled = [r.getMessage()[:160] for r in caplog.records if "Compiling" in r.getMessage()]
-    assert not compiled, compiled
-    engine.shutdown()
+    compiled += [r for r in caplog.records if r.getMessage().startswith("Compiling")]
+
+
+def on_request_path(records) -> list[str]:
+    """The compilations of `records` not made by the background compilation."""
+    return [r.getMessage()[:160] for r in records if r.threadName != THREAD_NAME]
+
+
+def generate_long_prompt(engine):
+    stream = engine.submit(TurnRequest(None, "tokens", LONG_PROMPT, GREEDY, ignore_eos=True))
+    for _ in stream:
+        pass
+    return stream.result
+
+
+def test_before_the_background_compilation_a_long_prompt_runs_in_small_steps(warming, caplog):
+    """Right after the warm-up, a prompt longer than the compiled steps is cut into
+    chunks they take, recomputes rather than loading from the store, and compiles
+    nothing on its path."""
+    llm, engine, answers = warming
+    assert llm.chats.step_tokens == 8 and not llm.runner.arrivals_ready
+    with compilations(caplog) as compiled:
+        first = generate_long_prompt(engine)
+    assert not on_request_path(compiled), on_request_path(compiled)
+    assert len(first.token_ids) == GREEDY.max_tokens and first.cached_tokens == 0
+    answers["long prompt"] = first.token_ids
+
+
+def test_after_the_background_compilation_nothing_compiles(warming, caplog):
+    """Once the background compilation is done, steps of up to 64 tokens run, and turns
+    that prefill, decode in batches, save to host memory and load their history back
+    layer by layer (the long prompt among them) compile nothing."""
+    llm, engine, answers = warming
+    assert llm.chats.wait_compiled(timeout=600)
+    assert llm.chats.step_tokens == 64 and llm.runner.arrivals_ready
+    loads = llm.store.stats()["layerwise_loads"]
+    with compilations(caplog) as compiled:
+        def client(s):
+            for t, message in enumerate(MESSAGES[:3]):
+                params = SamplingParams(max_tokens=4 + 3 * s + t)
+                list(engine.submit(turn(f"w{s}", message * (1 + s % 2), params)))
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+        for thread in threads:
+            thread.start()
+        again = generate_long_prompt(engine)
+        for thread in threads:
+            thread.join()
+    assert not compiled, [r.getMessage()[:160] for r in compiled]
+    assert llm.store.stats()["layerwise_loads"] - loads >= 5
+    assert again.cached_tokens == 96
+    assert again.token_ids == answers.get("long prompt", again.token_ids)
 
 
 def test_a_slow_reader_gets_every_token_that_arrived_in_one_chunk():

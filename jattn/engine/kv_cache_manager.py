@@ -112,17 +112,19 @@ class KVCacheManager:
     # ----- leases -------------------------------------------------------------------------
 
     def match(self, keys: list[bytes], *, remote_read: RemoteRead | None = None,
-              fetch_remote: bool = False) -> BlockLease:
+              fetch_remote: bool = False, from_store: bool = True) -> BlockLease:
         """A lease on the blocks of the leading run of `keys` that some tier holds,
         each from the fastest: the device tier's in place, the store's loaded into fresh
         pool blocks (arriving), then those `remote_read` brought if it read the keys that
         follow. Without such a read and with `fetch_remote`, a run that stops short where
         the store's remote tier may hold more starts a read of it and returns it as
-        `remote` (release the lease, wait, and match again with it). On an error
-        (`PoolExhausted`) everything taken is given back and the error raised."""
+        `remote` (release the lease, wait, and match again with it). Without
+        `from_store`, only the device tier's: the run stops at the first key it lacks.
+        On an error (`PoolExhausted`) everything taken is given back and the error
+        raised."""
         lease = self._lease()
         try:
-            self._match(keys, lease, remote_read, fetch_remote)
+            self._match(keys, lease, remote_read, fetch_remote, from_store)
         except BaseException:
             self.release(lease)
             raise
@@ -131,7 +133,7 @@ class KVCacheManager:
         return lease
 
     def _match(self, keys: list[bytes], lease: BlockLease, remote_read: RemoteRead | None,
-               fetch_remote: bool) -> None:
+               fetch_remote: bool, from_store: bool) -> None:
         remote = remote_read.keys if remote_read is not None else []
         start = 0
         while start < len(keys):
@@ -141,6 +143,8 @@ class KVCacheManager:
                 lease.tiers["hbm"] += 1
                 start += 1
                 continue
+            if not from_store:
+                return
             if remote and keys[start:start + len(remote)] == remote:
                 start += self._take(lease, keys[start:], self.store.remote_run(remote_read, self))
                 remote = []

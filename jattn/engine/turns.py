@@ -238,17 +238,30 @@ class ChatEngine:
 
     @property
     def step_tokens(self) -> int:
-        """The most tokens one model step packs (decodes and prompt chunks)."""
-        return self.runner.prefill_chunk
+        """The most tokens one model step packs (decodes and prompt chunks) without
+        compiling: smaller while a warm-up compiles the larger steps in the background
+        (`ModelRunner.step_tokens`)."""
+        return self.runner.step_tokens
 
     def warm_up(self) -> None:
-        """Compiles every step a turn can run (packed steps, and what the store's loads
-        and saves run), so that no turn waits for a compilation."""
+        """Makes every step a turn can run ready (packed steps, and what the store's
+        loads and saves run), so that no turn waits for a compilation. On one device
+        only what the first turns need compiles before it returns — the first packed
+        step (`ModelRunner.warm_up`) and the saves' copies — and the rest in the
+        background (`wait_compiled`); until the store's loads are compiled, a turn takes
+        no KV from the store (its context past the device tier is recomputed)."""
         self.runner.warm_up()
         self.store.warm_up(self.runner, blocks_for(self.max_context, self.block_size))
 
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Waits up to `timeout` seconds (None: as long as it takes) for the background
+        compilation of a warm-up; True once nothing is left to compile."""
+        return self.runner.wait_compiled(timeout)
+
     def close(self) -> None:
-        """Flushes the store's saves in flight and stops its threads."""
+        """Stops the background compilation (`ModelRunner.stop_compiling`), flushes the
+        store's saves in flight and stops its threads."""
+        self.runner.stop_compiling()
         self.store.close()
 
     # ----- turns -----------------------------------------------------------------------
@@ -442,7 +455,8 @@ class ChatEngine:
 
         Matches the context's keys in order — the kept blocks', then those of the
         leading full blocks of `turn_tokens` (chained after the truncation, if any) —
-        up to the first no tier holds. A missing kept block is recomputed: with the rest
+        up to the first no tier holds (the device tier alone while the steps that take
+        the store's loads are not compiled yet). A missing kept block is recomputed: with the rest
         of the history by prefill if the kept blocks are the history's leading blocks,
         else from the history following the turn log (`_recompute`)."""
         block_size = self.block_size
@@ -451,7 +465,8 @@ class ChatEngine:
         kept_keys = [conversation.keys[serial] for serial, _, _ in kept]
         ahead = chained_keys(context_key, turn_tokens[:len(turn_tokens) - 1], block_size)
         lease = self.blocks.match(kept_keys + ahead, remote_read=remote_read,
-                                  fetch_remote=fetch_remote)
+                                  fetch_remote=fetch_remote,
+                                  from_store=self.runner.arrivals_ready)
         if lease.remote is not None:
             self.blocks.release(lease)
             raise RemoteFetch(lease.remote.ready, {"fetch_remote": False,

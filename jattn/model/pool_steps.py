@@ -8,6 +8,12 @@ start first, then its segments run as one packed step, or its one segment runs l
 layer while KV arrives for it. They differ in how a packed step runs (`run_segments`),
 how blocks are copied out of the pool (`copy_out`), and which shapes a warm-up compiles
 (`compile_steps`).
+
+Compilations ahead of a request lower the jitted step functions against the pool's
+shapes (`pool_spec`, `jax.ShapeDtypeStruct`s with its sharding) and compile them: nothing
+runs and the pool is neither donated nor copied, so they may run on a thread of their own
+while steps run (`jattn.model.compile_queue`). `jit(f).lower(...).compile()` fills the
+cache that `jit(f)(...)` reads (jax 0.10), so those calls then compile nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ from jattn.model.step_plan import (
 from jattn.positions import inverse_frequencies
 from jattn.sampling import draw_arguments, draw_tokens
 from jattn.store.tier import BlockKV
+
+def shapes_of(tree):
+    """`tree` with each array replaced by its `jax.ShapeDtypeStruct` (with its sharding):
+    what a step is lowered against without touching the arrays."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
 
 SavedBlocks = Callable[[], dict[int, BlockKV]]
 """Waits for copies out of the pool; `{pool block: BlockKV}` of the blocks this process
@@ -96,6 +109,8 @@ class PoolSteps:
 
     Attributes:
       pool: the `KVPool`, donated to each step and replaced by its result.
+      pool_spec: the pool's shapes, dtypes and shardings (`shapes_of`), which
+        compilations ahead of time lower against.
       load_sharding: where KV arriving layer by layer is expected.
       logits_sharding: where a step's logits are returned.
       save_memory_kind: the host memory kind blocks saved by a plan are copied to (e.g.
@@ -217,6 +232,12 @@ class PoolSteps:
 
     # ----- warm-up --------------------------------------------------------------------
 
+    @property
+    def step_tokens(self) -> int:
+        """The most tokens a packed step takes without compiling: `prefill_chunk`
+        (every packed step compiles at once)."""
+        return self.limits.prefill_chunk
+
     def compile_steps(self) -> int:
         """Compiles every packed step a server can meet, writing nothing. Returns the
         shapes compiled."""
@@ -224,26 +245,29 @@ class PoolSteps:
 
     def compile_arrivals(self) -> int:
         """Compiles `run_arriving` for each token count with each count of rows
-        arriving (zeros, to ids past the pool: dropped). Returns the shapes compiled."""
-        shapes = [(tokens, rows) for rows in self.limits.load_row_buckets()
-                  for tokens in self.limits.arrival_buckets()]
+        arriving, ahead of time (see the module docstring: safe from any thread).
+        Returns the shapes compiled."""
+        shapes = 0
         table = self.limits.table([])
-        pages = self.pool.k[0]
-        for tokens, rows in tqdm(shapes, desc="compiling arrivals", unit="shape"):
-            arriving = jax.device_put(jnp.zeros((rows, *pages.shape[1:]), pages.dtype),
-                                      self.load_sharding)  # where a load delivers them
-            x = embed_step(self.graphdef, self.state, np.zeros(tokens, np.int32))
-            new_k, new_v = list(self.pool.k), list(self.pool.v)
-            x, new_k[0], new_v[0] = layer_step(
-                self.layer_graphdef, self.layer_states[0], x, new_k[0], new_v[0],
-                np.full(rows, pages.shape[0], np.int32), arriving, arriving, jnp.int32(0),
-                jnp.int32(0), table, self.inv_freq, backend=self.backend, mesh=self.mesh)
-            self.pool = KVPool(tuple(new_k), tuple(new_v))
-            pages = self.pool.k[0]
-            self.draw(logits_step(self.graphdef, self.state, x,
-                                  np.zeros(self.limits.logit_rows(tokens), np.int32)), ())
-        jax.block_until_ready(self.pool)
-        return len(shapes)
+        pages = self.pool_spec.k[0]
+        for tokens in self.limits.arrival_buckets():
+            x = embed_step.lower(self.graphdef, self.state,
+                                 np.zeros(tokens, np.int32)).compile().out_info
+            for rows in self.limits.load_row_buckets():
+                arriving = jax.ShapeDtypeStruct((rows, *pages.shape[1:]), pages.dtype,
+                                                sharding=self.load_sharding)
+                out = layer_step.lower(
+                    self.layer_graphdef, self.layer_states[0], x, pages,
+                    self.pool_spec.v[0], np.zeros(rows, np.int32), arriving, arriving,
+                    jnp.int32(0), jnp.int32(0), table, self.inv_freq, backend=self.backend,
+                    mesh=self.mesh).compile().out_info
+                shapes += 1
+            height = self.limits.logit_rows(tokens)
+            logits = logits_step.lower(self.graphdef, self.state, out[0],
+                                       np.zeros(height, np.int32)).compile().out_info
+            draw_tokens.lower(logits, *draw_arguments((), height),
+                              width=self.limits.max_seqs).compile()
+        return shapes
 
     def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
         """Compiles `copy_out` into `memory_kind` for every count of blocks up to
@@ -270,9 +294,14 @@ class SingleDeviceSteps(PoolSteps):
         self.state, self.layer_states, self.pool = jax.device_put(
             (self.state, self.layer_states, KVPool.create(**self.pool_shape)),
             self.load_sharding)
+        self.pool_spec = shapes_of(self.pool)
         # What a step without fed tokens reads for them.
         self.no_tokens = jax.device_put(np.zeros(self.limits.max_seqs, np.int32),
                                         self.load_sharding)
+        # The packed steps compiled ahead, by (backend, tokens, logit rows); and per
+        # backend their token counts, ascending (replaced whole: read from any thread).
+        self._compiled: dict[tuple[str, int, int], jax.stages.Compiled] = {}
+        self._ready: dict[str, tuple[int, ...]] = {}
 
     def new_allocator(self) -> BlockAllocator:
         """One allocator of the whole pool."""
@@ -291,8 +320,8 @@ class SingleDeviceSteps(PoolSteps):
         segment; the tokens of `plan.draws`, drawn in the same step."""
         segments = plan.segments
         total = sum(len(s.tokens) for s in segments)
-        size = bucket(total, minimum=8)
-        height = self.limits.logit_rows(total)  # sequences: at most one per token
+        size = self._size_for(total)
+        height = self.limits.logit_rows(size)  # sequences: at most one per token
         tokens = np.zeros(size, np.int32)
         positions = np.full(size, -1, np.int32)
         sequences = np.zeros(size, np.int32)
@@ -318,11 +347,18 @@ class SingleDeviceSteps(PoolSteps):
         if plan.all_logits:
             rows = np.arange(size, dtype=np.int32)
         fed = self.no_tokens if plan.fed_tokens is None else plan.fed_tokens
-        logits, drawn, self.pool = ragged_step(
-            self.graphdef, self.state, self.pool, tokens, positions, sequences, starts,
-            kv_lengths, tables, rows, fed, fed_rows, draw_arguments(plan.draws, len(rows)),
-            backend=self.backend)
+        step = self._compiled.get((self.backend, size, len(rows))) or functools.partial(
+            ragged_step, self.graphdef, backend=self.backend)
+        logits, drawn, self.pool = step(
+            self.state, self.pool, tokens, positions, sequences, starts, kv_lengths, tables,
+            rows, fed, fed_rows, draw_arguments(plan.draws, len(rows)))
         return logits, (drawn if plan.draws else None)
+
+    def _size_for(self, tokens: int) -> int:
+        """The packed token count a step of `tokens` runs as: the smallest compiled that
+        holds them, else their bucket (compiled when first run)."""
+        ready = [size for size in self._ready.get(self.backend, ()) if size >= tokens]
+        return ready[0] if ready else bucket(tokens, minimum=8)
 
     def _host_sharding(self, memory_kind: str | None):
         if memory_kind is None:
@@ -348,21 +384,34 @@ class SingleDeviceSteps(PoolSteps):
 
         return blocks
 
-    def compile_steps(self) -> int:
-        limits = self.limits
-        buckets = limits.step_buckets()
-        for size in tqdm(buckets, desc="compiling", unit="shape"):
-            height = limits.logit_rows(size)
-            _, fed, self.pool = ragged_step(
-                self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
-                np.full(size, -1, np.int32), np.zeros(size, np.int32),
-                np.zeros(height + 1, np.int32), np.zeros(height, np.int32),
-                np.zeros((height, limits.table_width), np.int32), np.zeros(height, np.int32),
-                self.no_tokens, np.full(size, -1, np.int32), draw_arguments((), height),
-                backend=self.backend)
+    @property
+    def step_tokens(self) -> int:
+        """The most tokens a packed step takes without compiling: the largest packed
+        step compiled so far, at most `prefill_chunk` (`prefill_chunk` while none is:
+        no warm-up, steps compile when first run)."""
+        ready = self._ready.get(self.backend)
+        return min(ready[-1], self.limits.prefill_chunk) if ready else self.limits.prefill_chunk
 
-        jax.block_until_ready(self.pool)
+    def compile_steps(self) -> int:
+        buckets = self.limits.step_buckets()
+        for size in tqdm(buckets, desc="compiling", unit="shape"):
+            self.compile_bucket(size)
         return len(buckets)
+
+    def compile_bucket(self, size: int) -> None:
+        """Compiles the packed step of `size` tokens ahead of time (see the module
+        docstring: safe from any thread); steps of up to `size` tokens may run on it
+        from then on (`step_tokens`)."""
+        height, backend = self.limits.logit_rows(size), self.backend
+        self._compiled[backend, size, height] = ragged_step.lower(
+            self.graphdef, self.state, self.pool_spec, np.zeros(size, np.int32),
+            np.full(size, -1, np.int32), np.zeros(size, np.int32),
+            np.zeros(height + 1, np.int32), np.zeros(height, np.int32),
+            np.zeros((height, self.limits.table_width), np.int32), np.zeros(height, np.int32),
+            self.no_tokens, np.full(size, -1, np.int32), draw_arguments((), height),
+            backend=backend).compile()
+        self._ready = {**self._ready, backend: tuple(sorted(
+            {*self._ready.get(backend, ()), size}))}
 
     def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
         counts = powers_of_two(1, bucket(max_blocks, minimum=1))
@@ -397,6 +446,7 @@ class MeshSteps(PoolSteps):
         # Each device materialises only its own blocks.
         self.pool = KVPool.create(**self.pool_shape,
                                   sharding=NamedSharding(mesh, PartitionSpec(KV_AXIS)))
+        self.pool_spec = shapes_of(self.pool)
         self.shards = PoolShards(mesh, num_blocks, KV_AXIS)
 
     def new_allocator(self) -> DistributedBlockAllocator:

@@ -11,13 +11,24 @@ Where the pool lies decides how a step runs (`jattn.model.pool_steps`): on one d
 the mesh spans several processes, the leader's runner is given the group: its steps are
 announced to the followers first (`jattn.model.leader_steps.LeaderSteps`), whose runners
 execute the same plans.
+
+A warm-up (`warm_up`) on one device compiles before it returns only the packed step
+that the first requests need, and the rest in the background (`CompileQueue`): each
+step runs on the smallest packed step compiled that holds it, and a step packs at most
+`step_tokens` (the largest compiled so far), so a long prompt is cut into smaller chunks
+until the larger steps are ready; a store's layer-wise loads are not taken until their
+steps are compiled (`arrivals_ready`: the turn recomputes that KV instead). Over a mesh
+and in a process group the warm-up compiles everything before it returns.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from jattn.defaults import BLOCK_SIZE, MAX_RUNNING, PREFILL_CHUNK
+from jattn.model.compile_queue import CompileQueue
 from jattn.model.kv_cache import blocks_for, bucket
 from jattn.model.leader_steps import LeaderSteps
 from jattn.model.llama import LlamaForCausalLM
@@ -59,6 +70,8 @@ class ModelRunner:
         self._steps = (SingleDeviceSteps(model, **placement) if mesh is None
                        else MeshSteps(model, mesh=mesh, **placement))
         self._executor = self._steps if group is None else LeaderSteps(self._steps, group)
+        self._background: CompileQueue | None = None  # on one device, after `warm_up`
+        self._arrivals = None  # the background compilation of the arrivals, if queued
 
     # ----- what the runner holds --------------------------------------------------------
 
@@ -102,6 +115,22 @@ class ModelRunner:
     @property
     def table_width(self) -> int:
         return self.limits.table_width
+
+    @property
+    def step_tokens(self) -> int:
+        """The most tokens a step packs without compiling: while a warm-up compiles
+        packed steps in the background, the largest compiled so far; else (and once
+        they all are) `prefill_chunk`."""
+        return self._steps.step_tokens
+
+    @property
+    def arrivals_ready(self) -> bool:
+        """False while the steps that take KV arriving layer by layer wait for their
+        background compilation (or if it failed): a store's loads must not be taken
+        then."""
+        arrivals = self._arrivals
+        return arrivals is None or (arrivals.done() and not arrivals.cancelled()
+                                    and arrivals.exception() is None)
 
     def step_buckets(self) -> list[int]:
         """The packed token counts a step is compiled for."""
@@ -190,7 +219,7 @@ class ModelRunner:
     def prefill(self, tokens, start: int, blocks: list[int], *, all_logits: bool = False):
         """Writes the KV of `tokens` (at positions `start, start+1, ...`) into `blocks`,
         which must cover every position up to `start + len(tokens)`, in steps of
-        `prefill_chunk` tokens.
+        `step_tokens` tokens.
 
         Returns the last token's logits `[V]` float32, or with `all_logits` every token's
         `[len(tokens), V]`.
@@ -200,8 +229,9 @@ class ModelRunner:
             raise ValueError("prefill needs at least one token")
         blocks = tuple(int(block) for block in blocks)
         outputs = []
-        for offset in range(0, len(tokens), self.prefill_chunk):
-            piece = tuple(tokens[offset:offset + self.prefill_chunk])
+        chunk = self.step_tokens
+        for offset in range(0, len(tokens), chunk):
+            piece = tuple(tokens[offset:offset + chunk])
             last = offset + len(piece) == len(tokens)
             logits = self.execute(StepPlan(segments=(Segment(piece, start + offset, blocks),),
                                            sampled=(last,), all_logits=all_logits)).logits
@@ -226,12 +256,36 @@ class ModelRunner:
 
     # ----- warm-up ----------------------------------------------------------------------
 
-    def warm_up(self, *, loading: bool = False) -> int:
-        """Compiles every step a server can meet — each packed token count (on a mesh,
-        each prefill chunk length and decode batch) and, with `loading`, each step with KV
-        arriving — so no request pays for a compilation. Writes nothing. Returns the
-        shapes compiled."""
-        return self.compile_steps() + (self.compile_arrivals() if loading else 0)
+    def warm_up(self) -> int:
+        """Makes every packed step ready so that no request pays for a compilation.
+        Over a mesh (and in a group) compiles them all now. On one device compiles now
+        only the first bucket — the smallest that holds a full batch of decodes
+        (`max_seqs` one-token segments) — and then, in the background: the larger
+        buckets, ascending (each lets longer prompt chunks through), then the smaller
+        (cheaper small steps); `compile_arrivals` queues behind them (`wait_compiled`).
+        Writes nothing. Returns the shapes compiled now."""
+        if not isinstance(self._steps, SingleDeviceSteps):
+            return self.compile_steps()
+        buckets = self.limits.step_buckets()
+        first = next((size for size in buckets if size >= self.max_seqs), buckets[-1])
+        self._steps.compile_bucket(first)
+        self._background = CompileQueue()
+        for size in [b for b in buckets if b > first] + [b for b in buckets if b < first]:
+            self._background.submit(functools.partial(self._steps.compile_bucket, size),
+                                    f"the packed step of {size} tokens")
+        return 1
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Waits up to `timeout` seconds (None: as long as it takes) for the background
+        compilation a warm-up started; True once it is done (or if there is none).
+        Raises the error of a compilation that failed."""
+        return self._background is None or self._background.wait(timeout)
+
+    def stop_compiling(self) -> None:
+        """Cancels what the background compilation has not started, and waits for what
+        it is compiling now."""
+        if self._background is not None:
+            self._background.close()
 
     def compile_steps(self) -> int:
         """Compiles every packed step. Returns the shapes compiled."""
@@ -239,8 +293,14 @@ class ModelRunner:
 
     def compile_arrivals(self) -> int:
         """Compiles each step with KV arriving layer by layer: each token count with
-        each count of rows arriving (none in a group). Returns the shapes compiled."""
-        return self._executor.compile_arrivals()
+        each count of rows arriving (none in a group). After a warm-up on one device
+        they are queued to its background compilation instead (`arrivals_ready` says
+        when they are compiled). Returns the shapes compiled now."""
+        if self._background is None:
+            return self._executor.compile_arrivals()
+        self._arrivals = self._background.submit(self._steps.compile_arrivals,
+                                                 "the steps with KV arriving")
+        return 0
 
     def compile_saves(self, max_blocks: int) -> int:
         """Compiles the copies out of the pool of every count of blocks up to

@@ -60,7 +60,9 @@ class WarmUpSteps(Protocol):
     """The compilations a store asks of the runner at warm-up."""
 
     def compile_arrivals(self) -> int:
-        """Compiles the steps that take KV arriving layer by layer; returns the shapes."""
+        """Compiles the steps that take KV arriving layer by layer, now or in the
+        background after a warm-up (`jattn.model.runner.ModelRunner.compile_arrivals`);
+        returns the shapes compiled now."""
 
     def compile_saves(self, max_blocks: int) -> int:
         """Compiles the copies of up to `max_blocks` blocks out of the pool."""
