@@ -447,8 +447,9 @@ class AttentionStore:
                 self._counts[f"{seconds}_hidden_seconds"] += timing.hidden
 
     def warm_up(self, steps: WarmUpSteps, max_blocks: int) -> int:
-        """Has the runner compile what this store's loads (layer by layer) and saves (up
-        to `max_blocks` blocks at once) run. Returns the shapes compiled."""
+        """Has the runner compile what this store's loads (layer by layer; after a
+        warm-up on one device, in the background) and saves (up to `max_blocks` blocks
+        at once) run. Returns the shapes compiled now."""
         return steps.compile_arrivals() + steps.compile_saves(max_blocks)
 
     def count_device_hits(self, blocks: int, nbytes: int) -> None:
