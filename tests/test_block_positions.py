@@ -15,11 +15,21 @@ from test_paged_attention import make_pool
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("parts,seed", [(2, 0), (3, 1), (5, 2)])
 def test_partitioned_tables_with_positions_merge_to_the_whole(backend, parts, seed):
+    _check_partition(backend, parts, seed, [37, 16, 1, 0, 23], max_blocks=12)
+
+
+def test_xla_partitions_spanning_several_chunks():
+    """Parts of up to 50 pages: the XLA path's 64-token chunks (16 pages) each take their
+    positions from the step before."""
+    _check_partition("xla", 2, 3, [200, 37, 0, 129], max_blocks=50)
+
+
+def _check_partition(backend, parts, seed, lengths, *, max_blocks):
     rng = np.random.default_rng(seed)
     block_size, hq, hkv, d = 4, 4, 2, 16
-    lengths = np.asarray([37, 16, 1, 0, 23], np.int32)
+    lengths = np.asarray(lengths, np.int32)
     k_np, v_np, tables = make_pool(rng, lengths, block_size=block_size, hkv=hkv, d=d,
-                                   max_blocks=12)
+                                   max_blocks=max_blocks)
     q, q64 = rounded(rng.standard_normal((len(lengths), hq, d)), jnp.float32)
     k, k64 = rounded(k_np, jnp.float32)
     v, v64 = rounded(v_np, jnp.float32)

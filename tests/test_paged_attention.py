@@ -126,3 +126,12 @@ def test_paged_xla_random(lengths, ratio, hkv, block_size, seed):
 def test_paged_xla_long_context_spans_many_chunks():
     """A context of many split-K chunks (64 tokens each by default) merges them all."""
     _run("xla", [1000, 130, 0], hq=4, hkv=2, d=16, block_size=8, dtype=jnp.float32, seed=2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_xla_rotates_keys_across_chunks(dtype):
+    """Rotated keys over several chunks, each chunk's keys and angles fetched by the step
+    before: lengths ending inside a chunk, at its end and one past it, at the model's
+    shape (head_dim 8, 16-slot pages)."""
+    _run("xla", [300, 64, 65, 0, 1], hq=8, hkv=4, d=8, block_size=16, dtype=dtype, seed=5,
+         rope=True, max_blocks=24)

@@ -127,3 +127,10 @@ def test_ragged_xla_on_drawn_batches(data):
 def test_padding_rows_and_empty_sequences_see_nothing(backend):
     """All padding: every row out 0, lse -inf."""
     _run(backend, [0, 0], [5, 0], padding=6, seed=3)
+
+
+def test_ragged_xla_rotates_keys_across_chunks():
+    """Decodes and a prefill chunk whose keys span several 64-token chunks, rotated: each
+    chunk's keys and angles are fetched by the step before."""
+    _run("xla", [1, 20, 1, 1], [150, 90, 64, 65], hq=8, hkv=4, d=8, block_size=16,
+         rope=True, seed=23, block_q=8)
