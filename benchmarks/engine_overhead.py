@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     for overlap in (True, False):
         engine = Engine(llm.chats, EngineLimits(max_running=max(counts)), warm_up=True,
                         overlap=overlap)
+        llm.chats.wait_compiled()  # every step compiled: none runs on a larger bucket
         for turns in counts:
             measure(timeline, engine, turns, args.tokens)  # a rehearsal
             rows.append({"overlap": overlap, **measure(timeline, engine, turns, args.tokens)})
