@@ -187,6 +187,8 @@ def run_server(args, store: bool) -> list[dict]:
     modes = ("session", "stateless") if store else ("no reuse",)
     rows = []
     with ServeProcess(flags) as server:
+        if args.warm_up:
+            server.wait_compiled()
         for transport in args.transports:
             turns = {"grpc": GrpcTurns, "http": HttpTurns}[transport](server)
             for mode in modes:

@@ -32,6 +32,15 @@ class ServeProcess:
         self._process: subprocess.Popen | None = None
         self._drain: threading.Thread | None = None
 
+    def wait_compiled(self, timeout_s: float = 600) -> None:
+        """Waits until the server logs that its warm-up's background compilation is
+        done, so that it competes with no measurement."""
+        deadline = time.perf_counter() + timeout_s
+        while not any("background compilation done" in line for line in self.output):
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the server's background compilation did not end")
+            time.sleep(0.2)
+
     def __enter__(self) -> "ServeProcess":
         from serve.client import Client
 

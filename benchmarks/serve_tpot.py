@@ -63,13 +63,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.clients.split(",")]
     flags = ["--store", "--max-running", str(max(counts)),
-             "--max-tokens", str(args.max_tokens)]
+             "--max-tokens", str(args.max_tokens), "--default-max-tokens", "16"]
     if args.model:
         flags += ["--model", args.model]
     if args.random_weights:
         flags += ["--random-weights"]
     rows = []
     with ServeProcess(flags) as server:
+        server.wait_compiled()
         turns = GrpcTurns(server)
         for clients in counts:
             clients_at_once(turns, clients, args)  # a rehearsal
