@@ -26,7 +26,7 @@ from jattn.distributed.group_store import (
     StoreWarmUp,
 )
 from jattn.model.leader_steps import CompileSaves, CompileSteps, LeaderSteps
-from jattn.model.step_plan import Arrival, BlockSave, Segment, StepOutput, StepPlan
+from jattn.model.step_plan import Arrival, BlockSave, Draw, Segment, StepOutput, StepPlan
 from jattn.store import AttentionStore
 from jattn.store.kv_store import KVStore, LoadedRun
 
@@ -222,31 +222,47 @@ def test_the_group_store_implements_the_whole_store_protocol():
 
 
 class FixedSteps:
-    """`MeshSteps` that return fixed logits and record the plans they run."""
+    """`MeshSteps` that return fixed logits, draw their argmax, and record the plans
+    they run and the draws."""
 
     def __init__(self):
-        self.plans = []
+        self.plans, self.draws, self.draws_compiled = [], [], False
 
     def execute(self, plan):
         self.plans.append(plan)
-        return StepOutput(jnp.arange(6.0).reshape(2, 3), None)
+        return StepOutput(jnp.arange(6.0).reshape(2, 3)[::-1], None)
+
+    def draw(self, logits, draws):
+        self.draws.append(draws)
+        return jnp.argmax(logits, axis=-1)
 
     def compile_steps(self):
         return 5
+
+    def compile_draws(self, sharding):
+        self.draws_compiled = True
 
     def compile_saves(self, max_blocks):
         return max_blocks
 
 
 def test_the_leader_announces_each_plan_itself_before_running_it():
+    """The followers get the plan as plain data: a fed segment's token read from the
+    tokens of the step before, and no draws (the leader draws from its own logits)."""
     group, steps = RecordingGroup(), FixedSteps()
     leader = LeaderSteps(steps, group)
-    plan = StepPlan(segments=(Segment((3, 4), 0, (0,)),), sampled=(True,),
+    draws = (Draw((0, 1), 0), Draw((0, 1), 3, temperature=0.5))
+    plan = StepPlan(segments=(Segment((3, 4), 0, (0,)), Segment((0,), 6, (1,), fed=1)),
+                    sampled=(True, True), draws=draws, fed_tokens=jnp.array([7, 9]),
                     saves=(BlockSave(keys(1)[0], 2),))
     output = leader.execute(plan)
-    assert group.steps == [plan] and steps.plans == [plan]
-    np.testing.assert_array_equal(output.logits, np.arange(6.0).reshape(2, 3))
+    announced = StepPlan(segments=(Segment((3, 4), 0, (0,)), Segment((9,), 6, (1,))),
+                         sampled=(True, True), saves=plan.saves)
+    assert group.steps == [announced] and steps.plans == [announced]
+    np.testing.assert_array_equal(output.logits, np.arange(6.0).reshape(2, 3)[::-1])
+    assert steps.draws == [draws] and output.tokens.tolist() == [2, 2]
     assert leader.compile_steps() == 5 and leader.compile_saves(8) == 8
+    assert steps.draws_compiled
     assert group.steps[1:] == group.compiling == [CompileSteps(), CompileSaves(8)]
     assert leader.compile_arrivals() == 0 and len(group.steps) == 3
 
