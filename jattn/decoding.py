@@ -34,8 +34,8 @@ class Continuation:
         self.start_time = start_time
         self.steps = 0
         self.finished = False
-        self.key_data = seed_key_data(params.seed if params.seed is not None
-                                      else time.time_ns() % 2**64)
+        self.key = tuple(int(half) for half in seed_key_data(
+            params.seed if params.seed is not None else time.time_ns() % 2**64))
         self.draws = 0  # the key of draw n is `key` folded with n
         self._text = IncrementalText(tokenizer.decode) if tokenizer else None
         result.finish_reason = "length"
@@ -44,8 +44,7 @@ class Continuation:
         """How this sequence's next token is drawn (each call is the next draw)."""
         p = self.params
         self.draws += 1
-        return Draw((int(self.key_data[0]), int(self.key_data[1])), self.draws - 1,
-                    p.temperature, p.top_k, p.top_p)
+        return Draw(self.key, self.draws - 1, p.temperature, p.top_k, p.top_p)
 
     def take(self, token: int) -> StreamedToken | None:
         if self.steps == 0:

@@ -9,12 +9,12 @@ together prefill together, and a long prompt is spread over many steps and never
 the batch. Steps overlap the host's work: each step is dispatched before the tokens of
 the step before it reach the host (the next tokens stay on the device as its inputs), so
 the device runs step N+1 while the host delivers step N's tokens; a turn that ended at
-step N costs one wasted row in step N+1. A turn whose context arrives from host memory or
-disk first runs its opening tokens layer by layer, alone, while the blocks come. A turn reuses its
-session's KV through the `ChatEngine` and the AttentionStore; the queue's next
-sessions go to `AttentionStore.hint`, which prefetches them from disk and keeps them
-from eviction. Tokens reach each `TurnStream` as they are sampled; a cancelled turn
-frees its blocks at the next step.
+step N costs one wasted row in step N+1. A turn whose context arrives from host memory
+or disk first runs its opening tokens layer by layer, alone, while the blocks come. A
+turn reuses its session's KV through the `ChatEngine` and the AttentionStore; the
+queue's next sessions go to `AttentionStore.hint`, which prefetches them from disk and
+keeps them from eviction. Tokens reach each `TurnStream` as they are taken; a cancelled
+turn frees its blocks at the next step.
 
 No request can stop the engine: an error while running one turn fails that turn (its
 blocks freed), an error in a step shared by several turns fails those turns, and the
@@ -96,8 +96,9 @@ class _InFlight:
 class Engine:
     """Runs the turns of many conversations over one `ChatEngine` at once, on a thread
     of its own that owns the model from now on (`LLM.start_engine` makes one; the
-    library and the server both run their turns here). `warm_up` compiles every shape
-    first, so no request waits for a compilation. `on_failure(error)` is called (on the
+    library and the server both run their turns here). `warm_up` makes every shape ready
+    (the first before it returns, the rest in the background: `ChatEngine.warm_up`), so
+    no request waits for a compilation. `on_failure(error)` is called (on the
     engine's thread) if that thread ever stops unexpectedly. `overlap` False takes each
     step's tokens before the next step is planned (the device waits for the host)."""
 
