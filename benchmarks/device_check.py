@@ -42,7 +42,7 @@ EMBEDDED_MODEL = os.path.join(ROOT, "jattn", "models", "stories260K")
 KERNEL_TEST_FILES = ("tests/test_flash_attention.py", "tests/test_paged_attention.py",
                      "tests/test_merge_attention.py", "tests/test_block_positions.py",
                      "tests/test_ragged_attention.py")
-STEP_NAMES = ("kernel_tests", "kernels", "multiturn", "serve_load")
+STEP_NAMES = ("kernel_tests", "kernels", "multiturn", "serve_load", "engine_overhead")
 TEST_OUTCOME = re.compile(r"^(tests/\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
@@ -65,7 +65,7 @@ class Outcome:
 
 
 def steps(out_dir: str, cpu: bool) -> list[Step]:
-    """The check's steps; `cpu`: tiny shapes. GPU limits sum to under 8 minutes."""
+    """The check's steps; `cpu`: tiny shapes. GPU limits sum to 500 s."""
     select = ("not pallas_tpu and not pallas_random and bfloat16" if cpu else
               "not pallas_tpu and not pallas_random and not reference and not xla")
     kernel_tests = ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line",
@@ -75,6 +75,8 @@ def steps(out_dir: str, cpu: bool) -> list[Step]:
     serve_load = ["benchmarks/serve_load.py", "--random-weights", "--token-ids",
                   "--transports", "grpc", "--no-warm-up",
                   "--json", os.path.join(out_dir, "serve_load.json")]
+    engine_overhead = ["benchmarks/engine_overhead.py", "--random-weights",
+                       "--json", os.path.join(out_dir, "engine_overhead.json")]
     if cpu:
         return [
             Step("kernel_tests", kernel_tests, 300),
@@ -85,15 +87,21 @@ def steps(out_dir: str, cpu: bool) -> list[Step]:
             Step("serve_load", serve_load + ["--model", EMBEDDED_MODEL, "--clients", "2",
                                              "--turns", "2", "--first-words", "10",
                                              "--max-tokens", "4", "--num-blocks", "128"], 180),
+            Step("engine_overhead", engine_overhead + ["--model", EMBEDDED_MODEL, "--turns",
+                                                       "1,4", "--tokens", "8",
+                                                       "--prefill-chunk", "64"], 180),
         ]
     llama_1b = os.path.join(ROOT, "configs", "models", "llama-3.2-1b")
     return [
         Step("kernel_tests", kernel_tests, 100),  # 48 s on an H200
-        Step("kernels", kernels, 140),  # with the tuning variants
+        Step("kernels", kernels, 120),  # with the tuning variants
         Step("multiturn", multiturn + ["--model", llama_1b, "--first-turn", "4000",
                                        "--turns", "4"], 110),
         Step("serve_load", serve_load + ["--model", llama_1b, "--clients", "16",
                                          "--turns", "4", "--first-words", "400"], 110),
+        Step("engine_overhead", engine_overhead + ["--model", llama_1b, "--turns", "1,16",
+                                                   "--tokens", "32", "--prefill-chunk", "64"],
+             60),
     ]
 
 
@@ -176,7 +184,7 @@ def main(argv=None) -> int:
     counts = {kind: sum(1 for o in outcomes.values() if o == kind)
               for kind in sorted(set(outcomes.values()))}
     report["kernel_tests"] = {"counts": counts, "outcomes": outcomes}
-    for name in ("kernels", "multiturn", "serve_load"):
+    for name in ("kernels", "multiturn", "serve_load", "engine_overhead"):
         report[name] = read_json(os.path.join(out_dir, f"{name}.json"))
     with open(os.path.join(out_dir, "device_check.json"), "w") as f:
         json.dump(report, f, indent=2)

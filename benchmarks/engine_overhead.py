@@ -36,6 +36,7 @@ import time
 import jax
 
 from jattn import LLM
+from jattn.defaults import PREFILL_CHUNK
 from jattn.engine import Engine, EngineLimits, TurnRequest
 from jattn.sampling import SamplingParams
 
@@ -112,12 +113,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model", default=None, help="default: the embedded stories260K")
     parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                        help="the largest packed step (fewer shapes to compile)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.turns.split(",")]
     llm = LLM(args.model, random_weights=args.random_weights, store=None,
               max_running=max(counts), max_context=512,
-              num_blocks=max(counts) * 8 + 64)
+              num_blocks=max(counts) * 8 + 64, prefill_chunk=args.prefill_chunk)
     timeline = StepTimeline(llm.runner)
     llm.chats.runner = timeline
     rows = []

@@ -13,7 +13,14 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from jattn.defaults import BLOCK_SIZE, MAX_RUNNING, PREFILL_CHUNK, SINK_TOKENS, STEP_TIMEOUT_S
+from jattn.defaults import (
+    BLOCK_SIZE,
+    KV_MEMORY_SHARE,
+    MAX_RUNNING,
+    PREFILL_CHUNK,
+    SINK_TOKENS,
+    STEP_TIMEOUT_S,
+)
 from jattn.distributed.group import GroupLeader, StepChannel, is_leader
 from jattn.distributed.group import follow as follow_leader
 from jattn.distributed.group_store import (
@@ -33,7 +40,7 @@ from jattn.engine.scheduler import Engine, EngineLimits
 from jattn.engine.turns import ChatEngine, ChatTurn
 from jattn.generation import StreamedToken
 from jattn.model.config import ModelConfig
-from jattn.model.kv_cache import blocks_for
+from jattn.model.kv_cache import default_num_blocks
 from jattn.model.leader_steps import CompileSaves, CompileSteps
 from jattn.model.runner import ModelRunner
 from jattn.model.step_plan import StepPlan
@@ -46,6 +53,7 @@ from jattn.model.weights import (
 )
 from jattn.sampling import SamplingParams
 from jattn.store import AttentionStore, StoreConfig
+from jattn.store.config import machine_memory_bytes
 from jattn.store.fingerprint import model_fingerprint
 from jattn.tokenizer import Tokenizer
 
@@ -69,6 +77,17 @@ def kv_mesh(devices: int):
         return None
     return jax.make_mesh((devices,), ("kv",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:devices])
+
+
+def kv_budget_bytes(device) -> int:
+    """The most bytes the KV pool takes on `device` by default: `KV_MEMORY_SHARE` of its
+    free memory, or an eighth of the machine's memory where the platform reports none
+    (CPU)."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return int(KV_MEMORY_SHARE * max(free, 0))
+    return machine_memory_bytes() // 8
 
 
 def _check_group(kv_parallel: int) -> None:
@@ -103,7 +122,9 @@ class LLM:
       seed: seed of the random weights.
       block_size: tokens per KV block.
       max_context: longest sequence (prompt + new tokens); default the model's window.
-      num_blocks: KV pool size in blocks; default two max-context sequences.
+      num_blocks: KV pool size in blocks; default room for `max_running` sequences of
+        `max_context` tokens, within `KV_MEMORY_SHARE` of the device's free memory (an
+        eighth of the machine's on CPU) and at least one such sequence.
       prefill_chunk: the most tokens one model step packs: prompt chunks of several
         turns and the decode batch's tokens together.
       max_running: the most turns one model step runs (and the engine's batch).
@@ -147,7 +168,6 @@ class LLM:
             raise ValueError(
                 f"max_context must be in [1, {self.config.max_position_embeddings}] for this "
                 f"model, got {self.max_context}")
-        num_blocks = num_blocks or 2 * blocks_for(self.max_context, block_size)
         self.in_group = jax.process_count() > 1
         group = None
         if self.in_group:
@@ -159,14 +179,18 @@ class LLM:
         if store is not None and store.block_size != block_size:
             raise ValueError(f"store.block_size ({store.block_size}) must equal block_size "
                              f"({block_size})")
+        model = self._build(path, random_weights, seed, params_cache)
+        num_blocks = num_blocks or default_num_blocks(
+            sequences=max_running, max_context=self.max_context, block_size=block_size,
+            block_bytes=self._block_bytes(block_size),
+            budget_bytes=kv_budget_bytes(jax.local_devices()[0]) * kv_parallel)
         self.runner = ModelRunner(
-            self._build(path, random_weights, seed, params_cache),
-            num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
+            model, num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
             max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,
             backend=backend, mesh=kv_mesh(kv_parallel), group=group,
             save_memory_kind=store.memory_kind_for(jax.local_devices()[0]) if store else None)
         self._group = group
-        fingerprint = model_fingerprint(self.config, self.runner.state, self.dtype)
+        fingerprint = model_fingerprint(self.config, self.runner.params, self.dtype)
         self.store = self._shard = None
         if store is not None and self.in_group:
             self._shard = ProcessShard(self.runner, AttentionStore(
@@ -184,6 +208,12 @@ class LLM:
             self.runner, self.tokenizer, max_context=self.max_context,
             eos_ids=self.config.eos_token_ids, store=self.store, sink_tokens=sink_tokens,
             hbm_bytes=hbm_bytes, fingerprint=fingerprint)
+
+    def _block_bytes(self, block_size: int) -> int:
+        """Bytes of one KV block (keys and values of every layer)."""
+        config = self.config
+        return (2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim
+                * self.dtype.itemsize)
 
     def _build(self, path, random_weights, seed, params_cache):
         if random_weights:

@@ -17,6 +17,9 @@ from jattn.defaults import BLOCK_SIZE, HBM_SHARE, MAX_RUNNING, PREFILL_CHUNK, ST
 from jattn.engine import EngineLimits
 from jattn.store import StoreConfig
 
+STREAM_INTERVAL_S = 0.01
+"""How often a streamed gRPC answer sends its tokens, at most, by default (seconds)."""
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -52,7 +55,9 @@ class ServeConfig:
     max_context: int | None = field(default=None, metadata={
         "help": "context window in tokens; default: the model's"})
     num_blocks: int | None = field(default=None, metadata={
-        "help": "KV blocks in the device pool; default: twice the context window"})
+        "help": "KV blocks in the device pool; default: room for max_running turns at the "
+                "longest context, within half the device's free memory (an eighth of the "
+                "machine's on CPU)"})
     block_size: int = field(default=BLOCK_SIZE, metadata={"help": "tokens per KV block"})
     kv_parallel: int = field(default=1, metadata={
         "help": "devices the KV pool is spread over (DistAttention); 1: one device; in a "
@@ -100,6 +105,10 @@ class ServeConfig:
         "help": "tokens per answer, at most"})
     default_max_tokens: int = field(default=256, metadata={
         "help": "tokens per answer when a request does not say"})
+    stream_interval_s: float = field(default=STREAM_INTERVAL_S, metadata={
+        "help": "a streamed gRPC answer sends its tokens at most this often, several per "
+                "message when they come faster (the first token at once; 0: one message "
+                "per token)"})
     max_sessions: int = field(default=EngineLimits.max_sessions, metadata={
         "help": "conversations held at once"})
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: serve TLS"})

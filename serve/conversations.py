@@ -50,7 +50,8 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
                 cache_salt=request.cache_salt)
 
         first = True
-        for stream, tokens in run_turn(self.metrics, "Chat", context, start):
+        for stream, tokens in run_turn(self.metrics, "Chat", context, start,
+                                       interval_s=self.service.stream_interval_s):
             if tokens is not None:
                 event = jattn_pb2.ChatEvent(token_ids=[token.id for token in tokens],
                                             text="".join(token.text for token in tokens))

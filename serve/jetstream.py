@@ -41,7 +41,8 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
                                            kind=kind, value=value,
                                            params=sampling(self.service, request))
 
-        for _, tokens in run_turn(self.metrics, "Decode", context, start):
+        for _, tokens in run_turn(self.metrics, "Decode", context, start,
+                                  interval_s=self.service.stream_interval_s):
             if tokens is None:
                 return
             for token in tokens:  # one response per step, as JetStream's clients expect

@@ -75,6 +75,7 @@ class Server:
         workers = config.max_queue + config.max_running + 8
         self.service = Service(self.engine, tenants,
                                default_max_tokens=config.default_max_tokens,
+                               stream_interval_s=config.stream_interval_s,
                                model_name=config.served_model_name or os.path.basename(
                                    os.path.normpath(self.llm.model_path)))
         self._serving = False

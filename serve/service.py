@@ -108,11 +108,13 @@ class Service:
     """Turns and sessions of one engine, for authenticated callers."""
 
     def __init__(self, engine: Engine, tenants: Tenants, *, default_max_tokens: int,
-                 model_name: str):
+                 model_name: str, stream_interval_s: float = 0.0):
         self.engine = engine
         self.tenants = tenants
         self.default_max_tokens = default_max_tokens
         self.model_name = model_name
+        # How often a streamed turn sends its tokens, at most (`TurnStream.chunks`).
+        self.stream_interval_s = stream_interval_s
 
     def caller(self, authorization: str | None) -> Caller:
         """The caller an `authorization` header value ("Bearer <token>") names;

@@ -34,17 +34,19 @@ def sampling(service: Service, request) -> SamplingParams:
         stop=tuple(getattr(request, "stop", ())))
 
 
-def run_turn(metrics: Metrics, method: str, context: grpc.ServicerContext, start):
+def run_turn(metrics: Metrics, method: str, context: grpc.ServicerContext, start, *,
+             interval_s: float = 0.0):
     """Runs `start()` (which submits a turn and returns its stream) and yields
-    `(stream, tokens)` as tokens arrive (each time, all that have arrived: a list of
-    `StreamedToken`s), then `(stream, None)` once the turn has ended.
+    `(stream, tokens)` as tokens arrive (each time, all that have arrived, at most once
+    per `interval_s` seconds after the first: a list of `StreamedToken`s), then
+    `(stream, None)` once the turn has ended.
     Bad input, a full queue or a failed turn abort the call with the matching status. A
     client that cancels or disconnects cancels the turn, which frees its blocks."""
     started = time.perf_counter()
     try:
         stream: TurnStream = start()
         context.add_callback(stream.cancel)
-        for tokens in stream.chunks():
+        for tokens in stream.chunks(interval_s):
             yield stream, tokens
     except Exception as error:
         metrics.call(method, status_of(error).name)

@@ -20,7 +20,7 @@ def test_cpu_mode_runs_every_step_and_writes_its_results(tmp_path):
     assert completed.returncode == 0, completed.stdout + completed.stderr
     report = json.loads((out / "device_check.json").read_text())
     assert [s["name"] for s in report["steps"]] == [
-        "kernel_tests", "kernels", "multiturn", "serve_load"]
+        "kernel_tests", "kernels", "multiturn", "serve_load", "engine_overhead"]
     assert all(s["returncode"] == 0 for s in report["steps"])
     assert report["machine"]["platform"] == "cpu"
 
@@ -50,6 +50,11 @@ def test_cpu_mode_runs_every_step_and_writes_its_results(tmp_path):
     assert set(rows) == {"session", "stateless", "no reuse"}
     for row in rows.values():
         assert row["turns"] == 4 and row["tokens_per_s"] > 0
+
+    overhead = {(r["overlap"], r["turns"]): r for r in report["engine_overhead"]["rows"]}
+    assert set(overhead) == {(overlap, turns) for overlap in (True, False) for turns in (1, 4)}
+    for row in overhead.values():
+        assert row["steps_measured"] > 0 and row["step_ms"] > 0 and row["gap_ms"] >= 0
 
     log = (out / "device_check.log").read_text()
     assert "===== serve_load" in log

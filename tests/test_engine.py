@@ -4,6 +4,7 @@ cancellation, limits and shutdown."""
 import contextlib
 import logging
 import threading
+import time
 
 import jax
 import numpy as np
@@ -248,6 +249,28 @@ def test_a_slow_reader_gets_every_token_that_arrived_in_one_chunk():
     closed.push(StreamedToken(7, "7"))
     closed.close()
     assert [[t.id for t in chunk] for chunk in closed.chunks()] == [[7]]
+
+
+def test_a_stream_interval_sends_the_first_token_at_once_then_one_chunk_per_interval():
+    from jattn.engine.requests import TurnStream
+    from jattn.generation import StreamedToken
+
+    stream = TurnStream(turn(None, "x"), cancel=lambda s: None)
+    stream.push(StreamedToken(0, "0"))
+    chunks = stream.chunks(interval_s=30.0)
+    assert [t.id for t in next(chunks)] == [0]
+
+    def produce():
+        for i in range(1, 10):
+            stream.push(StreamedToken(i, str(i)))
+            time.sleep(0.005)
+        stream.close()
+
+    started = time.perf_counter()
+    threading.Thread(target=produce).start()
+    assert [t.id for t in next(chunks)] == list(range(1, 10))  # within one interval
+    assert list(chunks) == []
+    assert time.perf_counter() - started < 30.0  # the end cut the interval short
 
 
 def test_overlapped_steps_give_the_tokens_of_steps_taken_one_by_one():

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from jattn import LLM
 from jattn.model.config import ModelConfig
+from jattn.model.kv_cache import blocks_for, default_num_blocks
 from jattn.model.weights import load_safetensors, restore_params, save_params
 from model_references import model_dir, reference_cases
 
@@ -18,7 +19,7 @@ STORIES = model_dir("stories260K")
 
 
 def _params(llm):
-    return jax.tree_util.tree_leaves(llm.runner.state)
+    return jax.tree_util.tree_leaves(llm.runner.params)
 
 
 def copy_model(tmp_path, name="model", weights=True):
@@ -131,3 +132,13 @@ def test_shipped_model_configs_parse():
     assert llama.kv_bytes_per_token(2) == 2 * 16 * 8 * 64 * 2
     qwen = shapes["qwen2.5-0.5b"]
     assert qwen.qkv_bias and not qwen.o_proj_bias and qwen.head_dim == 64
+
+
+def test_the_default_pool_holds_max_running_turns_at_their_longest():
+    llm = LLM(max_running=3, max_context=100, store=None)
+    assert llm.runner.pool.num_blocks == 3 * blocks_for(100, 16)
+    # a memory budget cuts it, but never under one longest sequence
+    sized = dict(sequences=3, max_context=100, block_size=16, block_bytes=1000)
+    assert default_num_blocks(**sized, budget_bytes=10_000) == 10
+    assert default_num_blocks(**sized, budget_bytes=1_000) == blocks_for(100, 16)
+    assert default_num_blocks(**sized, budget_bytes=10**9) == 3 * blocks_for(100, 16)

@@ -111,6 +111,7 @@ class TurnStream:
         self.result: ChatTurn | None = None
         self.started = threading.Event()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = threading.Event()
         self._cancel = cancel
         self.cancelled = False
 
@@ -123,10 +124,14 @@ class TurnStream:
         for tokens in self.chunks():
             yield from tokens
 
-    def chunks(self):
+    def chunks(self, interval_s: float = 0.0):
         """Like iterating, but yields lists: every token that has arrived by the time the
         reader asks (at least one), so a reader slower than the engine (a network
-        stream under load) sends one message for several tokens."""
+        stream under load) sends one message for several tokens. With `interval_s`
+        (seconds), the reader asks at most that often while the turn runs: the first
+        token comes at once, then one list per interval, and the last as soon as the
+        turn ends. Each message a network stream sends costs the server and the
+        client far more than a token costs the engine."""
         while True:
             tokens = []
             event = self._events.get()
@@ -143,6 +148,8 @@ class TurnStream:
                 return
             if isinstance(event, BaseException):
                 raise event
+            if interval_s:
+                self._ended.wait(interval_s)
 
     # ----- the engine's side --------------------------------------------------------------
 
@@ -156,7 +163,9 @@ class TurnStream:
     def close(self) -> None:
         self.started.set()
         self._events.put(_DONE)
+        self._ended.set()
 
     def fail(self, error: BaseException) -> None:
         self.started.set()
         self._events.put(error)
+        self._ended.set()

@@ -71,6 +71,15 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def default_num_blocks(*, sequences: int, max_context: int, block_size: int,
+                       block_bytes: int, budget_bytes: int) -> int:
+    """The pool size, in blocks, when none is given: room for `sequences` sequences at
+    `max_context` tokens each (every running turn at its longest), cut to what
+    `budget_bytes` holds at `block_bytes` per block, but never under one such sequence."""
+    per_sequence = blocks_for(max_context, block_size)
+    return max(per_sequence, min(sequences * per_sequence, budget_bytes // block_bytes))
+
+
 def padded_table(blocks: list[int], width: int) -> np.ndarray:
     """int32 `[width]` block table: `blocks` then zeros (never read past the length).
     A numpy array: jitted steps take it as it is (no per-shape conversion op)."""

@@ -25,7 +25,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -36,7 +35,7 @@ from jattn.model.kv_cache import KVPool, bucket, padded_table, powers_of_two
 from jattn.model.llama import LlamaForCausalLM
 from jattn.model.step_functions import (
     KV_AXIS,
-    HashedOnce,
+    ModelDef,
     embed_step,
     layer_step,
     logits_step,
@@ -122,10 +121,9 @@ class PoolSteps:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
                  limits: StepLimits, backend: str, save_memory_kind: str | None):
         config = model.config
-        graphdef, self.state = nnx.split(model)
-        self.graphdef = HashedOnce(graphdef)
-        self.layer_graphdef = HashedOnce(nnx.split(model.layers[0])[0])
-        self.layer_states = [nnx.split(layer)[1] for layer in model.layers]
+        self.model_def, self.params = ModelDef.split(model)
+        self.layer_def = ModelDef.split(model.layers[0])[0]
+        self.layer_params = [ModelDef.split(layer)[1] for layer in model.layers]
         self.inv_freq = jnp.asarray(inverse_frequencies(config.rope, config.head_dim))
         self.dtype = model.embed_tokens.embedding[...].dtype
         self.pool_shape = dict(num_layers=config.num_layers, num_blocks=num_blocks,
@@ -210,25 +208,25 @@ class PoolSteps:
         tokens = np.zeros(bucket(count), np.int32)
         tokens[:count] = segment.tokens
         table = self.limits.table(segment.blocks)
-        x = embed_step(self.graphdef, self.state, tokens)
+        x = embed_step(self.model_def, self.params, tokens)
         ids = None
         new_k, new_v = list(self.pool.k), list(self.pool.v)
         self.pool = None  # its layers are donated one by one below
         try:
-            for layer, state in enumerate(self.layer_states):
+            for layer, params in enumerate(self.layer_params):
                 k, v = arrival.source.layer(layer, after=x)
                 if ids is None:
                     ids = np.full(k.shape[0], new_k[0].shape[0], np.int32)  # past the pool
                     ids[:len(arrival.block_ids)] = arrival.block_ids
                 x, new_k[layer], new_v[layer] = layer_step(
-                    self.layer_graphdef, state, x, new_k[layer], new_v[layer], ids, k, v,
+                    self.layer_def, params, x, new_k[layer], new_v[layer], ids, k, v,
                     jnp.int32(segment.start), jnp.int32(count), table, self.inv_freq,
                     backend=self.backend, mesh=self.mesh)
         finally:
             self.pool = KVPool(tuple(new_k), tuple(new_v))
         rows = np.zeros(self.limits.logit_rows(len(tokens)), np.int32)
         rows[0] = count - 1
-        return logits_step(self.graphdef, self.state, x, rows)
+        return logits_step(self.model_def, self.params, x, rows)
 
     # ----- warm-up --------------------------------------------------------------------
 
@@ -251,19 +249,19 @@ class PoolSteps:
         table = self.limits.table([])
         pages = self.pool_spec.k[0]
         for tokens in self.limits.arrival_buckets():
-            x = embed_step.lower(self.graphdef, self.state,
+            x = embed_step.lower(self.model_def, self.params,
                                  np.zeros(tokens, np.int32)).compile().out_info
             for rows in self.limits.load_row_buckets():
                 arriving = jax.ShapeDtypeStruct((rows, *pages.shape[1:]), pages.dtype,
                                                 sharding=self.load_sharding)
                 out = layer_step.lower(
-                    self.layer_graphdef, self.layer_states[0], x, pages,
+                    self.layer_def, self.layer_params[0], x, pages,
                     self.pool_spec.v[0], np.zeros(rows, np.int32), arriving, arriving,
                     jnp.int32(0), jnp.int32(0), table, self.inv_freq, backend=self.backend,
                     mesh=self.mesh).compile().out_info
                 shapes += 1
             height = self.limits.logit_rows(tokens)
-            logits = logits_step.lower(self.graphdef, self.state, out[0],
+            logits = logits_step.lower(self.model_def, self.params, out[0],
                                        np.zeros(height, np.int32)).compile().out_info
             draw_tokens.lower(logits, *draw_arguments((), height),
                               width=self.limits.max_seqs).compile()
@@ -291,8 +289,8 @@ class SingleDeviceSteps(PoolSteps):
         self.device = jax.devices()[0]
         self.load_sharding = self.logits_sharding = jax.sharding.SingleDeviceSharding(
             self.device)
-        self.state, self.layer_states, self.pool = jax.device_put(
-            (self.state, self.layer_states, KVPool.create(**self.pool_shape)),
+        self.params, self.layer_params, self.pool = jax.device_put(
+            (self.params, self.layer_params, KVPool.create(**self.pool_shape)),
             self.load_sharding)
         self.pool_spec = shapes_of(self.pool)
         # What a step without fed tokens reads for them.
@@ -348,9 +346,9 @@ class SingleDeviceSteps(PoolSteps):
             rows = np.arange(size, dtype=np.int32)
         fed = self.no_tokens if plan.fed_tokens is None else plan.fed_tokens
         step = self._compiled.get((self.backend, size, len(rows))) or functools.partial(
-            ragged_step, self.graphdef, backend=self.backend)
+            ragged_step, self.model_def, backend=self.backend)
         logits, drawn, self.pool = step(
-            self.state, self.pool, tokens, positions, sequences, starts, kv_lengths, tables,
+            self.params, self.pool, tokens, positions, sequences, starts, kv_lengths, tables,
             rows, fed, fed_rows, draw_arguments(plan.draws, len(rows)))
         return logits, (drawn if plan.draws else None)
 
@@ -404,7 +402,7 @@ class SingleDeviceSteps(PoolSteps):
         from then on (`step_tokens`)."""
         height, backend = self.limits.logit_rows(size), self.backend
         self._compiled[backend, size, height] = ragged_step.lower(
-            self.graphdef, self.state, self.pool_spec, np.zeros(size, np.int32),
+            self.model_def, self.params, self.pool_spec, np.zeros(size, np.int32),
             np.full(size, -1, np.int32), np.zeros(size, np.int32),
             np.zeros(height + 1, np.int32), np.zeros(height, np.int32),
             np.zeros((height, self.limits.table_width), np.int32), np.zeros(height, np.int32),
@@ -441,8 +439,8 @@ class MeshSteps(PoolSteps):
         replicated = NamedSharding(mesh, PartitionSpec())
         self.load_sharding = self.logits_sharding = replicated
         # From host copies: a mesh over several processes takes only host values.
-        self.state, self.layer_states = jax.device_put(
-            jax.tree.map(np.asarray, (self.state, self.layer_states)), replicated)
+        self.params, self.layer_params = jax.device_put(
+            jax.tree.map(np.asarray, (self.params, self.layer_params)), replicated)
         # Each device materialises only its own blocks.
         self.pool = KVPool.create(**self.pool_shape,
                                   sharding=NamedSharding(mesh, PartitionSpec(KV_AXIS)))
@@ -490,7 +488,7 @@ class MeshSteps(PoolSteps):
         tokens = np.zeros(bucket(count), np.int32)
         tokens[:count] = segment.tokens
         logits, self.pool = mesh_prefill_step(
-            self.graphdef, self.state, self.pool, tokens, jnp.int32(segment.start),
+            self.model_def, self.params, self.pool, tokens, jnp.int32(segment.start),
             jnp.int32(count), self.limits.table(segment.blocks), backend=self.backend,
             all_logits=all_logits, mesh=self.mesh)
         return logits
@@ -506,7 +504,7 @@ class MeshSteps(PoolSteps):
         for i, segment in enumerate(segments):
             tokens[i], positions[i] = segment.tokens[0], segment.start
         logits, self.pool = mesh_decode_step(
-            self.graphdef, self.state, self.pool, tokens, positions, tables,
+            self.model_def, self.params, self.pool, tokens, positions, tables,
             backend=self.backend, mesh=self.mesh)
         return logits
 
@@ -533,7 +531,7 @@ class MeshSteps(PoolSteps):
         sequence (every layer); "read" and "write", the copies of `blocks_per_device`
         blocks per device out of and into the pool (`PoolShards.compiled_text`)."""
         decode = mesh_decode_step.lower(
-            self.graphdef, self.state, self.pool, np.zeros(1, np.int32),
+            self.model_def, self.params, self.pool, np.zeros(1, np.int32),
             np.full(1, -1, np.int32), self.limits.table([])[None], backend=self.backend,
             mesh=self.mesh).compile().as_text()
         read, write = self.shards.compiled_text(self.pool, blocks_per_device)
@@ -547,12 +545,12 @@ class MeshSteps(PoolSteps):
         for kind, size in tqdm(shapes, desc="compiling", unit="shape"):
             if kind == "prefill":
                 _, self.pool = mesh_prefill_step(
-                    self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
+                    self.model_def, self.params, self.pool, np.zeros(size, np.int32),
                     jnp.int32(0), jnp.int32(0), table, backend=self.backend,
                     all_logits=False, mesh=self.mesh)
             else:
                 _, self.pool = mesh_decode_step(
-                    self.graphdef, self.state, self.pool, np.zeros(size, np.int32),
+                    self.model_def, self.params, self.pool, np.zeros(size, np.int32),
                     np.full(size, -1, np.int32), np.stack([table] * size),
                     backend=self.backend, mesh=self.mesh)
         self.compile_draws(self.logits_sharding)

@@ -85,9 +85,9 @@ class ModelRunner:
         self._steps.pool = pool
 
     @property
-    def state(self):
-        """The model's parameters, as the steps take them."""
-        return self._steps.state
+    def params(self) -> tuple:
+        """The model's parameters, as the steps take them: a flat tuple of arrays."""
+        return self._steps.params
 
     @property
     def dtype(self):

@@ -26,25 +26,41 @@ KV_AXIS = "kv"
 """The mesh axis a KV pool is sharded over."""
 
 
-class HashedOnce:
-    """A static jit argument whose hash is computed once. jit hashes its static arguments
-    on every call, and a flax `GraphDef` hashes by walking the whole module graph (0.33 ms
-    a call for the embedded model's, 1.1 ms for Llama-3.2-1B's, on a 2-core x86 host:
-    every prefill and decode step paid it); the steps take the model's graph wrapped in
-    this and read it as `.value`."""
+class ModelDef:
+    """A module's graph and its parameters' tree structure: the static argument of the
+    jitted steps, which take the parameters as a flat tuple of arrays (`params`) and
+    rebuild the module inside (`merge`).
 
-    __slots__ = ("value", "_hash")
+    jit hashes its static arguments on every call, and a flax `GraphDef` hashes by
+    walking the whole module graph (0.33 ms a call for the embedded model's, 1.1 ms for
+    Llama-3.2-1B's, on a 2-core x86 host), so the hash is computed once. And jit
+    flattens a tuple of arrays in C++ but a flax `State` in Python, one callback per
+    parameter (0.3 ms a call for the embedded model's 47)."""
 
-    def __init__(self, value):
-        self.value = value
-        self._hash = hash(value)
+    __slots__ = ("graphdef", "treedef", "_hash")
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef = graphdef
+        self.treedef = treedef
+        self._hash = hash((graphdef, treedef))
+
+    @classmethod
+    def split(cls, module) -> tuple["ModelDef", tuple]:
+        """`(model_def, params)` of a flax module."""
+        graphdef, state = nnx.split(module)
+        leaves, treedef = jax.tree.flatten(state)
+        return cls(graphdef, treedef), tuple(leaves)
+
+    def merge(self, params):
+        """The module, from `params` as `split` gave them (arrays or tracers)."""
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, params))
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, HashedOnce) and (
-            self.value is other.value or self.value == other.value)
+        return isinstance(other, ModelDef) and (
+            self is other or (self.graphdef, self.treedef) == (other.graphdef, other.treedef))
 
 
 def _rope_frequencies(model) -> jax.Array:
@@ -69,9 +85,9 @@ def _chunk_attend(table, start, count, inv_freq, backend, mesh):
     return attend
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"),
+@functools.partial(jax.jit, static_argnames=("model_def", "backend"),
                    donate_argnames=("pool",))
-def ragged_step(graphdef, state, pool: KVPool, tokens, positions, sequences, query_starts,
+def ragged_step(model_def, params, pool: KVPool, tokens, positions, sequences, query_starts,
                 kv_lengths, tables, logit_rows, fed_tokens, fed_rows, draws, *, backend):
     """The query tokens of up to `S` sequences packed together, through the model, and
     the next token of each sequence drawn from its logits.
@@ -85,7 +101,7 @@ def ragged_step(graphdef, state, pool: KVPool, tokens, positions, sequences, que
     `jattn.sampling.draw_arguments`). Returns (logits `[R, V]` float32, the tokens drawn
     from them padded to `[W]` int32, pool).
     """
-    model = nnx.merge(graphdef.value, state)
+    model = model_def.merge(params)
     inv_freq = _rope_frequencies(model)
     tokens = jnp.where(fed_rows >= 0, fed_tokens[jnp.maximum(fed_rows, 0)], tokens)
     slots = jax.vmap(lambda sequence, position: token_slots(
@@ -102,14 +118,14 @@ def ragged_step(graphdef, state, pool: KVPool, tokens, positions, sequences, que
     return logits, jnp.pad(drawn, (0, fed_tokens.shape[0] - drawn.shape[0])), pool
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "all_logits", "mesh"),
+@functools.partial(jax.jit, static_argnames=("model_def", "backend", "all_logits", "mesh"),
                    donate_argnames=("pool",))
-def mesh_prefill_step(graphdef, state, pool: KVPool, tokens, start, count, table, *, backend,
+def mesh_prefill_step(model_def, params, pool: KVPool, tokens, start, count, table, *, backend,
                       all_logits, mesh):
     """Prefills `count` of the `T` (bucketed) `tokens` at positions `start...` of the
     sequence whose block table is `table [M]`, over a pool sharded on `mesh`. Returns
     (logits `[T, V]` if `all_logits` else `[V]` of the last real token, pool)."""
-    model = nnx.merge(graphdef.value, state)
+    model = model_def.merge(params)
     index = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     positions = start + index
     slots = token_slots(table, jnp.where(index < count, positions, -1),
@@ -119,14 +135,14 @@ def mesh_prefill_step(graphdef, state, pool: KVPool, tokens, start, count, table
     return (logits if all_logits else logits[count - 1]), pool
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "mesh"),
+@functools.partial(jax.jit, static_argnames=("model_def", "backend", "mesh"),
                    donate_argnames=("pool",))
-def mesh_decode_step(graphdef, state, pool: KVPool, tokens, positions, tables, *, backend,
+def mesh_decode_step(model_def, params, pool: KVPool, tokens, positions, tables, *, backend,
                      mesh):
     """One token for each of `B` sequences over a pool sharded on `mesh`: tokens,
     positions `[B]`, tables `[B, M]`. A row with position -1 is padding: nothing is
     written and its logits are unused. Returns (logits `[B, V]`, pool)."""
-    model = nnx.merge(graphdef.value, state)
+    model = model_def.merge(params)
     inv_freq = _rope_frequencies(model)
     slots = jax.vmap(lambda table, position: token_slots(
         table, position[None], block_size=pool.block_size, num_blocks=pool.num_blocks)[0])(
@@ -140,21 +156,21 @@ def mesh_decode_step(graphdef, state, pool: KVPool, tokens, positions, tables, *
     return model(tokens, jnp.maximum(positions, 0), slots, pool, attend)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def embed_step(graphdef, state, tokens):
+@functools.partial(jax.jit, static_argnames=("model_def",))
+def embed_step(model_def, params, tokens):
     """tokens `[T]` -> hidden states `[T, hidden]`."""
-    return nnx.merge(graphdef.value, state).embed(tokens)
+    return model_def.merge(params).embed(tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def logits_step(graphdef, state, x, rows):
+@functools.partial(jax.jit, static_argnames=("model_def",))
+def logits_step(model_def, params, x, rows):
     """The logits `[R, V]` float32 of rows `rows [R]` of hidden states `x [T, hidden]`."""
-    return nnx.merge(graphdef.value, state).logits(x[rows])
+    return model_def.merge(params).logits(x[rows])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "mesh"),
+@functools.partial(jax.jit, static_argnames=("model_def", "backend", "mesh"),
                    donate_argnames=("k_pages", "v_pages"))
-def layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, tokens_start,
+def layer_step(model_def, params, x, k_pages, v_pages, load_ids, load_k, load_v, tokens_start,
                count, table, inv_freq, *, backend, mesh=None):
     """One decoder layer of a prompt chunk, after writing the blocks that arrived for it.
 
@@ -163,7 +179,7 @@ def layer_step(graphdef, state, x, k_pages, v_pages, load_ids, load_k, load_v, t
     dropped). The chunk's `count` real tokens sit at positions `tokens_start...` of the
     sequence whose block table is `table [M]`. Returns (x, k_pages, v_pages).
     """
-    layer = nnx.merge(graphdef.value, state)
+    layer = model_def.merge(params)
     k_pages = k_pages.at[load_ids].set(load_k.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[load_ids].set(load_v.astype(v_pages.dtype), mode="drop")
     block_size, num_blocks = k_pages.shape[1], k_pages.shape[0]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from jattn.defaults import BLOCK_SIZE, HBM_SHARE, LOOKAHEAD, SINK_TOKENS
 
 
-def _machine_memory_bytes() -> int:
+def machine_memory_bytes() -> int:
+    """This machine's physical memory in bytes (8 GiB where it cannot be read)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -93,6 +94,6 @@ class StoreConfig:
     @classmethod
     def sized_for_machine(cls, **overrides) -> "StoreConfig":
         """Host budget a quarter of the machine's memory; no disk tier unless asked."""
-        values = dict(host_bytes=_machine_memory_bytes() // 4)
+        values = dict(host_bytes=machine_memory_bytes() // 4)
         values.update(overrides)
         return cls(**values)
