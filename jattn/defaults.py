@@ -11,9 +11,9 @@ MAX_RUNNING = 32
 """The most turns one model step runs (the block tables' height; the engine's batch)."""
 
 KV_MEMORY_SHARE = 0.5
-"""The share of a device's free memory (after the weights) that the KV pool takes by
-default, at most; on a host platform without memory statistics, an eighth of the
-machine's memory."""
+"""The share of a device's memory left by the weights that the KV pool takes by default,
+at most; on a host platform without memory statistics, an eighth of the machine's
+memory."""
 
 SINK_TOKENS = 4
 """First tokens a truncated conversation always keeps."""

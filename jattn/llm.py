@@ -12,6 +12,7 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jattn.defaults import (
     BLOCK_SIZE,
@@ -79,15 +80,20 @@ def kv_mesh(devices: int):
                          devices=jax.devices()[:devices])
 
 
-def kv_budget_bytes(device) -> int:
+def kv_budget_bytes(device, weight_bytes: int) -> int:
     """The most bytes the KV pool takes on `device` by default: `KV_MEMORY_SHARE` of its
-    free memory, or an eighth of the machine's memory where the platform reports none
-    (CPU)."""
+    memory left by `weight_bytes` of weights, or an eighth of the machine's memory where
+    the platform reports none (CPU). From the device's limit, not its use at the time,
+    so that every process of a group, and every LLM of one process, sizes the same."""
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        return int(KV_MEMORY_SHARE * max(free, 0))
+        return int(KV_MEMORY_SHARE * max(stats["bytes_limit"] - weight_bytes, 0))
     return machine_memory_bytes() // 8
+
+
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
 
 
 def _check_group(kv_parallel: int) -> None:
@@ -123,8 +129,8 @@ class LLM:
       block_size: tokens per KV block.
       max_context: longest sequence (prompt + new tokens); default the model's window.
       num_blocks: KV pool size in blocks; default room for `max_running` sequences of
-        `max_context` tokens, within `KV_MEMORY_SHARE` of the device's free memory (an
-        eighth of the machine's on CPU) and at least one such sequence.
+        `max_context` tokens, within `KV_MEMORY_SHARE` of the device's memory left by the
+        weights (an eighth of the machine's on CPU) and at least one such sequence.
       prefill_chunk: the most tokens one model step packs: prompt chunks of several
         turns and the decode batch's tokens together.
       max_running: the most turns one model step runs (and the engine's batch).
@@ -183,7 +189,8 @@ class LLM:
         num_blocks = num_blocks or default_num_blocks(
             sequences=max_running, max_context=self.max_context, block_size=block_size,
             block_bytes=self._block_bytes(block_size),
-            budget_bytes=kv_budget_bytes(jax.local_devices()[0]) * kv_parallel)
+            budget_bytes=kv_budget_bytes(jax.local_devices()[0], weight_bytes(model))
+            * kv_parallel)
         self.runner = ModelRunner(
             model, num_blocks=-(-num_blocks // kv_parallel) * kv_parallel, block_size=block_size,
             max_context=self.max_context, prefill_chunk=prefill_chunk, max_seqs=max_running,

@@ -56,8 +56,8 @@ class ServeConfig:
         "help": "context window in tokens; default: the model's"})
     num_blocks: int | None = field(default=None, metadata={
         "help": "KV blocks in the device pool; default: room for max_running turns at the "
-                "longest context, within half the device's free memory (an eighth of the "
-                "machine's on CPU)"})
+                "longest context, within half the device's memory left by the weights (an "
+                "eighth of the machine's on CPU)"})
     block_size: int = field(default=BLOCK_SIZE, metadata={"help": "tokens per KV block"})
     kv_parallel: int = field(default=1, metadata={
         "help": "devices the KV pool is spread over (DistAttention); 1: one device; in a "
