@@ -251,7 +251,7 @@ def test_a_recomputation_that_fails_midway_frees_every_block(failing_call):
     llm.runner.prefill = real
     census = llm.engine.block_census()
     assert census.balanced and census.free == census.total, census
-    reference = LLM(store=None, max_context=96)
+    reference = LLM(store=None, num_blocks=96, max_context=96)  # the same shapes: compiled once
     for turn in range(5):
         want = reference.chat("a", MESSAGES[turn], max_tokens=24, ignore_eos=True)
     assert llm.chat("a", MESSAGES[4], max_tokens=24, ignore_eos=True).token_ids == \
