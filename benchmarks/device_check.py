@@ -88,8 +88,8 @@ def steps(out_dir: str, cpu: bool) -> list[Step]:
                                              "--turns", "2", "--first-words", "10",
                                              "--max-tokens", "4", "--num-blocks", "128"], 180),
             Step("engine_overhead", engine_overhead + ["--model", EMBEDDED_MODEL, "--turns",
-                                                       "1,4", "--tokens", "8",
-                                                       "--prefill-chunk", "64"], 180),
+                                                       "1,2", "--tokens", "8",
+                                                       "--prefill-chunk", "32"], 180),
         ]
     llama_1b = os.path.join(ROOT, "configs", "models", "llama-3.2-1b")
     return [
