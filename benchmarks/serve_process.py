@@ -41,6 +41,12 @@ class ServeProcess:
                 raise TimeoutError("the server's background compilation did not end")
             time.sleep(0.2)
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user + system, all threads), in s."""
+        with open(f"/proc/{self._process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __enter__(self) -> "ServeProcess":
         from serve.client import Client
 
