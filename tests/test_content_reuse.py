@@ -2,6 +2,8 @@
 whoever computed them, with the tokens and the KV of a stateless one-shot prefill; one
 copy of a shared block per tier; tenants never share."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -195,3 +197,50 @@ def test_a_truncated_context_recomputed_equals_a_store_that_lost_nothing():
     keeper.chats.abort(held)
     for got, want in zip(recomputed, expected):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_a_queued_turn_finds_its_disk_blocks_in_host_memory_when_it_begins(
+        stateless, tmp_path, monkeypatch):
+    """A one-off whose prompt's blocks are only on a slow disk (written before a restart),
+    queued behind a running turn: the store reads them into host memory while it waits,
+    so it begins with every one in host memory, reads nothing from disk on its way, and
+    gives the tokens of a stateless prefill."""
+    from jattn.engine import EngineLimits, TurnRequest
+    from jattn.sampling import SamplingParams
+    from jattn.store.disk_tier import DiskTier
+
+    prompt = SYSTEM + user_prompt(6, 40)  # 88 tokens: 5 full blocks before the last
+    disk = dict(disk_bytes=1 << 26, disk_path=str(tmp_path))
+    before_restart = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=0, **disk))
+    before_restart.generate(prompt, max_tokens=2, ignore_eos=True)
+    before_restart.close()
+
+    reads = []  # the blocks read from disk
+    slow_get = DiskTier.get
+
+    def get(tier, key):
+        time.sleep(0.02)
+        block = slow_get(tier, key)
+        if block is not None:
+            reads.append(key)
+        return block
+
+    monkeypatch.setattr(DiskTier, "get", get)
+    llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=1 << 26, **disk))
+    engine = llm.start_engine(EngineLimits(max_running=1))
+    running = engine.submit(TurnRequest(None, "tokens", tuple(user_prompt(7)),
+                                        SamplingParams(max_tokens=480), ignore_eos=True))
+    queued = engine.submit(TurnRequest(None, "tokens", tuple(prompt),
+                                       SamplingParams(max_tokens=12), ignore_eos=True))
+    deadline = time.monotonic() + 60
+    while llm.store.stats()["prefetched_blocks"] < 5:
+        assert time.monotonic() < deadline, "the queued turn's blocks were never prefetched"
+        time.sleep(0.01)
+    assert queued.result is None  # still waiting: the running turn holds the one slot
+    read_while_queued = len(reads)
+    running.cancel()
+    tokens = [token.id for token in queued]
+    assert queued.result.tiers == {"host": 5} and queued.result.cached_tokens == 80
+    assert len(reads) == read_while_queued == 5
+    assert tokens == stateless.generate(prompt, max_tokens=12, ignore_eos=True).token_ids
+    llm.close()

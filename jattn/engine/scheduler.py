@@ -33,6 +33,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +125,10 @@ class Engine:
         self._fetching: dict[TurnStream, tuple[concurrent.futures.Future, float, dict]] = {}
         self._accepting = True
         self._cancel_all = False
-        self._hinted: list[str] = []  # the upcoming sessions last passed to the store
+        self._hinted: list[bytes] = []  # the upcoming block keys last passed to the store
+        # New conversations' prompt keys, computed once per waiting turn.
+        self._prompt_keys: weakref.WeakKeyDictionary[TurnStream, list[bytes]] = \
+            weakref.WeakKeyDictionary()
         self._stopped = False
         self._failure: BaseException | None = None
         self._on_failure = on_failure
@@ -236,7 +240,8 @@ class Engine:
     def hint(self, upcoming_session_ids) -> None:
         """Sessions whose turns come next, most imminent first: their context blocks are
         kept longest in every tier and prefetched (see `ChatEngine.hint`)."""
-        self._call(self.chats.hint, list(upcoming_session_ids))
+        self._call(lambda ids: self.chats.hint(self.chats.session_keys(ids)),
+                   list(upcoming_session_ids))
 
     def block_census(self) -> BlockCensus:
         """Where every block of the device pool is now (free, resident, in flight)."""
@@ -425,13 +430,25 @@ class Engine:
                                 max_new_tokens=self.limits.max_prompt_tokens, **resume)
 
     def _hint(self) -> None:
+        """Hints the store with the blocks the first `lookahead` waiting turns look up
+        first, so that what they reuse is read from disk into host memory while they
+        wait: a known session's context, or a new conversation's prompt (computed once
+        per turn)."""
         with self._condition:
-            upcoming = [s.request.session_id for s in self._waiting
-                        if s.request.session_id is not None]
-        upcoming = upcoming[:self.chats.lookahead]
-        if upcoming != self._hinted:
-            self._hinted = upcoming
-            self.chats.hint(upcoming)
+            upcoming = list(itertools.islice(self._waiting, self.chats.lookahead))
+        keys = []
+        for stream in upcoming:
+            request = stream.request
+            if self.chats.has_session(request.session_id):
+                keys += self.chats.session_keys([request.session_id])
+            else:
+                if stream not in self._prompt_keys:
+                    self._prompt_keys[stream] = self.chats.prompt_keys(
+                        request.value, request.kind, request.cache_scope)
+                keys += self._prompt_keys[stream]
+        if keys != self._hinted:
+            self._hinted = keys
+            self.chats.hint(keys)
 
     def _loading_step(self) -> None:
         """The opening tokens of the oldest turn whose blocks arrive from the store, run

@@ -206,11 +206,28 @@ class ChatEngine:
                 "resident_blocks": self.blocks.resident(context_keys(conversation)),
                 "busy": session_id in self._busy}
 
-    def hint(self, upcoming_session_ids) -> None:
-        """The scheduler's next sessions, most imminent first: their context blocks are
-        kept longest in every tier, and prefetched from disk."""
-        self.blocks.hint([key for conversation in self.sessions.context_of(upcoming_session_ids)
-                          for key in context_keys(conversation)])
+    def hint(self, upcoming_keys: list[bytes]) -> None:
+        """The block keys the next turns look up first, most imminent first (from
+        `session_keys` and `prompt_keys`): every tier keeps them longest, and the store
+        reads those below host memory into it in the background."""
+        self.blocks.hint(upcoming_keys)
+
+    def session_keys(self, session_ids) -> list[bytes]:
+        """The context blocks' keys of the sessions among `session_ids` in memory, in
+        order."""
+        return [key for conversation in self.sessions.context_of(session_ids)
+                for key in context_keys(conversation)]
+
+    def prompt_keys(self, message, kind: str, scope: str = "") -> list[bytes]:
+        """The keys that a new conversation (a one-off, or a session's first turn)
+        opening with `message`, input of `kind`, in cache `scope` looks up first: those
+        of its prompt's full blocks before the last token. [] for input that cannot be
+        encoded (its turn reports why when it begins; a hint never fails)."""
+        try:
+            ids = self.inputs.encode(message, kind, first_turn=True)
+        except Exception:
+            return []
+        return chained_keys(self.root_key(scope), ids[:-1], self.block_size)
 
     def store_stats(self) -> dict:
         """The device pool's and the device tier's blocks, and the store's counters (see
@@ -224,7 +241,7 @@ class ChatEngine:
 
     @property
     def lookahead(self) -> int:
-        """How many upcoming sessions `hint` is worth giving."""
+        """How many queued turns `hint` is worth giving."""
         return self.store.lookahead
 
     @property

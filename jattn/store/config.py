@@ -32,7 +32,8 @@ class StoreConfig:
       block_size: tokens per stored block (must equal the engine's KV block size).
       sink_tokens: first tokens a truncated conversation always keeps (rounded up to
         whole blocks).
-      lookahead: how many upcoming sessions of a `hint` count as "about to run".
+      lookahead: how many of the engine's queued turns a `hint` covers (their blocks are
+        kept longest and read into host memory while they wait).
       remote_url: a Redis shared by replicas (`redis://[user:password@]host:port/db`,
         `rediss://` for TLS) as the tier after disk, holding blocks and session records;
         None: no remote tier. Its budget is Redis's `maxmemory` (with `allkeys-lru`).

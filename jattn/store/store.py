@@ -124,7 +124,7 @@ class AttentionStore:
 
     @property
     def lookahead(self) -> int:
-        """How many upcoming sessions a `hint` is worth (`StoreConfig.lookahead`)."""
+        """How many queued turns a `hint` is worth (`StoreConfig.lookahead`)."""
         return self.config.lookahead
 
     def load_run(self, block_keys: list[bytes], pool: PoolSide) -> LoadedRun:
