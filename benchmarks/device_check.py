@@ -17,6 +17,10 @@ is recorded and the next one runs):
                 prefill, and the share of layer-wise loading hidden behind compute.
   serve_load    `benchmarks/serve_load.py` on the same shape over gRPC (token ids: the
                 shape has no tokenizer), with and without reuse.
+  engine_overhead  `benchmarks/engine_overhead.py`: host time per step and the device's
+                idle time between steps, with overlapped scheduling and without.
+  store_bandwidth  `benchmarks/store_bandwidth.py`: the host and disk tiers' load rate
+                against `np.copyto`, a raw read and a bare `pinned_host` `device_put`.
 
 `--cpu` runs every step on tiny shapes in about two minutes, so CI keeps the script
 working. Under OUT_DIR: `device_check.json` (the machine, each step's status, seconds and
@@ -42,7 +46,8 @@ EMBEDDED_MODEL = os.path.join(ROOT, "jattn", "models", "stories260K")
 KERNEL_TEST_FILES = ("tests/test_flash_attention.py", "tests/test_paged_attention.py",
                      "tests/test_merge_attention.py", "tests/test_block_positions.py",
                      "tests/test_ragged_attention.py")
-STEP_NAMES = ("kernel_tests", "kernels", "multiturn", "serve_load", "engine_overhead")
+STEP_NAMES = ("kernel_tests", "kernels", "multiturn", "serve_load", "engine_overhead",
+              "store_bandwidth")
 TEST_OUTCOME = re.compile(r"^(tests/\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
@@ -65,7 +70,7 @@ class Outcome:
 
 
 def steps(out_dir: str, cpu: bool) -> list[Step]:
-    """The check's steps; `cpu`: tiny shapes. GPU limits sum to 500 s."""
+    """The check's steps; `cpu`: tiny shapes. GPU limits sum to 540 s."""
     select = ("not pallas_tpu and not pallas_random and bfloat16" if cpu else
               "not pallas_tpu and not pallas_random and not reference and not xla")
     kernel_tests = ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line",
@@ -77,6 +82,8 @@ def steps(out_dir: str, cpu: bool) -> list[Step]:
                   "--json", os.path.join(out_dir, "serve_load.json")]
     engine_overhead = ["benchmarks/engine_overhead.py", "--random-weights",
                        "--json", os.path.join(out_dir, "engine_overhead.json")]
+    store_bandwidth = ["benchmarks/store_bandwidth.py",
+                       "--json", os.path.join(out_dir, "store_bandwidth.json")]
     if cpu:
         return [
             Step("kernel_tests", kernel_tests, 300),
@@ -90,6 +97,7 @@ def steps(out_dir: str, cpu: bool) -> list[Step]:
             Step("engine_overhead", engine_overhead + ["--model", EMBEDDED_MODEL, "--turns",
                                                        "1,2", "--tokens", "8",
                                                        "--prefill-chunk", "32"], 180),
+            Step("store_bandwidth", store_bandwidth + ["--blocks", "4", "--repeats", "2"], 120),
         ]
     llama_1b = os.path.join(ROOT, "configs", "models", "llama-3.2-1b")
     return [
@@ -102,6 +110,7 @@ def steps(out_dir: str, cpu: bool) -> list[Step]:
         Step("engine_overhead", engine_overhead + ["--model", llama_1b, "--turns", "1,16",
                                                    "--tokens", "32", "--prefill-chunk", "64"],
              60),
+        Step("store_bandwidth", store_bandwidth, 40),
     ]
 
 
@@ -184,7 +193,7 @@ def main(argv=None) -> int:
     counts = {kind: sum(1 for o in outcomes.values() if o == kind)
               for kind in sorted(set(outcomes.values()))}
     report["kernel_tests"] = {"counts": counts, "outcomes": outcomes}
-    for name in ("kernels", "multiturn", "serve_load", "engine_overhead"):
+    for name in STEP_NAMES[1:]:
         report[name] = read_json(os.path.join(out_dir, f"{name}.json"))
     with open(os.path.join(out_dir, "device_check.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -20,7 +20,8 @@ def test_cpu_mode_runs_every_step_and_writes_its_results(tmp_path):
     assert completed.returncode == 0, completed.stdout + completed.stderr
     report = json.loads((out / "device_check.json").read_text())
     assert [s["name"] for s in report["steps"]] == [
-        "kernel_tests", "kernels", "multiturn", "serve_load", "engine_overhead"]
+        "kernel_tests", "kernels", "multiturn", "serve_load", "engine_overhead",
+        "store_bandwidth"]
     assert all(s["returncode"] == 0 for s in report["steps"])
     assert report["machine"]["platform"] == "cpu"
 
@@ -55,6 +56,12 @@ def test_cpu_mode_runs_every_step_and_writes_its_results(tmp_path):
     assert set(overhead) == {(overlap, turns) for overlap in (True, False) for turns in (1, 2)}
     for row in overhead.values():
         assert row["steps_measured"] > 0 and row["step_ms"] > 0 and row["gap_ms"] >= 0
+
+    bandwidth = report["store_bandwidth"]
+    assert set(bandwidth["tiers"]) == {"host, one turn", "host, single blocks", "disk"}
+    for tier in bandwidth["tiers"].values():
+        assert tier["store_gbytes_per_s"] > 0 and tier["baseline_gbytes_per_s"] > 0
+    assert bandwidth["pinned_put_gbytes_per_s"] > 0  # CPU has the pinned_host memory kind
 
     log = (out / "device_check.log").read_text()
     assert "===== serve_load" in log
