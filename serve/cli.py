@@ -223,6 +223,9 @@ def _replay(args) -> int:
         engine = llm.start_engine(EngineLimits(max_running=args.max_running,
                                                max_queue=max(len(requests), 1)),
                                   warm_up=args.warm_up)
+        # The replay measures a server past its warm-up: the shapes compiled in the
+        # background would otherwise take a core from the trace's first minutes.
+        llm.chats.wait_compiled()
         summary = replay(requests, run_in_process(engine), vocab_size=llm.config.vocab_size,
                          speedup=args.speedup, max_workers=args.max_workers,
                          kv_block_tokens=args.block_size)
