@@ -126,6 +126,7 @@ class Engine:
         self._accepting = True
         self._cancel_all = False
         self._hinted: list[bytes] = []  # the upcoming block keys last passed to the store
+        self._queued_before_admission: set[TurnStream] = set()  # see `_hint`
         # New conversations' prompt keys, computed once per waiting turn.
         self._prompt_keys: weakref.WeakKeyDictionary[TurnStream, list[bytes]] = \
             weakref.WeakKeyDictionary()
@@ -361,6 +362,8 @@ class Engine:
         return None
 
     def _admit(self) -> None:
+        with self._condition:
+            self._queued_before_admission = set(self._waiting)
         while len(self._active) < self.limits.max_running:
             with self._condition:
                 stream = self._next_admissible()
@@ -430,12 +433,16 @@ class Engine:
                                 max_new_tokens=self.limits.max_prompt_tokens, **resume)
 
     def _hint(self) -> None:
-        """Hints the store with the blocks the first `lookahead` waiting turns look up
-        first, so that what they reuse is read from disk into host memory while they
-        wait: a known session's context, or a new conversation's prompt (computed once
-        per turn)."""
+        """Hints the store with the blocks the first `lookahead` turns left waiting by
+        this step's admission look up first, so that what they reuse is read from disk
+        or Redis into host memory while they wait: a known session's context, or a new
+        conversation's prompt (computed once per turn). A turn that arrived after the
+        admission began (the next step may admit it) or whose remote fetch is under way
+        is left out: its own load reads its blocks."""
         with self._condition:
-            upcoming = list(itertools.islice(self._waiting, self.chats.lookahead))
+            upcoming = list(itertools.islice(
+                (stream for stream in self._waiting if stream in self._queued_before_admission
+                 and stream not in self._fetching), self.chats.lookahead))
         keys = []
         for stream in upcoming:
             request = stream.request
