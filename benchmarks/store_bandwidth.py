@@ -8,17 +8,20 @@ bfloat16: 2 MiB of keys and values). In the same run:
   host tier   `get` every block and move it to the device layer by layer
               (`load_layers`, the chat path's loading), against `np.copyto` of the same
               bytes into a preallocated buffer: once with the blocks saved as one turn
-              (views of one layer-major array, as the chat engine saves a turn), once
-              saved one by one (separate arrays, as blocks read back from disk are);
+              (views of one layer-major array, as the chat engine saves a turn: each
+              layer goes to the device as it is, which on CPU is no copy at all), once
+              saved one by one (separate arrays, as blocks read back from disk are:
+              staged, one copy);
   disk tier   `get` every block from its file (read, checksum, parse), against a raw
               sequential read of the same files.
 
-Both read the files from the page cache, as a repeated load does. The host rows are also
+Both read the files from the page cache, as a repeated load does. Not in any row: the
+arriving step's write of each layer into the pool (a copy on the device). The host rows are also
 compared with the link's own rate, a bare `device_put` of one `pinned_host` array of the
 same bytes to the device: on an accelerator, one DMA over the link; on CPU, XLA's copy
 between two memory kinds of the same memory (1.6 GB/s on a 2-core x86 host with jax
-0.10.2, a sixth of `np.copyto`: a host tier of `pinned_host` arrays would load slower
-there than numpy staged into buffers the device aliases).
+0.10.2, a sixth of `np.copyto`: on CPU the host tier's numpy arrays are the device's
+own memory already).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jattn.model.pool_steps import saved_run
 from jattn.store import AttentionStore, BlockKV, StoreConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +86,7 @@ def main(argv=None) -> None:
               for _ in range(args.blocks)]
     total = sum(b.nbytes for b in blocks)
     rows = {}
-    turn_k, turn_v = (np.stack([getattr(b, name) for b in blocks], axis=1)
+    turn_k, turn_v = (saved_run(np.stack([getattr(b, name) for b in blocks], axis=1))
                       for name in ("k", "v"))  # [L, blocks, ...], as a turn is saved
     with tempfile.TemporaryDirectory() as disk_path:
         turns = AttentionStore(StoreConfig(host_bytes=2 * total), fingerprint="b" * 64)
@@ -100,8 +104,9 @@ def main(argv=None) -> None:
 
         def load_from(store):
             found = [store.get(block_key(i))[0] for i in range(args.blocks)]
-            load = store.load_layers(found, rows=args.blocks)
-            jax.block_until_ready([load.layer(layer) for layer in range(SHAPE[0])])
+            load = store.load_layers(found)
+            jax.block_until_ready([(piece.k, piece.v) for layer in range(SHAPE[0])
+                                   for piece in load.layer(layer)])
 
         source = np.concatenate([np.concatenate([b.k.ravel(), b.v.ravel()]) for b in blocks])
         target = np.empty_like(source)

@@ -269,7 +269,7 @@ class GroupStore:
     def remote_run(self, read, pool: PoolSide) -> LoadedRun:
         return LoadedRun()
 
-    def load_layers(self, blocks: list[BlockKV], *, rows: int, device=None):
+    def load_layers(self, blocks: list[BlockKV], *, device=None):
         raise RuntimeError("a group store writes its runs into the pool itself: nothing "
                            "arrives layer by layer")
 

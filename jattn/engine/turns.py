@@ -39,7 +39,7 @@ from jattn.engine.errors import InvalidRequest, PromptTooLong
 from jattn.engine.kv_cache_manager import BlockCensus, BlockLease, KVCacheManager
 from jattn.engine.sessions import Sessions
 from jattn.generation import Generation
-from jattn.model.kv_cache import blocks_for, bucket
+from jattn.model.kv_cache import blocks_for
 from jattn.model.runner import LOADING_CHUNK, ModelRunner
 from jattn.model.step_plan import Arrival, Segment, StepOutput, StepPlan
 from jattn.sampling import SamplingParams
@@ -414,7 +414,6 @@ class ChatEngine:
         tokens = turn.turn_tokens[:LOADING_CHUNK]
         arriving = turn.lease.take_arriving()
         source = self.store.load_layers([block for _, block in arriving],
-                                        rows=bucket(len(turn.table), minimum=4),
                                         device=self.runner.load_sharding)
         turn.prefilled = len(tokens)
         draw = None if turn.prefilling else self._draw(turn, 0)

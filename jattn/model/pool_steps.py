@@ -43,10 +43,12 @@ from jattn.model.step_functions import (
     mesh_prefill_step,
     ragged_step,
     read_blocks,
+    write_rows,
 )
 from jattn.model.step_plan import (
     LOADING_CHUNK,
     Arrival,
+    ArrivingRows,
     Segment,
     StepOutput,
     StepPlan,
@@ -54,7 +56,17 @@ from jattn.model.step_plan import (
 )
 from jattn.positions import inverse_frequencies
 from jattn.sampling import draw_arguments, draw_tokens
+from jattn.store.disk_entry import aligned_copy
+from jattn.store.layer_load import MIN_ROWS
 from jattn.store.tier import BlockKV
+
+def saved_run(blocks: np.ndarray) -> np.ndarray:
+    """Saved blocks `[L, n, bs, Hkv, D]` copied for the host tier: 64-byte aligned, with
+    room after them for the padding rows that make a layer of them one power-of-two
+    piece (`jattn.store.layer_load`)."""
+    spare_rows = bucket(blocks.shape[1], minimum=MIN_ROWS) - blocks.shape[1]
+    return aligned_copy(blocks, spare_bytes=spare_rows * blocks[0, 0].nbytes)
+
 
 def shapes_of(tree):
     """`tree` with each array replaced by its `jax.ShapeDtypeStruct` (with its sharding):
@@ -96,9 +108,9 @@ class StepLimits:
         return powers_of_two(16, bucket(min(LOADING_CHUNK, self.prefill_chunk)))
 
     def load_row_buckets(self) -> list[int]:
-        """The row counts KV arriving for a step is padded to (`bucket(n, 4)` for n
-        blocks)."""
-        return powers_of_two(4, self.table_width)
+        """The row counts of the pieces KV arrives in for a step (powers of two from
+        `layer_load.MIN_ROWS`, up to the bucket of a whole table)."""
+        return powers_of_two(MIN_ROWS, bucket(self.table_width, minimum=MIN_ROWS))
 
 
 class PoolSteps:
@@ -214,12 +226,14 @@ class PoolSteps:
         self.pool = None  # its layers are donated one by one below
         try:
             for layer, params in enumerate(self.layer_params):
-                k, v = arrival.source.layer(layer, after=x)
+                pieces = arrival.source.layer(layer, after=x)
                 if ids is None:
-                    ids = np.full(k.shape[0], new_k[0].shape[0], np.int32)  # past the pool
-                    ids[:len(arrival.block_ids)] = arrival.block_ids
+                    ids = [self._arriving_ids(piece, arrival.block_ids) for piece in pieces]
+                for piece, piece_ids in zip(pieces, ids):
+                    new_k[layer], new_v[layer] = write_rows(new_k[layer], new_v[layer],
+                                                            piece_ids, piece.k, piece.v)
                 x, new_k[layer], new_v[layer] = layer_step(
-                    self.layer_def, params, x, new_k[layer], new_v[layer], ids, k, v,
+                    self.layer_def, params, x, new_k[layer], new_v[layer],
                     jnp.int32(segment.start), jnp.int32(count), table, self.inv_freq,
                     backend=self.backend, mesh=self.mesh)
         finally:
@@ -227,6 +241,12 @@ class PoolSteps:
         rows = np.zeros(self.limits.logit_rows(len(tokens)), np.int32)
         rows[0] = count - 1
         return logits_step(self.model_def, self.params, x, rows)
+
+    def _arriving_ids(self, piece: ArrivingRows, block_ids: tuple[int, ...]) -> np.ndarray:
+        """The pool block of each row of `piece` (past the pool for rows not its own)."""
+        ids = np.full(piece.k.shape[0], self.pool_spec.k[0].shape[0], np.int32)
+        ids[:len(piece.indices)] = [block_ids[i] for i in piece.indices]
+        return ids
 
     # ----- warm-up --------------------------------------------------------------------
 
@@ -242,30 +262,31 @@ class PoolSteps:
         raise NotImplementedError
 
     def compile_arrivals(self) -> int:
-        """Compiles `run_arriving` for each token count with each count of rows
-        arriving, ahead of time (see the module docstring: safe from any thread).
+        """Compiles `run_arriving` for each token count, and the writes of each count of
+        rows arriving, ahead of time (see the module docstring: safe from any thread).
         Returns the shapes compiled."""
-        shapes = 0
         table = self.limits.table([])
         pages = self.pool_spec.k[0]
-        for tokens in self.limits.arrival_buckets():
+        row_buckets = self.limits.load_row_buckets()
+        for rows in row_buckets:
+            arriving = jax.ShapeDtypeStruct((rows, *pages.shape[1:]), pages.dtype,
+                                            sharding=self.load_sharding)
+            write_rows.lower(pages, self.pool_spec.v[0], np.zeros(rows, np.int32),
+                             arriving, arriving).compile()
+        token_buckets = self.limits.arrival_buckets()
+        for tokens in token_buckets:
             x = embed_step.lower(self.model_def, self.params,
                                  np.zeros(tokens, np.int32)).compile().out_info
-            for rows in self.limits.load_row_buckets():
-                arriving = jax.ShapeDtypeStruct((rows, *pages.shape[1:]), pages.dtype,
-                                                sharding=self.load_sharding)
-                out = layer_step.lower(
-                    self.layer_def, self.layer_params[0], x, pages,
-                    self.pool_spec.v[0], np.zeros(rows, np.int32), arriving, arriving,
-                    jnp.int32(0), jnp.int32(0), table, self.inv_freq, backend=self.backend,
-                    mesh=self.mesh).compile().out_info
-                shapes += 1
+            out = layer_step.lower(
+                self.layer_def, self.layer_params[0], x, pages, self.pool_spec.v[0],
+                jnp.int32(0), jnp.int32(0), table, self.inv_freq, backend=self.backend,
+                mesh=self.mesh).compile().out_info
             height = self.limits.logit_rows(tokens)
             logits = logits_step.lower(self.model_def, self.params, out[0],
                                        np.zeros(height, np.int32)).compile().out_info
             draw_tokens.lower(logits, *draw_arguments((), height),
                               width=self.limits.max_seqs).compile()
-        return shapes
+        return len(row_buckets) + len(token_buckets)
 
     def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
         """Compiles `copy_out` into `memory_kind` for every count of blocks up to
@@ -364,9 +385,10 @@ class SingleDeviceSteps(PoolSteps):
         return jax.sharding.SingleDeviceSharding(self.device, memory_kind=memory_kind)
 
     def copy_out(self, block_ids: list[int], memory_kind: str | None) -> SavedBlocks:
-        """The blocks as views of one layer-major `[L, n, bs, Hkv, D]` array each for
-        keys and values (n = len(block_ids)), so that a load copies a layer of them as
-        one piece."""
+        """The blocks as views of one 64-byte aligned, layer-major `[L, n, bs, Hkv, D]`
+        array each for keys and values (n = len(block_ids)), so that a load moves a
+        layer of them to the device as one piece, as it is: the allocation leaves room
+        for the rows of that piece's power-of-two shape past the last layer."""
         count = len(block_ids)
         padded = np.full(bucket(count, minimum=1), block_ids[-1], np.int32)
         padded[:count] = block_ids  # a few shapes, so a few compilations
@@ -376,7 +398,7 @@ class SingleDeviceSteps(PoolSteps):
             k, v = jax.device_put((k, v), sharding)  # the copy starts now
 
         def blocks() -> dict[int, BlockKV]:
-            keys, values = (np.ascontiguousarray(np.asarray(a)[:, :count]) for a in (k, v))
+            keys, values = (saved_run(np.asarray(a)[:, :count]) for a in (k, v))
             return {block: BlockKV(keys[:, i], values[:, i])
                     for i, block in enumerate(block_ids)}
 

@@ -168,20 +168,25 @@ def logits_step(model_def, params, x, rows):
     return model_def.merge(params).logits(x[rows])
 
 
+@functools.partial(jax.jit, donate_argnames=("k_pages", "v_pages"))
+def write_rows(k_pages, v_pages, ids, k, v):
+    """This layer's pool with rows `k, v [R, block_size, Hkv, D]` written to pool blocks
+    `ids [R]` (ids past the pool: rows not to write, dropped)."""
+    return (k_pages.at[ids].set(k.astype(k_pages.dtype), mode="drop"),
+            v_pages.at[ids].set(v.astype(v_pages.dtype), mode="drop"))
+
+
 @functools.partial(jax.jit, static_argnames=("model_def", "backend", "mesh"),
                    donate_argnames=("k_pages", "v_pages"))
-def layer_step(model_def, params, x, k_pages, v_pages, load_ids, load_k, load_v, tokens_start,
-               count, table, inv_freq, *, backend, mesh=None):
-    """One decoder layer of a prompt chunk, after writing the blocks that arrived for it.
+def layer_step(model_def, params, x, k_pages, v_pages, tokens_start, count, table, inv_freq,
+               *, backend, mesh=None):
+    """One decoder layer of a prompt chunk.
 
-    x `[T, hidden]`; k_pages, v_pages: this layer's pool; load_k, load_v
-    `[R, block_size, Hkv, D]` go to pool blocks `load_ids [R]` (ids past the pool: padding,
-    dropped). The chunk's `count` real tokens sit at positions `tokens_start...` of the
-    sequence whose block table is `table [M]`. Returns (x, k_pages, v_pages).
+    x `[T, hidden]`; k_pages, v_pages: this layer's pool. The chunk's `count` real
+    tokens sit at positions `tokens_start...` of the sequence whose block table is
+    `table [M]`. Returns (x, k_pages, v_pages).
     """
     layer = model_def.merge(params)
-    k_pages = k_pages.at[load_ids].set(load_k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[load_ids].set(load_v.astype(v_pages.dtype), mode="drop")
     block_size, num_blocks = k_pages.shape[1], k_pages.shape[0]
     index = jnp.arange(x.shape[0], dtype=jnp.int32)
     positions = tokens_start + index

@@ -48,13 +48,25 @@ class Segment:
     fed: int | None = None
 
 
+@dataclass(frozen=True)
+class ArrivingRows:
+    """Some of the blocks arriving for one layer, on the device: the arrival's blocks
+    `indices` (positions in `Arrival.block_ids`) are rows `0..len(indices)-1` of `k` and
+    `v`, `[R, block_size, Hkv, D]` with R a power of two >= len(indices); rows past them
+    are not the arrival's and are ignored."""
+
+    indices: tuple[int, ...]
+    k: jax.Array
+    v: jax.Array
+
+
 class LayerSource(Protocol):
     """KV arriving layer by layer (e.g. `jattn.store.layer_load.LayerwiseLoad`)."""
 
-    def layer(self, index: int, *, after=None) -> tuple[jax.Array, jax.Array]:
-        """Layer `index`'s `(k, v)` `[R, block_size, Hkv, D]` (R >= the blocks
-        arriving; extra rows ignored), once `after` (an array the step computed) is
-        dispatched."""
+    def layer(self, index: int, *, after=None) -> list[ArrivingRows]:
+        """Layer `index` of every block arriving, in pieces whose indices together are
+        each block once, the same pieces every layer; once `after` (an array the step
+        computed) is dispatched."""
 
 
 @dataclass(frozen=True)

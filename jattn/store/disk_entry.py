@@ -216,6 +216,15 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return aligned_view(np.empty(nbytes + ALIGNMENT, np.uint8), nbytes)
 
 
+def aligned_copy(array: np.ndarray, spare_bytes: int = 0) -> np.ndarray:
+    """A C-contiguous copy of `array` whose start is 64-byte aligned, in an allocation
+    with `spare_bytes` more after it (its `.base`)."""
+    copy = aligned_view(np.empty(array.nbytes + spare_bytes + ALIGNMENT, np.uint8),
+                        array.nbytes).view(array.dtype).reshape(array.shape)
+    np.copyto(copy, array)
+    return copy
+
+
 def aligned_view(allocation: np.ndarray, nbytes: int) -> np.ndarray:
     """The 64-byte aligned `nbytes` inside a uint8 `allocation` of `nbytes + ALIGNMENT`."""
     shift = -allocation.ctypes.data % ALIGNMENT

@@ -100,9 +100,9 @@ class KVStore(Protocol):
     def remote_run(self, read, pool: PoolSide) -> LoadedRun:
         """The run a `read_remote` brought, in pool blocks from `pool`, arriving."""
 
-    def load_layers(self, blocks: list[BlockKV], *, rows: int, device=None):
+    def load_layers(self, blocks: list[BlockKV], *, device=None):
         """Starts moving `blocks` (a run's `arriving`) to `device`, one layer at a
-        time: a `jattn.model.step_plan.LayerSource` of `rows` rows."""
+        time: a `jattn.model.step_plan.LayerSource`."""
 
     def save_blocks(self, keys: list[bytes], block_ids: list[int],
                     saved: SavedBlocks) -> None:
@@ -169,7 +169,7 @@ class NoStore:
     def remote_run(self, read, pool: PoolSide) -> LoadedRun:
         return LoadedRun()
 
-    def load_layers(self, blocks: list[BlockKV], *, rows: int, device=None):
+    def load_layers(self, blocks: list[BlockKV], *, device=None):
         raise RuntimeError("NoStore loads no block: its runs never arrive")
 
     def save_blocks(self, keys, block_ids, saved) -> None:

@@ -1,12 +1,20 @@
 """Layer-wise pre-loading: blocks' KV moves to the device one layer at a time, ahead of
 the layer that needs it.
 
-A background thread stages layer l of every block into one contiguous, 64-byte aligned
-`[rows, block_size, Hkv, D]` buffer and hands it to the device, layer after layer, while
+A background thread hands layer l of every block to the device, layer after layer, while
 the engine computes the layers before l. The engine takes layer l with `layer(l, after=x)`,
 where `x` is the output of layer l-1: if the layer has not arrived yet, it waits for `x`
 first, so the time it then spends waiting is time the device sat idle for the transfer
 (the stall). Transfer time minus stall is the time hidden behind compute.
+
+A turn's blocks are saved as views of one layer-major `[L, n, bs, Hkv, D]` array, so
+that layer l of a run of them is one contiguous piece of memory: that piece goes to the
+device as it is, in one transfer, with no copy on the host (on CPU the device array
+uses the very memory). Rows are moved in power-of-two pieces (a few compiled writes put
+them in the pool): a run takes the rows after it in its array when they are enough, else
+splits into power-of-two pieces. Blocks that are in no run of `MIN_ROWS` (read back one
+by one from disk, from a remote store, a run's last few) are copied, one layer at a
+time, into one contiguous 64-byte aligned staging buffer.
 
 The aliasing trap: on some backends `device_put` of an aligned numpy buffer keeps using
 that very buffer (and elsewhere the copy out of it completes later). Staging buffers are
@@ -24,7 +32,11 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from jattn.model.kv_cache import bucket
+from jattn.model.step_plan import ArrivingRows
 from jattn.store.disk_entry import ALIGNMENT, aligned_empty, aligned_view
+
+MIN_ROWS = 4  # the fewest rows moved as one piece (`PoolLimits.load_row_buckets`)
 
 
 @dataclass(frozen=True)
@@ -67,21 +79,69 @@ class StagingPool:
         return view
 
 
-def _runs(blocks: list) -> list[tuple[object, int]]:
-    """`blocks` (keys or values, `[L, *piece]` each) grouped into runs `(first, count)`:
-    neighbours that are back-to-back views of one layer-major `[L, count, *piece]` array
-    (a turn's blocks, saved together) share a run, whose every layer is then one
-    contiguous piece of memory, copied at once. Found once per load. A block that is not
-    a numpy array (anything indexable by layer) is a run of its own."""
-    runs, start = [], 0
+@dataclass(frozen=True)
+class _Direct:
+    """Arriving blocks `first..first+count-1`, views of one layer-major array from
+    `block` on, moved as layer rows `[rows]` of that array (`rows` >= count)."""
+
+    first: int
+    count: int
+    rows: int
+    block: object  # the BlockKV of arriving block `first`
+
+
+def _pieces(blocks: list) -> tuple[list[_Direct], list[int]]:
+    """How `blocks` move: runs of back-to-back views of one layer-major array as
+    `_Direct` pieces, and the indices of the blocks left to stage."""
+    directs, staged, start = [], [], 0
     for i in range(1, len(blocks) + 1):
-        if i == len(blocks) or not _follows(blocks[i - 1], blocks[i]):
-            runs.append((blocks[start], i - start))
-            start = i
-    return runs
+        if i < len(blocks) and _follows(blocks[i - 1], blocks[i]):
+            continue
+        spans = _spans(i - start, _rows_from(blocks[start]))
+        directs += [_Direct(start + offset, count, rows, blocks[start + offset])
+                    for offset, count, rows in spans]
+        staged.extend(range(start + sum(count for _, count, _ in spans), i))
+        start = i
+    return directs, staged
+
+
+def _spans(count: int, available: int) -> list[tuple[int, int, int]]:
+    """A run of `count` blocks with `available` rows in its array from its first on,
+    as `(offset, count, rows)` pieces of power-of-two rows (at least `MIN_ROWS`): one
+    piece when its bucket fits in the array, else the largest powers of two that fit
+    in `count`; the rest (fewer than `MIN_ROWS`) is left out."""
+    if count >= MIN_ROWS and bucket(count, MIN_ROWS) <= available:
+        return [(0, count, bucket(count, MIN_ROWS))]
+    spans, offset, size = [], 0, 1 << (count.bit_length() - 1)
+    while size >= MIN_ROWS:
+        if count - offset >= size:
+            spans.append((offset, size, size))
+            offset += size
+        size //= 2
+    return spans
+
+
+def _rows_from(block) -> int:
+    """How many rows of `[block_size, Hkv, D]` a layer of `block` may be read as, from
+    it on, within the allocation its keys and values view (those past its own array
+    dropped when written): bounded by the last layer, the end of the allocation. 1 for
+    a block that is no view of a larger array."""
+    rows = []
+    for part in (block.k, block.v):
+        base = part.base if isinstance(part, np.ndarray) else None
+        if not isinstance(base, np.ndarray) or not part[0].flags.c_contiguous:
+            return 1
+        end = base.__array_interface__["data"][0] + base.nbytes
+        rows.append((end - part[-1].__array_interface__["data"][0]) // part[-1].nbytes)
+    return min(rows)
 
 
 def _follows(a, b) -> bool:
+    """Whether block `b` is the block after `a` in the same layer-major arrays."""
+    return _part_follows(a.k, b.k) and _part_follows(a.v, b.v)
+
+
+def _part_follows(a, b) -> bool:
     """Whether `b` is the block after `a` in the same layer-major array: same allocation
     and strides, contiguous layers, `b`'s layers each right after `a`'s."""
     return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.base is not None
@@ -90,35 +150,34 @@ def _follows(a, b) -> bool:
             == a[0].nbytes)
 
 
-def _stage(runs: list[tuple[object, int]], layer: int, rows: int,
-           pool: StagingPool) -> np.ndarray:
-    """Layer `layer` of `runs` (from `_runs`) stacked into an aligned buffer of `rows`
-    rows of `[block_size, Hkv, D]` from `pool`, one copy per run; padding rows are zero."""
-    pieces = [(np.asarray(first[layer]), count) for first, count in runs]
-    piece = pieces[0][0]
+def _layer_rows(part: np.ndarray, layer: int, rows: int) -> np.ndarray:
+    """`[rows, block_size, Hkv, D]`: layer `layer` of the block `part` and of the
+    `rows - 1` after it in their layer-major array (a view, no copy)."""
+    piece = part[layer]
+    return np.lib.stride_tricks.as_strided(piece, (rows, *piece.shape),
+                                           (piece.nbytes, *piece.strides), writeable=False)
+
+
+def _stage(parts: list, layer: int, pool: StagingPool) -> np.ndarray:
+    """Layer `layer` of `parts` (keys or values, `[L, *piece]` each, anything indexable
+    by layer) stacked into an aligned buffer of `bucket(len(parts), MIN_ROWS)` rows from
+    `pool`; rows past them are left as they were."""
+    pieces = [np.asarray(part[layer]) for part in parts]
+    rows, piece = bucket(len(pieces), MIN_ROWS), pieces[0]
     buffer = pool.take(rows * piece.nbytes).view(piece.dtype).reshape(rows, *piece.shape)
-    row = 0
-    for first, count in pieces:
-        if count == 1:
-            buffer[row] = first
-        else:
-            np.copyto(buffer[row:row + count], np.lib.stride_tricks.as_strided(
-                first, (count, *first.shape), (first.nbytes, *first.strides),
-                writeable=False))
-        row += count
-    buffer[row:] = 0
+    np.stack(pieces, out=buffer[:len(pieces)])
     return buffer
 
 
 class LayerwiseLoad:
     """The KV of `blocks` (`BlockKV`s, `[L, block_size, Hkv, D]` each) moving to `device`
-    layer by layer on `executor`. `layer(l)` gives `(k, v)`, `[rows, block_size, Hkv, D]`
-    device arrays, rows past `len(blocks)` zero."""
+    layer by layer on `executor`. `layer(l)` gives layer l of every block as
+    `ArrivingRows` pieces."""
 
-    def __init__(self, blocks, *, rows: int, executor: concurrent.futures.Executor,
+    def __init__(self, blocks, *, executor: concurrent.futures.Executor,
                  staging: StagingPool | None = None, device=None, on_finish=None):
-        if not blocks or rows < len(blocks):
-            raise ValueError(f"need 1 <= len(blocks) <= rows, got {len(blocks)} and {rows}")
+        if not blocks:
+            raise ValueError("a load needs at least one block")
         self.num_layers = blocks[0].k.shape[0]
         self._device = device or jax.devices()[0]
         self._transfer = [0.0] * self.num_layers
@@ -127,29 +186,37 @@ class LayerwiseLoad:
         self._staging = staging or StagingPool(capacity=0)
         self._taken = 0
         self._layers = [concurrent.futures.Future() for _ in range(self.num_layers)]
-        executor.submit(self._run, blocks, rows)
+        executor.submit(self._run, blocks)
 
-    def _run(self, blocks, rows: int) -> None:
+    def _run(self, blocks) -> None:
         for layer, future in enumerate(self._layers):
             start = time.perf_counter()
             try:
                 if layer == 0:
-                    k_runs, v_runs = _runs([b.k for b in blocks]), _runs([b.v for b in blocks])
-                k = _stage(k_runs, layer, rows, self._staging)
-                v = _stage(v_runs, layer, rows, self._staging)
-                pair = jax.device_put((k, v), self._device)
-                jax.block_until_ready(pair)
+                    directs, staged = _pieces(blocks)
+                    staged_k = [blocks[i].k for i in staged]
+                    staged_v = [blocks[i].v for i in staged]
+                host = [(_layer_rows(d.block.k, layer, d.rows), _layer_rows(d.block.v, layer, d.rows))
+                        for d in directs]
+                if staged:
+                    host.append((_stage(staged_k, layer, self._staging),
+                                 _stage(staged_v, layer, self._staging)))
+                arrived = jax.block_until_ready(jax.device_put(host, self._device))
             except BaseException as error:  # the engine sees it when it takes the layer
                 for pending in self._layers[layer:]:
                     pending.set_exception(error)
                 return
+            indices = [tuple(range(d.first, d.first + d.count)) for d in directs]
+            if staged:
+                indices.append(tuple(staged))
             self._transfer[layer] = time.perf_counter() - start
-            future.set_result(pair)
+            future.set_result([ArrivingRows(rows, k, v)
+                               for rows, (k, v) in zip(indices, arrived)])
 
-    def layer(self, layer: int, *, after=None):
-        """Layer `layer`'s `(k, v)` on the device. `after`: the array the engine's last
-        step produced; waited for first when the layer is late, to tell a stall from a
-        wait that overlapped compute."""
+    def layer(self, layer: int, *, after=None) -> list[ArrivingRows]:
+        """Layer `layer` of every block on the device, in pieces (see `ArrivingRows`).
+        `after`: the array the engine's last step produced; waited for first when the
+        layer is late, to tell a stall from a wait that overlapped compute."""
         if layer != self._taken:
             raise ValueError(f"layers are taken in order: expected {self._taken}, got {layer}")
         future = self._layers[layer]
@@ -159,11 +226,11 @@ class LayerwiseLoad:
             start = time.perf_counter()
             concurrent.futures.wait([future])
             self._stall += time.perf_counter() - start
-        pair = future.result()
+        pieces = future.result()
         self._taken += 1
         if self._taken == self.num_layers and self._on_finish is not None:
             self._on_finish(self.timing())
-        return pair
+        return pieces
 
     def timing(self) -> LoadTiming:
         return LoadTiming(transfer=sum(self._transfer), stall=self._stall)

@@ -423,13 +423,13 @@ class AttentionStore:
 
     # ----- loading to the device, stats ----------------------------------------------------
 
-    def load_layers(self, blocks: list[BlockKV], *, rows: int, device=None) -> LayerwiseLoad:
+    def load_layers(self, blocks: list[BlockKV], *, device=None) -> LayerwiseLoad:
         """Starts moving `blocks` (from `get`) to `device` one layer at a time, in the
         background; the engine takes each layer as its computation reaches it (see
         `LayerwiseLoad`). The load's transfer, stall and hidden seconds go to `stats()`
         when its last layer is taken."""
         remote = any(is_remote(block) for block in blocks)
-        return LayerwiseLoad(blocks, rows=rows, executor=self._loader, staging=self._staging,
+        return LayerwiseLoad(blocks, executor=self._loader, staging=self._staging,
                              device=device,
                              on_finish=functools.partial(self._count_load, remote=remote))
 
