@@ -162,10 +162,11 @@ def _stage(parts: list, layer: int, pool: StagingPool) -> np.ndarray:
     """Layer `layer` of `parts` (keys or values, `[L, *piece]` each, anything indexable
     by layer) stacked into an aligned buffer of `bucket(len(parts), MIN_ROWS)` rows from
     `pool`; rows past them are left as they were."""
-    pieces = [np.asarray(part[layer]) for part in parts]
-    rows, piece = bucket(len(pieces), MIN_ROWS), pieces[0]
+    piece = np.asarray(parts[0][layer])
+    rows = bucket(len(parts), MIN_ROWS)
     buffer = pool.take(rows * piece.nbytes).view(piece.dtype).reshape(rows, *piece.shape)
-    np.stack(pieces, out=buffer[:len(pieces)])
+    for row, part in enumerate(parts):
+        buffer[row] = part[layer]
     return buffer
 
 
