@@ -4,12 +4,14 @@ across truncation, restarts and corrupt entries, within budgets."""
 import logging
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from jattn import LLM
 from jattn.conversation import context_keys
 from jattn.store import StoreConfig
+from jattn.store.pinned_run import RunPart
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
             "Then it started to rain.", "Tom found a big red ball.", "They played all day.",
@@ -70,15 +72,39 @@ def test_device_tier_reuse_equals_recompute(recomputed, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["pinned_host", "numpy"])
-def test_host_tier_reuse_equals_recompute(recomputed, kind):
+def test_host_tier_reuse_equals_recompute(recomputed, kind, monkeypatch):
     """No device budget: every later turn loads its history from host memory, saved
-    there through the memory kind asked for."""
+    there through the memory kind asked for. In `pinned_host`, the tier holds the
+    saves' pinned jax arrays and a load hands them to the device as they are."""
     llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=10**9, host_memory_kind=kind))
     assert (llm.runner.save_memory_kind == "pinned_host") == (kind == "pinned_host")
+    to_device = []  # the pinned arrays handed to a device_put to device memory
+    device_put = jax.device_put
+
+    def watched_put(x, device=None, *args, **kwargs):
+        if getattr(device, "memory_kind", None) in (None, "device"):
+            to_device.extend(a for a in jax.tree.leaves(x) if isinstance(a, jax.Array)
+                             and a.sharding.memory_kind == "pinned_host")
+        return device_put(x, device, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", watched_put)
     answers = run(llm)
     assert_same_tokens(answers, recomputed)
     later = [r for (_, turn), r in answers.items() if turn > 0]
     assert all(set(r.tiers) == {"host"} and r.cached_tokens > 0 for r in later)
+    llm.store.flush()  # the last turns' saves
+    found = [llm.store.get(key) for key in llm.chats.session_keys(SESSIONS)]
+    assert found and all(tier == "host" for _, tier in found)
+    held = [block for block, _ in found]
+    if kind == "numpy":
+        assert all(isinstance(b.k, np.ndarray) and isinstance(b.v, np.ndarray) for b in held)
+        assert not to_device
+        return
+    assert all(isinstance(b.k, RunPart) and isinstance(b.v, RunPart) for b in held)
+    layers = {id(a): a for b in held for part in (b.k, b.v) for a in part.run.layers[part.part]}
+    assert all(a.sharding.memory_kind == "pinned_host" for a in layers.values())
+    moved = {id(a) for a in to_device} & set(layers)
+    assert len(moved) >= 2 * llm.config.num_layers  # a run's keys and values
 
 
 def test_every_tier_and_misses_give_the_same_tokens(recomputed, tmp_path, caplog):

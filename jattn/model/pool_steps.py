@@ -43,6 +43,7 @@ from jattn.model.step_functions import (
     mesh_prefill_step,
     ragged_step,
     read_blocks,
+    read_layers,
     write_rows,
 )
 from jattn.model.step_plan import (
@@ -58,6 +59,7 @@ from jattn.positions import inverse_frequencies
 from jattn.sampling import draw_arguments, draw_tokens
 from jattn.store.disk_entry import aligned_copy
 from jattn.store.layer_load import MIN_ROWS
+from jattn.store.pinned_run import PinnedRun
 from jattn.store.tier import BlockKV
 
 def saved_run(blocks: np.ndarray) -> np.ndarray:
@@ -385,17 +387,24 @@ class SingleDeviceSteps(PoolSteps):
         return jax.sharding.SingleDeviceSharding(self.device, memory_kind=memory_kind)
 
     def copy_out(self, block_ids: list[int], memory_kind: str | None) -> SavedBlocks:
-        """The blocks as views of one 64-byte aligned, layer-major `[L, n, bs, Hkv, D]`
-        array each for keys and values (n = len(block_ids)), so that a load moves a
-        layer of them to the device as one piece, as it is: the allocation leaves room
-        for the rows of that piece's power-of-two shape past the last layer."""
+        """The blocks copied out as one run: into `memory_kind` (e.g. "pinned_host"), a
+        `PinnedRun` of per-layer arrays; with None, views of one 64-byte aligned,
+        layer-major `[L, n, bs, Hkv, D]` numpy array each for keys and values (n =
+        len(block_ids); `saved_run`). Either way a load moves a layer of them to the
+        device as one piece, as it is."""
         count = len(block_ids)
-        padded = np.full(bucket(count, minimum=1), block_ids[-1], np.int32)
+        padded = np.full(bucket(count, minimum=MIN_ROWS), block_ids[-1], np.int32)
         padded[:count] = block_ids  # a few shapes, so a few compilations
-        k, v = read_blocks(self.pool, padded)
         sharding = self._host_sharding(memory_kind)
         if sharding is not None:
-            k, v = jax.device_put((k, v), sharding)  # the copy starts now
+            layers = jax.device_put(read_layers(self.pool, padded), sharding)  # starts now
+
+            def pinned() -> dict[int, BlockKV]:
+                run = PinnedRun(*jax.block_until_ready(layers), count)
+                return dict(zip(block_ids, run.blocks()))
+
+            return pinned
+        k, v = read_blocks(self.pool, padded)
 
         def blocks() -> dict[int, BlockKV]:
             keys, values = (saved_run(np.asarray(a)[:, :count]) for a in (k, v))
@@ -434,13 +443,14 @@ class SingleDeviceSteps(PoolSteps):
             {*self._ready.get(backend, ()), size}))}
 
     def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
-        counts = powers_of_two(1, bucket(max_blocks, minimum=1))
+        counts = powers_of_two(MIN_ROWS, bucket(max_blocks, minimum=MIN_ROWS))
         sharding = self._host_sharding(memory_kind)
         for count in counts:
-            k, v = read_blocks(self.pool, np.zeros(count, np.int32))
-            if sharding is not None:
-                k, v = jax.device_put((k, v), sharding)
-            jax.block_until_ready((k, v))
+            ids = np.zeros(count, np.int32)
+            if sharding is None:
+                jax.block_until_ready(read_blocks(self.pool, ids))
+            else:
+                jax.block_until_ready(jax.device_put(read_layers(self.pool, ids), sharding))
         return len(counts)
 
 

@@ -197,6 +197,13 @@ def layer_step(model_def, params, x, k_pages, v_pages, tokens_start, count, tabl
 
 
 @jax.jit
+def read_layers(pool: KVPool, ids):
+    """Pool blocks `ids [n]` of a pool on one device, layer by layer: `(k, v)`, each a
+    tuple of L `[n, bs, Hkv, D]` arrays."""
+    return tuple(p[ids] for p in pool.k), tuple(p[ids] for p in pool.v)
+
+
+@jax.jit
 def read_blocks(pool: KVPool, ids):
     """Pool blocks `ids [n]` of a pool on one device: `k, v [L, n, bs, Hkv, D]`."""
     return jnp.stack([p[ids] for p in pool.k]), jnp.stack([p[ids] for p in pool.v])

@@ -1,9 +1,9 @@
 """The host memory tier: KV blocks as numpy arrays by content key, under a byte budget.
 
 The budget counts every block's bytes and, for a block whose keys or values are a view
-of a larger numpy array (a turn's blocks arrive as views of one `[L, blocks, ...]`
-array, which loads layer by layer in one piece per layer), the bytes of that array no
-held block views: the view keeps the whole array alive. A block whose arrays could
+of a larger array (a turn's blocks arrive as views of one `[L, blocks, ...]` numpy
+array, or of one pinned run's layers, which load layer by layer in one piece per
+layer), the bytes of that array no held block views: the view keeps the whole array alive. A block whose arrays could
 never fit the budget is copied instead. When a block that views an array leaves, the
 other held views of that array are copied out, so that the array is freed (for as long
 as the copies take, host memory holds both).
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jattn.store.pinned_run import RunLayers
 from jattn.store.placement import Placement
 from jattn.store.tier import BlockKV
 
@@ -37,19 +38,19 @@ class _ViewedArray:
         return max(self.array.nbytes - held, 0) if held else 0
 
 
-def _views_by_array(block: BlockKV) -> dict[int, tuple[np.ndarray, int]]:
-    """The larger numpy arrays a block's keys and values are views of, by id: each with
-    the bytes of the block's views of it."""
+def _views_by_array(block: BlockKV) -> dict[int, tuple[np.ndarray | RunLayers, int]]:
+    """The larger arrays a block's keys and values are views of (numpy arrays, or a
+    pinned run's layers), by id: each with the bytes of the block's views of it."""
     arrays = {}
     for part in (block.k, block.v):
-        if isinstance(part.base, np.ndarray) and part.base.nbytes > part.nbytes:
+        if isinstance(part.base, (np.ndarray, RunLayers)) and part.base.nbytes > part.nbytes:
             array, nbytes = arrays.get(id(part.base), (part.base, 0))
             arrays[id(part.base)] = (array, nbytes + part.nbytes)
     return arrays
 
 
-def _without_views_of(block: BlockKV, array: np.ndarray) -> BlockKV:
-    """`block` with its keys and values that view `array` copied out."""
+def _without_views_of(block: BlockKV, array) -> BlockKV:
+    """`block` with its keys and values that view `array` copied out (into numpy)."""
     return BlockKV(*(np.array(part) if part.base is array else part
                      for part in (block.k, block.v)))
 

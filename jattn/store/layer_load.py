@@ -10,7 +10,9 @@ first, so the time it then spends waiting is time the device sat idle for the tr
 A turn's blocks are saved as views of one layer-major `[L, n, bs, Hkv, D]` array, so
 that layer l of a run of them is one contiguous piece of memory: that piece goes to the
 device as it is, in one transfer, with no copy on the host (on CPU the device array
-uses the very memory). Rows are moved in power-of-two pieces (a few compiled writes put
+uses the very memory); with a host memory kind (`pinned_host` on an accelerator) the
+saves are `PinnedRun`s, whose layer arrays go to the device by DMA from where they are
+(`pinned_run`). Rows are moved in power-of-two pieces (a few compiled writes put
 them in the pool): a run takes the rows after it in its array when they are enough, else
 splits into power-of-two pieces. Blocks that are in no run of `MIN_ROWS` (read back one
 by one from disk, from a remote store, a run's last few) are copied, one layer at a
@@ -35,6 +37,7 @@ import numpy as np
 from jattn.model.kv_cache import bucket
 from jattn.model.step_plan import ArrivingRows
 from jattn.store.disk_entry import ALIGNMENT, aligned_empty, aligned_view
+from jattn.store.pinned_run import RunPart
 
 MIN_ROWS = 4  # the fewest rows moved as one piece (`PoolLimits.load_row_buckets`)
 
@@ -97,7 +100,8 @@ def _pieces(blocks: list) -> tuple[list[_Direct], list[int]]:
     for i in range(1, len(blocks) + 1):
         if i < len(blocks) and _follows(blocks[i - 1], blocks[i]):
             continue
-        spans = _spans(i - start, _rows_from(blocks[start]))
+        spans = (_run_spans(i - start, blocks[start]) if isinstance(blocks[start].k, RunPart)
+                 else _spans(i - start, _rows_from(blocks[start])))
         directs += [_Direct(start + offset, count, rows, blocks[start + offset])
                     for offset, count, rows in spans]
         staged.extend(range(start + sum(count for _, count, _ in spans), i))
@@ -121,6 +125,14 @@ def _spans(count: int, available: int) -> list[tuple[int, int, int]]:
     return spans
 
 
+def _run_spans(count: int, block) -> list[tuple[int, int, int]]:
+    """A run of `count` blocks of a `PinnedRun` from `block` on, as `_spans` gives: the
+    run's whole layer arrays when it starts at the run's first block (rows past it are
+    the run's other blocks and padding), else nothing (staged)."""
+    rows = block.k.run.layers[0][0].shape[0]
+    return [(0, count, rows)] if block.k.index == 0 else []
+
+
 def _rows_from(block) -> int:
     """How many rows of `[block_size, Hkv, D]` a layer of `block` may be read as, from
     it on, within the allocation its keys and values view (those past its own array
@@ -137,7 +149,10 @@ def _rows_from(block) -> int:
 
 
 def _follows(a, b) -> bool:
-    """Whether block `b` is the block after `a` in the same layer-major arrays."""
+    """Whether block `b` is the block after `a` in the same layer-major arrays, or in
+    the same `PinnedRun`."""
+    if isinstance(a.k, RunPart) and isinstance(b.k, RunPart):
+        return b.k.run is a.k.run and b.k.index == a.k.index + 1
     return _part_follows(a.k, b.k) and _part_follows(a.v, b.v)
 
 
@@ -150,9 +165,12 @@ def _part_follows(a, b) -> bool:
             == a[0].nbytes)
 
 
-def _layer_rows(part: np.ndarray, layer: int, rows: int) -> np.ndarray:
+def _layer_rows(part, layer: int, rows: int):
     """`[rows, block_size, Hkv, D]`: layer `layer` of the block `part` and of the
-    `rows - 1` after it in their layer-major array (a view, no copy)."""
+    `rows - 1` after it in their layer-major array (a view, no copy), or in their
+    `PinnedRun` (its layer array: `part` is its first block)."""
+    if isinstance(part, RunPart):
+        return part.run.layers[part.part][layer]
     piece = part[layer]
     return np.lib.stride_tricks.as_strided(piece, (rows, *piece.shape),
                                            (piece.nbytes, *piece.strides), writeable=False)
@@ -197,8 +215,8 @@ class LayerwiseLoad:
                     directs, staged = _pieces(blocks)
                     staged_k = [blocks[i].k for i in staged]
                     staged_v = [blocks[i].v for i in staged]
-                host = [(_layer_rows(d.block.k, layer, d.rows), _layer_rows(d.block.v, layer, d.rows))
-                        for d in directs]
+                host = [(_layer_rows(d.block.k, layer, d.rows),
+                         _layer_rows(d.block.v, layer, d.rows)) for d in directs]
                 if staged:
                     host.append((_stage(staged_k, layer, self._staging),
                                  _stage(staged_v, layer, self._staging)))
