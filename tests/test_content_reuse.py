@@ -216,7 +216,7 @@ def test_a_queued_turn_finds_its_disk_blocks_in_host_memory_when_it_begins(
     before_restart.close()
 
     reads = []  # the blocks read from disk
-    slow_get = DiskTier.get
+    slow_get, slow_get_run = DiskTier.get, DiskTier.get_run
 
     def get(tier, key):
         time.sleep(0.02)
@@ -225,7 +225,14 @@ def test_a_queued_turn_finds_its_disk_blocks_in_host_memory_when_it_begins(
             reads.append(key)
         return block
 
+    def get_run(tier, keys, max_bytes=None):
+        time.sleep(0.02 * len(keys))
+        blocks = slow_get_run(tier, keys, max_bytes)
+        reads.extend(keys[:len(blocks)])
+        return blocks
+
     monkeypatch.setattr(DiskTier, "get", get)
+    monkeypatch.setattr(DiskTier, "get_run", get_run)
     llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=1 << 26, **disk))
     engine = llm.start_engine(EngineLimits(max_running=1))
     running = engine.submit(TurnRequest(None, "tokens", tuple(user_prompt(7)),

@@ -58,7 +58,8 @@ def test_cpu_mode_runs_every_step_and_writes_its_results(tmp_path):
         assert row["steps_measured"] > 0 and row["step_ms"] > 0 and row["gap_ms"] >= 0
 
     bandwidth = report["store_bandwidth"]
-    assert set(bandwidth["tiers"]) == {"host, one turn", "host, single blocks", "disk"}
+    assert set(bandwidth["tiers"]) == {"host, one turn", "host, single blocks", "disk",
+                                       "disk, one run"}
     for tier in bandwidth["tiers"].values():
         assert tier["store_gbytes_per_s"] > 0 and tier["baseline_gbytes_per_s"] > 0
     assert bandwidth["pinned_put_gbytes_per_s"] > 0  # CPU has the pinned_host memory kind

@@ -10,8 +10,7 @@ from jattn import LLM
 from jattn.model.kv_cache import KVPool, blocks_for
 from jattn.model.step_plan import LOADING_CHUNK, Arrival, Segment, StepPlan
 from jattn.store import BlockKV
-from jattn.model.pool_steps import saved_run
-from jattn.store.layer_load import MIN_ROWS, LayerwiseLoad, StagingPool
+from jattn.store.layer_load import MIN_ROWS, LayerwiseLoad, StagingPool, saved_run
 from model_references import model_dir
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -538,4 +539,65 @@ def test_an_append_after_its_log_was_evicted_writes_the_log_whole(tmp_path):
     store.close()
     again = disk_store(tmp_path / "disk", disk_bytes=one_session)
     assert again.get_record("a") == entries(2, "a")
+    again.close()
+
+
+def rewritten_header(path, change):
+    """Rewrites the header of block file `path` with `change(header)` applied (the
+    payload and its checksum unchanged)."""
+    data = open(path, "rb").read()
+    start = len(disk_entry.MAGIC) + 4
+    (length,) = struct.unpack_from("<I", data, len(disk_entry.MAGIC))
+    header = json.loads(data[start:start + length])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-(start + len(text)) % disk_entry.ALIGNMENT)
+    open(path, "wb").write(disk_entry.MAGIC + struct.pack("<I", len(text)) + text
+                           + data[start + length:])
+
+
+@pytest.mark.parametrize("damage", [None, "a flipped byte", "another key's file",
+                                    "another shape", "a huge shape"])
+def test_a_run_of_block_files_is_read_into_one_array_up_to_the_first_bad_file(tmp_path,
+                                                                               damage):
+    """A turn's lookup reads the disk's leading run of its blocks together, into one
+    layer-major array (a load then moves each layer as one piece). A file that fails a
+    check ends the run and is dropped; a good file of another shape starts a run of its
+    own."""
+    names = [f"run/{i}" for i in range(6)]
+    store = disk_store(tmp_path)
+    save_blocks(store, names)
+    store.close()
+    bad = block_path(tmp_path, names[3])
+    if damage == "a flipped byte":
+        data = bytearray(open(bad, "rb").read())
+        data[-5] ^= 1
+        open(bad, "wb").write(bytes(data))
+    elif damage == "another key's file":
+        shutil.copy(block_path(tmp_path, names[0]), bad)
+    elif damage == "another shape":
+        rewritten_header(bad, lambda h: [a.update(shape=[a["shape"][0], 8, 2, 4])
+                                         for a in h["arrays"]])  # same bytes, other shape
+    elif damage == "a huge shape":
+        rewritten_header(bad, lambda h: h["arrays"][0].update(shape=[2**40, 4, 2, 8]))
+    again = disk_store(tmp_path, host_bytes=0)  # every lookup reads the disk
+    found = again.get_run([key(name) for name in names])
+    assert [tier for _, tier in found] == ["disk"] * (6 if damage in (None, "another shape")
+                                                      else 3)
+    for name, (got, _) in zip(names, found):
+        expected = block(seed(name))
+        if damage == "another shape" and name == names[3]:  # as its header says
+            assert got.k.shape == (2, 8, 2, 4)
+            expected = BlockKV(expected.k.reshape(got.k.shape), expected.v.reshape(got.k.shape))
+        np.testing.assert_array_equal(got.k, expected.k)
+        np.testing.assert_array_equal(got.v, expected.v)
+        assert not got.k.flags.writeable and not got.v.flags.writeable
+    run = found if damage is None else found[:3]  # read together: back to back per layer
+    layer_of = [got.k[1] for got, _ in run]
+    assert all(b.ctypes.data - a.ctypes.data == a.nbytes for a, b in zip(layer_of, layer_of[1:]))
+    stats = again.stats()
+    dropped = stats["corrupt_entries"] + stats["stale_entries"]
+    assert dropped == (1 if damage in ("a flipped byte", "another key's file", "a huge shape")
+                       else 0)
+    assert os.path.exists(bad) == (damage in (None, "another shape"))
     again.close()

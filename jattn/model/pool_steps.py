@@ -57,18 +57,9 @@ from jattn.model.step_plan import (
 )
 from jattn.positions import inverse_frequencies
 from jattn.sampling import draw_arguments, draw_tokens
-from jattn.store.disk_entry import aligned_copy
-from jattn.store.layer_load import MIN_ROWS
+from jattn.store.layer_load import MIN_ROWS, saved_run
 from jattn.store.pinned_run import PinnedRun
 from jattn.store.tier import BlockKV
-
-def saved_run(blocks: np.ndarray) -> np.ndarray:
-    """Saved blocks `[L, n, bs, Hkv, D]` copied for the host tier: 64-byte aligned, with
-    room after them for the padding rows that make a layer of them one power-of-two
-    piece (`jattn.store.layer_load`)."""
-    spare_rows = bucket(blocks.shape[1], minimum=MIN_ROWS) - blocks.shape[1]
-    return aligned_copy(blocks, spare_bytes=spare_rows * blocks[0, 0].nbytes)
-
 
 def shapes_of(tree):
     """`tree` with each array replaced by its `jax.ShapeDtypeStruct` (with its sharding):
@@ -393,7 +384,7 @@ class SingleDeviceSteps(PoolSteps):
         len(block_ids); `saved_run`). Either way a load moves a layer of them to the
         device as one piece, as it is."""
         count = len(block_ids)
-        padded = np.full(bucket(count, minimum=MIN_ROWS), block_ids[-1], np.int32)
+        padded = np.full(bucket(count, minimum=1), block_ids[-1], np.int32)
         padded[:count] = block_ids  # a few shapes, so a few compilations
         sharding = self._host_sharding(memory_kind)
         if sharding is not None:
@@ -443,7 +434,7 @@ class SingleDeviceSteps(PoolSteps):
             {*self._ready.get(backend, ()), size}))}
 
     def compile_copies(self, max_blocks: int, memory_kind: str | None) -> int:
-        counts = powers_of_two(MIN_ROWS, bucket(max_blocks, minimum=MIN_ROWS))
+        counts = powers_of_two(1, bucket(max_blocks, minimum=1))
         sharding = self._host_sharding(memory_kind)
         for count in counts:
             ids = np.zeros(count, np.int32)

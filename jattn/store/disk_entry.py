@@ -161,23 +161,77 @@ def encode(arrays: dict[str, np.ndarray], *, fingerprint: str, meta: dict) -> by
     return MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + payload
 
 
+def _header_length(head) -> int:
+    """The header length that the first `len(MAGIC) + 4` bytes of an entry give."""
+    if len(head) < len(MAGIC) + 4 or bytes(head[:len(MAGIC)]) != MAGIC:
+        raise CorruptEntry("bad magic (not a jattn entry, or truncated)")
+    return struct.unpack_from("<I", head, len(MAGIC))[0]
+
+
+def _checked_header(header_bytes, fingerprint: str) -> dict:
+    """The parsed header, if it is of this format and model."""
+    try:
+        header = json.loads(bytes(header_bytes))
+    except ValueError as error:
+        raise CorruptEntry(f"unreadable header: {error}") from None
+    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
+        version = header.get("format_version") if isinstance(header, dict) else None
+        raise CorruptEntry(f"format version {version}, expected {FORMAT_VERSION}")
+    if header.get("fingerprint") != fingerprint:
+        raise CorruptEntry("written by another model (fingerprint differs)")
+    return header
+
+
+def read_header(fd: int, *, fingerprint: str) -> tuple[dict, int]:
+    """The checked header of the entry open as `fd`, and where its payload starts."""
+    start = len(MAGIC) + 4
+    head = os.pread(fd, 4096, 0)
+    end = start + _header_length(head)
+    if end > len(head):
+        head = os.pread(fd, end, 0)
+    return _checked_header(head[start:end], fingerprint), end
+
+
+def payload_size(header: dict) -> int:
+    """The payload bytes that a checked header's arrays add up to; `CorruptEntry` if
+    they are not arrays of a known dtype and a shape of non-negative integers."""
+    try:
+        return sum(np.dtype(spec["dtype"]).itemsize * int(np.prod(
+            [_dimension(n) for n in spec["shape"]], dtype=np.int64))
+            for spec in header["arrays"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise CorruptEntry(f"bad array spec: {error}") from None
+
+
+def _dimension(n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"dimension {n!r}")
+    return n
+
+
+def read_payload_into(fd: int, header: dict, offset: int, pieces: list[np.ndarray]) -> None:
+    """Reads the payload of the entry open as `fd`, from byte `offset`, into `pieces`
+    (writable contiguous arrays whose bytes, in order, are the payload), and checks its
+    checksum; raises `CorruptEntry` if it is shorter, longer or altered."""
+    size = sum(piece.nbytes for piece in pieces)
+    if os.fstat(fd).st_size - offset != size:
+        raise CorruptEntry("payload size differs from what its header says")
+    if os.preadv(fd, pieces, offset) != size:
+        raise CorruptEntry("file changed size while read")
+    checksum = xxhash.xxh3_64()
+    for piece in pieces:
+        checksum.update(piece)
+    if checksum.hexdigest() != header.get("xxh3_64"):
+        raise CorruptEntry("checksum mismatch (altered or truncated payload)")
+
+
 def decode(data, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
     """Checks and parses `encode`'s bytes (any bytes-like object); raises `CorruptEntry`
     saying what failed. The arrays are read-only views of `data`, not copies."""
     data = memoryview(data).cast("B")
-    if len(data) < len(MAGIC) + 4 or bytes(data[:len(MAGIC)]) != MAGIC:
-        raise CorruptEntry("bad magic (not a jattn entry, or truncated)")
-    (header_length,) = struct.unpack_from("<I", data, len(MAGIC))
     start = len(MAGIC) + 4
-    try:
-        header = json.loads(bytes(data[start:start + header_length]))
-    except ValueError as error:
-        raise CorruptEntry(f"unreadable header: {error}") from None
-    if header.get("format_version") != FORMAT_VERSION:
-        raise CorruptEntry(f"format version {header.get('format_version')}, "
-                           f"expected {FORMAT_VERSION}")
-    if header.get("fingerprint") != fingerprint:
-        raise CorruptEntry("written by another model (fingerprint differs)")
+    header_length = _header_length(data[:start])
+    header = _checked_header(data[start:start + header_length], fingerprint)
     payload = data[start + header_length:]
     if xxhash.xxh3_64_hexdigest(payload) != header.get("xxh3_64"):
         raise CorruptEntry("checksum mismatch (altered or truncated payload)")
@@ -216,13 +270,12 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return aligned_view(np.empty(nbytes + ALIGNMENT, np.uint8), nbytes)
 
 
-def aligned_copy(array: np.ndarray, spare_bytes: int = 0) -> np.ndarray:
-    """A C-contiguous copy of `array` whose start is 64-byte aligned, in an allocation
-    with `spare_bytes` more after it (its `.base`)."""
-    copy = aligned_view(np.empty(array.nbytes + spare_bytes + ALIGNMENT, np.uint8),
-                        array.nbytes).view(array.dtype).reshape(array.shape)
-    np.copyto(copy, array)
-    return copy
+def aligned_array(shape, dtype, spare_bytes: int = 0) -> np.ndarray:
+    """An uninitialised C-contiguous array whose start is 64-byte aligned, in an
+    allocation with `spare_bytes` more after it (its `.base`)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return aligned_view(np.empty(nbytes + spare_bytes + ALIGNMENT, np.uint8),
+                        nbytes).view(dtype).reshape(shape)
 
 
 def aligned_view(allocation: np.ndarray, nbytes: int) -> np.ndarray:

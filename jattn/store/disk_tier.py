@@ -5,18 +5,24 @@ A block's file (`blocks/<k[:2]>/<k>.kv`) is a `disk_entry`, written atomically, 
 header meta holds the block key (hex). Reading checks the checksum, the model
 fingerprint and that key: a file of another block filed under this key's name is stale,
 and is dropped like a corrupt one (`stale_entries`, `corrupt_entries`). A block once
-written is never written again while held.
+written is never written again while held. `get_run` reads a run of block files straight
+into one layer-major array each for keys and values (one `preadv` per file), so that
+blocks read back from disk load like a turn's saved blocks, with no copy.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterable
 
+import numpy as np
+
 from jattn.store import disk_entry
 from jattn.store.disk_files import BLOCKS_DIRECTORY, DiskFiles, block_file
+from jattn.store.layer_load import empty_run
 from jattn.store.tier import BlockKV
 
 log = logging.getLogger("jattn.store")
@@ -70,6 +76,89 @@ class DiskTier:
             return None
         self.files.touch(relative)
         return BlockKV(arrays["k"], arrays["v"])
+
+    def get_run(self, keys: list[bytes], max_bytes: int | None = None) -> list[BlockKV]:
+        """The blocks of the leading run of `keys` held here with good files of one
+        shape (of at most `max_bytes` of KV), read straight into one layer-major array
+        each for keys and values (`layer_load.empty_run`: a load moves a layer of them
+        as one piece, with no copy). A file that fails a check is dropped, and ends the
+        run."""
+        entries = []  # (relative, fd, header, payload offset)
+        nbytes = 0
+        try:
+            for key in keys:
+                entry = self._open(key, shape=entries[0][2]["arrays"] if entries else None)
+                if entry is None:
+                    break
+                entries.append(entry)
+                nbytes += disk_entry.payload_size(entry[2])
+                if max_bytes is not None and nbytes > max_bytes:
+                    entries.pop()
+                    os.close(entry[1])
+                    break
+            return self._read_run(entries)
+        finally:
+            for _, fd, _, _ in entries:
+                os.close(fd)
+
+    def _open(self, key: bytes, shape: list | None):
+        """`(relative, fd, header, payload offset)` of block `key`'s file, its header
+        checked (a file that fails is dropped); None if it is not held, fails, or its
+        arrays differ from `shape` (the header's "arrays" of the run's first)."""
+        relative = block_file(key)
+        if relative not in self.files:
+            return None
+        try:
+            fd = os.open(self.files.path(relative), os.O_RDONLY)
+        except OSError as error:
+            self._drop(relative, "corrupt_entries", f"cannot read: {error}")
+            return None
+        try:
+            header, offset = disk_entry.read_header(fd, fingerprint=self.fingerprint)
+            arrays = header.get("arrays")
+            if not isinstance(arrays, list) or [a.get("name") for a in arrays] != ["k", "v"]:
+                raise disk_entry.CorruptEntry("not a KV block")
+            size = disk_entry.payload_size(header)
+            if any(len(spec["shape"]) != 4 for spec in arrays):
+                raise disk_entry.CorruptEntry("not a KV block")
+            if os.fstat(fd).st_size - offset != size:
+                raise disk_entry.CorruptEntry("payload size differs from what its header says")
+            named = header.get("meta", {}).get("block_key")
+            if not isinstance(named, str) or not _HEX_KEY.fullmatch(named):
+                raise disk_entry.CorruptEntry("no block key in its header")
+        except (disk_entry.CorruptEntry, OSError, AttributeError) as error:
+            os.close(fd)
+            self._drop(relative, "corrupt_entries", str(error))
+            return None
+        if named != key.hex():
+            os.close(fd)
+            self._drop(relative, "stale_entries", f"its header names block {named}")
+            return None
+        if shape is not None and arrays != shape:
+            os.close(fd)
+            return None
+        return relative, fd, header, offset
+
+    def _read_run(self, entries: list) -> list[BlockKV]:
+        """The payloads of `entries` (from `_open`, one shape) read into one layer-major
+        pair of arrays, up to the first that fails its check (dropped)."""
+        if not entries:
+            return []
+        k_all, v_all = (empty_run(tuple(spec["shape"]), np.dtype(spec["dtype"]), len(entries))
+                        for spec in entries[0][2]["arrays"])
+        read = 0
+        for relative, fd, header, offset in entries:
+            pieces = [part[layer, read] for part in (k_all, v_all)
+                      for layer in range(part.shape[0])]
+            try:
+                disk_entry.read_payload_into(fd, header, offset, pieces)
+            except (disk_entry.CorruptEntry, OSError) as error:
+                self._drop(relative, "corrupt_entries", str(error))
+                break
+            self.files.touch(relative)
+            read += 1
+        k_all.flags.writeable = v_all.flags.writeable = False
+        return [BlockKV(k_all[:, i], v_all[:, i]) for i in range(read)]
 
     def put(self, key: bytes, block: BlockKV) -> bool:
         relative = block_file(key)

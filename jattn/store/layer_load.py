@@ -36,7 +36,7 @@ import numpy as np
 
 from jattn.model.kv_cache import bucket
 from jattn.model.step_plan import ArrivingRows
-from jattn.store.disk_entry import ALIGNMENT, aligned_empty, aligned_view
+from jattn.store.disk_entry import ALIGNMENT, aligned_array, aligned_empty, aligned_view
 from jattn.store.pinned_run import RunPart
 
 MIN_ROWS = 4  # the fewest rows moved as one piece (`PoolLimits.load_row_buckets`)
@@ -80,6 +80,24 @@ class StagingPool:
         if len(self._allocations) < self.capacity:
             self._allocations.append(view.base)
         return view
+
+
+def empty_run(block_shape: tuple[int, ...], dtype, count: int) -> np.ndarray:
+    """An uninitialised layer-major `[L, count, bs, Hkv, D]` array for `count` blocks of
+    `block_shape` `[L, bs, Hkv, D]`: 64-byte aligned, with room after it for the padding
+    rows that make a layer of it one power-of-two piece (for `MIN_ROWS` blocks or more),
+    so that a load moves each layer of its blocks as it is."""
+    layers, *piece = block_shape
+    row_bytes = int(np.prod(piece)) * np.dtype(dtype).itemsize
+    spare_rows = bucket(count, MIN_ROWS) - count if count >= MIN_ROWS else 0
+    return aligned_array((layers, count, *piece), dtype, spare_bytes=spare_rows * row_bytes)
+
+
+def saved_run(blocks: np.ndarray) -> np.ndarray:
+    """Saved blocks `[L, n, bs, Hkv, D]` copied into an `empty_run`."""
+    run = empty_run((blocks.shape[0], *blocks.shape[2:]), blocks.dtype, blocks.shape[1])
+    np.copyto(run, blocks)
+    return run
 
 
 @dataclass(frozen=True)
@@ -127,10 +145,11 @@ def _spans(count: int, available: int) -> list[tuple[int, int, int]]:
 
 def _run_spans(count: int, block) -> list[tuple[int, int, int]]:
     """A run of `count` blocks of a `PinnedRun` from `block` on, as `_spans` gives: the
-    run's whole layer arrays when it starts at the run's first block (rows past it are
-    the run's other blocks and padding), else nothing (staged)."""
+    run's whole layer arrays when it starts at the run's first block and they have at
+    least `MIN_ROWS` rows (rows past it are the run's other blocks and padding), else
+    nothing (staged)."""
     rows = block.k.run.layers[0][0].shape[0]
-    return [(0, count, rows)] if block.k.index == 0 else []
+    return [(0, count, rows)] if block.k.index == 0 and rows >= MIN_ROWS else []
 
 
 def _rows_from(block) -> int:

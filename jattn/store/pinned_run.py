@@ -3,13 +3,14 @@ the memory kind `pinned_host` (page-locked host memory that an accelerator's DMA
 reads directly).
 
 `copy_out` with a memory kind copies a turn's pool blocks out per layer, keys and values
-`[R, block_size, Hkv, D]` each (R = `bucket(n, MIN_ROWS)`: the n blocks, then padding
-rows), into that memory; the host tier holds each block as a `BlockKV` of two
-`RunPart`s. A load of a run's blocks from its first moves layer l as one transfer of the
-run's own layer array, with no copy on the host (`layer_load`). Anything else that reads
-a block (the disk and remote tiers' writes, a load from the middle of a run) indexes it
-like a numpy `[L, block_size, Hkv, D]` array: the run copies its layers into numpy once
-for all of them.
+`[R, block_size, Hkv, D]` each (R = `bucket(n, 1)`: the n blocks, then padding rows),
+into that memory; the host tier holds each block as a `BlockKV` of two `RunPart`s. A
+load of a run's blocks from its first moves layer l as one transfer of the run's own
+layer array, with no copy on the host (`layer_load`; a run of fewer than `MIN_ROWS` rows
+is staged instead). Anything else that reads a block (the disk and remote tiers'
+writes, a load from the middle of a run) indexes it like a numpy
+`[L, block_size, Hkv, D]` array: the run copies its layers into numpy once for all of
+them.
 """
 
 from __future__ import annotations

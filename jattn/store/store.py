@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -84,11 +85,13 @@ class AttentionStore:
         self.fingerprint = fingerprint
         self._host = HostTier(config.host_bytes)
         self._tiers: list[BlockTier] = [self._host]
+        self._disk: DiskTier | None = None
         files = None
         if config.disk_bytes > 0:
             root = os.path.join(os.path.abspath(config.disk_path), fingerprint[:16])
             files = DiskFiles(root, config.disk_bytes)
-            self._tiers.append(DiskTier(files, fingerprint=fingerprint))
+            self._disk = DiskTier(files, fingerprint=fingerprint)
+            self._tiers.append(self._disk)
         self._remote = None
         if config.remote_url:
             self._remote = RemoteTier(config.remote_url, fingerprint=fingerprint,
@@ -151,21 +154,22 @@ class AttentionStore:
         memory, disk) holds, each with the name of the tier it came from (as `get`, for
         each key in order up to the first that no local tier holds). Never asks the
         remote tier: `read_remote` does, off the caller's thread."""
+        keys = [checked_block_key(block_key) for block_key in block_keys]
         found = []
-        for key in (checked_block_key(block_key) for block_key in block_keys):
-            got = self._get_local(key)
-            if got is None:
+        while len(found) < len(keys):
+            run = self._get_local_run(keys[len(found):])
+            if not run:
                 with self._lock:
                     self._counts["misses"] += 1
                 break
-            block, position = got
-            name = self._tiers[position].name
-            for faster in self._tiers[:position]:
-                faster.put(key, block)
-            for slower in self._tiers[position + 1:]:
-                slower.touch([key])
-            self._count_hits(name, 1, block.nbytes)
-            found.append((block, name))
+            for key, (block, position) in zip(keys[len(found):], run):
+                name = self._tiers[position].name
+                for faster in self._tiers[:position]:
+                    faster.put(key, block)
+                for slower in self._tiers[position + 1:]:
+                    slower.touch([key])
+                self._count_hits(name, 1, block.nbytes)
+                found.append((block, name))
         return found
 
     def _count_hits(self, tier: str, blocks: int, nbytes: int) -> None:
@@ -173,16 +177,23 @@ class AttentionStore:
             self._counts[f"{tier}_hits"] += blocks
             self._counts[f"{tier}_bytes_loaded"] += nbytes
 
-    def _get_local(self, key: bytes) -> tuple[BlockKV, int] | None:
-        """The block from the first tier before the remote one with a good copy, and that
-        tier's position."""
-        for position, tier in enumerate(self._tiers):
-            if tier is self._remote:
-                return None
-            block = tier.get(key)
-            if block is not None:
-                return block, position
-        return None
+    def _get_local_run(self, keys: list[bytes]) -> list[tuple[BlockKV, int]]:
+        """Blocks of a leading run of `keys` from one tier before the remote one, each
+        with that tier's position: host memory's copy of the first, else the leading
+        run of those host memory lacks that the disk holds (read together,
+        `DiskTier.get_run`). Empty when neither holds a good copy of the first."""
+        block = self._host.get(keys[0])
+        if block is not None:
+            return [(block, 0)]
+        return [(block, 1) for block in self._disk_run(keys)]
+
+    def _disk_run(self, keys: list[bytes], max_bytes: int | None = None) -> list[BlockKV]:
+        """The disk's blocks of the leading run of `keys` that host memory lacks (of at
+        most `max_bytes`)."""
+        if self._disk is None:
+            return []
+        lacking = list(itertools.takewhile(lambda key: not self._host.contains(key), keys))
+        return self._disk.get_run(lacking, max_bytes)
 
     def read_remote(self, block_keys: list[bytes]) -> RemoteRead | None:
         """Starts reading the leading run of `block_keys` that the remote tier holds,
@@ -310,31 +321,34 @@ class AttentionStore:
         with self._lock:
             self._queued_prefetch = None
             keys = list(dict.fromkeys(self._upcoming))
-        room, fetched = self._host.capacity_bytes, 0
-        for key in keys:
-            held = self._host.size_of(key)
+        room, fetched, index = self._host.capacity_bytes, 0, 0
+        while index < len(keys):
+            held = self._host.size_of(keys[index])
             if held is not None:
                 room -= held
+                index += 1
                 continue
-            found = self._read_below_host(key)
-            if found is None:
-                continue
-            if found.nbytes > room:
-                break
-            if self._host.put(key, found):
-                fetched += 1
-                room -= found.nbytes
-                with self._lock:
-                    self._counts["prefetched_blocks"] += 1
+            # Only what fits: the blocks of one read stay together in host memory.
+            run = self._disk_run(keys[index:], room) or self._read_below_host(keys[index])
+            for key, block in zip(keys[index:], run):
+                if block.nbytes > room:
+                    return fetched
+                if self._host.put(key, block):
+                    fetched += 1
+                    room -= block.nbytes
+                    with self._lock:
+                        self._counts["prefetched_blocks"] += 1
+            index += max(len(run), 1)
         return fetched
 
-    def _read_below_host(self, key: bytes) -> BlockKV | None:
-        """The block from the first tier after host memory with a good copy, or None."""
+    def _read_below_host(self, key: bytes) -> list[BlockKV]:
+        """The block from the first tier after host memory with a good copy (as a list
+        of one), or an empty list."""
         for tier in self._tiers[1:]:
             block = tier.get(key)
             if block is not None:
-                return block
-        return None
+                return [block]
+        return []
 
     # ----- session records ----------------------------------------------------------------
 
