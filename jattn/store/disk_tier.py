@@ -82,7 +82,10 @@ class DiskTier:
         shape (of at most `max_bytes` of KV), read straight into one layer-major array
         each for keys and values (`layer_load.empty_run`: a load moves a layer of them
         as one piece, with no copy). A file that fails a check is dropped, and ends the
-        run."""
+        run. One block alone is read whole (`get`): there is no run to lay out."""
+        if len(keys) == 1 and max_bytes is None:
+            block = self.get(keys[0])
+            return [] if block is None else [block]
         entries = []  # (relative, fd, header, payload offset)
         nbytes = 0
         try:
