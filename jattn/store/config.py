@@ -40,8 +40,10 @@ class StoreConfig:
       remote_prefix: the prefix of every Redis key jattn writes.
       host_memory_kind: where saved blocks land when they leave the device: "auto"
         (`pinned_host` on an accelerator that has it, so the copy out is a DMA that does
-        not stall compute; plain host memory on CPU, where the device is host memory),
-        "pinned_host", "unpinned_host", or "numpy" (a plain host copy).
+        not stall compute, and host memory keeps them there, one array per layer, which
+        a load hands back to the device as it is; plain host memory on CPU, where the
+        device uses it in place), "pinned_host", "unpinned_host", or "numpy" (a plain
+        host copy).
     """
 
     hbm_bytes: int | None = None

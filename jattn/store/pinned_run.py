@@ -1,6 +1,6 @@
 """A turn's saved blocks kept where the device's link reads them: per layer, one array of
 the memory kind `pinned_host` (page-locked host memory that an accelerator's DMA engine
-reads directly).
+reads directly; or another host memory kind asked for, e.g. `unpinned_host`).
 
 `copy_out` with a memory kind copies a turn's pool blocks out per layer, keys and values
 `[R, block_size, Hkv, D]` each (R = `bucket(n, 1)`: the n blocks, then padding rows),
@@ -24,8 +24,8 @@ from jattn.store.tier import BlockKV
 
 class PinnedRun:
     """`count` saved blocks: `layers[part][l]` is layer l of the keys (part 0) or values
-    (1) of all of them, a `[R, block_size, Hkv, D]` jax array in pinned host memory
-    whose first `count` rows are the blocks."""
+    (1) of all of them, a `[R, block_size, Hkv, D]` jax array in a host memory kind
+    (pinned host memory by default) whose first `count` rows are the blocks."""
 
     def __init__(self, k_layers: tuple, v_layers: tuple, count: int):
         self.layers = (tuple(k_layers), tuple(v_layers))
