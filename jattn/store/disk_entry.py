@@ -211,11 +211,10 @@ def _dimension(n) -> int:
 
 def read_payload_into(fd: int, header: dict, offset: int, pieces: list[np.ndarray]) -> None:
     """Reads the payload of the entry open as `fd`, from byte `offset`, into `pieces`
-    (writable contiguous arrays whose bytes, in order, are the payload), and checks its
-    checksum; raises `CorruptEntry` if it is shorter, longer or altered."""
+    (writable contiguous arrays whose bytes, in order, are the payload; the caller has
+    checked the file's size against `payload_size`), and checks its checksum; raises
+    `CorruptEntry` if it is shorter or altered."""
     size = sum(piece.nbytes for piece in pieces)
-    if os.fstat(fd).st_size - offset != size:
-        raise CorruptEntry("payload size differs from what its header says")
     if os.preadv(fd, pieces, offset) != size:
         raise CorruptEntry("file changed size while read")
     checksum = xxhash.xxh3_64()

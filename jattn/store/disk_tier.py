@@ -86,7 +86,7 @@ class DiskTier:
         if len(keys) == 1 and max_bytes is None:
             block = self.get(keys[0])
             return [] if block is None else [block]
-        entries = []  # (relative, fd, header, payload offset)
+        entries = []  # (relative, fd, header, payload offset, payload bytes)
         nbytes = 0
         try:
             for key in keys:
@@ -94,20 +94,20 @@ class DiskTier:
                 if entry is None:
                     break
                 entries.append(entry)
-                nbytes += disk_entry.payload_size(entry[2])
+                nbytes += entry[4]
                 if max_bytes is not None and nbytes > max_bytes:
                     entries.pop()
                     os.close(entry[1])
                     break
             return self._read_run(entries)
         finally:
-            for _, fd, _, _ in entries:
+            for _, fd, _, _, _ in entries:
                 os.close(fd)
 
     def _open(self, key: bytes, shape: list | None):
-        """`(relative, fd, header, payload offset)` of block `key`'s file, its header
-        checked (a file that fails is dropped); None if it is not held, fails, or its
-        arrays differ from `shape` (the header's "arrays" of the run's first)."""
+        """`(relative, fd, header, payload offset, payload bytes)` of block `key`'s file,
+        its header and size checked (a file that fails is dropped); None if it is not
+        held, fails, or its arrays differ from `shape` (the run's first's "arrays")."""
         relative = block_file(key)
         if relative not in self.files:
             return None
@@ -140,7 +140,7 @@ class DiskTier:
         if shape is not None and arrays != shape:
             os.close(fd)
             return None
-        return relative, fd, header, offset
+        return relative, fd, header, offset, size
 
     def _read_run(self, entries: list) -> list[BlockKV]:
         """The payloads of `entries` (from `_open`, one shape) read into one layer-major
@@ -150,7 +150,7 @@ class DiskTier:
         k_all, v_all = (empty_run(tuple(spec["shape"]), np.dtype(spec["dtype"]), len(entries))
                         for spec in entries[0][2]["arrays"])
         read = 0
-        for relative, fd, header, offset in entries:
+        for relative, fd, header, offset, _ in entries:
             pieces = [part[layer, read] for part in (k_all, v_all)
                       for layer in range(part.shape[0])]
             try:
