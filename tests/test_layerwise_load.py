@@ -10,7 +10,7 @@ from jattn import LLM
 from jattn.model.kv_cache import KVPool, blocks_for
 from jattn.model.step_plan import LOADING_CHUNK, Arrival, Segment, StepPlan
 from jattn.store import BlockKV
-from jattn.store.layer_load import MIN_ROWS, LayerwiseLoad, StagingPool, saved_run
+from jattn.store.layer_load import MIN_ROWS, HostBuffers, LayerwiseLoad, empty_run, saved_run
 from model_references import model_dir
 
 
@@ -82,7 +82,7 @@ def test_runs_of_a_turns_blocks_move_as_they_are_and_the_rest_is_staged(seed):
         rng.shuffle(order)
     blocks = [pieces[i] for i in order]
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
-        load = LayerwiseLoad(blocks, executor=executor, staging=StagingPool(capacity=4))
+        load = LayerwiseLoad(blocks, executor=executor, staging=HostBuffers(capacity_bytes=1 << 20))
         for layer in range(3):
             arrived = load.layer(layer)
             k, v = assembled(arrived, len(blocks))
@@ -156,18 +156,50 @@ def test_a_step_with_kv_arriving_equals_prefill_over_resident_blocks(name, seed,
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_staging_buffers_are_reused_only_when_nothing_refers_to_them():
+def test_host_buffers_are_reused_only_when_nothing_refers_to_them():
     import jax
 
-    from jattn.store.layer_load import StagingPool
-
-    pool = StagingPool(capacity=4)
-    first = pool.take(4096)
+    buffers = HostBuffers(capacity_bytes=3 * 4096 + 64)
+    first = buffers.take(4096)
     held = jax.device_put(first.view(np.float32))  # may alias the buffer (CPU)
     del first
-    second = pool.take(4096)
+    second = buffers.take(4096)
     assert second.ctypes.data % 64 == 0
     assert second.ctypes.data != held.unsafe_buffer_pointer()  # still aliased: not reused
     address = second.ctypes.data
     del second
-    assert pool.take(4096).ctypes.data == address  # free again: reused
+    assert buffers.take(4000).ctypes.data == address  # free again and big enough: reused
+    assert buffers.take(2048).ctypes.data != address  # would waste more than SLACK
+    assert buffers.take(8192).ctypes.data != address  # too small
+
+
+def test_host_buffers_keep_at_most_their_capacity_dropping_the_oldest_unused():
+    buffers = HostBuffers(capacity_bytes=2 * (4096 + 64))
+    a, b = buffers.take(4096), buffers.take(4096)
+    addresses = {a.ctypes.data, b.ctypes.data}
+    del a
+    c = buffers.take(4096)  # reuses a's
+    assert c.ctypes.data in addresses
+    d = buffers.take(4096)  # both kept are in use and no room: new, not kept
+    del d
+    assert buffers.take(4096).ctypes.data not in addresses | {c.ctypes.data}
+    del b, c
+    e = buffers.take(8192)  # the kept ones are too small: the oldest make room for it
+    address = e.ctypes.data
+    del e
+    assert buffers.take(8192 - 100).ctypes.data == address
+
+
+def test_a_run_in_host_buffers_reuses_a_dropped_run_of_that_size():
+    buffers = HostBuffers(capacity_bytes=1 << 22)
+    shape = (3, 4, 2, 8)  # [L, bs, Hkv, D]
+    run = empty_run(shape, np.float32, 5, buffers)
+    assert run.shape == (3, 5, 4, 2, 8) and run.ctypes.data % 64 == 0
+    spare = run.base.nbytes - run.nbytes - 64  # padding rows after the last layer
+    assert spare >= (8 - 5) * 4 * 2 * 8 * 4
+    address = run.ctypes.data
+    block = run[:, 2]  # a view, as a tier holds it
+    del run
+    assert empty_run(shape, np.float32, 5, buffers).ctypes.data != address
+    del block
+    assert empty_run(shape, np.float32, 5, buffers).ctypes.data == address

@@ -19,6 +19,7 @@ torn last frame, which `decode_frames` stops at (the frames before it are whole)
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -196,9 +197,8 @@ def payload_size(header: dict) -> int:
     """The payload bytes that a checked header's arrays add up to; `CorruptEntry` if
     they are not arrays of a known dtype and a shape of non-negative integers."""
     try:
-        return sum(np.dtype(spec["dtype"]).itemsize * int(np.prod(
-            [_dimension(n) for n in spec["shape"]], dtype=np.int64))
-            for spec in header["arrays"])
+        return sum(np.dtype(spec["dtype"]).itemsize * math.prod(
+            _dimension(n) for n in spec["shape"]) for spec in header["arrays"])
     except (TypeError, ValueError, KeyError) as error:
         raise CorruptEntry(f"bad array spec: {error}") from None
 
@@ -209,14 +209,17 @@ def _dimension(n) -> int:
     return n
 
 
-def read_payload_into(fd: int, header: dict, offset: int, pieces: list[np.ndarray]) -> None:
+def read_payload_into(fd: int, offset: int, pieces: list[np.ndarray]) -> None:
     """Reads the payload of the entry open as `fd`, from byte `offset`, into `pieces`
     (writable contiguous arrays whose bytes, in order, are the payload; the caller has
-    checked the file's size against `payload_size`), and checks its checksum; raises
-    `CorruptEntry` if it is shorter or altered."""
-    size = sum(piece.nbytes for piece in pieces)
-    if os.preadv(fd, pieces, offset) != size:
+    checked the file's size against `payload_size`); `CorruptEntry` if it is shorter.
+    `check_payload` then checks what was read."""
+    if os.preadv(fd, pieces, offset) != sum(piece.nbytes for piece in pieces):
         raise CorruptEntry("file changed size while read")
+
+
+def check_payload(header: dict, pieces: list[np.ndarray]) -> None:
+    """`CorruptEntry` unless `pieces` (a payload, in order) match `header`'s checksum."""
     checksum = xxhash.xxh3_64()
     for piece in pieces:
         checksum.update(piece)

@@ -7,11 +7,14 @@ fingerprint and that key: a file of another block filed under this key's name is
 and is dropped like a corrupt one (`stale_entries`, `corrupt_entries`). A block once
 written is never written again while held. `get_run` reads a run of block files straight
 into one layer-major array each for keys and values (one `preadv` per file), so that
-blocks read back from disk load like a turn's saved blocks, with no copy.
+blocks read back from disk load like a turn's saved blocks, with no copy. The runs are
+read into reused host memory (`HostBuffers`), by two threads: the caller's and a reader
+thread each read and check every other file.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import re
@@ -22,7 +25,7 @@ import numpy as np
 
 from jattn.store import disk_entry
 from jattn.store.disk_files import BLOCKS_DIRECTORY, DiskFiles, block_file
-from jattn.store.layer_load import empty_run
+from jattn.store.layer_load import HostBuffers, empty_run
 from jattn.store.tier import BlockKV
 
 log = logging.getLogger("jattn.store")
@@ -31,13 +34,19 @@ _HEX_KEY = re.compile(r"[0-9a-f]{32}")  # block keys in headers
 
 
 class DiskTier:
-    """A `BlockTier` of block files in `files`, for the model `fingerprint`."""
+    """A `BlockTier` of block files in `files`, for the model `fingerprint`. Runs are
+    read into memory from `buffers` (else fresh), half of their files by `reader`, a
+    one-thread executor (else all by the caller)."""
 
     name = "disk"
 
-    def __init__(self, files: DiskFiles, *, fingerprint: str):
+    def __init__(self, files: DiskFiles, *, fingerprint: str,
+                 buffers: HostBuffers | None = None,
+                 reader: concurrent.futures.Executor | None = None):
         self.files = files
         self.fingerprint = fingerprint
+        self._buffers = buffers
+        self._reader = reader
         self._lock = threading.Lock()  # guards the counters
         self._dropped = {"corrupt_entries": 0, "stale_entries": 0}
 
@@ -90,7 +99,7 @@ class DiskTier:
         nbytes = 0
         try:
             for key in keys:
-                entry = self._open(key, shape=entries[0][2]["arrays"] if entries else None)
+                entry = self._open(key, like=entries[0] if entries else None)
                 if entry is None:
                     break
                 entries.append(entry)
@@ -104,10 +113,10 @@ class DiskTier:
             for _, fd, _, _, _ in entries:
                 os.close(fd)
 
-    def _open(self, key: bytes, shape: list | None):
+    def _open(self, key: bytes, like: tuple | None):
         """`(relative, fd, header, payload offset, payload bytes)` of block `key`'s file,
         its header and size checked (a file that fails is dropped); None if it is not
-        held, fails, or its arrays differ from `shape` (the run's first's "arrays")."""
+        held, fails, or its arrays differ from those of `like` (the run's first entry)."""
         relative = block_file(key)
         if relative not in self.files:
             return None
@@ -119,11 +128,10 @@ class DiskTier:
         try:
             header, offset = disk_entry.read_header(fd, fingerprint=self.fingerprint)
             arrays = header.get("arrays")
-            if not isinstance(arrays, list) or [a.get("name") for a in arrays] != ["k", "v"]:
-                raise disk_entry.CorruptEntry("not a KV block")
-            size = disk_entry.payload_size(header)
-            if any(len(spec["shape"]) != 4 for spec in arrays):
-                raise disk_entry.CorruptEntry("not a KV block")
+            if like is not None and arrays == like[2]["arrays"]:
+                size = like[4]  # checked with the first
+            else:
+                size = _block_payload_size(header)
             if os.fstat(fd).st_size - offset != size:
                 raise disk_entry.CorruptEntry("payload size differs from what its header says")
             named = header.get("meta", {}).get("block_key")
@@ -137,29 +145,54 @@ class DiskTier:
             os.close(fd)
             self._drop(relative, "stale_entries", f"its header names block {named}")
             return None
-        if shape is not None and arrays != shape:
+        if like is not None and arrays != like[2]["arrays"]:
             os.close(fd)
             return None
         return relative, fd, header, offset, size
 
     def _read_run(self, entries: list) -> list[BlockKV]:
         """The payloads of `entries` (from `_open`, one shape) read into one layer-major
-        pair of arrays, up to the first that fails its check (dropped)."""
+        pair of arrays, up to the first that fails its check (dropped). The reader
+        thread reads and checks every other file meanwhile."""
         if not entries:
             return []
-        k_all, v_all = (empty_run(tuple(spec["shape"]), np.dtype(spec["dtype"]), len(entries))
+        k_all, v_all = (empty_run(tuple(spec["shape"]), np.dtype(spec["dtype"]),
+                                  len(entries), self._buffers)
                         for spec in entries[0][2]["arrays"])
-        read = 0
-        for relative, fd, header, offset, _ in entries:
-            pieces = [part[layer, read] for part in (k_all, v_all)
-                      for layer in range(part.shape[0])]
-            try:
-                disk_entry.read_payload_into(fd, header, offset, pieces)
-            except (disk_entry.CorruptEntry, OSError) as error:
-                self._drop(relative, "corrupt_entries", str(error))
-                break
+        parts = [(memoryview(part.reshape(-1).view(np.uint8)), part[0, 0].nbytes)
+                 for part in (k_all, v_all)]  # bytes, and a block's layer's bytes
+        layers, count = k_all.shape[:2]
+        first_bad = [count]  # the lowest index known to fail: no need to read past it
+
+        def read_and_check(indices: range) -> tuple[int, Exception] | None:
+            """Reads and checks `entries[i]` for i in `indices`, in order; the first
+            that fails, and why, if one does."""
+            for index in indices:
+                if index > first_bad[0]:
+                    return None
+                _, fd, header, offset, _ = entries[index]
+                pieces = [part[(layer * count + index) * row:(layer * count + index + 1) * row]
+                          for part, row in parts for layer in range(layers)]
+                try:
+                    disk_entry.read_payload_into(fd, offset, pieces)
+                    disk_entry.check_payload(header, pieces)
+                except (disk_entry.CorruptEntry, OSError) as error:
+                    first_bad[0] = min(first_bad[0], index)
+                    return index, error
+            return None
+
+        if self._reader is None or count == 1:
+            failures = [read_and_check(range(count))]
+        else:
+            other = self._reader.submit(read_and_check, range(1, count, 2))
+            failures = [read_and_check(range(0, count, 2)), other.result()]
+        failed = min((failure for failure in failures if failure is not None),
+                     default=None, key=lambda failure: failure[0])
+        read = count if failed is None else failed[0]
+        if failed is not None:
+            self._drop(entries[read][0], "corrupt_entries", str(failed[1]))
+        for relative, *_ in entries[:read]:
             self.files.touch(relative)
-            read += 1
         k_all.flags.writeable = v_all.flags.writeable = False
         return [BlockKV(k_all[:, i], v_all[:, i]) for i in range(read)]
 
@@ -213,3 +246,15 @@ class DiskTier:
                         reason)
             with self._lock:
                 self._dropped[counter] += 1
+
+
+def _block_payload_size(header: dict) -> int:
+    """The payload bytes of a checked header that describes a KV block (arrays "k" and
+    "v" of 4 dimensions); `CorruptEntry` if it does not."""
+    arrays = header.get("arrays")
+    if not isinstance(arrays, list) or [a.get("name") for a in arrays] != ["k", "v"]:
+        raise disk_entry.CorruptEntry("not a KV block")
+    size = disk_entry.payload_size(header)
+    if any(len(spec["shape"]) != 4 for spec in arrays):
+        raise disk_entry.CorruptEntry("not a KV block")
+    return size

@@ -27,7 +27,9 @@ to a host buffer for as long as any device array, or computation, may read it.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,41 +58,65 @@ class LoadTiming:
         return max(self.transfer - self.stall, 0.0)
 
 
-class StagingPool:
-    """Aligned host buffers for staging, reused once no one else refers to them.
+class HostBuffers:
+    """Aligned host allocations, reused once nothing else refers to them.
 
-    `take(nbytes)` returns an aligned uint8 view of exactly `nbytes` into a pooled
-    allocation that nothing else refers to — no view of it is alive, so no device array
-    aliases it and no copy out of it is in flight (every view, and JAX while it uses a
-    host buffer, holds a reference to the allocation) — else into a new allocation,
-    pooled while the pool holds fewer than `capacity`. Used from one staging thread.
+    `take(nbytes)` returns a 64-byte aligned uint8 view of `nbytes` in an allocation of
+    at most `SLACK` times that which nothing else refers to, else in a new one. Nothing
+    refers to an allocation when no view of it is alive: every view (a block held by a
+    tier, a staged layer), and JAX for as long as a device array aliases it or a copy out
+    of it is in flight, holds a reference to it. Reused memory is memory the kernel need
+    not fault in and zero again (a fresh 256 MiB costs about as much as reading it).
+    Allocations are kept while all kept add up to at most `capacity_bytes` (in use or
+    not), the oldest unused ones making room for a new one. Thread-safe.
     """
 
-    def __init__(self, capacity: int = 256):
-        self.capacity = capacity
-        self._allocations: list[np.ndarray] = []
+    SLACK = 1.25
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._allocations: list[np.ndarray] = []  # oldest first
+        self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> np.ndarray:
-        for allocation in self._allocations:
-            # Free when its only references are the pool's list, this loop's variable and
-            # getrefcount's argument.
-            if allocation.nbytes == nbytes + ALIGNMENT and sys.getrefcount(allocation) == 3:
-                return aligned_view(allocation, nbytes)
-        view = aligned_empty(nbytes)
-        if len(self._allocations) < self.capacity:
-            self._allocations.append(view.base)
-        return view
+        need = nbytes + ALIGNMENT
+        with self._lock:
+            unused = self._unused()
+            fitting = [a for a in unused if need <= a.nbytes <= need * self.SLACK]
+            if fitting:
+                return aligned_view(min(fitting, key=lambda a: a.nbytes), nbytes)
+            view = aligned_empty(nbytes)
+            kept = sum(a.nbytes for a in self._allocations)
+            while unused and kept + need > self.capacity_bytes:
+                oldest = unused.pop(0)
+                self._allocations = [a for a in self._allocations if a is not oldest]
+                kept -= oldest.nbytes
+            if kept + need <= self.capacity_bytes:
+                self._allocations.append(view.base)
+            return view
+
+    def _unused(self) -> list[np.ndarray]:
+        # Unused when its only references are the list, the loop's variable and
+        # getrefcount's argument.
+        return [allocation for allocation in self._allocations
+                if sys.getrefcount(allocation) == 3]
 
 
-def empty_run(block_shape: tuple[int, ...], dtype, count: int) -> np.ndarray:
+def empty_run(block_shape: tuple[int, ...], dtype, count: int,
+              buffers: HostBuffers | None = None) -> np.ndarray:
     """An uninitialised layer-major `[L, count, bs, Hkv, D]` array for `count` blocks of
     `block_shape` `[L, bs, Hkv, D]`: 64-byte aligned, with room after it for the padding
     rows that make a layer of it one power-of-two piece (for `MIN_ROWS` blocks or more),
-    so that a load moves each layer of its blocks as it is."""
+    so that a load moves each layer of its blocks as it is. Its memory comes from
+    `buffers` when given."""
     layers, *piece = block_shape
-    row_bytes = int(np.prod(piece)) * np.dtype(dtype).itemsize
+    row_bytes = math.prod(piece) * np.dtype(dtype).itemsize
     spare_rows = bucket(count, MIN_ROWS) - count if count >= MIN_ROWS else 0
-    return aligned_array((layers, count, *piece), dtype, spare_bytes=spare_rows * row_bytes)
+    shape = (layers, count, *piece)
+    if buffers is None:
+        return aligned_array(shape, dtype, spare_bytes=spare_rows * row_bytes)
+    nbytes = (layers * count + spare_rows) * row_bytes
+    return buffers.take(nbytes)[:layers * count * row_bytes].view(dtype).reshape(shape)
 
 
 def saved_run(blocks: np.ndarray) -> np.ndarray:
@@ -195,7 +221,7 @@ def _layer_rows(part, layer: int, rows: int):
                                            (piece.nbytes, *piece.strides), writeable=False)
 
 
-def _stage(parts: list, layer: int, pool: StagingPool) -> np.ndarray:
+def _stage(parts: list, layer: int, pool: HostBuffers) -> np.ndarray:
     """Layer `layer` of `parts` (keys or values, `[L, *piece]` each, anything indexable
     by layer) stacked into an aligned buffer of `bucket(len(parts), MIN_ROWS)` rows from
     `pool`; rows past them are left as they were."""
@@ -213,7 +239,7 @@ class LayerwiseLoad:
     `ArrivingRows` pieces."""
 
     def __init__(self, blocks, *, executor: concurrent.futures.Executor,
-                 staging: StagingPool | None = None, device=None, on_finish=None):
+                 staging: HostBuffers | None = None, device=None, on_finish=None):
         if not blocks:
             raise ValueError("a load needs at least one block")
         self.num_layers = blocks[0].k.shape[0]
@@ -221,7 +247,7 @@ class LayerwiseLoad:
         self._transfer = [0.0] * self.num_layers
         self._stall = 0.0
         self._on_finish = on_finish
-        self._staging = staging or StagingPool(capacity=0)
+        self._staging = staging or HostBuffers(capacity_bytes=0)
         self._taken = 0
         self._layers = [concurrent.futures.Future() for _ in range(self.num_layers)]
         executor.submit(self._run, blocks)

@@ -51,13 +51,18 @@ from jattn.store.disk_files import DiskFiles
 from jattn.store.disk_tier import DiskTier
 from jattn.store.host_tier import HostTier
 from jattn.store.kv_store import LoadedRun, PoolSide, SavedBlocks, WarmUpSteps, resolved
-from jattn.store.layer_load import LayerwiseLoad, LoadTiming, StagingPool
+from jattn.store.layer_load import HostBuffers, LayerwiseLoad, LoadTiming
 from jattn.store.records import SessionRecords
 from jattn.store.remote_read import RemoteRead, is_remote
 from jattn.store.remote_tier import RemoteTier
 from jattn.store.tier import BlockKV, BlockTier, checked_block_key
 
 log = logging.getLogger("jattn.store")
+
+# Host memory kept for reuse (in use or not): staging buffers for loads, and the runs
+# that blocks are read from disk into (reused memory need not be faulted in again).
+STAGING_BYTES = 256 << 20
+READ_BUFFER_BYTES = 1 << 30
 
 # What `stats` reports, in order.
 STATS = (
@@ -83,6 +88,12 @@ class AttentionStore:
     def __init__(self, config: StoreConfig, *, fingerprint: str):
         self.config = config
         self.fingerprint = fingerprint
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
+        # Remote reads and record refreshes: the turns waiting on Redis, a few at a time.
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jattn-fetch")
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-load")
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-read")
+        self._staging = HostBuffers(STAGING_BYTES)
         self._host = HostTier(config.host_bytes)
         self._tiers: list[BlockTier] = [self._host]
         self._disk: DiskTier | None = None
@@ -90,7 +101,8 @@ class AttentionStore:
         if config.disk_bytes > 0:
             root = os.path.join(os.path.abspath(config.disk_path), fingerprint[:16])
             files = DiskFiles(root, config.disk_bytes)
-            self._disk = DiskTier(files, fingerprint=fingerprint)
+            self._disk = DiskTier(files, fingerprint=fingerprint,
+                                  buffers=HostBuffers(READ_BUFFER_BYTES), reader=self._reader)
             self._tiers.append(self._disk)
         self._remote = None
         if config.remote_url:
@@ -103,11 +115,6 @@ class AttentionStore:
         self._upcoming: list[bytes] = []  # the last hint, most imminent first
         self._queued_prefetch: concurrent.futures.Future | None = None
         self._pending: set[concurrent.futures.Future] = set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
-        # Remote reads and record refreshes: the turns waiting on Redis, a few at a time.
-        self._fetcher = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="jattn-fetch")
-        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-load")
-        self._staging = StagingPool()
 
     # ----- blocks -----------------------------------------------------------------------
 
@@ -434,6 +441,7 @@ class AttentionStore:
         self._executor.shutdown(wait=True)
         self._loader.shutdown(wait=True)
         self._fetcher.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     # ----- loading to the device, stats ----------------------------------------------------
 
