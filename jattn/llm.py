@@ -53,7 +53,7 @@ from jattn.model.weights import (
     save_params,
 )
 from jattn.sampling import SamplingParams
-from jattn.store import AttentionStore, StoreConfig
+from jattn.store import AttentionStore, BlockSpec, StoreConfig
 from jattn.store.config import machine_memory_bytes
 from jattn.store.fingerprint import model_fingerprint
 from jattn.tokenizer import Tokenizer
@@ -198,13 +198,16 @@ class LLM:
             save_memory_kind=store.memory_kind_for(jax.local_devices()[0]) if store else None)
         self._group = group
         fingerprint = model_fingerprint(self.config, self.runner.params, self.dtype)
+        spec = BlockSpec(self.config.num_layers,
+                         (block_size, self.config.num_kv_heads, self.config.head_dim),
+                         self.dtype.name)
         self.store = self._shard = None
         if store is not None and self.in_group:
             self._shard = ProcessShard(self.runner, AttentionStore(
-                _process_share(store), fingerprint=fingerprint))
+                _process_share(store), fingerprint=fingerprint, spec=spec))
             self.store = GroupStore(self._shard, group) if is_leader() else self._shard.store
         elif store is not None:
-            self.store = AttentionStore(store, fingerprint=fingerprint)
+            self.store = AttentionStore(store, fingerprint=fingerprint, spec=spec)
         self._engine: Engine | None = None
         if store is None:
             sink_tokens, hbm_bytes = SINK_TOKENS, 0

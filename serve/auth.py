@@ -15,6 +15,7 @@ import hashlib
 import hmac
 
 from jattn.engine import InvalidRequest
+from jattn.engine.requests import check_unicode
 
 
 class Tenants:
@@ -69,4 +70,5 @@ def cache_scope(namespace: str, cache_salt: str = "") -> str:
     if len(cache_salt) > MAX_CACHE_SALT_CHARS:
         raise InvalidRequest(f"cache_salt of {len(cache_salt)} characters is longer than "
                              f"{MAX_CACHE_SALT_CHARS}")
+    check_unicode(cache_salt, "cache_salt")
     return f"{namespace}\0{cache_salt}" if cache_salt else namespace

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from typing import Literal
 
@@ -28,7 +29,7 @@ import anyio
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from serve.metrics import Metrics
@@ -37,12 +38,14 @@ from serve.service import Caller, ErrorKind, Service, TurnFacts, error_kind, err
 log = logging.getLogger("jattn.serve")
 
 MAX_BODY_BYTES = 16 << 20
+DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is there
 
 HTTP_STATUS = {
     ErrorKind.INVALID: 400,
     ErrorKind.TOO_LONG: 400,
     ErrorKind.UNAUTHENTICATED: 401,
     ErrorKind.NOT_FOUND: 404,
+    ErrorKind.SESSION_LOST: 409,
     ErrorKind.BUSY: 429,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
@@ -52,6 +55,7 @@ _ERROR_TYPES = {
     ErrorKind.TOO_LONG: "invalid_request_error",
     ErrorKind.UNAUTHENTICATED: "authentication_error",
     ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.SESSION_LOST: "invalid_request_error",
     ErrorKind.BUSY: "rate_limit_error",
     ErrorKind.UNAVAILABLE: "service_unavailable_error",
     ErrorKind.INTERNAL: "server_error",
@@ -60,6 +64,7 @@ _ERROR_CODES = {
     ErrorKind.TOO_LONG: "context_length_exceeded",
     ErrorKind.UNAUTHENTICATED: "invalid_api_key",
     ErrorKind.BUSY: "queue_full",
+    ErrorKind.SESSION_LOST: "session_lost",
 }
 
 
@@ -93,23 +98,95 @@ def _as_api_error(error: Exception) -> ApiError:
     return ApiError(kind, error_message(error))
 
 
-class BodyLimit:
-    """ASGI middleware: a request whose Content-Length passes `limit` bytes (or is not a
-    number) is answered 413 before its body is read."""
+class RequestGate:
+    """ASGI middleware deciding what it can from the headers, before any body is read:
+    a request without a token `authenticate` accepts (every path but `/health`) is
+    answered 401, one whose Content-Length passes `limit` bytes (or is not a number) 413.
+    A body sent without a length (chunked) is counted as it arrives and answered 413 as
+    soon as it passes `limit`: no more of it is read or kept. Every answer but `/health`'s
+    and a stream's (which counts itself: it may fail after its 200) is counted,
+    `count(method, status)`, whoever gave it."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app, *, authenticate, count, limit: int = MAX_BODY_BYTES):
+        self.app, self.authenticate, self.count, self.limit = app, authenticate, count, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > self.limit:
-                response = JSONResponse(_error_body(
-                    ErrorKind.INVALID, f"request body over {self.limit} bytes (or a bad "
-                    "Content-Length)", code="body_too_large"), status_code=413)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        method = _method_of(scope["path"])
+        headers = dict(scope["headers"])
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                kind = dict(message.get("headers", ())).get(b"content-type", b"")
+                if not kind.startswith(b"text/event-stream"):
+                    self.count(method, str(message["status"]))
+            await send(message)
+
+        refusal = None
+        try:
+            self.authenticate(_header_text(headers.get(b"authorization")))
+        except Exception as error:
+            refusal = _error_response(error_kind(error), error_message(error), None, None)
+        length = headers.get(b"content-length")
+        if refusal is None and length is not None and (
+                not length.isdigit() or int(length) > self.limit):
+            refusal = self._too_large()
+        if refusal is not None:
+            await refusal(scope, receive, counted)
+            return
+        received, answered = 0, False
+
+        async def limited_receive():
+            nonlocal received, answered
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit and not answered:
+                answered = True
+                await self._too_large()(scope, receive, counted)
+            return {"type": "http.disconnect"} if answered else message
+
+        async def unless_answered(message):
+            if not answered:
+                await counted(message)
+
+        await self.app(scope, limited_receive, unless_answered)
+
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse(_error_body(
+            ErrorKind.INVALID, f"request body over {self.limit} bytes (or a bad "
+            "Content-Length)", code="body_too_large"), status_code=413)
+
+
+_METHODS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
+            "/v1/models": "models", "/v1/sessions": "sessions", "/metrics": "metrics"}
+
+
+def _method_of(path: str) -> str:
+    """The method label of a request to `path` in the request metrics ("other" for an
+    unknown path: labels stay few whatever clients send)."""
+    for prefix, method in _METHODS.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return method
+    return "other"
+
+
+def _session_header(request: Request) -> str | None:
+    """The `X-Session-ID` header: UTF-8, percent-decoded (as an id in a path is)."""
+    raw = next((value for name, value in request.scope["headers"]
+                if name == b"x-session-id"), None)
+    return None if raw is None else urllib.parse.unquote(_header_text(raw))
+
+
+def _header_text(value: bytes | None) -> str | None:
+    """A header's value as text: UTF-8, as clients send it (latin-1 if it is not)."""
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 # ----- request bodies ------------------------------------------------------------------
@@ -189,7 +266,7 @@ class ChatCompletionBody(_GenerationBody):
 
 
 class CompletionBody(_GenerationBody):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # (true is no token id)
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -321,7 +398,7 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
                   openapi_url=None)
     created = int(time.time())
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(RequestGate, authenticate=service.caller, count=metrics.call)
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
@@ -356,6 +433,31 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
         except Exception as error:
             raise _as_api_error(error) from None
 
+    async def until_gone(request: Request, stream, function, *args):
+        """`in_thread(function, *args)`, cancelling `stream` if the client leaves
+        meanwhile (checked every `DISCONNECT_POLL_S`): the turn then ends at the
+        engine's next step, and `function` with it."""
+        outcome = {}
+
+        async def watch():
+            while not await request.is_disconnected():
+                await anyio.sleep(DISCONNECT_POLL_S)
+            stream.cancel()
+
+        async def run():
+            try:
+                outcome["value"] = await in_thread(function, *args)
+            except ApiError as error:
+                outcome["error"] = error
+            group.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            group.start_soon(run)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
     def check_model(model: str) -> None:
         if model != service.model_name:
             raise ApiError(ErrorKind.NOT_FOUND, f"model {model!r} is not served here (this "
@@ -367,7 +469,7 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
         """Submits the turn and answers, with the response bodies `bodies` builds: the
         whole turn as JSON once it ends, or SSE chunks from its first token on."""
         started = time.perf_counter()
-        session = body.session_id or request.headers.get("x-session-id") or None
+        session = body.session_id or _session_header(request) or None
         try:
             check_model(body.model)
             body.refuse_unsupported()
@@ -382,17 +484,15 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
             except Exception as error:
                 raise _as_api_error(error) from None
             events = iter(stream)
-            first = await in_thread(_next_event, events)
+            first = await until_gone(request, stream, _next_event, events)
             if stream.result is None:
                 raise ApiError(ErrorKind.UNAVAILABLE, "the turn was cancelled before it "
                                "started (the server is shutting down)")
             if not body.stream:
-                await in_thread(_drain, events)
-        except ApiError as error:
-            metrics.call(method, str(HTTP_STATUS[error.kind]))
-            raise
+                await until_gone(request, stream, _drain, events)
+        except ApiError:
+            raise  # (counted by the gate, with every other answer that is not a stream)
         if not body.stream:
-            metrics.call(method, "200")
             metrics.turn(stream.result, started)
             return JSONResponse(bodies.whole(stream.result))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -450,12 +550,12 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
         check_model(model)
         return model_card()
 
-    @app.get("/v1/sessions/{session_id}")
+    @app.get("/v1/sessions/{session_id:path}")
     async def describe_session(session_id: str, who: Caller = Depends(caller)):
         info = await in_thread(service.describe, who, session_id)
         return dict(info, session_id=session_id)
 
-    @app.delete("/v1/sessions/{session_id}")
+    @app.delete("/v1/sessions/{session_id:path}")
     async def end_session(session_id: str, who: Caller = Depends(caller)):
         await in_thread(service.end_session, who, session_id)
         return {"id": session_id, "object": "session", "deleted": True}

@@ -18,6 +18,8 @@ from jattn.engine import (
     InvalidRequest,
     PromptTooLong,
     QueueFull,
+    RecordUnavailable,
+    SessionLost,
     SessionNotFound,
     TooManySessions,
     TurnRequest,
@@ -39,6 +41,7 @@ class ErrorKind(enum.Enum):
     TOO_LONG = "too_long"  # the input does not fit the limits or the context window
     UNAUTHENTICATED = "unauthenticated"
     NOT_FOUND = "not_found"  # no such session (or model)
+    SESSION_LOST = "session_lost"  # turns of the session may be gone (`SessionLost`)
     BUSY = "busy"  # the queue or the session table is full: retry later
     UNAVAILABLE = "unavailable"  # shutting down, or the engine has stopped
     INTERNAL = "internal"  # a bug: logged, reported without details
@@ -50,6 +53,8 @@ _KINDS = (
     (QueueFull, ErrorKind.BUSY),
     (TooManySessions, ErrorKind.BUSY),
     (EngineStopped, ErrorKind.UNAVAILABLE),
+    (RecordUnavailable, ErrorKind.UNAVAILABLE),
+    (SessionLost, ErrorKind.SESSION_LOST),
     (PromptTooLong, ErrorKind.TOO_LONG),
     (InvalidRequest, ErrorKind.INVALID),
 )

@@ -7,10 +7,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import openai
@@ -226,9 +230,17 @@ def test_tokens_queue_and_shutdown_statuses():
             error_of(get(server, "/metrics", headers=headers), 401, "authentication_error")
         alice = {"Authorization": "Bearer token-of-alice"}
         assert post(server, "/v1/chat/completions", chat_body(), alice)[0] == 200
+        error_of(post(server, "/v1/chat/completions", chat_body(temperature=-1), alice), 400,
+                 "invalid_request_error")
+        error_of(post(server, "/v1/chat/completions", b"x", {**alice, "Content-Length":
+                                                             str(64 << 20)}), 413,
+                 "invalid_request_error")
         status, page = get(server, "/metrics", headers=alice)
         assert status == 200 and b"jattn_time_to_first_token_seconds_count 1.0" in page
-        assert b'jattn_requests_total{code="200",method="chat.completions"} 1.0' in page
+        for code, count in (("200", 1), ("401", 3), ("400", 1), ("413", 1)):
+            assert (b'jattn_requests_total{code="%s",method="chat.completions"} %d.0'
+                    % (code.encode(), count)) in page, code
+        assert b'jattn_requests_total{code="401",method="metrics"} 3.0' in page
         with pytest.raises(openai.AuthenticationError):
             sdk(server, "bad-token").models.list()
         long = chat_body(max_tokens=200, ignore_eos=True)
@@ -281,6 +293,94 @@ def test_malformed_bodies_get_4xx_never_500(fuzzed, path, body, raw):
     if status >= 400:
         assert answer["error"]["message"]
     assert get(fuzzed, "/health")[0] == 200
+
+
+LONE = "Hi \ud800 there"  # a lone surrogate: JSON can escape it, UTF-8 cannot carry it
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": LONE}]),
+     "messages[0] content"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
+        {"type": "text", "text": LONE}]}]), "messages[0] content"),
+    ("/v1/completions", {"model": MODEL, "prompt": LONE, "max_tokens": 3}, "text"),
+    ("/v1/chat/completions", chat_body(session_id=LONE), "session_id"),
+    ("/v1/chat/completions", chat_body(cache_salt=LONE), "cache_salt"),
+    ("/v1/chat/completions", chat_body(stop=[LONE]), "stop[0]"),
+])
+def test_a_lone_surrogate_is_a_400_naming_its_field(fuzzed, path, body, field):
+    error = error_of(post(fuzzed, path, body), 400, "invalid_request_error")
+    assert field in error["message"] and "surrogate" in error["message"]
+    assert get(fuzzed, "/health")[0] == 200
+
+
+@pytest.mark.parametrize("prompt", [[True, False], [[True]], [5, True]])
+def test_booleans_are_not_token_ids(fuzzed, prompt):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3}
+    error_of(post(fuzzed, "/v1/completions", body), 400, "invalid_request_error")
+
+
+def chunked_post(port: int, headers: dict, total: int, chunk: int = 1 << 20) -> tuple[int, int]:
+    """Sends a chunked POST of up to `total` bytes, stopping once the server answers:
+    its status and how many body bytes were sent before the answer came."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = "".join(f"{name}: {value}\r\n" for name, value in {
+        "Host": "x", "Content-Type": "application/json", "Transfer-Encoding": "chunked",
+        **headers}.items())
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\n{head}\r\n".encode())
+    sent, piece = 0, b"%x\r\n" % chunk + b" " * chunk + b"\r\n"
+    while sent < total and not select.select([sock], [], [], 0.3 if not sent else 0)[0]:
+        try:
+            sock.sendall(piece)
+        except OSError:  # the server closed its side: its answer is waiting
+            break
+        sent += chunk
+    answer = sock.recv(4096)
+    sock.close()
+    return int(answer.split()[1]), sent
+
+
+def test_bodies_are_judged_by_their_headers_and_limited_as_they_stream():
+    server = start(auth_tokens=["token-of-alice"])
+    try:
+        status, sent = chunked_post(server.http_port, {}, 64 << 20)  # no token
+        assert status == 401 and sent <= 2 << 20  # answered before the body was read
+        alice = {"Authorization": "Bearer token-of-alice"}
+        status, sent = chunked_post(server.http_port, alice, 64 << 20)
+        assert status == 413 and sent <= 24 << 20  # read up to the 16 MiB limit, no more
+        assert get(server, "/health")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_client_that_leaves_cancels_its_non_streamed_turn(served):
+    body = json.dumps(chat_body(max_tokens=256, ignore_eos=True)).encode()
+    sock = socket.create_connection(("127.0.0.1", served.http_port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 30
+    while served.engine.stats()["running"] == 0:
+        assert time.monotonic() < deadline, "the turn never started"
+        time.sleep(0.01)
+    cancelled = served.engine.stats().get("cancelled", 0)
+    sock.close()
+    left = time.monotonic()
+    while served.engine.stats()["running"]:
+        time.sleep(0.01)
+    assert time.monotonic() - left < 1.0
+    assert served.engine.stats().get("cancelled", 0) == cancelled + 1  # not run to its end
+
+
+@pytest.mark.parametrize("session", ["été-ünïcode", "team/a/b", "50% off"])
+def test_every_session_id_is_reachable_over_http(served, session):
+    quoted = urllib.parse.quote(session, safe="")
+    status, _ = post(served, "/v1/chat/completions", chat_body(),
+                     {"X-Session-ID": quoted})  # a header carries it percent-encoded
+    assert status == 200
+    status, described = get(served, f"/v1/sessions/{urllib.parse.quote(session)}")
+    assert status == 200 and described["turns"] == 1
+    assert get(served, f"/v1/sessions/{quoted}", method="DELETE")[0] == 200
+    assert get(served, f"/v1/sessions/{quoted}")[0] == 404
 
 
 def test_sigterm_drains_a_streaming_request(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jattn.store import AttentionStore, BlockKV, StoreConfig, disk_entry
+from jattn.store.records import chained, session_key
 
 FINGERPRINT = "f" * 64
 DIRECTORY_BYTES = 4096  # what the store counts per directory below its root (documented)
@@ -327,7 +328,9 @@ def test_an_append_writes_the_entry_not_the_history(tmp_path):
     size, written = os.path.getsize(log_path(tmp_path, "s")), store.stats()["disk_bytes_written"]
     entry = {"turn": 200, "session": "s"}
     assert store.append_record("s", entry).result() is True
-    frame = FRAME_HEAD_BYTES + len(json.dumps(entry, separators=(",", ":")))
+    recorded = chained(session_key("s"), entries(201))[-1]  # with its history's digest
+    assert recorded == {**entry, "chain": recorded["chain"]}
+    frame = FRAME_HEAD_BYTES + len(json.dumps(recorded, separators=(",", ":")))
     assert os.path.getsize(log_path(tmp_path, "s")) - size == frame
     assert store.stats()["disk_bytes_written"] - written == frame
     assert store.stats()["disk_bytes"] == disk_usage(root_of(tmp_path))
@@ -373,7 +376,7 @@ def test_reading_a_log_stops_at_a_bad_frame_and_cuts_the_file(tmp_path, caplog, 
     path = log_path(tmp_path, "s")
     data = open(path, "rb").read()
     frame_sizes = [FRAME_HEAD_BYTES + len(json.dumps(e, separators=(",", ":")))
-                   for e in entries(3)]
+                   for e in chained(session_key("s"), entries(3))]  # as recorded
     if damage == "torn tail":  # a crash in the middle of appending a fourth frame
         open(path, "ab").write(data[-frame_sizes[2]:][:9])
         kept, good_size = 3, len(data)

@@ -9,10 +9,13 @@ from jattn.engine.errors import (
     InvalidRequest,
     PromptTooLong,
     QueueFull,
+    RecordUnavailable,
+    SessionLost,
     SessionNotFound,
     TooManySessions,
 )
 from jattn.engine.requests import TurnRequest, TurnStream
 
 __all__ = ["Engine", "EngineLimits", "EngineStopped", "InvalidRequest", "PromptTooLong",
-           "QueueFull", "SessionNotFound", "TooManySessions", "TurnRequest", "TurnStream"]
+           "QueueFull", "RecordUnavailable", "SessionLost", "SessionNotFound", "TooManySessions",
+           "TurnRequest", "TurnStream"]

@@ -1,5 +1,9 @@
 """The errors a client of the engine may see. `InvalidRequest` (a `ValueError`) is bad
-input and nothing else: any other exception out of the engine is an internal error."""
+input and nothing else: any other exception out of the engine is an internal error.
+`SessionLost` and `RecordUnavailable` come from the session records of a store shared by
+replicas (`jattn.store.records`)."""
+
+from jattn.store.records import RecordUnavailable, SessionLost  # noqa: F401
 
 
 class InvalidRequest(ValueError):

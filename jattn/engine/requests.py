@@ -22,11 +22,22 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
 
+def check_unicode(text: str, field: str) -> None:
+    """Raises InvalidRequest, naming `field`, if `text` holds a lone surrogate (a string
+    no UTF-8 can carry, e.g. JSON's "\\ud800" alone)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(f"{field} is not valid Unicode: a lone surrogate "
+                             f"U+{ord(text[error.start]):04X} at character {error.start}") from None
+
+
 def check_session_id(session_id) -> None:
     """Raises InvalidRequest unless `session_id` is a non-empty string of at most
-    `MAX_SESSION_ID_CHARS` characters."""
+    `MAX_SESSION_ID_CHARS` characters, valid Unicode."""
     if not isinstance(session_id, str) or not session_id:
         raise InvalidRequest(f"session_id must be a non-empty string, got {session_id!r}")
+    check_unicode(session_id, "session_id")
     if len(session_id) > MAX_SESSION_ID_CHARS:
         raise InvalidRequest(f"session_id of {len(session_id)} characters is longer than "
                              f"{MAX_SESSION_ID_CHARS}")
@@ -41,6 +52,8 @@ def check_stop_strings(stop: tuple[str, ...]) -> None:
     if long:
         raise InvalidRequest(f"a stop string of {len(long[0])} characters is longer than "
                              f"{MAX_STOP_CHARS}")
+    for i, text in enumerate(stop):
+        check_unicode(text, f"stop[{i}]")
 
 
 def check_token_ids(ids, vocab_size: int) -> None:

@@ -49,6 +49,8 @@ from jattn.engine.errors import (
     InvalidRequest,
     PromptTooLong,
     QueueFull,
+    RecordUnavailable,
+    SessionLost,
     SessionNotFound,
     TooManySessions,
 )
@@ -59,6 +61,7 @@ from jattn.engine.requests import (
     check_session_id,
     check_stop_strings,
     check_token_ids,
+    check_unicode,
     message_texts,
     require_tokenizer,
 )
@@ -179,6 +182,9 @@ class Engine:
                      else [request.value])
             if not all(isinstance(text, str) for text in texts):
                 raise InvalidRequest(f"{request.kind} must be a string")
+            for i, text in enumerate(texts):
+                check_unicode(text, f"messages[{i}] content" if request.kind == "messages"
+                              else request.kind)
             require_tokenizer(self.chats.tokenizer)
             size = sum(len(text) for text in texts)  # characters bound tokens from above
             if size > 8 * self.limits.max_prompt_tokens:
@@ -223,19 +229,30 @@ class Engine:
         return EngineStopped("the engine is shutting down")
 
     def end_session(self, session_id: str) -> None:
-        """Forgets a session everywhere; SessionNotFound if it is unknown; InvalidRequest
-        if a turn of it is in flight."""
+        """Forgets a session everywhere (a lost one too); SessionNotFound if it is
+        unknown; InvalidRequest if a turn of it is in flight. A store shared by replicas
+        is called on the caller's thread, never the engine's."""
         check_session_id(session_id)
-        self._call(self._end_session, session_id)
+        try:
+            self.chats.check_record(session_id)
+            lost = False
+        except SessionLost:
+            lost = True  # known, though perhaps not here: ending it is what it needs
+        self._call(self._end_session, session_id, lost)
+        self.chats.drop_record(session_id)
 
     def describe(self, session_id: str) -> dict:
-        """A session's turns, history and context tokens, and where its blocks are."""
+        """A session's turns, history and context tokens, and where its blocks are;
+        SessionLost / RecordUnavailable as a turn of it would get them."""
         check_session_id(session_id)
+        self.chats.check_record(session_id)
         return self._call(self._describe, session_id)
 
     def conversation(self, session_id) -> Conversation | None:
         """A copy of a session's conversation (history, context blocks and their keys,
         turn log), or None if the session is unknown."""
+        if isinstance(session_id, str):
+            self.chats.check_record(session_id)
         return self._call(self._conversation, session_id)
 
     def hint(self, upcoming_session_ids) -> None:
@@ -396,6 +413,10 @@ class Engine:
                 continue
             except TooManySessions as error:
                 self.counters["rejected_too_many_sessions"] += 1
+                stream.fail(error)
+                continue
+            except (SessionLost, RecordUnavailable) as error:
+                self.counters["refused_session_record"] += 1
                 stream.fail(error)
                 continue
             except Exception as error:
@@ -597,19 +618,19 @@ class Engine:
         if turn is not None:
             self._free(turn)
 
-    def _end_session(self, session_id: str) -> None:
+    def _end_session(self, session_id: str, lost: bool) -> None:
         if self.chats.is_busy(session_id):
             raise InvalidRequest(f"session {session_id!r} has a turn in flight")
-        if not self.chats.known(session_id):
+        if not lost and not self.chats.known(session_id, check_remote=False):
             raise SessionNotFound(session_id)
-        self.chats.end(session_id)
+        self.chats.forget(session_id)
 
     def _conversation(self, session_id) -> Conversation | None:
-        if not self.chats.known(session_id):
+        if not self.chats.known(session_id, check_remote=False):
             return None
-        return copy.deepcopy(self.chats.conversation(session_id))
+        return copy.deepcopy(self.chats.conversation(session_id, check_remote=False))
 
     def _describe(self, session_id: str) -> dict:
-        if not self.chats.known(session_id):
+        if not self.chats.known(session_id, check_remote=False):
             raise SessionNotFound(session_id)
         return self.chats.describe(session_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from jattn.conversation import Conversation
+from jattn.engine.errors import SessionLost
 from jattn.store.kv_store import KVStore
 
 
@@ -47,18 +48,24 @@ class Sessions:
         """Sessions in memory."""
         return len(self._conversations)
 
-    def known(self, session_id: str) -> bool:
-        """True if the session is in memory or recorded in the store."""
-        return session_id in self._conversations or \
-            self._store.newer_record(session_id, None) is not None
+    def known(self, session_id: str, *, check_remote: bool = True) -> bool:
+        """True if the session is in memory or recorded in the store (a lost one too:
+        it can be ended). `check_remote`: whether the store may ask a remote tier."""
+        if session_id in self._conversations:
+            return True
+        try:
+            return self._store.newer_record(session_id, None,
+                                            check_remote=check_remote) is not None
+        except SessionLost:
+            return True
 
     def forget(self, session_id) -> None:
-        """Forgets the session in memory only (a one-off's, or one that never ran)."""
+        """Forgets the session in memory only (a one-off's, one that never ran, or one
+        whose record `drop_record` drops)."""
         self._conversations.pop(session_id, None)
 
-    def end(self, session_id: str) -> None:
-        """Forgets the session in memory and its record in the store."""
-        self._conversations.pop(session_id, None)
+    def drop_record(self, session_id: str) -> None:
+        """Forgets the session's record in the store."""
         self._store.drop(session_id)
 
     def context_of(self, session_ids) -> list[Conversation]:

@@ -186,19 +186,33 @@ class ChatEngine:
         """True while a turn of the session runs."""
         return session_id in self._busy
 
-    def known(self, session_id: str) -> bool:
-        """True if the session is in memory or recorded in the store."""
-        return self.sessions.known(session_id)
+    def known(self, session_id: str, *, check_remote: bool = True) -> bool:
+        """True if the session is in memory or recorded in the store (see
+        `Sessions.known`)."""
+        return self.sessions.known(session_id, check_remote=check_remote)
 
-    def end(self, session_id: str) -> None:
-        """Forgets a session: its history and record. Its blocks stay cached by content
-        (other requests may share them) until evicted."""
-        self.sessions.end(session_id)
+    def forget(self, session_id: str) -> None:
+        """Forgets a session's history in memory; `drop_record` forgets its record. Its
+        blocks stay cached by content (other requests may share them) until evicted."""
+        self.sessions.forget(session_id)
+
+    def check_record(self, session_id: str) -> None:
+        """Brings the session's record up to date with a store shared by replicas (a call
+        to Redis, on the caller's thread: not the engine's), raising what the check
+        finds (`SessionLost`, `RecordUnavailable`); nothing without one."""
+        refresh = self.store.refresh_record(session_id)
+        if refresh is not None:
+            refresh.result()
+
+    def drop_record(self, session_id: str) -> None:
+        """Forgets the session's record in the store (on disk, and in a tier shared by
+        replicas: a call to Redis, so not on the engine's thread)."""
+        self.sessions.drop_record(session_id)
 
     def describe(self, session_id: str) -> dict:
         """A session's turns, history and context tokens, and how many of its context
-        blocks each tier holds now."""
-        conversation = self.conversation(session_id)
+        blocks each tier holds now (its record as `check_record` last brought it)."""
+        conversation = self.conversation(session_id, check_remote=False)
         return {"session_id": session_id, "turns": len(conversation.turns),
                 "history_tokens": len(conversation.tokens),
                 "context_tokens": conversation.context_length(),
@@ -292,7 +306,7 @@ class ChatEngine:
     def begin(self, session_id, message, params: SamplingParams, *, ignore_eos: bool,
               start_time: float, ephemeral: bool = False, scope: str = "",
               kind: str = "message", max_new_tokens: int | None = None,
-              fetch_remote: bool = True, record_fresh: bool = False,
+              fetch_remote: bool = True, record_check: concurrent.futures.Future | None = None,
               remote_read: RemoteRead | None = None) -> ActiveTurn:
         """Starts a turn: encodes the message (see `encode_message`), truncates the
         history if the window needs it, finds the longest run of the context's leading
@@ -304,16 +318,20 @@ class ChatEngine:
 
         The remote tier is never called here. With a store shared by replicas, a named
         session's first attempt raises `RemoteFetch` while its record is brought up to
-        date (unless `record_fresh`); a context that continues in the remote tier (with
-        `fetch_remote`) raises `RemoteFetch` while the first layer of those blocks comes,
-        and the attempt after that takes them from `remote_read`. Each changes nothing."""
-        if isinstance(session_id, str) and not record_fresh:
+        date and checked, and the attempt after that raises what the check found
+        (`SessionLost`, `RecordUnavailable`), if anything; a context that continues in
+        the remote tier (with `fetch_remote`) raises `RemoteFetch` while the first layer
+        of those blocks comes, and the attempt after that takes them from `remote_read`.
+        Each changes nothing."""
+        if record_check is not None:
+            record_check.result()
+        elif isinstance(session_id, str):
             refresh = self.store.refresh_record(session_id)
             if refresh is not None:
-                raise RemoteFetch(refresh, {"record_fresh": True})
+                raise RemoteFetch(refresh, {"record_check": refresh})
         new_session = session_id not in self.sessions
         conversation = self.conversation(session_id, scope=scope,
-                                         check_remote=not record_fresh)
+                                         check_remote=record_check is None)
         try:
             return self._begin(session_id, conversation,
                                self.encode_message(conversation, message, kind), params,

@@ -5,6 +5,6 @@ eviction."""
 
 from jattn.store.config import StoreConfig
 from jattn.store.store import AttentionStore
-from jattn.store.tier import BlockKV, BlockTier
+from jattn.store.tier import BlockKV, BlockSpec, BlockTier
 
-__all__ = ["AttentionStore", "BlockKV", "BlockTier", "StoreConfig"]
+__all__ = ["AttentionStore", "BlockKV", "BlockSpec", "BlockTier", "StoreConfig"]

@@ -26,7 +26,7 @@ import numpy as np
 from jattn.store import disk_entry
 from jattn.store.disk_files import BLOCKS_DIRECTORY, DiskFiles, block_file
 from jattn.store.layer_load import HostBuffers, empty_run
-from jattn.store.tier import BlockKV
+from jattn.store.tier import BlockKV, BlockSpec
 
 log = logging.getLogger("jattn.store")
 
@@ -34,17 +34,19 @@ _HEX_KEY = re.compile(r"[0-9a-f]{32}")  # block keys in headers
 
 
 class DiskTier:
-    """A `BlockTier` of block files in `files`, for the model `fingerprint`. Runs are
+    """A `BlockTier` of block files in `files`, for the model `fingerprint` (whose
+    blocks are `spec`, when given: a file of another shape is dropped as corrupt). Runs are
     read into memory from `buffers` (else fresh), half of their files by `reader`, a
     one-thread executor (else all by the caller)."""
 
     name = "disk"
 
     def __init__(self, files: DiskFiles, *, fingerprint: str,
-                 buffers: HostBuffers | None = None,
+                 spec: BlockSpec | None = None, buffers: HostBuffers | None = None,
                  reader: concurrent.futures.Executor | None = None):
         self.files = files
         self.fingerprint = fingerprint
+        self._spec = spec
         self._buffers = buffers
         self._reader = reader
         self._lock = threading.Lock()  # guards the counters
@@ -74,6 +76,9 @@ class DiskTier:
                                            fingerprint=self.fingerprint)
             if set(arrays) != {"k", "v"}:
                 raise disk_entry.CorruptEntry("not a KV block")
+            wrong = self._spec and self._spec.mismatch(arrays["k"], arrays["v"])
+            if wrong:
+                raise disk_entry.CorruptEntry(f"not a block of this model: {wrong}")
             named = meta.get("block_key")
             if not isinstance(named, str) or not _HEX_KEY.fullmatch(named):
                 raise disk_entry.CorruptEntry("no block key in its header")
@@ -132,6 +137,9 @@ class DiskTier:
                 size = like[4]  # checked with the first
             else:
                 size = _block_payload_size(header)
+                if self._spec is not None and arrays != self._spec.header_arrays():
+                    raise disk_entry.CorruptEntry("not a block of this model: its arrays are "
+                                                  f"{arrays}")
             if os.fstat(fd).st_size - offset != size:
                 raise disk_entry.CorruptEntry("payload size differs from what its header says")
             named = header.get("meta", {}).get("block_key")

@@ -15,6 +15,15 @@ or damaged frame and cuts the file back to the frames before it (`torn_record_lo
 log with no good header is dropped (`corrupt_entries`); one whose header names another
 session is not believed. A restarted process does not find a session whose log was
 evicted; while the process lives its record stays in memory.
+
+With a tier shared by replicas (Redis), the record there is the session's history for
+all of them. Each entry carries `chain`, a digest of the history up to it, and each
+replica remembers how many entries of the shared record it last saw and their digest.
+A turn first checks the shared record against that (one call): a record that is
+missing, junk, shorter, or not the history this replica saw means turns are lost that
+no replica can know it holds in full, so the session is lost (`SessionLost`, and the
+record is replaced with a marker saying so, for every replica) rather than continued
+from less; a shared record that cannot be read at all is `RecordUnavailable`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -29,7 +39,7 @@ from collections.abc import Callable
 
 from jattn.store import disk_entry
 from jattn.store.disk_files import SESSIONS_DIRECTORY, DiskFiles, log_file
-from jattn.store.remote_tier import RemoteTier
+from jattn.store.remote_tier import JunkRecord, RemoteTier
 
 log = logging.getLogger("jattn.store")
 
@@ -39,6 +49,36 @@ LOG_FORMAT_VERSION = 1
 def session_key(session_id: str) -> str:
     """The name a session goes by on disk and in indexes: a hash, not the raw id."""
     return hashlib.sha256(session_id.encode()).hexdigest()[:32]
+
+
+class SessionLost(Exception):
+    """The session's record in the tier shared by replicas is gone, junk, or not the
+    history this replica saw: no replica can know it holds the history in full, so the
+    session takes no more turns (end it, and start another)."""
+
+
+class RecordUnavailable(Exception):
+    """The tier shared by replicas cannot be reached to check the session's record
+    (another replica may have run turns of it since): try again."""
+
+
+def chain_digest(previous: str, entry: dict) -> str:
+    """The digest of a history whose last entry is `entry` (its "chain" left out),
+    after the history whose digest is `previous` (before a session's first entry: its
+    `session_key`)."""
+    body = json.dumps({name: value for name, value in entry.items() if name != "chain"},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(f"{previous}:{body}".encode(), digest_size=16).hexdigest()
+
+
+def chained(key: str, entries: list) -> list:
+    """Copies of `entries` (session `key`'s, in order) whose "chain" is their history's
+    digest, computed from their content (whatever "chain" they carried)."""
+    digest, result = key, []
+    for entry in entries:
+        digest = chain_digest(digest, entry)
+        result.append({**entry, "chain": digest})
+    return result
 
 
 class SessionRecords:
@@ -58,6 +98,8 @@ class SessionRecords:
         # n stays put, so the next entry rewrites the log, torn tail and all).
         self._logged: dict[str, int] = {}
         self._remote_logged: dict[str, int] = {}  # the same, of the remote tier's lists
+        # (entries, digest) of the shared record as this replica last saw or wrote it.
+        self._shared: dict[str, tuple[int, str]] = {}
         self._stats = collections.Counter()
 
     @property
@@ -74,16 +116,19 @@ class SessionRecords:
         is no disk to write it to. The write returns True once the entry is on disk,
         False if it did not get there: its write failed (logged and counted), the log no
         longer fits the budget, or the session was dropped first."""
-        try:
-            frame = disk_entry.encode_frame(entry)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"a record entry must be JSON-able: {error}") from None
         key = session_key(session_id)
         with self._lock:
             entries = self._records.get(key)
             if entries is None:
                 # (a shared record was brought into memory by `refresh` before the turn)
-                entries = self._records[key] = self._read_disk(key, session_id) or []
+                entries = self._read_disk(key, session_id) or []
+            try:
+                entry = {**entry, "chain": chain_digest(
+                    entries[-1]["chain"] if entries else key, entry)}
+                frame = disk_entry.encode_frame(entry)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"a record entry must be JSON-able: {error}") from None
+            self._records[key] = entries
             entries.append(entry)
             writes = []
             if self._files is not None and self._files.enabled:
@@ -98,10 +143,11 @@ class SessionRecords:
         return lambda: all([write() for write in writes])
 
     def get(self, session_id: str, *, check_remote: bool = True) -> list | None:
-        """The session's entries in order (a new list), from memory or (after a restart)
-        from its log, or None if neither has it. With `check_remote` it is first brought up
-        to date with the remote tier's (`refresh`, which calls Redis); without, the remote
-        tier is not asked."""
+        """The session's entries in order (copies, as appended), from memory or (after a
+        restart) from its log, or None if neither has it. With `check_remote` it is first
+        brought up to date with the remote tier's (`refresh`, which calls Redis, and
+        raises `SessionLost` or `RecordUnavailable`); without, the remote tier is not
+        asked."""
         if check_remote:
             self.refresh(session_id)
         key = session_key(session_id)
@@ -114,32 +160,91 @@ class SessionRecords:
                 self._records[key] = entries
             if self._files is not None:
                 self._files.touch(log_file(key))
-            return list(entries)
+            return [{name: value for name, value in entry.items() if name != "chain"}
+                    for entry in entries]
 
     def refresh(self, session_id: str) -> None:
-        """Brings the session's record in memory up to date with the remote tier's: reads
-        it from there if it is longer (other replicas ran turns since) or known only
-        there. Redis is called without holding the lock, so `get` never waits on it."""
+        """Checks the session's record in memory against the remote tier's and brings it
+        up to date: reads it from there if it is longer (other replicas ran turns since)
+        or known only there. `SessionLost` if the shared record is missing, junk, shorter
+        or other than the history this replica last saw there; `RecordUnavailable` if it
+        cannot be read. Redis is called without holding the lock, so `get` never waits
+        on it."""
         if self._remote is None:
             return
         key = session_key(session_id)
-        length = self._remote.record_length(key)
-        if not length:
-            return
         with self._lock:
-            entries = self._records.get(key)
-            if entries is None:
+            if key not in self._records:
                 entries = self._read_disk(key, session_id)
                 if entries is not None:
                     self._records[key] = entries
-            if entries is not None and length - 1 <= len(entries):
-                return
-        frames = self._remote.frames(key)
+            shared = self._shared.get(key)
+        try:
+            state = self._remote.record_state(key, shared[0] if shared else 0)
+        except JunkRecord:
+            self._lose(key, session_id, "its record's key holds junk")
+        if state is None:
+            raise RecordUnavailable(f"session {session_id!r}: the shared store is unreachable, "
+                                    f"so whether other replicas ran turns of it is unknown")
+        length, frame = state
+        if shared is None:
+            if length == 0:
+                return  # not in the shared tier yet: new, or written whole at the next turn
+        else:
+            chain = _frame_chain(frame)  # None: an entry written before entries had one
+            if length <= shared[0] or chain not in (None, shared[1]):
+                self._lose(key, session_id, "its shared record is missing, shorter, or not "
+                           "the history this replica saw there")
+            if chain is not None and length - 1 == shared[0]:
+                return  # as this replica last saw it
+        self._adopt_shared(key, session_id)
+
+    def _adopt_shared(self, key: str, session_id: str) -> None:
+        """Reads the session's shared record and takes it if it is longer than what this
+        replica saw there (or, never having seen it there, than the record in memory);
+        `SessionLost` unless it extends what this replica saw there (or agrees with the
+        entries this replica holds)."""
+        try:
+            data = self._remote.frames(key)
+        except JunkRecord:
+            data = b"junk"
+        if data is None:
+            raise RecordUnavailable(f"session {session_id!r}: the shared store is unreachable")
         with self._lock:
-            remote = self._remote_entries(frames, key, session_id)
-            current = self._records.get(key)
-            if remote is not None and (current is None or len(remote) > len(current)):
-                self._records[key] = remote
+            remote = self._remote_entries(data, key, session_id)
+            current = self._records.get(key) or []
+            if remote is not None and self._agrees(key, remote, current):
+                # Entries past what this replica saw there are its own, not yet written
+                # there: other replicas' turns since then stand instead.
+                seen = self._shared.get(key, (len(current),))[0]
+                self._shared[key] = (len(remote), remote[-1]["chain"])
+                if len(remote) > seen:
+                    self._records[key] = remote
+                return
+        self._lose(key, session_id, "its shared record is junk, or not the history this "
+                   "replica saw there")
+
+    def _agrees(self, key: str, remote: list, current: list) -> bool:
+        """Under the lock: whether the shared record's entries `remote` (chained from
+        their content) extend what this replica last saw there, or if it never saw it,
+        agree with `current`, the entries it holds, as far as both go."""
+        seen, digest = self._shared.get(key, (None, None))
+        if seen is None:
+            common = min(len(remote), len(current))
+            return common == 0 or \
+                remote[common - 1]["chain"] == chained(key, current[:common])[-1]["chain"]
+        return 0 < seen <= len(remote) and remote[seen - 1]["chain"] == digest
+
+    def _lose(self, key: str, session_id: str, why: str):
+        """Marks the session lost for every replica (its shared record becomes a header
+        saying so), counts it and raises `SessionLost`."""
+        log.warning("session %r is lost: %s", session_id, why)
+        with self._lock:
+            self._stats["lost_sessions"] += 1
+            self._shared.setdefault(key, (0, ""))  # this replica refuses it from now on
+        self._remote.replace_record(key, [self._header(session_id, lost=True)])
+        raise SessionLost(f"session {session_id!r} is lost: {why}; some of its turns may be "
+                          f"gone, so it takes no more (end it and start another)")
 
     def drop(self, session_id: str) -> None:
         """Forgets the session's record in memory, then deletes its log (and its copy
@@ -152,6 +257,7 @@ class SessionRecords:
             self._records.pop(key, None)
             self._logged.pop(key, None)
             self._remote_logged.pop(key, None)
+            self._shared.pop(key, None)
             if self._files is not None:
                 self._files.delete_or_disable(
                     log_file(key), "cannot delete the record log of a dropped session")
@@ -164,7 +270,8 @@ class SessionRecords:
             stats = {"sessions": len(self._records),
                      "corrupt_entries": self._stats["corrupt_entries"],
                      "torn_record_logs": self._stats["torn_record_logs"],
-                     "remote_record_conflicts": self._stats["remote_record_conflicts"]}
+                     "remote_record_conflicts": self._stats["remote_record_conflicts"],
+                     "lost_sessions": self._stats["lost_sessions"]}
         if self._files is not None:
             stats.update(disk_records=len(self._files.files(SESSIONS_DIRECTORY)),
                          disk_record_evictions=self._files.evictions(SESSIONS_DIRECTORY))
@@ -207,41 +314,47 @@ class SessionRecords:
                       frame: bytes) -> bool:
         """Makes `entries[:index + 1]` the session's record on the remote tier: appends
         `frame` when the list holds exactly the entries before it, else writes it whole
-        (unless it holds more). If another replica wrote the list since (it ran turns of
-        the session at the same time), its record stands: this turn is not recorded
-        there, the conflict is logged and counted, and the record in memory becomes the
-        remote one."""
+        (unless it holds more, or is not what this replica last saw there). If another
+        replica wrote the list since (it ran turns of the session at the same time), its
+        record stands: this turn is not recorded there, the conflict is logged and
+        counted, and the record in memory becomes the remote one. A record lost
+        meanwhile loses the session (see `refresh`)."""
         with self._lock:
             if self._records.get(key) is not entries:
                 return False  # dropped since
             appending = self._remote_logged.get(key) == index
+            checked = appending or key not in self._shared
             upto = entries[:index + 1]
-        frames = [frame] if appending else [self._header(session_id)] + [
-            disk_entry.encode_frame(entry) for entry in upto]
-        written = self._remote.append_frames(key, frames,
-                                             holding=index + 1 if appending else None)
-        if written:
+        try:
+            if not checked:
+                self.refresh(session_id)
+            frames = [frame] if appending else [self._header(session_id)] + [
+                disk_entry.encode_frame(entry) for entry in upto]
+            written = self._remote.append_frames(key, frames,
+                                                 holding=index + 1 if appending else None)
+            if written:
+                with self._lock:
+                    self._remote_logged[key] = index + 1
+                    self._shared[key] = (index + 1, upto[-1]["chain"])
+                return True
             with self._lock:
-                self._remote_logged[key] = index + 1
-            return True
-        with self._lock:
-            self._remote_logged.pop(key, None)  # in doubt: rewrite it next time
-        if written is False:
-            log.warning("session %r: another replica wrote its record meanwhile; its "
-                        "record stands and this replica's turn %d is not in it",
-                        session_id, index + 1)
-            frames = self._remote.frames(key)
-            with self._lock:
-                self._stats["remote_record_conflicts"] += 1
-                remote = self._remote_entries(frames, key, session_id)
-                if remote is not None and self._records.get(key) is entries:
-                    self._records[key] = remote
+                self._remote_logged.pop(key, None)  # in doubt: rewrite it next time
+            if written is False:
+                log.warning("session %r: another replica wrote its record meanwhile; its "
+                            "record stands and this replica's turn %d is not in it",
+                            session_id, index + 1)
+                with self._lock:
+                    self._stats["remote_record_conflicts"] += 1
+                self._adopt_shared(key, session_id)
+        except (SessionLost, RecordUnavailable):
+            pass  # the session's next turn says so
         return False
 
-    def _header(self, session_id: str) -> bytes:
-        return disk_entry.encode_frame({"format_version": LOG_FORMAT_VERSION,
-                                        "fingerprint": self.fingerprint,
-                                        "session_id": session_id})
+    def _header(self, session_id: str, *, lost: bool = False) -> bytes:
+        """A record's first frame; `lost`: the marker of a lost session's record."""
+        header = {"format_version": LOG_FORMAT_VERSION, "fingerprint": self.fingerprint,
+                  "session_id": session_id}
+        return disk_entry.encode_frame({**header, "lost": True} if lost else header)
 
     def _encode(self, session_id: str, entries: list) -> bytes:
         """A whole log: its header frame, then one frame per entry."""
@@ -249,17 +362,19 @@ class SessionRecords:
             disk_entry.encode_frame(entry) for entry in entries)
 
     def _remote_entries(self, data: bytes, key: str, session_id: str) -> list | None:
-        """Under the lock: the entries of the remote record frames `data` (up to a damaged
-        frame), or None if there are none, or a bad one."""
-        frames, _ = disk_entry.decode_frames(data)
+        """Under the lock: the entries of the remote record frames `data`, chained from
+        their content (`chained`), or None if there are none, or it is junk: a bad
+        header or frame, an entry that is not an object, a lost session's marker."""
+        frames, good_length = disk_entry.decode_frames(data)
         header = frames[0] if frames else None
-        if not (isinstance(header, dict) and len(frames) > 1
+        if not (good_length == len(data) and isinstance(header, dict) and len(frames) > 1
                 and header.get("format_version") == LOG_FORMAT_VERSION
                 and header.get("fingerprint") == self.fingerprint
-                and header.get("session_id") == session_id):
+                and header.get("session_id") == session_id and not header.get("lost")
+                and all(isinstance(entry, dict) for entry in frames[1:])):
             return None
         self._remote_logged[key] = len(frames) - 1
-        return frames[1:]
+        return chained(key, frames[1:])
 
     def _read_disk(self, key: str, session_id: str) -> list | None:
         """Under the lock: the entries of the session's log, or None."""
@@ -277,8 +392,9 @@ class SessionRecords:
         header = frames[0] if frames else None
         if not (isinstance(header, dict) and len(frames) > 1
                 and header.get("format_version") == LOG_FORMAT_VERSION
-                and header.get("fingerprint") == self.fingerprint):
-            log.warning("dropping the record log %s: it has no good header and entry "
+                and header.get("fingerprint") == self.fingerprint
+                and all(isinstance(entry, dict) for entry in frames[1:])):
+            log.warning("dropping the record log %s: it has no good header and entries "
                         "(damaged, another format or another model)", path)
             self._stats["corrupt_entries"] += 1
             self._files.delete(relative)
@@ -286,7 +402,7 @@ class SessionRecords:
         if header.get("session_id") != session_id:
             log.warning("the record log %s names another session: not believed", path)
             return None
-        entries = frames[1:]
+        entries = chained(key, frames[1:])  # (logs written before entries had chains)
         if good_length < len(data):
             log.warning("record log %s ends in a torn or damaged frame: cutting it from %d "
                         "to %d bytes (%d entries kept)", path, len(data), good_length,
@@ -301,3 +417,9 @@ class SessionRecords:
                 return entries
         self._logged[key] = len(entries)
         return entries
+
+
+def _frame_chain(frame: bytes | None) -> str | None:
+    """The "chain" of the record entry in one encoded frame; None if it has none."""
+    frames, _ = disk_entry.decode_frames(frame or b"")
+    return frames[0].get("chain") if len(frames) == 1 and isinstance(frames[0], dict) else None

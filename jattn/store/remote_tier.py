@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from jattn.store import disk_entry
-from jattn.store.tier import BlockKV
+from jattn.store.tier import BlockKV, BlockSpec
 
 log = logging.getLogger("jattn.store")
 
@@ -53,6 +53,15 @@ return 1
 """
 
 
+_RECORD_STATE = """
+return {redis.call('LLEN', KEYS[1]), redis.call('LINDEX', KEYS[1], tonumber(ARGV[1]))}
+"""
+
+
+class JunkRecord(Exception):
+    """The key of a session's record holds something that is not a record list."""
+
+
 def stacked(layers: list[tuple[np.ndarray, np.ndarray]]) -> BlockKV:
     """The block whose layers are `layers`, `(k, v)` `[block_size, Hkv, D]` each, in order."""
     return BlockKV(np.stack([k for k, _ in layers]), np.stack([v for _, v in layers]))
@@ -61,16 +70,19 @@ def stacked(layers: list[tuple[np.ndarray, np.ndarray]]) -> BlockKV:
 class RemoteTier:
     """A `BlockTier` in the Redis at `url` (`redis://[user:password@]host:port/db` or
     `rediss://` for TLS), its keys under `prefix`, for the model `fingerprint`.
-    `timeout_s` bounds each call; after a fault Redis is left alone for `retry_s`."""
+    `timeout_s` bounds each call; after a fault Redis is left alone for `retry_s`. With
+    `spec` (the model's blocks), a value of another layer count or shape is dropped."""
 
     name = "remote"
 
     def __init__(self, url: str, *, fingerprint: str, prefix: str = "jattn:",
-                 timeout_s: float = 1.0, retry_s: float = 2.0):
+                 spec: BlockSpec | None = None, timeout_s: float = 1.0, retry_s: float = 2.0):
         import redis  # imported only with a remote tier (0.4 s)
 
         self.fingerprint = fingerprint
+        self._spec = spec
         self._faults = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._wrong_type = redis.ResponseError  # e.g. WRONGTYPE: a string at a list's key
         self._namespace = f"{prefix}{fingerprint[:16]}:"
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                            socket_connect_timeout=timeout_s)
@@ -82,6 +94,7 @@ class RemoteTier:
         self._stats = {"remote_blocks_written": 0, "remote_bytes_written": 0,
                        "remote_errors": 0, "corrupt_entries": 0, "stale_entries": 0}
         self._append_script = self._redis.register_script(_APPEND_FRAMES)
+        self._state_script = self._redis.register_script(_RECORD_STATE)
         self._call("connecting", self._redis.ping)
 
     def block_name(self, key: bytes) -> str:
@@ -163,9 +176,16 @@ class RemoteTier:
             self._drop(key, "stale_entries", f"it holds layer {meta.get('layer')} of "
                                               f"block {meta.get('block_key')}")
             return None
+        layers = meta.get("layers")
+        wrong = (f"a layer count of {layers!r}" if not isinstance(layers, int)
+                 or isinstance(layers, bool) or not 0 <= layer < layers
+                 else self._spec and self._spec.mismatch(arrays["k"], arrays["v"], layers))
+        if wrong:
+            self._drop(key, "corrupt_entries", f"not a block of this model: {wrong}")
+            return None
         with self._lock:
             self._known.add(key)
-        return arrays["k"], arrays["v"], int(meta["layers"])
+        return arrays["k"], arrays["v"], layers
 
     def put(self, key: bytes, block: BlockKV) -> bool:
         if self.contains(key) or not self.enabled:
@@ -224,22 +244,42 @@ class RemoteTier:
         holds no more than that many. Checked and written atomically in Redis, so replicas
         that run turns of one session at once never interleave their frames or undo each
         other's: True if written, False if the list was not as expected (another replica
-        wrote it since), None if Redis is unavailable."""
-        written = self._call("writing a session record", self._append_script,
-                             keys=[self.record_name(session)],
-                             args=[-1 if holding is None else holding, *frames])
+        wrote it since, or its key holds junk), None if Redis is unavailable."""
+        try:
+            written = self._call("writing a session record", self._append_script,
+                                 keys=[self.record_name(session)],
+                                 args=[-1 if holding is None else holding, *frames])
+        except JunkRecord:
+            return False
         return None if written is None else bool(written)
 
-    def frames(self, session: str) -> bytes:
-        """The session's record frames, concatenated (b"" if none, or unavailable)."""
+    def replace_record(self, session: str, frames: list[bytes]) -> bool | None:
+        """Makes `frames` the session's record list, whatever its key held (one
+        transaction); None if Redis is unavailable."""
+        def replace():
+            pipeline = self._redis.pipeline(transaction=True)
+            pipeline.delete(self.record_name(session))
+            pipeline.rpush(self.record_name(session), *frames)
+            pipeline.execute()
+            return True
+        return self._call("writing a session record", replace)
+
+    def frames(self, session: str) -> bytes | None:
+        """The session's record frames, concatenated (b"" if none), or None if Redis is
+        unavailable; `JunkRecord` if its key holds something else."""
         items = self._call("reading a session record", self._redis.lrange,
                            self.record_name(session), 0, -1)
-        return b"".join(items or ())
+        return None if items is None else b"".join(items)
 
-    def record_length(self, session: str) -> int | None:
-        """Frames in the session's record list (0 if none), or None if unavailable."""
-        return self._call("reading a session record", self._redis.llen,
-                          self.record_name(session))
+    def record_state(self, session: str, index: int) -> tuple[int, bytes | None] | None:
+        """The number of frames in the session's record list (0 if none) and its frame
+        `index` (None past its end), in one call; None if Redis is unavailable;
+        `JunkRecord` if its key holds something else."""
+        state = self._call("reading a session record", self._state_script,
+                           keys=[self.record_name(session)], args=[index])
+        if state is None:
+            return None
+        return int(state[0]), state[1] if len(state) > 1 else None  # (a nil ends Lua's list)
 
     def delete_record(self, session: str) -> None:
         self._call("deleting a session record", self._redis.delete, self.record_name(session))
@@ -255,6 +295,10 @@ class RemoteTier:
                 return None
         try:
             result = function(*args, **kwargs)
+        except self._wrong_type as error:
+            if "WRONGTYPE" not in str(error):
+                raise
+            raise JunkRecord(str(error)) from None
         except self._faults as error:
             with self._lock:
                 self._stats["remote_errors"] += 1

@@ -55,7 +55,7 @@ from jattn.store.layer_load import HostBuffers, LayerwiseLoad, LoadTiming
 from jattn.store.records import SessionRecords
 from jattn.store.remote_read import RemoteRead, is_remote
 from jattn.store.remote_tier import RemoteTier
-from jattn.store.tier import BlockKV, BlockTier, checked_block_key
+from jattn.store.tier import BlockKV, BlockSpec, BlockTier, checked_block_key
 
 log = logging.getLogger("jattn.store")
 
@@ -76,16 +76,19 @@ STATS = (
     "remote_available", "remote_errors", "remote_fetches", "remote_fetched_blocks",
     "remote_fetch_seconds", "remote_lost_loads", "remote_loads", "remote_load_seconds",
     "remote_load_stall_seconds", "remote_load_hidden_seconds", "remote_record_conflicts",
-    "remote_blocks_written", "remote_bytes_written", "remote_blocks_known")
+    "lost_sessions", "remote_blocks_written", "remote_bytes_written", "remote_blocks_known")
 
 
 class AttentionStore:
     """KV blocks by content key and records of sessions, under the byte budgets of
-    `config` (see the module docstring). It is the single process's `KVStore`
+    `config` (see the module docstring), for the model `fingerprint` whose blocks are
+    `spec` (when given, an entry read from disk or Redis that is not such a block is
+    dropped as corrupt). It is the single process's `KVStore`
     (`jattn.store.kv_store`): the engine loads runs through `load_run` and
     `remote_run`, whose KV arrives layer by layer with the turn's first step."""
 
-    def __init__(self, config: StoreConfig, *, fingerprint: str):
+    def __init__(self, config: StoreConfig, *, fingerprint: str,
+                 spec: BlockSpec | None = None):
         self.config = config
         self.fingerprint = fingerprint
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
@@ -101,13 +104,13 @@ class AttentionStore:
         if config.disk_bytes > 0:
             root = os.path.join(os.path.abspath(config.disk_path), fingerprint[:16])
             files = DiskFiles(root, config.disk_bytes)
-            self._disk = DiskTier(files, fingerprint=fingerprint,
+            self._disk = DiskTier(files, fingerprint=fingerprint, spec=spec,
                                   buffers=HostBuffers(READ_BUFFER_BYTES), reader=self._reader)
             self._tiers.append(self._disk)
         self._remote = None
         if config.remote_url:
             self._remote = RemoteTier(config.remote_url, fingerprint=fingerprint,
-                                      prefix=config.remote_prefix)
+                                      prefix=config.remote_prefix, spec=spec)
             self._tiers.append(self._remote)
         self._records = SessionRecords(files, fingerprint=fingerprint, remote=self._remote)
         self._lock = threading.RLock()  # reentrant: `append_record` queues under it

@@ -36,6 +36,37 @@ class BlockKV:
         return self.k.nbytes + self.v.nbytes
 
 
+@dataclass(frozen=True)
+class BlockSpec:
+    """What a model's KV blocks are: keys and values of `layers` layers, each layer
+    `layer_shape` `(block_size, Hkv, D)` of dtype `dtype` (its numpy name). A tier that
+    knows it drops an entry that is not one, however well it passes its checksum: the
+    layer count, shapes and dtype come from the model, never from the entry."""
+
+    layers: int
+    layer_shape: tuple[int, ...]
+    dtype: str
+
+    def header_arrays(self) -> list[dict]:
+        """A block file's header "arrays" (`disk_entry.encode` of keys and values)."""
+        shape = [self.layers, *self.layer_shape]
+        return [{"name": name, "dtype": self.dtype, "shape": shape} for name in ("k", "v")]
+
+    def mismatch(self, k: np.ndarray, v: np.ndarray, layers: int | None = None) -> str | None:
+        """Why keys `k` and values `v` are not a block of this model (`[L, *layer_shape]`
+        each; with `layers`, one layer `layer_shape` of a block of `layers` layers), or
+        None if they are."""
+        want = tuple(self.layer_shape) if layers is not None else (
+            self.layers, *self.layer_shape)
+        if layers is not None and layers != self.layers:
+            return f"it says the block has {layers} layers; the model has {self.layers}"
+        for name, array in (("keys", k), ("values", v)):
+            if array.shape != want or array.dtype.name != self.dtype:
+                return (f"its {name} are {array.dtype.name} {list(array.shape)}; the "
+                        f"model's are {self.dtype} {list(want)}")
+        return None
+
+
 def checked_block_key(block_key) -> bytes:
     """`block_key` if it is `BLOCK_KEY_BYTES` bytes, else ValueError."""
     if not isinstance(block_key, bytes) or len(block_key) != BLOCK_KEY_BYTES:
