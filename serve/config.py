@@ -117,7 +117,11 @@ class ServeConfig:
         "help": "bearer tokens accepted (repeat the flag for several clients); each "
                 "token's sessions are its own"})
     metrics_port: int | None = field(default=None, metadata={
-        "help": "serve Prometheus metrics on this port (default: off)"})
+        "help": "serve Prometheus metrics on this port too (default: off), with no "
+                "authentication: with auth tokens it needs --metrics-open (the HTTP API's "
+                "/metrics asks for a token)"})
+    metrics_open: bool = field(default=False, metadata={
+        "help": "with auth tokens, allow --metrics-port's unauthenticated metrics"})
     compilation_cache_dir: str | None = field(default="~/.cache/jattn/xla", metadata={
         "help": "where compiled programs are kept across restarts (null: nowhere)"})
     warm_up: bool = field(default=True, metadata={
@@ -138,6 +142,10 @@ class ServeConfig:
             self.auth_tokens = [self.auth_tokens]
         if any(not isinstance(t, str) or len(t) < 8 for t in self.auth_tokens):
             raise ValueError("auth tokens must be strings of at least 8 characters")
+        if self.auth_tokens and self.metrics_port is not None and not self.metrics_open:
+            raise ValueError("metrics_port serves metrics to anyone, while auth tokens are "
+                             "set: add metrics_open (--metrics-open) to allow it, or read "
+                             "/metrics of the HTTP API with a token")
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             raise ValueError(f"default_max_tokens must be in [1, max_tokens={self.max_tokens}]")
 

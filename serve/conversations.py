@@ -59,7 +59,8 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
                 event = jattn_pb2.ChatEvent(finish_reason="cancelled")
                 first = False
             else:
-                event = jattn_pb2.ChatEvent(finish_reason=stream.result.finish_reason)
+                event = jattn_pb2.ChatEvent(finish_reason=stream.result.finish_reason,
+                                            not_durable=stream.result.durable is False)
             if first:
                 event.facts.CopyFrom(facts(stream.result))
                 first = False

@@ -303,7 +303,7 @@ def _usage(facts: TurnFacts, completion_tokens: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": facts.cached_tokens},
             "jattn": {"recomputed_tokens": facts.recomputed_tokens,
                       "tier_blocks": facts.tier_blocks, "ttft_s": facts.ttft_s,
-                      "dropped_tokens": facts.dropped_tokens}}
+                      "dropped_tokens": facts.dropped_tokens, "durable": facts.durable}}
 
 
 class _Bodies:

@@ -94,6 +94,7 @@ class TurnFacts:
     tier_blocks: dict
     input_tokens: int
     dropped_tokens: int
+    durable: bool | None = None  # (`ChatTurn.durable`: known once the turn has ended)
 
     @property
     def prompt_tokens(self) -> int:
@@ -106,7 +107,7 @@ class TurnFacts:
                    recomputed_tokens=result.recomputed_tokens,
                    tier_blocks=dict(result.tiers or {}),
                    input_tokens=len(result.prompt_token_ids),
-                   dropped_tokens=result.dropped_tokens)
+                   dropped_tokens=result.dropped_tokens, durable=result.durable)
 
 
 class Service:

@@ -83,3 +83,94 @@ def test_forged_redis_values_are_dropped_and_recomputed(reference, how):
         reader.close()
     finally:
         server.stop()
+
+
+# ----- fuzz: any value that passes its checksum, against the tiers themselves ---------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from jattn.store.disk_files import DiskFiles, block_file  # noqa: E402
+from jattn.store.disk_tier import DiskTier  # noqa: E402
+from jattn.store.remote_tier import RemoteTier  # noqa: E402
+from jattn.store.tier import BlockKV, BlockSpec  # noqa: E402
+
+FINGERPRINT = "e" * 64
+SPEC = BlockSpec(2, (4, 2, 8), "float32")  # 2 layers of [4 tokens, 2 heads, 8]
+KEY = bytes(range(16))
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=5, max_side=5)
+DTYPES = st.sampled_from(["float32", "float16", "int8", "float64"])
+LAYER_COUNTS = st.one_of(st.integers(-2, 1000), st.booleans(), st.none(), st.text(max_size=3),
+                         st.floats(allow_nan=False))
+
+
+@st.composite
+def arrays(draw, layered: bool):
+    """Keys and values, mostly of the right shape or near it (a layer too many or few,
+    a dimension off, another dtype), sometimes anything."""
+    want = SPEC.layer_shape if layered else (SPEC.layers, *SPEC.layer_shape)
+    shape = draw(st.one_of(st.just(want), SHAPES,
+                           st.just(want).map(lambda s: (s[0] + 1, *s[1:]))))
+    dtype = draw(st.one_of(st.just(SPEC.dtype), DTYPES))
+    k = draw(hnp.arrays(dtype, shape, elements=st.just(1)))
+    v = draw(hnp.arrays(dtype, draw(st.one_of(st.just(shape), SHAPES)),
+                        elements=st.just(2)))
+    return k, v
+
+
+def well_formed(k, v, layers=None) -> bool:
+    return SPEC.mismatch(k, v, layers) is None
+
+
+@pytest.fixture(scope="module")
+def remote_tier():
+    server = RedisServer()
+    yield RemoteTier(server.url, fingerprint=FINGERPRINT, spec=SPEC)
+    server.stop()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pair=arrays(layered=False), junk=st.one_of(st.none(), st.binary(max_size=64)))
+def test_a_block_file_is_used_only_if_it_is_a_block_of_the_model(tmp_path_factory, pair,
+                                                                  junk):
+    root = str(tmp_path_factory.mktemp("disk"))
+    tier = DiskTier(DiskFiles(root, 1 << 24), fingerprint=FINGERPRINT, spec=SPEC)
+    good = BlockKV(np.zeros((2, 4, 2, 8), np.float32), np.zeros((2, 4, 2, 8), np.float32))
+    assert tier.put(KEY, good)
+    k, v = pair
+    data = junk if junk is not None else disk_entry.encode(
+        {"k": k, "v": v}, fingerprint=FINGERPRINT, meta={"block_key": KEY.hex()})
+    disk_entry.write_atomic(os.path.join(root, block_file(KEY)), data)
+    for read in (lambda: tier.get(KEY),  # a lone block; then as a run (header checks)
+                 lambda: (tier.get_run([KEY], max_bytes=1 << 30) or [None])[0]):
+        block = read()
+        if junk is None and well_formed(k, v):
+            assert block is not None and np.array_equal(block.k, k) and \
+                np.array_equal(block.v, v)
+        else:
+            assert block is None and tier.stats()["corrupt_entries"] >= 1
+            assert tier.put(KEY, good)  # written again for the next read
+            disk_entry.write_atomic(os.path.join(root, block_file(KEY)), data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pair=arrays(layered=True), layers=LAYER_COUNTS,
+       junk=st.one_of(st.none(), st.binary(max_size=64)))
+def test_a_redis_value_is_used_only_if_it_is_a_layer_of_a_block_of_the_model(remote_tier,
+                                                                            pair, layers, junk):
+    good = BlockKV(np.zeros((2, 4, 2, 8), np.float32), np.zeros((2, 4, 2, 8), np.float32))
+    remote_tier.delete(KEY)
+    assert remote_tier.put(KEY, good)
+    k, v = pair
+    data = junk if junk is not None else disk_entry.encode(
+        {"k": k, "v": v}, fingerprint=FINGERPRINT,
+        meta={"block_key": KEY.hex(), "layer": 0, "layers": layers})
+    remote_tier._redis.hset(remote_tier.block_name(KEY), "0", data)
+    got = remote_tier.read_layer([KEY], 0)[0]
+    usable = junk is None and isinstance(layers, int) and not isinstance(layers, bool) \
+        and well_formed(k, v, layers)
+    if usable:
+        assert got is not None and np.array_equal(got[0], k) and got[2] == SPEC.layers
+    else:
+        assert got is None

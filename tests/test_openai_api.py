@@ -374,9 +374,9 @@ def test_a_client_that_leaves_cancels_its_non_streamed_turn(served):
 @pytest.mark.parametrize("session", ["été-ünïcode", "team/a/b", "50% off"])
 def test_every_session_id_is_reachable_over_http(served, session):
     quoted = urllib.parse.quote(session, safe="")
-    status, _ = post(served, "/v1/chat/completions", chat_body(),
-                     {"X-Session-ID": quoted})  # a header carries it percent-encoded
-    assert status == 200
+    status, answer = post(served, "/v1/chat/completions", chat_body(),
+                          {"X-Session-ID": quoted})  # a header carries it percent-encoded
+    assert status == 200 and answer["usage"]["jattn"]["durable"] is True
     status, described = get(served, f"/v1/sessions/{urllib.parse.quote(session)}")
     assert status == 200 and described["turns"] == 1
     assert get(served, f"/v1/sessions/{quoted}", method="DELETE")[0] == 200

@@ -439,7 +439,7 @@ def test_chat_request_fields():
 
 def test_chat_events_carry_tokens_facts_and_finish():
     assert _numbers(jattn_pb2.ChatEvent) == {
-        "token_ids": 1, "text": 2, "facts": 3, "finish_reason": 4}
+        "token_ids": 1, "text": 2, "facts": 3, "finish_reason": 4, "not_durable": 5}
     assert _numbers(jattn_pb2.TurnFacts) == {
         "ttft_s": 1, "cached_tokens": 2, "recomputed_tokens": 3, "tier_blocks": 4,
         "input_tokens": 5, "dropped_tokens": 6}

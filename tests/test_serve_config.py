@@ -44,10 +44,18 @@ def test_flags_override_the_file(tmp_path):
     ({"disk_bytes": "1GiB"}, "disk_bytes > 0 needs a disk_path"),
     ({"auth_tokens": ["short"]}, "at least 8 characters"),
     ({"default_max_tokens": 0}, "default_max_tokens must be in"),
+    ({"auth_tokens": ["aaaaaaaa"], "metrics_port": 9100}, "metrics_open"),
 ])
 def test_bad_configuration_is_refused_by_name(values, pattern):
     with pytest.raises(ValueError, match=pattern):
         ServeConfig.from_dict(values)
+
+
+def test_unauthenticated_metrics_beside_tokens_must_be_asked_for():
+    config = ServeConfig.from_dict({"auth_tokens": ["aaaaaaaa"], "metrics_port": 9100,
+                                    "metrics_open": True})
+    assert config.metrics_open and config.metrics_port == 9100
+    assert ServeConfig.from_dict({"metrics_port": 9100}).metrics_port == 9100  # no tokens
 
 
 def test_parse_bytes():

@@ -1,9 +1,14 @@
-"""A session whose record in the shared tier is lost is never continued from less: two
-replicas share a real redis-server, a conversation alternates between them, Redis loses
-or garbles its record, and every later turn either gives the tokens of a server that
-lost nothing or fails with `SessionLost`, on both replicas, until the session is ended."""
+"""No turn of a session disappears without a call saying so. A session whose record in
+the shared tier is lost is never continued from less: two replicas share a real
+redis-server, a conversation alternates between them, Redis loses or garbles its
+record, and every later turn either gives the tokens of a server that lost nothing or
+fails with `SessionLost`, on both replicas, until the session is ended. A turn whose
+record a failing disk did not take says so (`durable` False)."""
 
 from __future__ import annotations
+
+import errno
+import os
 
 import pytest
 import redis
@@ -11,6 +16,7 @@ import redis
 from jattn import LLM, StoreConfig
 from jattn.bench.redis_server import RedisServer
 from jattn.engine import SessionLost
+from jattn.store import disk_entry
 from jattn.store.records import session_key
 
 PROMPTS = [[5, 6, 7, 8] * 6, [9, 10, 11] * 5, [12, 13] * 7, [14, 15, 16] * 4,
@@ -95,3 +101,19 @@ def test_a_lost_record_is_never_continued_from_less(shared, damage):
     assert fresh.token_ids == want[0]
     a.store.flush()
     assert b.chat(session, PROMPTS[1], max_tokens=6, ignore_eos=True).token_ids == want[1]
+
+
+def test_a_turn_a_failing_disk_did_not_record_says_so(tmp_path, monkeypatch):
+    llm = LLM(store=StoreConfig(disk_bytes=1 << 30, disk_path=str(tmp_path)))
+    assert llm.chat("kept", PROMPTS[0], max_tokens=4).durable is True
+    assert llm.generate(PROMPTS[0], max_tokens=4).durable is None  # keeps no record
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(disk_entry, "write_atomic", read_only)
+    monkeypatch.setattr(disk_entry, "append", read_only)
+    assert llm.chat("unkept", PROMPTS[1], max_tokens=4).durable is False
+    assert llm.chat("unkept", PROMPTS[2], max_tokens=4).durable is False  # tier now off
+    assert llm.engine.stats()["not_durable_turns"] == 2
+    llm.close()

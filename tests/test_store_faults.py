@@ -248,6 +248,25 @@ def test_a_failed_block_write_evicts_nothing_and_keeps_what_was_durable(tmp_path
     store.close()
 
 
+def test_a_failing_disk_logs_a_failure_once_until_a_write_gets_through(tmp_path, monkeypatch,
+                                                                       caplog):
+    store = disk_store(tmp_path)
+    real = disk_entry.write_atomic
+    with caplog.at_level(logging.WARNING, logger="jattn.store"):
+        with monkeypatch.context() as patch:
+            patch.setattr(disk_entry, "write_atomic", failing(errno.EIO, real=real))
+            save_blocks(store, [f"eio-{n}" for n in range(5)])
+        assert len(caplog.records) == 1  # five blocks failed alike: one line
+        assert store.stats()["disk_write_errors"] == 5
+        assert save_blocks(store, ["good"]) == [("host", "disk")]
+        with monkeypatch.context() as patch:
+            patch.setattr(disk_entry, "write_atomic", failing(errno.EIO, real=real))
+            save_blocks(store, [f"eio-again-{n}" for n in range(3)])
+    assert len(caplog.records) == 2  # news again after a write got through
+    assert store.stats()["disk_write_errors"] == 8 and store.stats()["disk_tier_enabled"] == 1
+    store.close()
+
+
 @pytest.mark.parametrize("existing", ["nothing", "the blocks directory", "its fan-out"])
 def test_a_failed_rename_leaves_the_old_state_and_no_temporary(tmp_path, monkeypatch,
                                                              existing):
@@ -282,7 +301,8 @@ def test_an_unwritable_disk_disables_the_tier_and_host_memory_goes_on(tmp_path, 
     monkeypatch.setattr(disk_entry, "write_atomic", unwritable)
     with caplog.at_level(logging.ERROR, logger="jattn.store"):
         landed, durable = save_session(store, "s", [0, 1], turns=2)
-    assert landed == [("host",), ("host",)] and durable == [True, True]
+    assert landed == [("host",), ("host",)]
+    assert durable == [False, False]  # the records did not get to disk, and say so
     assert len(calls) == 1  # the first failure turned the tier off
     stats = store.stats()
     assert (stats["disk_tier_enabled"], stats["disk_write_errors"]) == (0, 1)
@@ -308,7 +328,7 @@ def test_a_root_that_cannot_be_created_disables_the_disk_tier(tmp_path, caplog):
     assert [r.getMessage().startswith(f"disk tier disabled: {not_a_directory}")
             for r in caplog.records] == [True]
     landed, durable = save_session(store, "s", [0])
-    assert landed == [("host",)] and durable == [True]
+    assert landed == [("host",)] and durable == [False]  # no disk took the record
     assert_block(store, "s/0", "host")
     store.close()
 

@@ -592,7 +592,19 @@ class Engine:
             self.counters["tokens_reused"] += turn.result.cached_tokens
             self.counters["tokens_prefilled"] += turn.result.recomputed_tokens
             # The stream ends (the client's acknowledgement) once the turn is durable.
-            durable.add_done_callback(lambda _: stream.close())
+            durable.add_done_callback(
+                lambda done: self._acknowledge(stream, turn, done))
+
+    def _acknowledge(self, stream: TurnStream, turn: ActiveTurn,
+                     durable: concurrent.futures.Future) -> None:
+        """Ends a turn's stream once its record is as durable as the store makes it,
+        saying on its result whether it got there (on the store's thread)."""
+        if not turn.ephemeral:
+            turn.result.durable = durable.exception() is None and bool(durable.result())
+            if not turn.result.durable:
+                with self._condition:
+                    self.counters["not_durable_turns"] += 1
+        stream.close()
 
     def _stop_turn(self, stream: TurnStream) -> None:
         turn = self._active.pop(stream, None)

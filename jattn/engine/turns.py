@@ -72,13 +72,18 @@ class OneOff:
 class ChatTurn(Generation):
     """A `Generation` plus what the turn reused: `cached_tokens` (context tokens whose KV
     was not recomputed), `tiers` (blocks reused per tier), `recomputed_tokens`
-    (prefilled: the new tokens plus any history that had to be recomputed), and
-    `dropped_tokens` (history truncated out of the window before this turn)."""
+    (prefilled: the new tokens plus any history that had to be recomputed),
+    `dropped_tokens` (history truncated out of the window before this turn), and, once
+    a session's turn has ended, `durable`: whether its record got where the store keeps
+    records (False: a disk tier that failed or went read-only, a record that a store
+    shared by replicas did not take; a restarted server may not hold this turn). None
+    for a one-off generation, which keeps no record."""
 
     cached_tokens: int = 0
     recomputed_tokens: int = 0
     dropped_tokens: int = 0
     tiers: dict | None = None
+    durable: bool | None = None
 
 
 @dataclass

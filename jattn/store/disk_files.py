@@ -94,6 +94,7 @@ class DiskFiles:
         self._directory_files: collections.Counter[str] = collections.Counter()
         self._evictions: collections.Counter[str] = collections.Counter()  # by top directory
         self._stats = collections.Counter()
+        self._failing: set[tuple[str, int]] = set()  # (action, errno) logged since a success
         with self._lock:
             self._scan()
 
@@ -164,6 +165,7 @@ class DiskFiles:
             return False
         with self._lock:
             self._stats["disk_bytes_written"] += written
+            self._failing.clear()  # a write got through: the next failure is news
             return self._admit(relative, size)
 
     def resized(self, relative: str, nbytes: int) -> bool:
@@ -282,11 +284,16 @@ class DiskFiles:
     # ----- under the lock: faults ---------------------------------------------------------
 
     def _failed(self, action: str, path: str, error: OSError) -> None:
+        """Counts a failed change; logs it the first time since a write got through that
+        `action` fails with its errno (a failing disk fails every block the same way)."""
         self._stats["disk_write_errors"] += 1
         if error.errno in _UNWRITABLE:
             self._disable(path, f"{action}: {error.strerror}")
-        else:
-            log.warning("disk tier: %s %s failed: %s", action, path, error)
+        elif (action, error.errno) not in self._failing:
+            self._failing.add((action, error.errno))
+            log.warning("disk tier: %s %s failed: %s (further failures like it are counted "
+                        "in disk_write_errors, not logged, until a write succeeds)",
+                        action, path, error)
 
     def _disable(self, path: str, reason: str) -> None:
         """Stops using the disk for the life of the process."""

@@ -114,8 +114,9 @@ class SessionRecords:
 
         Returns the write that makes it durable in the session's log, or None when there
         is no disk to write it to. The write returns True once the entry is on disk,
-        False if it did not get there: its write failed (logged and counted), the log no
-        longer fits the budget, or the session was dropped first."""
+        False if it did not get there: its write failed (logged and counted), the disk
+        tier is disabled (read-only, failing), the log no longer fits the budget, or the
+        session was dropped first."""
         key = session_key(session_id)
         with self._lock:
             entries = self._records.get(key)
@@ -131,8 +132,9 @@ class SessionRecords:
             self._records[key] = entries
             entries.append(entry)
             writes = []
-            if self._files is not None and self._files.enabled:
-                self._files.touch(log_file(key))
+            if self._files is not None:  # (disabled: read-only or failing, so not durable)
+                if self._files.enabled:
+                    self._files.touch(log_file(key))
                 writes.append(functools.partial(self._write, key, session_id, entries,
                                                 len(entries) - 1, frame))
             if self._remote is not None:
@@ -285,7 +287,7 @@ class SessionRecords:
         relative = log_file(key)
         with self._lock:
             if not self._files.enabled:
-                return True
+                return False
             if self._records.get(key) is not entries:
                 return False  # dropped since
             old_size = self._files.size_of(relative)

@@ -64,16 +64,18 @@ class TurnFacts(_message.Message):
     def __init__(self, ttft_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., tier_blocks: _Optional[_Mapping[str, int]] = ..., input_tokens: _Optional[int] = ..., dropped_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
-    __slots__ = ("token_ids", "text", "facts", "finish_reason")
+    __slots__ = ("token_ids", "text", "facts", "finish_reason", "not_durable")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    NOT_DURABLE_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     facts: TurnFacts
     finish_reason: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., facts: _Optional[_Union[TurnFacts, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    not_durable: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., facts: _Optional[_Union[TurnFacts, _Mapping]] = ..., finish_reason: _Optional[str] = ..., not_durable: _Optional[bool] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)

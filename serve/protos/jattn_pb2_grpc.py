@@ -67,9 +67,13 @@ class ConversationsServicer:
         Errors: INVALID_ARGUMENT (empty input, bad sampling values, an input that does not
         fit the context window, a request that is not valid protobuf or UTF-8),
         RESOURCE_EXHAUSTED (no room for the turn right now), UNAUTHENTICATED (tokens are
-        configured and the call has none of them), UNAVAILABLE (the server is stopping).
+        configured and the call has none of them), UNAVAILABLE (the server is stopping; with
+        replicas sharing Redis, Redis cannot be reached to check the session's record),
+        FAILED_PRECONDITION (with replicas sharing Redis, the session's record there was
+        lost or garbled: turns of it may be gone, and it takes no more until it is ended).
         The last event (with finish_reason) is sent once the turn is durable: with a disk
-        tier, a restarted server holds every turn whose last event a client received.
+        tier, a restarted server holds every turn whose last event a client received,
+        unless that event says not_durable.
         The server stops generating when the client cancels the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
