@@ -111,6 +111,12 @@ class ServeConfig:
                 "per token)"})
     max_sessions: int = field(default=EngineLimits.max_sessions, metadata={
         "help": "conversations held at once"})
+    max_sessions_per_tenant: int = field(default=EngineLimits.max_sessions_per_tenant,
+                                         metadata={"help": "conversations one token's "
+                                                           "client holds at once"})
+    session_idle_s: float = field(default=EngineLimits.session_idle_s, metadata={
+        "help": "a conversation with no turn for this long is ended, as EndSession "
+                "would (0: never)"})
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: serve TLS"})
     tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
     auth_tokens: list[str] = field(default_factory=list, metadata={

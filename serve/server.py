@@ -67,8 +67,10 @@ class Server:
         self.llm = llm or build_llm(config, on_group_failure=self._group_failed)
         self.engine = self.llm.start_engine(EngineLimits(
             max_queue=config.max_queue, max_running=config.max_running,
-            max_prefill_seqs=config.max_prefill_seqs, max_prompt_tokens=config.max_prompt_tokens, max_tokens=config.max_tokens,
-            max_sessions=config.max_sessions), warm_up=config.warm_up,
+            max_prefill_seqs=config.max_prefill_seqs, max_prompt_tokens=config.max_prompt_tokens,
+            max_tokens=config.max_tokens, max_sessions=config.max_sessions,
+            max_sessions_per_tenant=config.max_sessions_per_tenant,
+            session_idle_s=config.session_idle_s), warm_up=config.warm_up,
             on_failure=self._engine_failed)
         self.metrics = Metrics(self.engine, port=config.metrics_port)
         tenants = Tenants(config.auth_tokens)

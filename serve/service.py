@@ -150,7 +150,7 @@ class Service:
         session = scoped(caller.namespace, session_id) if session_id else None
         return self.engine.submit(TurnRequest(
             session, kind, value, params, ignore_eos,
-            cache_scope=cache_scope(caller.namespace, cache_salt)))
+            cache_scope=cache_scope(caller.namespace, cache_salt), tenant=caller.namespace))
 
     def end_session(self, caller: Caller, session_id: str) -> None:
         """Forgets the caller's session; SessionNotFound if it has none of that id."""

@@ -12,7 +12,9 @@ import pytest
 
 from jattn import LLM, StoreConfig
 from jattn.sampling import SamplingParams
-from jattn.engine import Engine, EngineLimits, InvalidRequest, QueueFull, SessionNotFound, TurnRequest
+from jattn.engine import (Engine, EngineLimits, InvalidRequest, QueueFull, SessionNotFound,
+                          TooManySessions, TurnRequest)
+from jattn.engine.session_table import SessionTable
 from jattn.model.compile_queue import THREAD_NAME
 
 MESSAGES = ["Once upon a time", "The dog ran to the park.", "Lily was happy.",
@@ -115,6 +117,57 @@ def test_cancel_frees_blocks_and_keeps_the_history():
     assert engine.block_census().free >= free - 4  # only resident context blocks
     assert engine.stats()["cancelled"] == 1
     engine.shutdown()
+
+
+def test_each_tenant_holds_its_share_of_sessions_and_idle_ones_expire():
+    llm = LLM(store=None, num_blocks=256)  # (an engine's shutdown closes a store)
+    short = SamplingParams(max_tokens=2)
+
+    def run(engine, session, tenant, message=MESSAGES[0]):
+        return list(engine.submit(TurnRequest(session, "message", message, short,
+                                              tenant=tenant)))
+
+    shares = Engine(llm.chats, EngineLimits(max_sessions_per_tenant=2))
+    run(shares, "a1", "alice")
+    run(shares, "a2", "alice")
+    with pytest.raises(TooManySessions, match="limit per tenant"):
+        run(shares, "a3", "alice")
+    run(shares, "b1", "bob")  # another tenant's first session is not kept out
+    run(shares, "a1", "alice", MESSAGES[1])  # a session alice holds takes more turns
+    shares.end_session("a2")
+    run(shares, "a3", "alice")  # ended: its place is free
+    shares.shutdown()
+
+    # Another engine over the same (compiled) model: the turns take well under a second.
+    expiring = Engine(llm.chats, EngineLimits(max_sessions_per_tenant=1, session_idle_s=1))
+    run(expiring, "x", "carol")
+    started = time.monotonic()
+    while expiring.stats().get("expired_sessions", 0) < 1:
+        assert time.monotonic() - started < 10, expiring.stats()
+        time.sleep(0.05)
+    assert time.monotonic() - started >= 0.9  # not before its time
+    with pytest.raises(SessionNotFound):  # ended as EndSession would
+        expiring.describe("x")
+    run(expiring, "y", "carol")  # its place in carol's share is free
+    expiring.shutdown()
+
+
+def test_the_session_table_expires_idle_sessions_only():
+    table = SessionTable(per_tenant=2, idle_s=10)
+    table.touch("a", "t", now=0.0)
+    table.touch("b", "t", now=5.0)
+    assert table.next_expiry(6.0) == 4.0
+    assert table.expired(9.9, in_use=set()) == []
+    assert table.expired(12.0, in_use={"a"}) == []  # a turn of it waits or runs
+    assert table.expired(12.0, in_use=set()) == ["a"] and table.count("t") == 1
+    table.touch("b", "t", now=11.0)  # active again
+    assert table.expired(16.0, in_use=set()) == [] and table.next_expiry(16.0) == 5.0
+    table.touch("c", "t", now=16.0)
+    with pytest.raises(TooManySessions):
+        table.admit("d", "t", held=lambda session: True)
+    table.admit("d", "t", held=lambda session: session != "c")  # c was forgotten since
+    assert table.count("t") == 1
+    assert SessionTable(per_tenant=1).expired(1e9, in_use=set()) == []  # no expiry
 
 
 @pytest.mark.parametrize("request_, pattern", [

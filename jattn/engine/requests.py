@@ -96,6 +96,7 @@ class TurnRequest:
     (raw text, appended as is) or "tokens" (token ids). `cache_scope` names who may share the KV
     the turn computes and reuses (a tenant's namespace, plus any per-request salt): KV
     of different scopes never mixes; a session's scope is the one of its first turn.
+    `tenant` owns the session (its share of the session table: `SessionTable`).
     """
 
     session_id: str | None
@@ -104,6 +105,7 @@ class TurnRequest:
     params: SamplingParams
     ignore_eos: bool = False
     cache_scope: str = ""
+    tenant: str = ""
 
 
 _DONE = object()

@@ -54,6 +54,7 @@ from jattn.engine.errors import (
     SessionNotFound,
     TooManySessions,
 )
+from jattn.engine.session_table import SessionTable
 from jattn.engine.requests import (
     INPUT_KINDS,
     TurnRequest,
@@ -68,12 +69,16 @@ from jattn.engine.requests import (
 
 log = logging.getLogger("jattn.engine")
 
+EXPIRY_POLL_S = 0.05  # the engine's idle wait between looks for expired sessions
+
 
 @dataclass(frozen=True)
 class EngineLimits:
     """Limits of an engine: `max_queue` turns waiting, `max_running` turns in the batch,
     `max_prefill_seqs` turns prefilled in one step, `max_prompt_tokens` new tokens per
-    turn, `max_tokens` per answer, `max_sessions` conversations known at once."""
+    turn, `max_tokens` per answer, `max_sessions` conversations known at once, of which
+    `max_sessions_per_tenant` of one tenant's; a session idle for `session_idle_s`
+    seconds is ended (0: never)."""
 
     max_queue: int = 256
     max_running: int = MAX_RUNNING
@@ -81,10 +86,16 @@ class EngineLimits:
     max_prompt_tokens: int = 8192
     max_tokens: int = 2048
     max_sessions: int = 100_000
+    max_sessions_per_tenant: int = 100_000
+    session_idle_s: float = 0.0
 
     def __post_init__(self):
         for name, value in vars(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if name == "session_idle_s":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or not value >= 0:
+                    raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -137,6 +148,11 @@ class Engine:
         self._failure: BaseException | None = None
         self._on_failure = on_failure
         self._one_off = itertools.count()
+        self._sessions = SessionTable(per_tenant=limits.max_sessions_per_tenant,
+                                      idle_s=limits.session_idle_s)
+        # Ends expired sessions' records (a call to Redis or the disk: not on this thread).
+        self._expiry = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-expire")
+        self._next_expiry_check = 0.0
         self.counters = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="jattn-engine", daemon=True)
         self._thread.start()
@@ -300,6 +316,8 @@ class Engine:
                 pass
         except BaseException as error:
             self._fail_engine(error)
+        finally:
+            self._expiry.shutdown(wait=True)  # records of expired sessions: dropped
 
     def _step(self) -> bool:
         """One step: pending calls, cancellations, admission, hints, a loading turn's
@@ -307,8 +325,9 @@ class Engine:
         once the engine has stopped."""
         with self._condition:
             while not (self._admissible() or self._active or self._calls or self._cancelled
-                       or self._in_flight or not self._accepting):
-                self._condition.wait()
+                       or self._in_flight or not self._accepting or self._expiry_due()):
+                until = self._sessions.next_expiry(time.monotonic())
+                self._condition.wait(None if until is None else max(until, EXPIRY_POLL_S))
             if not self._accepting and not (self._waiting or self._active or self._calls
                                             or self._in_flight):
                 self._stopped = True
@@ -321,6 +340,8 @@ class Engine:
                 cancelled += list(self._active)
         for stream in cancelled:  # first, so that a call sees their blocks freed
             self._stop_turn(stream)
+        if self._expiry_due():
+            self._expire_idle()
         for function, args, done, outcome in calls:
             try:
                 outcome["value"] = function(*args)
@@ -335,6 +356,28 @@ class Engine:
                 for stream in list(self._active):
                     self._fail_turn(stream, error)
         return True
+
+    def _expiry_due(self) -> bool:
+        until = self._sessions.next_expiry(time.monotonic())
+        return until is not None and until <= 0 and time.monotonic() >= self._next_expiry_check
+
+    def _expire_idle(self) -> None:
+        """Ends the sessions idle for `session_idle_s` (no turn of theirs waiting or
+        running): forgotten here, their records dropped on the expiry thread."""
+        now = time.monotonic()
+        self._next_expiry_check = now + EXPIRY_POLL_S
+        with self._condition:
+            in_use = {stream.request.session_id for stream in self._waiting}
+        in_use |= {turn.session_id for turn in self._active.values()}
+        for session in self._sessions.expired(now, in_use):
+            self.chats.forget(session)
+            self._expiry.submit(self._drop_expired, session)
+
+    def _drop_expired(self, session: str) -> None:
+        """On the expiry thread: drops an expired session's record, then counts it."""
+        self.chats.drop_record(session)
+        with self._condition:
+            self.counters["expired_sessions"] += 1
 
     def _admissible(self) -> bool:
         """Under the condition: whether a waiting turn is not held up by its fetch."""
@@ -443,15 +486,19 @@ class Engine:
         ephemeral = session is None
         if ephemeral:
             session = OneOff(next(self._one_off))
-        elif not self.chats.has_session(session) and \
-                self.chats.session_count() >= self.limits.max_sessions:
-            raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
-        return self.chats.begin(session, request.value if request.kind != "tokens"
+        elif not self.chats.has_session(session):
+            if self.chats.session_count() >= self.limits.max_sessions:
+                raise TooManySessions(f"{self.limits.max_sessions} sessions are open")
+            self._sessions.admit(session, request.tenant, self.chats.has_session)
+        turn = self.chats.begin(session, request.value if request.kind != "tokens"
                                 else list(request.value), request.params,
                                 ignore_eos=request.ignore_eos, start_time=started,
                                 ephemeral=ephemeral, scope=request.cache_scope,
                                 kind=request.kind,
                                 max_new_tokens=self.limits.max_prompt_tokens, **resume)
+        if not ephemeral:
+            self._sessions.touch(session, request.tenant)
+        return turn
 
     def _hint(self) -> None:
         """Hints the store with the blocks the first `lookahead` turns left waiting by
@@ -586,6 +633,8 @@ class Engine:
             stream.push(streamed)
             self.counters["tokens_generated"] += 1
         if turn.continuation.finished:
+            if not turn.ephemeral:
+                self._sessions.touch(turn.session_id, stream.request.tenant)
             durable = self.chats.complete(turn)
             del self._active[stream]
             self.counters["completed"] += 1
@@ -636,6 +685,7 @@ class Engine:
         if not lost and not self.chats.known(session_id, check_remote=False):
             raise SessionNotFound(session_id)
         self.chats.forget(session_id)
+        self._sessions.close(session_id)
 
     def _conversation(self, session_id) -> Conversation | None:
         if not self.chats.known(session_id, check_remote=False):
