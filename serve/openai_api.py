@@ -12,7 +12,9 @@ turn; `usage.prompt_tokens_details.cached_tokens` says how much of it was reused
 `session_id` body field or an `X-Session-ID` header makes a request a turn of that
 session instead: send only the new messages. `cache_salt` narrows who shares the KV.
 Errors are OpenAI-style JSON, `{"error": {"message", "type", "param", "code"}}`, with
-the status of `HTTP_STATUS`; malformed bodies are 400, never 500.
+the status of `HTTP_STATUS`; malformed bodies are 400, never 500. `RequestGate` decides
+authentication and the body limit before any body is read and counts every answer; a
+request whose client leaves cancels its turn (`until_gone`).
 """
 
 from __future__ import annotations
