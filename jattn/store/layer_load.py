@@ -68,14 +68,17 @@ class HostBuffers:
     of it is in flight, holds a reference to it. Reused memory is memory the kernel need
     not fault in and zero again (a fresh 256 MiB costs about as much as reading it).
     Allocations are kept while all kept add up to at most `capacity_bytes` (in use or
-    not), the oldest unused ones making room for a new one. Thread-safe.
+    not) and number at most `MAX_KEPT` (each `take` looks at every kept one), the oldest
+    unused ones making room for a new one. Thread-safe.
     """
 
     SLACK = 1.25
+    MAX_KEPT = 256
 
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
         self._allocations: list[np.ndarray] = []  # oldest first
+        self._kept_bytes = 0  # of `_allocations`
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> np.ndarray:
@@ -86,13 +89,19 @@ class HostBuffers:
             if fitting:
                 return aligned_view(min(fitting, key=lambda a: a.nbytes), nbytes)
             view = aligned_empty(nbytes)
-            kept = sum(a.nbytes for a in self._allocations)
-            while unused and kept + need > self.capacity_bytes:
-                oldest = unused.pop(0)
-                self._allocations = [a for a in self._allocations if a is not oldest]
-                kept -= oldest.nbytes
-            if kept + need <= self.capacity_bytes:
+            dropped = set()
+            for oldest in unused:
+                if (self._kept_bytes + need <= self.capacity_bytes
+                        and len(self._allocations) - len(dropped) < self.MAX_KEPT):
+                    break
+                dropped.add(id(oldest))
+                self._kept_bytes -= oldest.nbytes
+            if dropped:
+                self._allocations = [a for a in self._allocations if id(a) not in dropped]
+            if (self._kept_bytes + need <= self.capacity_bytes
+                    and len(self._allocations) < self.MAX_KEPT):
                 self._allocations.append(view.base)
+                self._kept_bytes += view.base.nbytes
             return view
 
     def _unused(self) -> list[np.ndarray]:
