@@ -92,6 +92,11 @@ class ServeConfig:
                 "not in a group of processes"})
     remote_prefix: str = field(default=StoreConfig.remote_prefix, metadata={
         "help": "prefix of every Redis key of the remote tier"})
+    store_key_file: str | None = field(default=None, metadata={
+        "help": "a file holding a secret shared by every replica (16 bytes or more): "
+                "disk and Redis entries and session records carry a keyed MAC, and those "
+                "without it are dropped (default: checksums only; trust from access "
+                "rights)"})
     max_queue: int = field(default=EngineLimits.max_queue, metadata={
         "help": "turns waiting; more: RESOURCE_EXHAUSTED"})
     max_running: int = field(default=MAX_RUNNING, metadata={
@@ -144,6 +149,7 @@ class ServeConfig:
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.disk_bytes and not self.disk_path:
             raise ValueError("disk_bytes > 0 needs a disk_path")
+        StoreConfig(key_file=self.store_key_file).store_key()  # (read now: fail at start)
         if isinstance(self.auth_tokens, str):
             self.auth_tokens = [self.auth_tokens]
         if any(not isinstance(t, str) or len(t) < 8 for t in self.auth_tokens):

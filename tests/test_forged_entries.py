@@ -174,3 +174,93 @@ def test_a_redis_value_is_used_only_if_it_is_a_layer_of_a_block_of_the_model(rem
         assert got is not None and np.array_equal(got[0], k) and got[2] == SPEC.layers
     else:
         assert got is None
+
+
+# ----- a store key: entries sealed with a keyed MAC --------------------------------------
+
+def key_file(tmp_path, name: str) -> str:
+    path = tmp_path / name
+    path.write_text(os.urandom(32).hex() + "\n")
+    return str(path)
+
+
+def zeroed_and_unkeyed(data: bytes, fingerprint: str, secret: bytes) -> bytes:
+    """`data` (an entry sealed with `secret`) with its arrays zeroed, re-encoded with a
+    valid checksum and no MAC: what anyone who can write the files or Redis can make."""
+    arrays, meta = disk_entry.decode(data, fingerprint=fingerprint, secret=secret)
+    return disk_entry.encode({name: np.zeros_like(a) for name, a in arrays.items()},
+                             fingerprint=fingerprint, meta=meta)
+
+
+def test_a_keyed_store_uses_only_entries_sealed_with_its_key(tmp_path, reference):
+    server = RedisServer()
+    try:
+        def store(key: str) -> StoreConfig:
+            return StoreConfig(hbm_bytes=0, host_bytes=0, disk_bytes=1 << 30,
+                               disk_path=str(tmp_path / "disk"), remote_url=server.url,
+                               key_file=key)
+
+        def hits(llm) -> int:
+            stats = llm.store.stats()
+            return stats["disk_hits"] + stats["remote_hits"]
+
+        key_a, key_b = key_file(tmp_path, "a.key"), key_file(tmp_path, "b.key")
+        writer = LLM(store=store(key_a))
+        assert writer.generate(PROMPT, max_tokens=8, ignore_eos=True).token_ids == reference
+        writer.store.flush()
+        writer.close()
+        same_key = LLM(store=store(key_a))  # sealed with the key it has: used
+        assert same_key.generate(PROMPT, max_tokens=8, ignore_eos=True).token_ids == reference
+        assert hits(same_key) >= 2 and same_key.store.stats()["corrupt_entries"] == 0
+        fingerprint, secret = same_key.store.fingerprint, StoreConfig(
+            key_file=key_a).store_key()
+        same_key.close()
+
+        other_key = LLM(store=store(key_b))  # another replica's key: dropped, recomputed
+        assert other_key.generate(PROMPT, max_tokens=8, ignore_eos=True).token_ids == reference
+        assert hits(other_key) == 0 and other_key.store.stats()["corrupt_entries"] >= 1
+        other_key.close()
+
+        # Sealed with key A again, then forged: zeroed, with a valid checksum, no MAC.
+        writer = LLM(store=store(key_a))
+        writer.generate(PROMPT, max_tokens=8, ignore_eos=True)
+        writer.store.flush()
+        writer.close()
+        files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "disk") for f in fs
+                 if f.endswith(".kv")]
+        for path in files:
+            disk_entry.write_atomic(path, zeroed_and_unkeyed(open(path, "rb").read(),
+                                                             fingerprint, secret))
+        client = server.client()
+        for name in client.keys("*layers:*"):
+            for field, value in client.hgetall(name).items():
+                client.hset(name, field, zeroed_and_unkeyed(value, fingerprint, secret))
+        assert len(files) >= 3
+        forged_reader = LLM(store=store(key_a))
+        got = forged_reader.generate(PROMPT, max_tokens=8, ignore_eos=True)
+        assert got.token_ids == reference
+        assert hits(forged_reader) == 0 and forged_reader.store.stats()["corrupt_entries"] >= 1
+        forged_reader.close()
+    finally:
+        server.stop()
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=hnp.arrays("float32", (2, 3), elements=st.floats(-4, 4, width=32)),
+       flip=st.integers(0, 1 << 20), meta=st.dictionaries(st.text(max_size=4), st.integers()))
+def test_a_sealed_entry_opens_only_with_its_key_and_unaltered(k, flip, meta):
+    secret, other = bytes(range(32)), bytes(range(1, 33))
+    data = disk_entry.encode({"k": k}, fingerprint=FINGERPRINT, meta=meta, secret=secret)
+    arrays, got_meta = disk_entry.decode(data, fingerprint=FINGERPRINT, secret=secret)
+    assert np.array_equal(arrays["k"], k) and got_meta == meta  # a round trip
+    for wrong in (other, None):
+        with pytest.raises(disk_entry.CorruptEntry):
+            disk_entry.decode(data, fingerprint=FINGERPRINT, secret=wrong)
+    altered = bytearray(data)  # any one bit of header (padding too) or payload
+    altered[len(disk_entry.MAGIC) + 4 + flip % (len(data) - len(disk_entry.MAGIC) - 4)] ^= \
+        1 << (flip % 8)
+    with pytest.raises(disk_entry.CorruptEntry):
+        disk_entry.decode(bytes(altered), fingerprint=FINGERPRINT, secret=secret)
+    unkeyed = disk_entry.encode({"k": k}, fingerprint=FINGERPRINT, meta=meta)
+    with pytest.raises(disk_entry.CorruptEntry, match="not sealed"):
+        disk_entry.decode(unkeyed, fingerprint=FINGERPRINT, secret=secret)

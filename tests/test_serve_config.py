@@ -8,6 +8,7 @@ import os
 import pytest
 import yaml
 
+from jattn import StoreConfig
 from serve.config import ServeConfig, add_arguments, from_arguments, parse_bytes
 
 DEFAULT_YAML = os.path.join(os.path.dirname(__file__), "..", "configs", "serve", "default.yaml")
@@ -62,3 +63,19 @@ def test_parse_bytes():
     assert parse_bytes(4096) == 4096
     assert parse_bytes("512MiB") == 512 * 2**20
     assert parse_bytes(" 2 kb ") == 2000
+
+
+def test_a_store_key_file_is_read_at_start_and_must_hold_a_key(tmp_path):
+    short, missing, good = tmp_path / "short.key", tmp_path / "missing.key", tmp_path / "k"
+    short.write_text("too short\n")
+    good.write_text(" " + "ab" * 16 + "\n")
+    with pytest.raises(ValueError, match="short.key.*9 bytes"):
+        ServeConfig(store_key_file=str(short))
+    with pytest.raises(ValueError, match="cannot read the store key file.*missing.key"):
+        ServeConfig(store_key_file=str(missing))
+    assert ServeConfig(store_key_file=str(good)).store_key_file == str(good)
+    same, other = tmp_path / "same", tmp_path / "other"
+    same.write_text("ab" * 16)  # whitespace around the key does not change it
+    other.write_text("ab" * 15 + "ac")
+    keys = [StoreConfig(key_file=str(path)).store_key() for path in (good, same, other)]
+    assert keys[0] == keys[1] != keys[2] and len(keys[0]) == 32

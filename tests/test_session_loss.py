@@ -17,7 +17,7 @@ from jattn import LLM, StoreConfig
 from jattn.bench.redis_server import RedisServer
 from jattn.engine import SessionLost
 from jattn.store import disk_entry
-from jattn.store.records import session_key
+from jattn.store.records import chain_digest, session_key
 
 PROMPTS = [[5, 6, 7, 8] * 6, [9, 10, 11] * 5, [12, 13] * 7, [14, 15, 16] * 4,
            [17, 18] * 6, [19, 20, 21] * 3]
@@ -25,12 +25,15 @@ LOST_AFTER = 3  # turns run before the damage
 
 
 @pytest.fixture(scope="module")
-def shared():
-    """A redis-server, two replicas sharing it (no tiers of their own to fall back on
-    but small host memory), and one server that keeps everything, as the reference."""
+def shared(tmp_path_factory):
+    """A redis-server, two replicas sharing it and a store key (no tiers of their own to
+    fall back on but small host memory), and one server that keeps everything, as the
+    reference."""
     server = RedisServer()
-    url = server.url
-    replicas = [LLM(store=StoreConfig(hbm_bytes=0, host_bytes=1 << 26, remote_url=url))
+    key = tmp_path_factory.mktemp("key") / "store.key"
+    key.write_bytes(os.urandom(24))
+    replicas = [LLM(store=StoreConfig(hbm_bytes=0, host_bytes=1 << 26, remote_url=server.url,
+                                      key_file=str(key)))
                 for _ in range(2)]
     reference = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
     yield server, replicas, reference
@@ -55,6 +58,15 @@ def lose_by_lru(client: redis.Redis, name: str) -> None:
     client.config_set("maxmemory-policy", "noeviction")
 
 
+def forge_a_turn(client: redis.Redis, name: str) -> None:
+    """Appends a turn to the record `name`, chained as a writer without the store key
+    would chain it."""
+    last = disk_entry.decode_frames(client.lindex(name, -1))[0][0]
+    forged = {**last, "tokens": [1, 2, 3]}
+    forged["chain"] = chain_digest(last["chain"], forged)
+    client.rpush(name, disk_entry.encode_frame(forged))
+
+
 DAMAGES = {
     "deleted": lambda client, name, other: client.delete(name),
     "flushall": lambda client, name, other: client.flushall(),
@@ -63,6 +75,7 @@ DAMAGES = {
     "garbage pushed": lambda client, name, other: client.rpush(name, b"\x00garbage"),
     "another session's record": lambda client, name, other: client.copy(
         other, name, replace=True),
+    "a turn forged without the key": lambda client, name, other: forge_a_turn(client, name),
 }
 
 

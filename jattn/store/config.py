@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ def machine_memory_bytes() -> int:
 
 
 HOST_MEMORY_KINDS = ("auto", "pinned_host", "unpinned_host", "numpy")
+MIN_KEY_BYTES = 16  # a store key file's content, at least
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,13 @@ class StoreConfig:
         `rediss://` for TLS) as the tier after disk, holding blocks and session records;
         None: no remote tier. Its budget is Redis's `maxmemory` (with `allkeys-lru`).
       remote_prefix: the prefix of every Redis key jattn writes.
+      key_file: a file holding the store key, a secret shared by every replica (at
+        least 16 bytes, e.g. `openssl rand -hex 32`; whitespace around it is ignored).
+        Block entries on disk and in Redis then carry a keyed BLAKE2b MAC instead of a
+        checksum, and session records a keyed chain: entries and records written without
+        the key, or with another, are dropped as corrupt. None: no key; whoever can write
+        to the disk directory or to Redis can change what the store serves
+        (docs/failure_model.md).
       host_memory_kind: where saved blocks land when they leave the device: "auto"
         (`pinned_host` on an accelerator that has it, so the copy out is a DMA that does
         not stall compute, and host memory keeps them there, one array per layer, which
@@ -56,6 +65,7 @@ class StoreConfig:
     host_memory_kind: str = "auto"
     remote_url: str | None = None
     remote_prefix: str = "jattn:"
+    key_file: str | None = None
 
     def __post_init__(self):
         for name in ("hbm_bytes", "host_bytes", "disk_bytes"):
@@ -79,6 +89,22 @@ class StoreConfig:
                 ("redis://", "rediss://", "unix://")):
             raise ValueError(f"remote_url must be redis://, rediss:// or unix://, got "
                              f"{self.remote_url!r}")
+
+    def store_key(self) -> bytes | None:
+        """The 32-byte key that `key_file` holds (a BLAKE2b digest of its content), or
+        None without one; ValueError naming the file if it cannot be read or is short."""
+        if self.key_file is None:
+            return None
+        try:
+            with open(self.key_file, "rb") as f:
+                content = f.read().strip()
+        except OSError as error:
+            raise ValueError(f"cannot read the store key file {self.key_file!r}: "
+                             f"{error.strerror}") from None
+        if len(content) < MIN_KEY_BYTES:
+            raise ValueError(f"the store key file {self.key_file!r} holds {len(content)} "
+                             f"bytes; a key needs at least {MIN_KEY_BYTES}")
+        return hashlib.blake2b(content, digest_size=32, person=b"jattn-store-key").digest()
 
     def device_budget(self, pool_bytes: int) -> int:
         """The device tier's budget in bytes, for a device pool of `pool_bytes`:

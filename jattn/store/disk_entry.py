@@ -4,7 +4,9 @@ Entry layout: the magic `JATTNKV1`, a little-endian u32 header length, a JSON he
 padded with spaces so the payload starts 64-byte aligned, then the payload. The header
 carries the format version, the model fingerprint, each array's dtype and shape, and the
 XXH3-64 checksum of the payload (a non-cryptographic hash at memory speed: it detects
-corruption, while trust in the files comes from the directory's permissions). Entries are
+corruption, while trust in the files comes from the directory's permissions), or, with a
+store key (`secret`), a keyed BLAKE2b-256 MAC of the rest of the header and the payload
+instead: then only a holder of the key can write an entry that is believed. Entries are
 written atomically (a temporary `.tmp-*` file in the same directory, fsync, rename, fsync
 of the directory), so a crash leaves either the old file or the new one, never a torn one
 that is believed. A file that fails any check raises `CorruptEntry` and the caller drops
@@ -18,6 +20,8 @@ torn last frame, which `decode_frames` stops at (the frames before it are whole)
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -31,6 +35,8 @@ import xxhash
 MAGIC = b"JATTNKV1"
 FORMAT_VERSION = 2
 ALIGNMENT = 64  # payload arrays handed to the device must be aligned to be used in place
+CHECKSUM_FIELD = "xxh3_64"  # the header's payload checksum, without a store key
+MAC_FIELD = "blake2b_mac"  # the header's keyed MAC of header and payload, with one
 
 
 class CorruptEntry(Exception):
@@ -146,17 +152,21 @@ def decode_frames(data: bytes) -> tuple[list, int]:
     return values, offset
 
 
-def encode(arrays: dict[str, np.ndarray], *, fingerprint: str, meta: dict) -> bytes:
-    """Serialises named arrays with a header; `meta` is any JSON-able extra."""
+def encode(arrays: dict[str, np.ndarray], *, fingerprint: str, meta: dict,
+           secret: bytes | None = None) -> bytes:
+    """Serialises named arrays with a header; `meta` is any JSON-able extra; `secret`:
+    the store key the entry is sealed with (None: a checksum only)."""
     payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
     header = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "arrays": [{"name": n, "dtype": str(a.dtype), "shape": list(a.shape)}
                    for n, a in arrays.items()],
-        "xxh3_64": xxhash.xxh3_64_hexdigest(payload),
         "meta": meta,
     }
+    digest, field = _payload_digest(header, secret)
+    digest.update(payload)
+    header[field] = digest.hexdigest()
     header_bytes = json.dumps(header, sort_keys=True).encode()
     header_bytes += b" " * (-(len(MAGIC) + 4 + len(header_bytes)) % ALIGNMENT)
     return MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + payload
@@ -169,8 +179,33 @@ def _header_length(head) -> int:
     return struct.unpack_from("<I", head, len(MAGIC))[0]
 
 
-def _checked_header(header_bytes, fingerprint: str) -> dict:
-    """The parsed header, if it is of this format and model."""
+def _payload_digest(header: dict, secret: bytes | None):
+    """A digest to feed an entry's payload to, and the header field that holds its
+    value: XXH3-64 without `secret`; with it, BLAKE2b-256 keyed by it and already fed
+    the header's other fields (canonical JSON), so that neither can be altered."""
+    if secret is None:
+        return xxhash.xxh3_64(), CHECKSUM_FIELD
+    digest = hashlib.blake2b(key=secret, digest_size=32)
+    digest.update(json.dumps({name: value for name, value in header.items()
+                              if name not in (MAC_FIELD, CHECKSUM_FIELD)},
+                             sort_keys=True, separators=(",", ":")).encode())
+    return digest, MAC_FIELD
+
+
+def _check_digest(header: dict, secret: bytes | None, pieces) -> None:
+    """`CorruptEntry` unless the payload `pieces` (bytes-like, in order) match the
+    checksum or MAC in `header`."""
+    digest, field = _payload_digest(header, secret)
+    for piece in pieces:
+        digest.update(piece)
+    if not hmac.compare_digest(digest.hexdigest(), str(header.get(field))):
+        raise CorruptEntry("checksum mismatch (altered or truncated payload)" if secret is None
+                           else "MAC mismatch (altered, or sealed with another store key)")
+
+
+def _checked_header(header_bytes, fingerprint: str, secret: bytes | None) -> dict:
+    """The parsed header, if it is of this format and model, and sealed as this store
+    seals entries (with its key, or without one)."""
     try:
         header = json.loads(bytes(header_bytes))
     except ValueError as error:
@@ -180,17 +215,23 @@ def _checked_header(header_bytes, fingerprint: str) -> dict:
         raise CorruptEntry(f"format version {version}, expected {FORMAT_VERSION}")
     if header.get("fingerprint") != fingerprint:
         raise CorruptEntry("written by another model (fingerprint differs)")
+    if secret is not None and MAC_FIELD not in header:
+        raise CorruptEntry("not sealed with a store key, and this store has one")
+    if secret is None and CHECKSUM_FIELD not in header:
+        raise CorruptEntry("sealed with a store key, and this store has none")
     return header
 
 
-def read_header(fd: int, *, fingerprint: str) -> tuple[dict, int]:
-    """The checked header of the entry open as `fd`, and where its payload starts."""
+def read_header(fd: int, *, fingerprint: str, secret: bytes | None = None
+                ) -> tuple[dict, int]:
+    """The checked header of the entry open as `fd`, and where its payload starts (its
+    seal is checked with the payload, by `check_payload`)."""
     start = len(MAGIC) + 4
     head = os.pread(fd, 4096, 0)
     end = start + _header_length(head)
     if end > len(head):
         head = os.pread(fd, end, 0)
-    return _checked_header(head[start:end], fingerprint), end
+    return _checked_header(head[start:end], fingerprint, secret), end
 
 
 def payload_size(header: dict) -> int:
@@ -218,25 +259,24 @@ def read_payload_into(fd: int, offset: int, pieces: list[np.ndarray]) -> None:
         raise CorruptEntry("file changed size while read")
 
 
-def check_payload(header: dict, pieces: list[np.ndarray]) -> None:
-    """`CorruptEntry` unless `pieces` (a payload, in order) match `header`'s checksum."""
-    checksum = xxhash.xxh3_64()
-    for piece in pieces:
-        checksum.update(piece)
-    if checksum.hexdigest() != header.get("xxh3_64"):
-        raise CorruptEntry("checksum mismatch (altered or truncated payload)")
+def check_payload(header: dict, pieces: list[np.ndarray], secret: bytes | None = None
+                  ) -> None:
+    """`CorruptEntry` unless `pieces` (a payload, in order) match `header`'s checksum,
+    or with `secret`, its MAC."""
+    _check_digest(header, secret, pieces)
 
 
-def decode(data, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Checks and parses `encode`'s bytes (any bytes-like object); raises `CorruptEntry`
-    saying what failed. The arrays are read-only views of `data`, not copies."""
+def decode(data, *, fingerprint: str, secret: bytes | None = None
+           ) -> tuple[dict[str, np.ndarray], dict]:
+    """Checks and parses `encode`'s bytes (any bytes-like object) sealed with `secret`
+    (or with none); raises `CorruptEntry` saying what failed. The arrays are read-only
+    views of `data`, not copies."""
     data = memoryview(data).cast("B")
     start = len(MAGIC) + 4
     header_length = _header_length(data[:start])
-    header = _checked_header(data[start:start + header_length], fingerprint)
+    header = _checked_header(data[start:start + header_length], fingerprint, secret)
     payload = data[start + header_length:]
-    if xxhash.xxh3_64_hexdigest(payload) != header.get("xxh3_64"):
-        raise CorruptEntry("checksum mismatch (altered or truncated payload)")
+    _check_digest(header, secret, [payload])
     arrays, offset = {}, 0
     for spec in header["arrays"]:
         dtype = np.dtype(spec["dtype"])
@@ -253,8 +293,10 @@ def decode(data, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, header.get("meta", {})
 
 
-def read(path: str, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads and checks a file; a missing or unreadable file is `CorruptEntry` too."""
+def read(path: str, *, fingerprint: str, secret: bytes | None = None
+         ) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads and checks a file (`decode`); a missing or unreadable file is `CorruptEntry`
+    too."""
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -263,7 +305,7 @@ def read(path: str, *, fingerprint: str) -> tuple[dict[str, np.ndarray], dict]:
                 raise CorruptEntry("file changed size while read")
     except OSError as error:
         raise CorruptEntry(f"cannot read: {error}") from None
-    return decode(data, fingerprint=fingerprint)
+    return decode(data, fingerprint=fingerprint, secret=secret)
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:

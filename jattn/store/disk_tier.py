@@ -35,17 +35,19 @@ _HEX_KEY = re.compile(r"[0-9a-f]{32}")  # block keys in headers
 
 class DiskTier:
     """A `BlockTier` of block files in `files`, for the model `fingerprint` (whose
-    blocks are `spec`, when given: a file of another shape is dropped as corrupt). Runs are
+    blocks are `spec`, when given: a file of another shape is dropped as corrupt), sealed
+    with the store key `secret` (None: checksummed only; see `disk_entry`). Runs are
     read into memory from `buffers` (else fresh), half of their files by `reader`, a
     one-thread executor (else all by the caller)."""
 
     name = "disk"
 
-    def __init__(self, files: DiskFiles, *, fingerprint: str,
+    def __init__(self, files: DiskFiles, *, fingerprint: str, secret: bytes | None = None,
                  spec: BlockSpec | None = None, buffers: HostBuffers | None = None,
                  reader: concurrent.futures.Executor | None = None):
         self.files = files
         self.fingerprint = fingerprint
+        self._secret = secret
         self._spec = spec
         self._buffers = buffers
         self._reader = reader
@@ -73,7 +75,7 @@ class DiskTier:
             return None
         try:
             arrays, meta = disk_entry.read(self.files.path(relative),
-                                           fingerprint=self.fingerprint)
+                                           fingerprint=self.fingerprint, secret=self._secret)
             if set(arrays) != {"k", "v"}:
                 raise disk_entry.CorruptEntry("not a KV block")
             wrong = self._spec and self._spec.mismatch(arrays["k"], arrays["v"])
@@ -131,7 +133,8 @@ class DiskTier:
             self._drop(relative, "corrupt_entries", f"cannot read: {error}")
             return None
         try:
-            header, offset = disk_entry.read_header(fd, fingerprint=self.fingerprint)
+            header, offset = disk_entry.read_header(fd, fingerprint=self.fingerprint,
+                                                    secret=self._secret)
             arrays = header.get("arrays")
             if like is not None and arrays == like[2]["arrays"]:
                 size = like[4]  # checked with the first
@@ -183,7 +186,7 @@ class DiskTier:
                           for part, row in parts for layer in range(layers)]
                 try:
                     disk_entry.read_payload_into(fd, offset, pieces)
-                    disk_entry.check_payload(header, pieces)
+                    disk_entry.check_payload(header, pieces, self._secret)
                 except (disk_entry.CorruptEntry, OSError) as error:
                     first_bad[0] = min(first_bad[0], index)
                     return index, error
@@ -213,7 +216,7 @@ class DiskTier:
         if not self.files.enabled or block.nbytes > room:
             return False  # could never fit: not worth encoding
         data = disk_entry.encode({"k": block.k, "v": block.v}, fingerprint=self.fingerprint,
-                                 meta={"block_key": key.hex()})
+                                 meta={"block_key": key.hex()}, secret=self._secret)
         if len(data) > room:
             return False
 

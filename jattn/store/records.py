@@ -24,6 +24,10 @@ missing, junk, shorter, or not the history this replica saw means turns are lost
 no replica can know it holds in full, so the session is lost (`SessionLost`, and the
 record is replaced with a marker saying so, for every replica) rather than continued
 from less; a shared record that cannot be read at all is `RecordUnavailable`.
+
+With a store key (`secret`), "chain" is a keyed BLAKE2b MAC of the history: a record or
+log whose entries do not carry the chain the key gives them (written without the key,
+or altered) is junk, so no one without the key can add to a session's history.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -62,34 +67,38 @@ class RecordUnavailable(Exception):
     (another replica may have run turns of it since): try again."""
 
 
-def chain_digest(previous: str, entry: dict) -> str:
+def chain_digest(previous: str, entry: dict, secret: bytes | None = None) -> str:
     """The digest of a history whose last entry is `entry` (its "chain" left out),
     after the history whose digest is `previous` (before a session's first entry: its
-    `session_key`)."""
+    `session_key`), keyed by the store key `secret` when there is one."""
     body = json.dumps({name: value for name, value in entry.items() if name != "chain"},
                       sort_keys=True, separators=(",", ":"))
-    return hashlib.blake2b(f"{previous}:{body}".encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(f"{previous}:{body}".encode(), digest_size=16,
+                           key=secret or b"").hexdigest()
 
 
-def chained(key: str, entries: list) -> list:
+def chained(key: str, entries: list, secret: bytes | None = None) -> list:
     """Copies of `entries` (session `key`'s, in order) whose "chain" is their history's
-    digest, computed from their content (whatever "chain" they carried)."""
+    digest (keyed by `secret`), computed from their content (whatever "chain" they
+    carried)."""
     digest, result = key, []
     for entry in entries:
-        digest = chain_digest(digest, entry)
+        digest = chain_digest(digest, entry, secret)
         result.append({**entry, "chain": digest})
     return result
 
 
 class SessionRecords:
     """The records of sessions, logged in `files` (None: in memory only) for the model
-    `fingerprint`. Safe to call from any thread; the writes that `append` returns run
-    on one thread, in the order they were returned."""
+    `fingerprint`, their chains keyed by the store key `secret` (None: unkeyed). Safe to
+    call from any thread; the writes that `append` returns run on one thread, in the
+    order they were returned."""
 
     def __init__(self, files: DiskFiles | None, *, fingerprint: str,
-                 remote: RemoteTier | None = None):
+                 remote: RemoteTier | None = None, secret: bytes | None = None):
         self._files = files
         self._remote = remote
+        self._secret = secret
         self.fingerprint = fingerprint
         self._lock = threading.Lock()
         self._records: dict[str, list] = {}  # session key -> entries
@@ -125,7 +134,7 @@ class SessionRecords:
                 entries = self._read_disk(key, session_id) or []
             try:
                 entry = {**entry, "chain": chain_digest(
-                    entries[-1]["chain"] if entries else key, entry)}
+                    entries[-1]["chain"] if entries else key, entry, self._secret)}
                 frame = disk_entry.encode_frame(entry)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"a record entry must be JSON-able: {error}") from None
@@ -233,8 +242,8 @@ class SessionRecords:
         seen, digest = self._shared.get(key, (None, None))
         if seen is None:
             common = min(len(remote), len(current))
-            return common == 0 or \
-                remote[common - 1]["chain"] == chained(key, current[:common])[-1]["chain"]
+            return common == 0 or remote[common - 1]["chain"] == \
+                chained(key, current[:common], self._secret)[-1]["chain"]
         return 0 < seen <= len(remote) and remote[seen - 1]["chain"] == digest
 
     def _lose(self, key: str, session_id: str, why: str):
@@ -375,8 +384,21 @@ class SessionRecords:
                 and header.get("session_id") == session_id and not header.get("lost")
                 and all(isinstance(entry, dict) for entry in frames[1:])):
             return None
-        self._remote_logged[key] = len(frames) - 1
-        return chained(key, frames[1:])
+        entries = self._verified(key, frames[1:])
+        if entries is not None:
+            self._remote_logged[key] = len(entries)
+        return entries
+
+    def _verified(self, key: str, entries: list) -> list | None:
+        """Session `key`'s `entries` as read, chained from their content (`chained`:
+        entries written before entries had chains get theirs); with a store key, None
+        unless each carried the chain the key gives it."""
+        result = chained(key, entries, self._secret)
+        if self._secret is not None and any(
+                not hmac.compare_digest(str(entry.get("chain")), checked["chain"])
+                for entry, checked in zip(entries, result)):
+            return None
+        return result
 
     def _read_disk(self, key: str, session_id: str) -> list | None:
         """Under the lock: the entries of the session's log, or None."""
@@ -392,19 +414,22 @@ class SessionRecords:
             data = b""
         frames, good_length = disk_entry.decode_frames(data)
         header = frames[0] if frames else None
-        if not (isinstance(header, dict) and len(frames) > 1
+        entries = None
+        if (isinstance(header, dict) and len(frames) > 1
                 and header.get("format_version") == LOG_FORMAT_VERSION
                 and header.get("fingerprint") == self.fingerprint
                 and all(isinstance(entry, dict) for entry in frames[1:])):
+            entries = self._verified(key, frames[1:])
+        if entries is None:
             log.warning("dropping the record log %s: it has no good header and entries "
-                        "(damaged, another format or another model)", path)
+                        "(damaged, another format or model, or not sealed with this "
+                        "store's key)", path)
             self._stats["corrupt_entries"] += 1
             self._files.delete(relative)
             return None
         if header.get("session_id") != session_id:
             log.warning("the record log %s names another session: not believed", path)
             return None
-        entries = chained(key, frames[1:])  # (logs written before entries had chains)
         if good_length < len(data):
             log.warning("record log %s ends in a torn or damaged frame: cutting it from %d "
                         "to %d bytes (%d entries kept)", path, len(data), good_length,

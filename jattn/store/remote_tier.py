@@ -69,17 +69,19 @@ def stacked(layers: list[tuple[np.ndarray, np.ndarray]]) -> BlockKV:
 
 class RemoteTier:
     """A `BlockTier` in the Redis at `url` (`redis://[user:password@]host:port/db` or
-    `rediss://` for TLS), its keys under `prefix`, for the model `fingerprint`.
-    `timeout_s` bounds each call; after a fault Redis is left alone for `retry_s`. With
+    `rediss://` for TLS), its keys under `prefix`, for the model `fingerprint`, its
+    values sealed with the store key `secret` (None: checksummed only). `timeout_s` bounds each call; after a fault Redis is left alone for `retry_s`. With
     `spec` (the model's blocks), a value of another layer count or shape is dropped."""
 
     name = "remote"
 
     def __init__(self, url: str, *, fingerprint: str, prefix: str = "jattn:",
-                 spec: BlockSpec | None = None, timeout_s: float = 1.0, retry_s: float = 2.0):
+                 secret: bytes | None = None, spec: BlockSpec | None = None,
+                 timeout_s: float = 1.0, retry_s: float = 2.0):
         import redis  # imported only with a remote tier (0.4 s)
 
         self.fingerprint = fingerprint
+        self._secret = secret
         self._spec = spec
         self._faults = (redis.ConnectionError, redis.TimeoutError, OSError)
         self._wrong_type = redis.ResponseError  # e.g. WRONGTYPE: a string at a list's key
@@ -166,7 +168,8 @@ class RemoteTier:
             self._forget(key)
             return None
         try:
-            arrays, meta = disk_entry.decode(data, fingerprint=self.fingerprint)
+            arrays, meta = disk_entry.decode(data, fingerprint=self.fingerprint,
+                                             secret=self._secret)
             if set(arrays) != {"k", "v"}:
                 raise disk_entry.CorruptEntry("not a layer of a KV block")
         except disk_entry.CorruptEntry as error:
@@ -197,7 +200,8 @@ class RemoteTier:
         for layer in range(num_layers):
             data = disk_entry.encode(
                 {"k": block.k[layer], "v": block.v[layer]}, fingerprint=self.fingerprint,
-                meta={"block_key": key.hex(), "layer": layer, "layers": num_layers})
+                meta={"block_key": key.hex(), "layer": layer, "layers": num_layers},
+                secret=self._secret)
             pipe.hsetnx(name, str(layer), data)
             nbytes += len(data)
         written = self._call("writing a KV block", pipe.execute)

@@ -89,6 +89,7 @@ class AttentionStore:
 
     def __init__(self, config: StoreConfig, *, fingerprint: str,
                  spec: BlockSpec | None = None):
+        secret = config.store_key()  # (first: a bad key file starts no thread)
         self.config = config
         self.fingerprint = fingerprint
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-store")
@@ -104,15 +105,16 @@ class AttentionStore:
         if config.disk_bytes > 0:
             root = os.path.join(os.path.abspath(config.disk_path), fingerprint[:16])
             files = DiskFiles(root, config.disk_bytes)
-            self._disk = DiskTier(files, fingerprint=fingerprint, spec=spec,
+            self._disk = DiskTier(files, fingerprint=fingerprint, secret=secret, spec=spec,
                                   buffers=HostBuffers(READ_BUFFER_BYTES), reader=self._reader)
             self._tiers.append(self._disk)
         self._remote = None
         if config.remote_url:
             self._remote = RemoteTier(config.remote_url, fingerprint=fingerprint,
-                                      prefix=config.remote_prefix, spec=spec)
+                                      prefix=config.remote_prefix, secret=secret, spec=spec)
             self._tiers.append(self._remote)
-        self._records = SessionRecords(files, fingerprint=fingerprint, remote=self._remote)
+        self._records = SessionRecords(files, fingerprint=fingerprint, remote=self._remote,
+                                       secret=secret)
         self._lock = threading.RLock()  # reentrant: `append_record` queues under it
         self._counts = collections.Counter()  # the store's own stats
         self._upcoming: list[bytes] = []  # the last hint, most imminent first
