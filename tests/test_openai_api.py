@@ -258,7 +258,7 @@ def test_tokens_queue_and_shutdown_statuses():
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=20),
+    | st.text(max_size=20) | st.text(st.characters(categories=["Cs", "Ll"]), max_size=4),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=4),
     max_leaves=12)
