@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from jattn.generation import Generation, IncrementalText, StreamedToken
+from jattn.generation import Generation, IncrementalText, StreamedToken, TokenLogprob
 from jattn.model.step_plan import Draw
 from jattn.sampling import SamplingParams, seed_key_data
 
@@ -39,6 +39,8 @@ class Continuation:
         self.draws = 0  # the key of draw n is `key` folded with n
         self._text = IncrementalText(tokenizer.decode) if tokenizer else None
         result.finish_reason = "length"
+        if params.logprobs is not None:
+            result.logprobs = []
 
     def draw(self) -> Draw:
         """How this sequence's next token is drawn (each call is the next draw)."""
@@ -46,7 +48,8 @@ class Continuation:
         self.draws += 1
         return Draw(self.key, self.draws - 1, p.temperature, p.top_k, p.top_p)
 
-    def take(self, token: int) -> StreamedToken | None:
+    def take(self, token: int, logprob: TokenLogprob | None = None) -> StreamedToken | None:
+        """`token` drawn (with its `logprob` if asked for): what to deliver, or None."""
         if self.steps == 0:
             self.result.ttft_s = time.perf_counter() - self.start_time
         self.steps += 1
@@ -56,9 +59,11 @@ class Continuation:
         if delta and self._ends_in_stop(len(delta)):
             return self._finish("stop")
         self.result.token_ids.append(token)
+        if self.result.logprobs is not None:
+            self.result.logprobs.append(logprob)
         if self.steps >= self.budget:
             self._finish("length")
-        return StreamedToken(token, delta)
+        return StreamedToken(token, delta, logprob)
 
     def _ends_in_stop(self, added: int) -> bool:
         """Whether a stop string appears in the text's last `added` characters, or

@@ -19,15 +19,28 @@ class Generation:
     finish_reason: str
     prompt_token_ids: list[int] = field(default_factory=list)
     ttft_s: float = 0.0
+    logprobs: list[TokenLogprob] | None = None
+    """With `logprobs` asked for: one per token of `token_ids`."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A drawn token's log-probability (natural log) under the model's own distribution:
+    the log-softmax of its logits, before temperature, top-k and top-p; and `top`, the
+    most likely tokens' `(id, log-probability)`, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class StreamedToken:
-    """One new token: its id and the text it adds (may be "" while a multi-byte
-    character is incomplete)."""
+    """One new token: its id, the text it adds (may be "" while a multi-byte
+    character is incomplete), and its log-probabilities when they were asked for."""
 
     id: int
     text: str
+    logprob: TokenLogprob | None = None
 
 
 class IncrementalText:

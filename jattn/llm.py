@@ -42,6 +42,7 @@ from jattn.engine.turns import ChatEngine, ChatTurn
 from jattn.generation import StreamedToken
 from jattn.model.config import ModelConfig
 from jattn.model.kv_cache import default_num_blocks
+from jattn.model.hub import model_directory
 from jattn.model.leader_steps import CompileSaves, CompileSteps
 from jattn.model.runner import ModelRunner
 from jattn.model.step_plan import StepPlan
@@ -120,8 +121,11 @@ class LLM:
     """A Llama-family model ready to generate.
 
     Args:
-      model: None for the embedded stories260K, or a Hugging Face checkpoint directory
-        (`config.json`, `*.safetensors`, optionally `tokenizer.json`).
+      model: None for the embedded stories260K, a Hugging Face checkpoint directory
+        (`config.json`, `*.safetensors`, optionally `tokenizer.json`), or a Hub id
+        (`org/name`) read from, or first downloaded into, the Hugging Face cache
+        (`jattn.model.hub`).
+      revision: the branch, tag or commit of a Hub id (None: its default branch).
       dtype: parameter and KV dtype; default float32 on CPU, bfloat16 on accelerators.
       random_weights: build the config's shape with random weights (a directory with
         only `config.json` loads only this way).
@@ -154,16 +158,15 @@ class LLM:
         called too when a step fails (a process of the group died).
     """
 
-    def __init__(self, model: str | None = None, *, dtype=None, random_weights: bool = False,
+    def __init__(self, model: str | None = None, *, revision: str | None = None, dtype=None,
+                 random_weights: bool = False,
                  seed: int = 0, block_size: int = BLOCK_SIZE, max_context: int | None = None,
                  num_blocks: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  max_running: int = MAX_RUNNING,
                  backend: str = "auto", params_cache: str | None = None,
                  store: StoreConfig | None | str = "auto", kv_parallel: int = 1,
                  step_timeout_s: float = STEP_TIMEOUT_S, on_group_failure=None):
-        path = EMBEDDED_MODEL if model is None else os.fspath(model)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        path = EMBEDDED_MODEL if model is None else model_directory(os.fspath(model), revision)
         self.model_path = path
         self.config = ModelConfig.from_dir(path)
         self.dtype = jnp.dtype(dtype or _default_dtype())
@@ -275,13 +278,16 @@ class LLM:
 
     def chat(self, session_id: str, message, *, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, stop=None, ignore_eos: bool = False) -> ChatTurn:
+             seed: int | None = None, stop=None, ignore_eos: bool = False,
+             logprobs: int | None = None) -> ChatTurn:
         """Appends `message` (text through the chat template, or token ids) to session
         `session_id`, generates the answer, and appends it.
 
         The session's earlier KV is reused from the store where it is held and
         recomputed where it is not; either way the tokens are the same. The result has
-        `.cached_tokens`, `.recomputed_tokens`, `.tiers` and `.ttft_s`.
+        `.cached_tokens`, `.recomputed_tokens`, `.tiers` and `.ttft_s`, and with
+        `logprobs` k, `.logprobs`: each token's log-probability and its k most likely
+        alternatives (`TokenLogprob`).
         """
         check_session_id(session_id)
         if isinstance(message, str):
@@ -289,7 +295,7 @@ class LLM:
         else:
             kind, value = "tokens", tuple(message)
         return self._finish(self._submit(session_id, kind, value, max_tokens, temperature,
-                                         top_p, top_k, seed, stop, ignore_eos))
+                                         top_p, top_k, seed, stop, ignore_eos, logprobs))
 
     def hint(self, upcoming_session_ids) -> None:
         """A scheduler's queue, next first: those sessions' context blocks are kept
@@ -359,22 +365,25 @@ class LLM:
 
     def generate(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
-                 ignore_eos: bool = False) -> ChatTurn:
+                 ignore_eos: bool = False, logprobs: int | None = None) -> ChatTurn:
         """Generates up to `max_tokens` new tokens after `prompt` (a string or token ids).
 
         `temperature=0` is greedy. Generation stops at an end-of-sequence token (unless
         `ignore_eos`), at a stop string (cut from the text), or at `max_tokens`. The
         prompt's leading blocks are reused from any tier that holds them (whoever
         computed them: `.cached_tokens` says how many tokens), and its blocks and the
-        answer's are published for later requests.
+        answer's are published for later requests. With `logprobs` k, `.logprobs` holds
+        each new token's log-probability under the model's own distribution (before
+        temperature, top-k and top-p) and its k most likely alternatives.
         """
         return self._finish(self._submit(None, "tokens", tuple(self.encode_prompt(prompt)),
                                          max_tokens, temperature, top_p, top_k, seed, stop,
-                                         ignore_eos))
+                                         ignore_eos, logprobs))
 
     def _submit(self, session_id, kind, value, max_tokens, temperature, top_p, top_k, seed,
-                stop, ignore_eos) -> TurnStream:
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+                stop, ignore_eos, logprobs=None) -> TurnStream:
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop or ()),
+                                logprobs)
         return self.engine.submit(TurnRequest(session_id, kind, value, params,
                                               ignore_eos=ignore_eos))
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from jattn.engine.errors import InvalidRequest
 
+MAX_TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities list
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,7 +22,9 @@ class SamplingParams:
     disable those filters (a `top_k` past the vocabulary keeps it all; a `top_p` however
     small keeps at least the most likely token); `stop` strings end the generation (not
     included). `seed` is an integer in [0, 2**64): all 64 bits choose the random stream
-    (see `seed_key_data`); None draws one from the clock."""
+    (see `seed_key_data`); None draws one from the clock. `logprobs` k in [0,
+    `MAX_TOP_LOGPROBS`] returns each token's log-probability and the k most likely
+    tokens' (`token_logprobs`); None returns none."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -28,6 +32,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
@@ -46,6 +51,11 @@ class SamplingParams:
                                       or not 0 <= self.seed < 2**64):
             raise InvalidRequest(f"seed must be an integer in [0, 2**64) or None, "
                                  f"got {self.seed!r}")
+        if self.logprobs is not None and (
+                isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or "
+                                 f"None, got {self.logprobs!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             raise InvalidRequest(f"stop must be non-empty strings, got {self.stop!r}")
@@ -137,3 +147,18 @@ def draw_tokens(logits, key_data, numbers, temperature, top_k, top_p, *, width: 
     int32: the tokens of a step, as the next step reads them."""
     tokens = sample_rows(logits, key_data, numbers, temperature, top_k, top_p)
     return jnp.pad(tokens, (0, width - tokens.shape[0]))
+
+
+@jax.jit
+def token_logprobs(logits, rows, tokens):
+    """The log-probabilities of drawn tokens under the model's own distribution.
+
+    logits `[R, V]`: a step's logits; rows `[n]` int32: the rows wanted; tokens `[>= R]`
+    int32: the token drawn from each row. Returns the log-softmax, in float32, at each
+    wanted row's drawn token `[n]`, and the `MAX_TOP_LOGPROBS` largest of that row (or
+    all V if fewer): their token ids `[n, k]` int32 and log-probabilities `[n, k]`,
+    largest first."""
+    logprobs = jax.nn.log_softmax(logits[rows].astype(jnp.float32), axis=-1)
+    drawn = jnp.take_along_axis(logprobs, tokens[rows][:, None], axis=1)[:, 0]
+    top, ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logprobs.shape[-1]))
+    return drawn, ids, top

@@ -160,7 +160,10 @@ def _http_turns(args, session: str):
 
 
 def _describe(args) -> int:
-    print(_client(args).describe(args.session_id))
+    from serve.stats_tables import as_json, session_table
+
+    info = _client(args).describe(args.session_id)
+    print(as_json(info) if args.json else session_table(info))
     return 0
 
 
@@ -171,7 +174,10 @@ def _end(args) -> int:
 
 
 def _stats(args) -> int:
-    print(_client(args).stats())
+    from serve.stats_tables import as_json, server_table
+
+    stats = _client(args).stats()
+    print(as_json(stats) if args.json else server_table(stats))
     return 0
 
 
@@ -229,6 +235,9 @@ def _replay(args) -> int:
         summary = replay(requests, run_in_process(engine), vocab_size=llm.config.vocab_size,
                          speedup=args.speedup, max_workers=args.max_workers,
                          kv_block_tokens=args.block_size)
+        counters = engine.stats()  # how full the steps were: TPOT grows with the batch
+        summary["engine"] = {name: counters.get(name, 0) for name in (
+            "model_steps", "prefill_steps", "tokens_generated", "tokens_prefilled")}
         engine.shutdown()
     summary.update(trace=args.trace, scale=args.scale, limit=args.limit, store=args.store,
                    server=args.server, speedup=args.speedup, model=args.model)
@@ -294,6 +303,10 @@ def main(argv=None) -> int:
             command.add_argument("--temperature", type=float, default=0.0)
         elif name in ("describe", "end"):
             command.add_argument("session_id")
+        if name in ("describe", "stats"):
+            command.add_argument("--json", action="store_true",
+                                 help="print JSON (fields as in the gRPC API) instead of a "
+                                      "table")
     bench = commands.add_parser("bench", help="replay a trace or simulate the store")
     benches = bench.add_subparsers(dest="bench", required=True)
     replay = benches.add_parser("replay", help="replay a Mooncake-format trace")

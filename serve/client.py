@@ -13,14 +13,16 @@ from serve.protos import jattn_pb2, jattn_pb2_grpc, jetstream_pb2, jetstream_pb2
 
 @dataclass
 class TurnReply:
-    """A whole turn as the client saw it: tokens, text, the server's facts, and the
-    client-side time to first token (seconds, request sent to first event)."""
+    """A whole turn as the client saw it: tokens, text, the server's facts, the
+    client-side time to first token (seconds, request sent to first event), and each
+    token's `TokenLogprobs` when the request asked for them."""
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = ""
     facts: jattn_pb2.TurnFacts | None = None
     client_ttft_s: float = 0.0
+    logprobs: list = field(default_factory=list)
 
 
 class Client:
@@ -69,6 +71,7 @@ class Client:
                 reply.facts = event.facts
                 reply.client_ttft_s = time.perf_counter() - start
             reply.token_ids.extend(event.token_ids)
+            reply.logprobs.extend(event.logprobs)
             reply.text += event.text
             reply.finish_reason = event.finish_reason or reply.finish_reason
         return reply

@@ -41,7 +41,11 @@ class ServeConfig:
     """Everything `jattn-serve` can be told. Sizes in bytes, times in seconds."""
 
     model: str | None = field(default=None, metadata={
-        "help": "model directory (Hugging Face layout); default: the embedded stories260K"})
+        "help": "model directory (Hugging Face layout) or Hugging Face Hub id (org/name, "
+                "downloaded once into the Hugging Face cache; HF_TOKEN, HF_HOME and "
+                "HF_HUB_OFFLINE apply); default: the embedded stories260K"})
+    revision: str | None = field(default=None, metadata={
+        "help": "branch, tag or commit of a Hub model (default: its main branch)"})
     dtype: str | None = field(default=None, metadata={
         "help": "float32 or bfloat16; default: bfloat16 on accelerators, float32 on CPU"})
     random_weights: bool = field(default=False, metadata={

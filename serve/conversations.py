@@ -54,7 +54,9 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
                                        interval_s=self.service.stream_interval_s):
             if tokens is not None:
                 event = jattn_pb2.ChatEvent(token_ids=[token.id for token in tokens],
-                                            text="".join(token.text for token in tokens))
+                                            text="".join(token.text for token in tokens),
+                                            logprobs=[_logprobs(token) for token in tokens
+                                                      if token.logprob is not None])
             elif stream.result is None:  # cancelled while it waited in the queue
                 event = jattn_pb2.ChatEvent(finish_reason="cancelled")
                 first = False
@@ -98,4 +100,13 @@ class ConversationsServicer(jattn_pb2_grpc.ConversationsServicer):
             queued=stats["queued"], running=stats["running"], store=store,
             uptime_s=time.time() - self.started,
             generated_tokens=stats.get("tokens_generated", 0),
-            prefilled_tokens=stats.get("tokens_prefilled", 0))
+            prefilled_tokens=stats.get("tokens_prefilled", 0),
+            reused_tokens=stats.get("tokens_reused", 0), ttft_p50_s=stats["ttft_p50_s"],
+            ttft_p99_s=stats["ttft_p99_s"], ttft_turns=stats["ttft_turns"])
+
+
+def _logprobs(token) -> jattn_pb2.TokenLogprobs:
+    """A `StreamedToken`'s log-probabilities as the API carries them."""
+    return jattn_pb2.TokenLogprobs(logprob=token.logprob.logprob,
+                                   top_token_ids=[other for other, _ in token.logprob.top],
+                                   top_logprobs=[value for _, value in token.logprob.top])

@@ -1,5 +1,5 @@
 """Prometheus metrics of a server, under the names serving engines use (see
-`docs/metrics.md`): calls by method and status, time to first token and per output
+`docs/openai.md`, "Metrics"): calls by method and status, time to first token and per output
 token, tokens reused and prefilled, prefix-cache queries and hits per tier, and the
 engine's and the store's gauges (the numbers of gRPC `ServerStats`), read when scraped.
 

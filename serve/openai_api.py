@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
+from jattn.sampling import MAX_TOP_LOGPROBS
 from serve.metrics import Metrics
 from serve.service import Caller, ErrorKind, Service, TurnFacts, error_kind, error_message
 
@@ -41,6 +42,7 @@ log = logging.getLogger("jattn.serve")
 
 MAX_BODY_BYTES = 16 << 20
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is there
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit on `logprobs`
 
 HTTP_STATUS = {
     ErrorKind.INVALID: 400,
@@ -260,24 +262,33 @@ class ChatCompletionBody(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs:
-            raise ApiError(ErrorKind.INVALID, "logprobs is not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(ErrorKind.INVALID, "top_logprobs needs logprobs: true",
+                           param="top_logprobs")
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's log-probabilities list; None: none."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(_GenerationBody):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # (true is no token id)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        for name in ("echo", "logprobs", "suffix"):
+        for name in ("echo", "suffix"):
             if getattr(self, name):
                 raise ApiError(ErrorKind.INVALID, f"{name} is not supported", param=name)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def input(self) -> tuple[str, object]:
         """("text", the prompt) or ("tokens", its ids); one prompt per request."""
@@ -309,15 +320,17 @@ def _usage(facts: TurnFacts, completion_tokens: int) -> dict:
 
 
 class _Bodies:
-    """The response bodies of one request: the whole answer, or its stream's chunks."""
+    """The response bodies of one request: the whole answer, or its stream's chunks.
+    `token_text(id)` is one token's text, for log-probabilities."""
 
     kind = ""  # the "object" of a whole answer; chunks add ".chunk" where OpenAI does
     chunk_kind = ""
     prefix = ""
 
-    def __init__(self, model: str, created: int):
+    def __init__(self, model: str, created: int, token_text):
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.model, self.created = model, created
+        self.token_text = token_text
 
     def _body(self, kind: str, choices: list, result=None) -> dict:
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
@@ -327,14 +340,30 @@ class _Bodies:
         return body
 
     def whole(self, result) -> dict:
-        return self._body(self.kind, [self._choice(result.text, result, whole=True)], result)
+        logprobs = None if result.logprobs is None else self._logprobs(
+            list(zip(result.token_ids, result.logprobs)))
+        return self._body(self.kind, [self._choice(result.text, result, whole=True,
+                                                   logprobs=logprobs)], result)
 
     def opening(self) -> list[dict]:
         """Chunks sent before the first token's."""
         return []
 
-    def piece(self, text: str) -> dict:
-        return self._body(self.chunk_kind, [self._choice(text)])
+    def piece(self, token) -> dict:
+        """The chunk of one `StreamedToken`."""
+        logprobs = None if token.logprob is None else self._logprobs([(token.id, token.logprob)])
+        return self._body(self.chunk_kind, [self._choice(token.text, logprobs=logprobs)])
+
+    def _logprobs(self, tokens: list) -> dict:
+        """The "logprobs" of a choice holding `tokens`, `(id, TokenLogprob)` pairs."""
+        raise NotImplementedError
+
+    def _logprob_of(self, token_id: int, logprob: float) -> dict:
+        """One token's entry as OpenAI's chat API writes it (-inf as -9999.0, which
+        JSON can carry)."""
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": max(logprob, -9999.0),
+                "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
     def closing(self, result) -> dict:
         """The last chunk with a choice: its finish reason."""
@@ -344,7 +373,8 @@ class _Bodies:
         """The chunk `stream_options.include_usage` asks for: usage, no choices."""
         return self._body(self.chunk_kind, [], result)
 
-    def _choice(self, text: str, result=None, *, whole: bool = False) -> dict:
+    def _choice(self, text: str, result=None, *, whole: bool = False,
+                logprobs: dict | None = None) -> dict:
         raise NotImplementedError
 
 
@@ -356,21 +386,46 @@ class ChatBodies(_Bodies):
                                               "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None}])]
 
-    def _choice(self, text: str, result=None, *, whole: bool = False) -> dict:
+    def _choice(self, text: str, result=None, *, whole: bool = False,
+                logprobs: dict | None = None) -> dict:
         finish = _finish_reason(result.finish_reason) if result is not None else None
         if whole:
-            return {"index": 0, "logprobs": None, "finish_reason": finish,
+            return {"index": 0, "logprobs": logprobs, "finish_reason": finish,
                     "message": {"role": "assistant", "content": text}}
-        return {"index": 0, "logprobs": None, "finish_reason": finish,
+        return {"index": 0, "logprobs": logprobs, "finish_reason": finish,
                 "delta": {"content": text} if text or result is None else {}}
+
+    def _logprobs(self, tokens: list) -> dict:
+        return {"content": [dict(self._logprob_of(token_id, logprob.logprob), top_logprobs=[
+                    self._logprob_of(other, value) for other, value in logprob.top])
+                            for token_id, logprob in tokens], "refusal": None}
 
 
 class CompletionBodies(_Bodies):
     kind, chunk_kind, prefix = "text_completion", "text_completion", "cmpl"
 
-    def _choice(self, text: str, result=None, *, whole: bool = False) -> dict:
+    def __init__(self, model: str, created: int, token_text):
+        super().__init__(model, created, token_text)
+        self._offset = 0  # characters of text before the next streamed token's
+
+    def _choice(self, text: str, result=None, *, whole: bool = False,
+                logprobs: dict | None = None) -> dict:
         finish = _finish_reason(result.finish_reason) if result is not None else None
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _logprobs(self, tokens: list) -> dict:
+        """The completions API's columns; `text_offset` counts from the answer's start
+        (across a stream's chunks)."""
+        texts = [self.token_text(token_id) for token_id, _ in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {"tokens": texts,
+                "token_logprobs": [max(logprob.logprob, -9999.0) for _, logprob in tokens],
+                "top_logprobs": [{self.token_text(other): max(value, -9999.0)
+                                  for other, value in logprob.top} for _, logprob in tokens],
+                "text_offset": offsets}
 
 
 _END = object()
@@ -479,7 +534,8 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
                 params = service.sampling(
                     max_tokens=getattr(body, "max_completion_tokens", None) or body.max_tokens,
                     temperature=body.temperature, top_p=body.top_p,
-                    top_k=max(body.top_k or 0, 0), seed=body.seed, stop=body.stops())
+                    top_k=max(body.top_k or 0, 0), seed=body.seed, stop=body.stops(),
+                    logprobs=body.logprob_count())
                 stream = service.start_turn(
                     who, session_id=session, kind=kind, value=value, params=params,
                     ignore_eos=body.ignore_eos, cache_salt=body.cache_salt or "")
@@ -505,7 +561,7 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
                 for opening in bodies.opening():
                     yield _sse(opening)
                 while token is not _END:
-                    yield _sse(bodies.piece(token.text))
+                    yield _sse(bodies.piece(token))
                     token = await anyio.to_thread.run_sync(_next_event, events)
                 finished = True
                 metrics.call(method, "200")
@@ -530,14 +586,14 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
                                who: Caller = Depends(caller)):
         messages = tuple((m.role, m.text()) for m in body.messages)
         return await run(body, request, who, "messages", messages, "chat.completions",
-                         ChatBodies(body.model, created))
+                         ChatBodies(body.model, created, service.token_text))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request,
                           who: Caller = Depends(caller)):
         kind, value = body.input()
         return await run(body, request, who, kind, value, "completions",
-                         CompletionBodies(body.model, created))
+                         CompletionBodies(body.model, created, service.token_text))
 
     def model_card() -> dict:
         return {"id": service.model_name, "object": "model", "created": created,

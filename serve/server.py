@@ -50,7 +50,8 @@ def build_llm(config: ServeConfig, on_group_failure=None) -> LLM:
             block_size=config.block_size, disk_bytes=config.disk_bytes,
             disk_path=config.disk_path, remote_url=config.remote_url,
             remote_prefix=config.remote_prefix, key_file=config.store_key_file, **overrides)
-    return LLM(config.model, dtype=config.dtype, random_weights=config.random_weights,
+    return LLM(config.model, revision=config.revision, dtype=config.dtype,
+               random_weights=config.random_weights,
                block_size=config.block_size, max_context=config.max_context,
                num_blocks=config.num_blocks, prefill_chunk=config.prefill_chunk,
                max_running=config.max_running, store=store, kv_parallel=config.kv_parallel,

@@ -132,13 +132,18 @@ class Service:
 
     def sampling(self, *, max_tokens: int | None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None,
-                 seed: int | None = None, stop=()) -> SamplingParams:
+                 seed: int | None = None, stop=(), logprobs: int | None = None
+                 ) -> SamplingParams:
         """Sampling parameters, None (or 0 for `max_tokens` and `top_p`) meaning the
         default; InvalidRequest naming a parameter out of range."""
         return SamplingParams(max_tokens=max_tokens or self.default_max_tokens,
                               temperature=0.0 if temperature is None else temperature,
                               top_p=top_p or 1.0, top_k=top_k or 0, seed=seed,
-                              stop=tuple(stop or ()))
+                              stop=tuple(stop or ()), logprobs=logprobs)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, decoded alone."""
+        return self.engine.token_text(token_id)
 
     def start_turn(self, caller: Caller, *, session_id: str | None, kind: str, value,
                    params: SamplingParams, ignore_eos: bool = False,

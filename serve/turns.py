@@ -31,7 +31,9 @@ def sampling(service: Service, request) -> SamplingParams:
         max_tokens=request.max_tokens, temperature=getattr(request, "temperature", None),
         top_p=getattr(request, "top_p", None), top_k=getattr(request, "top_k", None),
         seed=request.seed if hasattr(request, "seed") and request.HasField("seed") else None,
-        stop=tuple(getattr(request, "stop", ())))
+        stop=tuple(getattr(request, "stop", ())),
+        logprobs=request.logprobs if hasattr(request, "logprobs")
+        and request.HasField("logprobs") else None)
 
 
 def run_turn(metrics: Metrics, method: str, context: grpc.ServicerContext, start, *,

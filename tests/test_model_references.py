@@ -4,22 +4,12 @@ import numpy as np
 import pytest
 
 from jattn import LLM
-from jattn.model.kv_cache import blocks_for
-from model_references import model_dir, reference_cases
+from model_references import full_sequence_logits, model_dir, reference_cases
 
 
 @pytest.fixture(scope="module")
 def stories():
     return LLM(store=None)  # the package's embedded copy
-
-
-def full_sequence_logits(llm, ids):
-    """Logits `[len(ids), V]` of one prefill over `ids` (teacher forcing), in pool blocks
-    of an allocator of its own: the LLMs here keep nothing in the pool between calls
-    (no store)."""
-    runner = llm.runner
-    return np.asarray(runner.prefill(ids, 0, runner.new_allocator().allocate(
-        blocks_for(len(ids), runner.block_size)), all_logits=True))
 
 
 def check_logits(logits, case, sums_key):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -17,8 +18,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -420,3 +423,71 @@ def test_chat_command_over_http(served, monkeypatch, capsys):
     assert "tokens reused (blocks: hbm" in second and " 0 tokens reused" not in second
     status, info = get(served, "/v1/sessions/cli-http")
     assert status == 200 and info["turns"] == 2
+
+
+def test_the_dashboard_queries_only_metrics_a_server_exports(served):
+    """Every metric that deploy/'s Grafana dashboard and Prometheus config name is on a
+    live server's /metrics (with its store on), after a turn has been served."""
+    conversation(sdk(served), stream=False)
+    status, page = get(served, "/metrics")
+    assert status == 200
+    exported = {line.split("{")[0].split(" ")[0] for line in page.decode().splitlines()
+                if line and not line.startswith("#")}
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
+    with open(os.path.join(root, "grafana", "jattn-dashboard.json")) as f:
+        dashboard = json.load(f)
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bjattn_[a-z0-9_]+", target["expr"])}
+    assert len(queried) >= 20 and len(dashboard["panels"]) >= 10
+    assert not queried - exported, f"the dashboard queries {sorted(queried - exported)}"
+    with open(os.path.join(root, "prometheus", "prometheus.yml")) as f:
+        scrape = yaml.safe_load(f)["scrape_configs"][0]
+    assert scrape["metrics_path"] == "/metrics"
+    assert scrape["static_configs"][0]["targets"] == [f"127.0.0.1:{ServeConfig().http_port}"]
+
+
+def test_logprobs_in_both_apis_streamed_and_not_equal_the_librarys(served):
+    """Through the `openai` SDK: each token's log-probability and alternatives, as the
+    library computes them (whose values test_logprobs checks against a float64
+    reference), in OpenAI's chat and completions formats, streamed and not."""
+    from jattn import LLM
+
+    client, prompt_ids = sdk(served), [1, 403, 407, 261, 366, 300]
+    library = LLM(store=None)
+    want = library.generate(prompt_ids, max_tokens=6, temperature=0.8, seed=3, logprobs=4,
+                            ignore_eos=True)
+    library.close()
+    text_of = served.llm.tokenizer.decode
+    common = dict(model=MODEL, prompt=prompt_ids, max_tokens=6, temperature=0.8, seed=3,
+                  logprobs=4, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**common).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**common, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    streamed = {name: sum((getattr(c.logprobs, name) for c in chunks), [])
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    for got in (whole.logprobs.model_dump(), streamed):
+        assert got["tokens"] == [text_of([t]) for t in want.token_ids]
+        np.testing.assert_allclose(got["token_logprobs"], [lp.logprob for lp in want.logprobs],
+                                   atol=1e-5)
+        for top, lp in zip(got["top_logprobs"], want.logprobs):
+            assert top == pytest.approx({text_of([t]): v for t, v in lp.top}, abs=1e-5)
+        assert got["text_offset"] == list(np.cumsum([0] + [len(t) for t in got["tokens"]])[:-1])
+    messages = [{"role": "user", "content": "Tell me about a cat."}]
+    chat = dict(model=MODEL, messages=messages, max_tokens=8, logprobs=True, top_logprobs=3)
+    answer = client.chat.completions.create(**chat)
+    content = answer.choices[0].logprobs.content
+    pieces = [c.choices[0].logprobs.content[0] for c in client.chat.completions.create(
+        **chat, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [p.model_dump() for p in pieces] == [c.model_dump() for c in content]
+    assert len(content) == answer.usage.completion_tokens
+    for entry in content:  # greedy: the token drawn is the most likely, listed first
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)
+        assert entry.bytes == list(entry.token.encode())
+        assert entry.logprob <= 0 and sorted((t.logprob for t in entry.top_logprobs),
+                                             reverse=True) == [t.logprob for t in
+                                                               entry.top_logprobs]
+    error_of(post(served, "/v1/chat/completions", chat_body(top_logprobs=2)), 400,
+             "invalid_request_error")
+    error_of(post(served, "/v1/completions", {"model": MODEL, "prompt": "Hi", "logprobs": 6}),
+             400, "invalid_request_error")

@@ -421,7 +421,7 @@ def test_chat_request_fields():
     assert _numbers(jattn_pb2.ChatRequest) == {
         "session_id": 1, "message": 2, "text": 3, "token_ids": 4, "max_tokens": 5,
         "temperature": 6, "top_k": 7, "top_p": 8, "seed": 9, "stop": 10, "ignore_eos": 11,
-        "cache_salt": 12}
+        "cache_salt": 12, "logprobs": 13}
     (oneof,) = [o for o in jattn_pb2.ChatRequest.DESCRIPTOR.oneofs if o.name == "input"]
     assert [f.name for f in oneof.fields] == ["message", "text", "token_ids"]
 
@@ -439,7 +439,10 @@ def test_chat_request_fields():
 
 def test_chat_events_carry_tokens_facts_and_finish():
     assert _numbers(jattn_pb2.ChatEvent) == {
-        "token_ids": 1, "text": 2, "facts": 3, "finish_reason": 4, "not_durable": 5}
+        "token_ids": 1, "text": 2, "facts": 3, "finish_reason": 4, "not_durable": 5,
+        "logprobs": 6}
+    assert _numbers(jattn_pb2.TokenLogprobs) == {"logprob": 1, "top_token_ids": 2,
+                                                 "top_logprobs": 3}
     assert _numbers(jattn_pb2.TurnFacts) == {
         "ttft_s": 1, "cached_tokens": 2, "recomputed_tokens": 3, "tier_blocks": 4,
         "input_tokens": 5, "dropped_tokens": 6}
@@ -465,7 +468,8 @@ def test_session_and_server_messages():
     assert _numbers(jattn_pb2.ServerStatsRequest) == {}
     assert _numbers(jattn_pb2.ServerStatsResponse) == {
         "requests": 1, "active_sessions": 2, "queued": 3, "running": 4, "store": 5,
-        "uptime_s": 6, "generated_tokens": 7, "prefilled_tokens": 8}
+        "uptime_s": 6, "generated_tokens": 7, "prefilled_tokens": 8, "ttft_p50_s": 9,
+        "ttft_p99_s": 10, "ttft_turns": 11, "reused_tokens": 12}
     stats = jattn_pb2.ServerStatsResponse(store={"hbm_hits": 3, "load_stall_seconds": 0.5})
     assert dict(jattn_pb2.ServerStatsResponse.FromString(
         stats.SerializeToString()).store) == {"hbm_hits": 3.0, "load_stall_seconds": 0.5}

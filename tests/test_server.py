@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -51,9 +52,13 @@ def test_conversation_and_one_off_equal_the_library(served):
     _, client = served
     library = LLM(store=StoreConfig(hbm_bytes=1 << 26, host_bytes=1 << 26))
     for message in MESSAGES[:3]:
-        reply = client.chat("lib", message, max_tokens=20, ignore_eos=True)
-        expected = library.chat("lib", message, max_tokens=20, ignore_eos=True)
+        reply = client.chat("lib", message, max_tokens=20, ignore_eos=True, logprobs=2)
+        expected = library.chat("lib", message, max_tokens=20, ignore_eos=True, logprobs=2)
         assert reply.token_ids == expected.token_ids and reply.text == expected.text
+        assert [list(lp.top_token_ids) for lp in reply.logprobs] == \
+            [[token for token, _ in lp.top] for lp in expected.logprobs]
+        np.testing.assert_allclose([lp.logprob for lp in reply.logprobs],
+                                   [lp.logprob for lp in expected.logprobs], atol=1e-6)
         assert reply.finish_reason == "length"
         assert reply.facts.cached_tokens == expected.cached_tokens
         assert dict(reply.facts.tier_blocks) == expected.tiers
@@ -341,9 +346,24 @@ def test_chat_command_holds_a_conversation(served, monkeypatch, capsys):
                  "--max-tokens", "20"]) == 0
     out = capsys.readouterr().out
     assert out.count("model> ") == 2 and "tokens reused" in out
-    assert main(["describe", "cli", "--server", f"127.0.0.1:{server.port}"]) == 0
-    assert "turns: 2" in capsys.readouterr().out
-    assert main(["end", "nobody", "--server", f"127.0.0.1:{server.port}"]) == 0
+    address = f"127.0.0.1:{server.port}"
+    assert main(["describe", "cli", "--server", address]) == 0
+    table = capsys.readouterr().out
+    assert main(["describe", "cli", "--server", address, "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["turns"] == 2 and "turns    2\n" in table
+    assert f"{described['context_tokens']:,} in the context window" in table
+    assert main(["stats", "--server", address, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert main(["stats", "--server", address]) == 0
+    table = capsys.readouterr().out
+    assert stats["ttft_turns"] >= 2 and 0 < stats["ttft_p50_s"] <= stats["ttft_p99_s"]
+    assert f"{int(stats['requests']):,} requests" in table
+    assert f"{int(stats['generated_tokens']):,} generated" in table
+    hbm = next(line.split() for line in table.splitlines() if line.startswith("hbm "))
+    assert hbm[1] == f"{int(stats['store']['hbm_blocks']):,}"
+    assert hbm[3] == f"{int(stats['store']['hbm_hits']):,}"
+    assert main(["end", "nobody", "--server", address]) == 0
     assert "no such session" in capsys.readouterr().out
 
 

@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,7 +42,9 @@ from jattn.conversation import Conversation
 from jattn.engine.turns import ActiveTurn, BlockCensus, ChatEngine, OneOff, RemoteFetch
 from jattn.store.remote_read import RemoteBlockLost
 from jattn.block_allocator import PoolExhausted
+from jattn.generation import TokenLogprob
 from jattn.model.step_plan import StepOutput
+from jattn.sampling import token_logprobs
 from jattn.defaults import MAX_RUNNING
 from jattn.engine.errors import (
     EngineStopped,
@@ -70,6 +72,7 @@ from jattn.engine.requests import (
 log = logging.getLogger("jattn.engine")
 
 EXPIRY_POLL_S = 0.05  # the engine's idle wait between looks for expired sessions
+RECENT_TURNS = 1000  # the turns whose time to first token `stats` summarises
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,25 @@ class EngineLimits:
 
 @dataclass
 class _InFlight:
-    """A model step dispatched and not yet taken: its output, and for each token it
-    draws, the turn's stream, the turn, and the token's row."""
+    """A model step dispatched and not yet taken: its output, for each token it draws,
+    the turn's stream, the turn, and the token's row, and for the rows whose turns
+    asked for log-probabilities, `token_logprobs` of them (on the device), in order."""
 
     output: StepOutput
     drawn: list[tuple[TurnStream, ActiveTurn, int]]
+    logprob_rows: list[int] = field(default_factory=list)
+    logprobs: tuple | None = None
+
+    def token_logprobs(self) -> dict[int, TokenLogprob]:
+        """Row -> the `TokenLogprob` of its drawn token (waiting for the step), with as
+        many alternatives as its turn asked for."""
+        if self.logprobs is None:
+            return {}
+        drawn, ids, top = (np.asarray(a) for a in self.logprobs)
+        wanted = {row: turn.continuation.params.logprobs for _, turn, row in self.drawn}
+        return {row: TokenLogprob(float(drawn[i]), tuple(zip(
+                    ids[i, :wanted[row]].tolist(), top[i, :wanted[row]].tolist())))
+                for i, row in enumerate(self.logprob_rows)}
 
 
 class Engine:
@@ -154,6 +171,7 @@ class Engine:
         self._expiry = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jattn-expire")
         self._next_expiry_check = 0.0
         self.counters = collections.Counter()
+        self._recent_ttfts: collections.deque[float] = collections.deque(maxlen=RECENT_TURNS)
         self._thread = threading.Thread(target=self._run, name="jattn-engine", daemon=True)
         self._thread.start()
 
@@ -285,11 +303,23 @@ class Engine:
         """True while the engine's thread runs and accepts turns."""
         return self._accepting and self._thread.is_alive() and self._failure is None
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, decoded alone by the model's tokenizer (InvalidRequest
+        without one)."""
+        require_tokenizer(self.chats.tokenizer)
+        return self.chats.tokenizer.decode([token_id])
+
     def stats(self) -> dict:
-        """Requests, queue and batch sizes, sessions, and the store's counters."""
+        """Requests, queue and batch sizes, sessions, the median and 99th percentile
+        time to first token (seconds) of the last `RECENT_TURNS` turns completed
+        (`ttft_turns` of them; 0.0 before any), and the store's counters."""
         with self._condition:
             stats = dict(self.counters, queued=len(self._waiting), running=len(self._active),
                          sessions=self.chats.session_count())
+            ttfts = np.array(self._recent_ttfts)
+        stats.update(ttft_turns=len(ttfts),
+                     ttft_p50_s=float(np.quantile(ttfts, 0.5)) if len(ttfts) else 0.0,
+                     ttft_p99_s=float(np.quantile(ttfts, 0.99)) if len(ttfts) else 0.0)
         stats["store"] = self.chats.store_stats()
         return stats
 
@@ -603,14 +633,23 @@ class Engine:
             for stream, _ in members:
                 self._fail_turn(stream, error)
             return None
-        return _InFlight(output, [(stream, turn, row) for row, ((stream, turn), sampled)
-                                  in enumerate(zip(members, plan.sampled)) if sampled])
+        drawn = [(stream, turn, row) for row, ((stream, turn), sampled)
+                 in enumerate(zip(members, plan.sampled)) if sampled]
+        step = _InFlight(output, drawn)
+        step.logprob_rows = [row for _, turn, row in drawn
+                             if turn.continuation.params.logprobs is not None]
+        if step.logprob_rows:  # (rows padded to one length: one compilation per step shape)
+            rows = np.zeros(self.limits.max_running, np.int32)
+            rows[:len(step.logprob_rows)] = step.logprob_rows
+            step.logprobs = token_logprobs(output.logits, rows, output.tokens)
+        return step
 
     def _take(self, step: _InFlight) -> None:
         """Reads a step's tokens to the host (waiting for it) and delivers each to its
         turn, unless the turn has ended since the step was planned."""
         try:
             tokens = np.asarray(step.output.tokens)
+            logprobs = step.token_logprobs()
         except Exception as error:
             log.exception("a model step of %d turns failed", len(step.drawn))
             for stream, turn, _ in step.drawn:
@@ -622,13 +661,14 @@ class Engine:
             if self._active.get(stream) is not turn or turn.continuation.finished:
                 continue
             try:
-                self._deliver(stream, turn, int(tokens[row]))
+                self._deliver(stream, turn, int(tokens[row]), logprobs.get(row))
             except Exception as error:
                 log.exception("delivering a token failed")
                 self._fail_turn(stream, error)
 
-    def _deliver(self, stream: TurnStream, turn: ActiveTurn, token: int) -> None:
-        streamed = turn.continuation.take(token)
+    def _deliver(self, stream: TurnStream, turn: ActiveTurn, token: int,
+                 logprob: TokenLogprob | None = None) -> None:
+        streamed = turn.continuation.take(token, logprob)
         if streamed is not None:
             stream.push(streamed)
             self.counters["tokens_generated"] += 1
@@ -638,6 +678,8 @@ class Engine:
             durable = self.chats.complete(turn)
             del self._active[stream]
             self.counters["completed"] += 1
+            with self._condition:  # (`stats` reads it)
+                self._recent_ttfts.append(turn.result.ttft_s)
             self.counters["tokens_reused"] += turn.result.cached_tokens
             self.counters["tokens_prefilled"] += turn.result.recomputed_tokens
             # The stream ends (the client's acknowledgement) once the turn is durable.

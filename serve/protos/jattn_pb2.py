@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18serve/protos/jattn.proto\x12\x08jattn.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8f\x02\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\x07message\x18\x02 \x01(\tH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.jattn.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\r\n\x05top_p\x18\x08 \x01(\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\ncache_salt\x18\x0c \x01(\tB\x07\n\x05inputB\x07\n\x05_seed\"\xe8\x01\n\tTurnFacts\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x15\n\rcached_tokens\x18\x02 \x01(\x03\x12\x19\n\x11recomputed_tokens\x18\x03 \x01(\x03\x12\x38\n\x0btier_blocks\x18\x04 \x03(\x0b\x32#.jattn.v1.TurnFacts.TierBlocksEntry\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x16\n\x0e\x64ropped_tokens\x18\x06 \x01(\x03\x1a\x31\n\x0fTierBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"|\n\tChatEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x13.jattn.v1.TurnFacts\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bnot_durable\x18\x05 \x01(\x08\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\",\n\x16\x44\x65scribeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x87\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x03\x12\x16\n\x0ehistory_tokens\x18\x04 \x01(\x03\x12\x16\n\x0e\x64ropped_tokens\x18\x05 \x01(\x03\x12P\n\x17resident_blocks_by_tier\x18\x06 \x03(\x0b\x32/.jattn.v1.SessionInfo.ResidentBlocksByTierEntry\x1a;\n\x19ResidentBlocksByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x14\n\x12ServerStatsRequest\"\x8e\x02\n\x13ServerStatsResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x37\n\x05store\x18\x05 \x03(\x0b\x32(.jattn.v1.ServerStatsResponse.StoreEntry\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x07 \x01(\x03\x12\x18\n\x10prefilled_tokens\x18\x08 \x01(\x03\x1a,\n\nStoreEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa6\x02\n\rConversations\x12\x34\n\x04\x43hat\x12\x15.jattn.v1.ChatRequest\x1a\x13.jattn.v1.ChatEvent0\x01\x12G\n\nEndSession\x12\x1b.jattn.v1.EndSessionRequest\x1a\x1c.jattn.v1.EndSessionResponse\x12J\n\x0f\x44\x65scribeSession\x12 .jattn.v1.DescribeSessionRequest\x1a\x15.jattn.v1.SessionInfo\x12J\n\x0bServerStats\x12\x1c.jattn.v1.ServerStatsRequest\x1a\x1d.jattn.v1.ServerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18serve/protos/jattn.proto\x12\x08jattn.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb3\x02\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\x07message\x18\x02 \x01(\tH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.jattn.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\r\n\x05top_p\x18\x08 \x01(\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\ncache_salt\x18\x0c \x01(\t\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05inputB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xe8\x01\n\tTurnFacts\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x15\n\rcached_tokens\x18\x02 \x01(\x03\x12\x19\n\x11recomputed_tokens\x18\x03 \x01(\x03\x12\x38\n\x0btier_blocks\x18\x04 \x03(\x0b\x32#.jattn.v1.TurnFacts.TierBlocksEntry\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x16\n\x0e\x64ropped_tokens\x18\x06 \x01(\x03\x1a\x31\n\x0fTierBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xa7\x01\n\tChatEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x13.jattn.v1.TurnFacts\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bnot_durable\x18\x05 \x01(\x08\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.jattn.v1.TokenLogprobs\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x12\x45ndSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\",\n\x16\x44\x65scribeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x87\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x03\x12\x16\n\x0ehistory_tokens\x18\x04 \x01(\x03\x12\x16\n\x0e\x64ropped_tokens\x18\x05 \x01(\x03\x12P\n\x17resident_blocks_by_tier\x18\x06 \x03(\x0b\x32/.jattn.v1.SessionInfo.ResidentBlocksByTierEntry\x1a;\n\x19ResidentBlocksByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x14\n\x12ServerStatsRequest\"\xe1\x02\n\x13ServerStatsResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x37\n\x05store\x18\x05 \x03(\x0b\x32(.jattn.v1.ServerStatsResponse.StoreEntry\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x07 \x01(\x03\x12\x18\n\x10prefilled_tokens\x18\x08 \x01(\x03\x12\x12\n\nttft_p50_s\x18\t \x01(\x01\x12\x12\n\nttft_p99_s\x18\n \x01(\x01\x12\x12\n\nttft_turns\x18\x0b \x01(\x05\x12\x15\n\rreused_tokens\x18\x0c \x01(\x03\x1a,\n\nStoreEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa6\x02\n\rConversations\x12\x34\n\x04\x43hat\x12\x15.jattn.v1.ChatRequest\x1a\x13.jattn.v1.ChatEvent0\x01\x12G\n\nEndSession\x12\x1b.jattn.v1.EndSessionRequest\x1a\x1c.jattn.v1.EndSessionResponse\x12J\n\x0f\x44\x65scribeSession\x12 .jattn.v1.DescribeSessionRequest\x1a\x15.jattn.v1.SessionInfo\x12J\n\x0bServerStats\x12\x1c.jattn.v1.ServerStatsRequest\x1a\x1d.jattn.v1.ServerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=38
   _globals['_TOKENIDS']._serialized_end=61
   _globals['_CHATREQUEST']._serialized_start=64
-  _globals['_CHATREQUEST']._serialized_end=335
-  _globals['_TURNFACTS']._serialized_start=338
-  _globals['_TURNFACTS']._serialized_end=570
-  _globals['_TURNFACTS_TIERBLOCKSENTRY']._serialized_start=521
-  _globals['_TURNFACTS_TIERBLOCKSENTRY']._serialized_end=570
-  _globals['_CHATEVENT']._serialized_start=572
-  _globals['_CHATEVENT']._serialized_end=696
-  _globals['_ENDSESSIONREQUEST']._serialized_start=698
-  _globals['_ENDSESSIONREQUEST']._serialized_end=737
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=739
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=776
-  _globals['_DESCRIBESESSIONREQUEST']._serialized_start=778
-  _globals['_DESCRIBESESSIONREQUEST']._serialized_end=822
-  _globals['_SESSIONINFO']._serialized_start=825
-  _globals['_SESSIONINFO']._serialized_end=1088
-  _globals['_SESSIONINFO_RESIDENTBLOCKSBYTIERENTRY']._serialized_start=1029
-  _globals['_SESSIONINFO_RESIDENTBLOCKSBYTIERENTRY']._serialized_end=1088
-  _globals['_SERVERSTATSREQUEST']._serialized_start=1090
-  _globals['_SERVERSTATSREQUEST']._serialized_end=1110
-  _globals['_SERVERSTATSRESPONSE']._serialized_start=1113
-  _globals['_SERVERSTATSRESPONSE']._serialized_end=1383
-  _globals['_SERVERSTATSRESPONSE_STOREENTRY']._serialized_start=1339
-  _globals['_SERVERSTATSRESPONSE_STOREENTRY']._serialized_end=1383
-  _globals['_CONVERSATIONS']._serialized_start=1386
-  _globals['_CONVERSATIONS']._serialized_end=1680
+  _globals['_CHATREQUEST']._serialized_end=371
+  _globals['_TURNFACTS']._serialized_start=374
+  _globals['_TURNFACTS']._serialized_end=606
+  _globals['_TURNFACTS_TIERBLOCKSENTRY']._serialized_start=557
+  _globals['_TURNFACTS_TIERBLOCKSENTRY']._serialized_end=606
+  _globals['_CHATEVENT']._serialized_start=609
+  _globals['_CHATEVENT']._serialized_end=776
+  _globals['_TOKENLOGPROBS']._serialized_start=778
+  _globals['_TOKENLOGPROBS']._serialized_end=855
+  _globals['_ENDSESSIONREQUEST']._serialized_start=857
+  _globals['_ENDSESSIONREQUEST']._serialized_end=896
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=898
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=935
+  _globals['_DESCRIBESESSIONREQUEST']._serialized_start=937
+  _globals['_DESCRIBESESSIONREQUEST']._serialized_end=981
+  _globals['_SESSIONINFO']._serialized_start=984
+  _globals['_SESSIONINFO']._serialized_end=1247
+  _globals['_SESSIONINFO_RESIDENTBLOCKSBYTIERENTRY']._serialized_start=1188
+  _globals['_SESSIONINFO_RESIDENTBLOCKSBYTIERENTRY']._serialized_end=1247
+  _globals['_SERVERSTATSREQUEST']._serialized_start=1249
+  _globals['_SERVERSTATSREQUEST']._serialized_end=1269
+  _globals['_SERVERSTATSRESPONSE']._serialized_start=1272
+  _globals['_SERVERSTATSRESPONSE']._serialized_end=1625
+  _globals['_SERVERSTATSRESPONSE_STOREENTRY']._serialized_start=1581
+  _globals['_SERVERSTATSRESPONSE_STOREENTRY']._serialized_end=1625
+  _globals['_CONVERSATIONS']._serialized_start=1628
+  _globals['_CONVERSATIONS']._serialized_end=1922
 # @@protoc_insertion_point(module_scope)

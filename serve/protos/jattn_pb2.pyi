@@ -13,7 +13,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("session_id", "message", "text", "token_ids", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos", "cache_salt")
+    __slots__ = ("session_id", "message", "text", "token_ids", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos", "cache_salt", "logprobs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class ChatRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     message: str
     text: str
@@ -38,7 +39,8 @@ class ChatRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
     cache_salt: str
-    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., cache_salt: _Optional[str] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class TurnFacts(_message.Message):
     __slots__ = ("ttft_s", "cached_tokens", "recomputed_tokens", "tier_blocks", "input_tokens", "dropped_tokens")
@@ -64,18 +66,30 @@ class TurnFacts(_message.Message):
     def __init__(self, ttft_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., tier_blocks: _Optional[_Mapping[str, int]] = ..., input_tokens: _Optional[int] = ..., dropped_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
-    __slots__ = ("token_ids", "text", "facts", "finish_reason", "not_durable")
+    __slots__ = ("token_ids", "text", "facts", "finish_reason", "not_durable", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     NOT_DURABLE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     facts: TurnFacts
     finish_reason: str
     not_durable: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., facts: _Optional[_Union[TurnFacts, _Mapping]] = ..., finish_reason: _Optional[str] = ..., not_durable: _Optional[bool] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., facts: _Optional[_Union[TurnFacts, _Mapping]] = ..., finish_reason: _Optional[str] = ..., not_durable: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+
+class TokenLogprobs(_message.Message):
+    __slots__ = ("logprob", "top_token_ids", "top_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -123,7 +137,7 @@ class ServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatsResponse(_message.Message):
-    __slots__ = ("requests", "active_sessions", "queued", "running", "store", "uptime_s", "generated_tokens", "prefilled_tokens")
+    __slots__ = ("requests", "active_sessions", "queued", "running", "store", "uptime_s", "generated_tokens", "prefilled_tokens", "ttft_p50_s", "ttft_p99_s", "ttft_turns", "reused_tokens")
     class StoreEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +153,10 @@ class ServerStatsResponse(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P50_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P99_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_TURNS_FIELD_NUMBER: _ClassVar[int]
+    REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     requests: int
     active_sessions: int
     queued: int
@@ -147,4 +165,8 @@ class ServerStatsResponse(_message.Message):
     uptime_s: float
     generated_tokens: int
     prefilled_tokens: int
-    def __init__(self, requests: _Optional[int] = ..., active_sessions: _Optional[int] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., store: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ...) -> None: ...
+    ttft_p50_s: float
+    ttft_p99_s: float
+    ttft_turns: int
+    reused_tokens: int
+    def __init__(self, requests: _Optional[int] = ..., active_sessions: _Optional[int] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., store: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., ttft_p50_s: _Optional[float] = ..., ttft_p99_s: _Optional[float] = ..., ttft_turns: _Optional[int] = ..., reused_tokens: _Optional[int] = ...) -> None: ...
