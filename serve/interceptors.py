@@ -36,13 +36,20 @@ def _service(method: str) -> str:
     return method.lstrip("/").split("/", 1)[0]
 
 
+def _method(method: str) -> str:
+    """The method of a full method name `/package.Service/Method`."""
+    return method.rsplit("/", 1)[-1]
+
+
 class TokenCheck(grpc.ServerInterceptor):
     """Refuses (UNAUTHENTICATED) a call to any service but the open ones unless it
     carries `authorization: Bearer <one of the tokens>`. Does nothing on an open server.
-    Which token it was (the tenant's namespace) the methods learn from `Tenants`."""
+    Which token it was (the tenant's namespace) the methods learn from `Tenants`. Each
+    refusal is counted: `count(method, "UNAUTHENTICATED")`."""
 
-    def __init__(self, tenants: Tenants):
+    def __init__(self, tenants: Tenants, count=lambda method, code: None):
         self.tenants = tenants
+        self.count = count
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -52,6 +59,7 @@ class TokenCheck(grpc.ServerInterceptor):
             return handler
 
         def refuse(request, context):
+            self.count(_method(handler_call_details.method), "UNAUTHENTICATED")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, Tenants.REFUSAL)
 
         return _rebuilt(handler, refuse, handler.request_deserializer)
@@ -66,7 +74,11 @@ class _Undecodable:
 
 class RequestDecoding(grpc.ServerInterceptor):
     """Ends a call whose request bytes do not parse (invalid UTF-8 in a string field, a
-    truncated or malformed message) with INVALID_ARGUMENT naming the method."""
+    truncated or malformed message) with INVALID_ARGUMENT naming the method, counted:
+    `count(method, "INVALID_ARGUMENT")`."""
+
+    def __init__(self, count=lambda method, code: None):
+        self.count = count
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -82,6 +94,7 @@ class RequestDecoding(grpc.ServerInterceptor):
                 return _Undecodable(str(error) or "malformed message")
 
         def refuse(undecodable: _Undecodable, context):
+            self.count(_method(method), "INVALID_ARGUMENT")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"the request to {method} is not a valid message "
                           f"({undecodable.reason}; string fields must be UTF-8)")

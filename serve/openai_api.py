@@ -20,6 +20,7 @@ request whose client leaves cancels its turn (`until_gone`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -43,6 +44,7 @@ log = logging.getLogger("jattn.serve")
 MAX_BODY_BYTES = 16 << 20
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is there
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit on `logprobs`
+MAX_CHOICES = 16  # the most answers (`n`) one request draws
 
 HTTP_STATUS = {
     ErrorKind.INVALID: 400,
@@ -229,7 +231,7 @@ class _GenerationBody(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -241,9 +243,6 @@ class _GenerationBody(BaseModel):
     logit_bias: dict | None = None
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise ApiError(ErrorKind.INVALID, f"n={self.n}: jattn returns one choice",
-                           param="n")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 raise ApiError(ErrorKind.INVALID, f"{name} is not supported (leave it 0)",
@@ -310,11 +309,16 @@ def _finish_reason(reason: str) -> str:
     return {"stop": "stop", "length": "length"}.get(reason, reason)
 
 
-def _usage(facts: TurnFacts, completion_tokens: int) -> dict:
+def _usage(results: list) -> dict:
+    """The usage of a request's turns (one per choice): the prompt as the first choice
+    saw it, every choice's completion tokens, and jattn's facts of the first choice but
+    `recomputed_tokens`, which counts every choice's prefill."""
+    facts = TurnFacts.of(results[0])
+    completion_tokens = sum(len(result.token_ids) for result in results)
     return {"prompt_tokens": facts.prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": facts.prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": facts.cached_tokens},
-            "jattn": {"recomputed_tokens": facts.recomputed_tokens,
+            "jattn": {"recomputed_tokens": sum(r.recomputed_tokens for r in results),
                       "tier_blocks": facts.tier_blocks, "ttft_s": facts.ttft_s,
                       "dropped_tokens": facts.dropped_tokens, "durable": facts.durable}}
 
@@ -332,30 +336,35 @@ class _Bodies:
         self.model, self.created = model, created
         self.token_text = token_text
 
-    def _body(self, kind: str, choices: list, result=None) -> dict:
+    def _body(self, kind: str, choices: list, results: list | None = None) -> dict:
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices}
-        if result is not None:
-            body["usage"] = _usage(TurnFacts.of(result), len(result.token_ids))
+        if results is not None:
+            body["usage"] = _usage(results)
         return body
 
-    def whole(self, result) -> dict:
-        logprobs = None if result.logprobs is None else self._logprobs(
-            list(zip(result.token_ids, result.logprobs)))
-        return self._body(self.kind, [self._choice(result.text, result, whole=True,
-                                                   logprobs=logprobs)], result)
+    def whole(self, results: list) -> dict:
+        """The answer: one choice per turn of `results`, in order."""
+        choices = [self._choice(index, result.text, result, whole=True, logprobs=None
+                                if result.logprobs is None else self._logprobs(index, list(
+                                    zip(result.token_ids, result.logprobs))))
+                   for index, result in enumerate(results)]
+        return self._body(self.kind, choices, results)
 
-    def opening(self) -> list[dict]:
-        """Chunks sent before the first token's."""
+    def opening(self, index: int) -> list[dict]:
+        """Chunks sent before choice `index`'s first token."""
         return []
 
-    def piece(self, token) -> dict:
-        """The chunk of one `StreamedToken`."""
-        logprobs = None if token.logprob is None else self._logprobs([(token.id, token.logprob)])
-        return self._body(self.chunk_kind, [self._choice(token.text, logprobs=logprobs)])
+    def piece(self, token, index: int) -> dict:
+        """The chunk of one `StreamedToken` of choice `index`."""
+        logprobs = None if token.logprob is None else self._logprobs(
+            index, [(token.id, token.logprob)])
+        return self._body(self.chunk_kind, [self._choice(index, token.text,
+                                                         logprobs=logprobs)])
 
-    def _logprobs(self, tokens: list) -> dict:
-        """The "logprobs" of a choice holding `tokens`, `(id, TokenLogprob)` pairs."""
+    def _logprobs(self, index: int, tokens: list) -> dict:
+        """The "logprobs" of choice `index` holding `tokens`, `(id, TokenLogprob)`
+        pairs."""
         raise NotImplementedError
 
     def _logprob_of(self, token_id: int, logprob: float) -> dict:
@@ -365,15 +374,15 @@ class _Bodies:
         return {"token": text, "logprob": max(logprob, -9999.0),
                 "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
-    def closing(self, result) -> dict:
-        """The last chunk with a choice: its finish reason."""
-        return self._body(self.chunk_kind, [self._choice("", result)])
+    def closing(self, result, index: int) -> dict:
+        """The last chunk of choice `index`: its finish reason."""
+        return self._body(self.chunk_kind, [self._choice(index, "", result)])
 
-    def usage(self, result) -> dict:
+    def usage(self, results: list) -> dict:
         """The chunk `stream_options.include_usage` asks for: usage, no choices."""
-        return self._body(self.chunk_kind, [], result)
+        return self._body(self.chunk_kind, [], results)
 
-    def _choice(self, text: str, result=None, *, whole: bool = False,
+    def _choice(self, index: int, text: str, result=None, *, whole: bool = False,
                 logprobs: dict | None = None) -> dict:
         raise NotImplementedError
 
@@ -381,21 +390,21 @@ class _Bodies:
 class ChatBodies(_Bodies):
     kind, chunk_kind, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def opening(self) -> list[dict]:
-        return [self._body(self.chunk_kind, [{"index": 0, "logprobs": None,
+    def opening(self, index: int) -> list[dict]:
+        return [self._body(self.chunk_kind, [{"index": index, "logprobs": None,
                                               "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None}])]
 
-    def _choice(self, text: str, result=None, *, whole: bool = False,
+    def _choice(self, index: int, text: str, result=None, *, whole: bool = False,
                 logprobs: dict | None = None) -> dict:
         finish = _finish_reason(result.finish_reason) if result is not None else None
         if whole:
-            return {"index": 0, "logprobs": logprobs, "finish_reason": finish,
+            return {"index": index, "logprobs": logprobs, "finish_reason": finish,
                     "message": {"role": "assistant", "content": text}}
-        return {"index": 0, "logprobs": logprobs, "finish_reason": finish,
+        return {"index": index, "logprobs": logprobs, "finish_reason": finish,
                 "delta": {"content": text} if text or result is None else {}}
 
-    def _logprobs(self, tokens: list) -> dict:
+    def _logprobs(self, index: int, tokens: list) -> dict:
         return {"content": [dict(self._logprob_of(token_id, logprob.logprob), top_logprobs=[
                     self._logprob_of(other, value) for other, value in logprob.top])
                             for token_id, logprob in tokens], "refusal": None}
@@ -406,21 +415,21 @@ class CompletionBodies(_Bodies):
 
     def __init__(self, model: str, created: int, token_text):
         super().__init__(model, created, token_text)
-        self._offset = 0  # characters of text before the next streamed token's
+        self._offsets: dict[int, int] = {}  # choice -> characters before its next token
 
-    def _choice(self, text: str, result=None, *, whole: bool = False,
+    def _choice(self, index: int, text: str, result=None, *, whole: bool = False,
                 logprobs: dict | None = None) -> dict:
         finish = _finish_reason(result.finish_reason) if result is not None else None
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def _logprobs(self, tokens: list) -> dict:
-        """The completions API's columns; `text_offset` counts from the answer's start
+    def _logprobs(self, index: int, tokens: list) -> dict:
+        """The completions API's columns; `text_offset` counts from the choice's start
         (across a stream's chunks)."""
         texts = [self.token_text(token_id) for token_id, _ in tokens]
         offsets = []
         for text in texts:
-            offsets.append(self._offset)
-            self._offset += len(text)
+            offsets.append(self._offsets.get(index, 0))
+            self._offsets[index] = offsets[-1] + len(text)
         return {"tokens": texts,
                 "token_logprobs": [max(logprob.logprob, -9999.0) for _, logprob in tokens],
                 "top_logprobs": [{self.token_text(other): max(value, -9999.0)
@@ -490,16 +499,17 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
         except Exception as error:
             raise _as_api_error(error) from None
 
-    async def until_gone(request: Request, stream, function, *args):
-        """`in_thread(function, *args)`, cancelling `stream` if the client leaves
-        meanwhile (checked every `DISCONNECT_POLL_S`): the turn then ends at the
-        engine's next step, and `function` with it."""
+    async def until_gone(request: Request, streams: list, function, *args):
+        """`in_thread(function, *args)`, cancelling `streams` if the client leaves
+        meanwhile (checked every `DISCONNECT_POLL_S`): their turns then end at the
+        engine's next step, and `function` with them."""
         outcome = {}
 
         async def watch():
             while not await request.is_disconnected():
                 await anyio.sleep(DISCONNECT_POLL_S)
-            stream.cancel()
+            for stream in streams:
+                stream.cancel()
 
         async def run():
             try:
@@ -524,58 +534,86 @@ def create_app(service: Service, metrics: Metrics, *, ready, max_concurrency: in
     async def run(body: _GenerationBody, request: Request, who: Caller, kind: str, value,
                   method: str, bodies: "_Bodies") -> Response:
         """Submits the turn and answers, with the response bodies `bodies` builds: the
-        whole turn as JSON once it ends, or SSE chunks from its first token on."""
+        whole turn as JSON once it ends, or SSE chunks from its first token on. With
+        `n` > 1 the first choice's turn runs first; the others then run together, each
+        reusing the prompt's blocks that the first computed (the prompt is prefilled
+        once), choice i with seed `seed + i` when a seed is given."""
         started = time.perf_counter()
         session = body.session_id or _session_header(request) or None
         try:
             check_model(body.model)
             body.refuse_unsupported()
+            if body.n > 1 and session:
+                raise ApiError(ErrorKind.INVALID, f"n={body.n}: a session's turn takes one "
+                               "answer; ask for several without a session", param="n")
             try:
                 params = service.sampling(
                     max_tokens=getattr(body, "max_completion_tokens", None) or body.max_tokens,
                     temperature=body.temperature, top_p=body.top_p,
                     top_k=max(body.top_k or 0, 0), seed=body.seed, stop=body.stops(),
                     logprobs=body.logprob_count())
-                stream = service.start_turn(
-                    who, session_id=session, kind=kind, value=value, params=params,
-                    ignore_eos=body.ignore_eos, cache_salt=body.cache_salt or "")
             except Exception as error:
                 raise _as_api_error(error) from None
-            events = iter(stream)
-            first = await until_gone(request, stream, _next_event, events)
-            if stream.result is None:
+
+            def start(choice: int):
+                """Submits choice `choice`'s turn (its seed the request's plus `choice`)."""
+                seed = None if params.seed is None else (params.seed + choice) % 2**64
+                try:
+                    return service.start_turn(
+                        who, session_id=session, kind=kind, value=value,
+                        params=dataclasses.replace(params, seed=seed),
+                        ignore_eos=body.ignore_eos, cache_salt=body.cache_salt or "")
+                except Exception as error:
+                    raise _as_api_error(error) from None
+
+            streams = [start(0)]
+            events = iter(streams[0])
+            first = await until_gone(request, streams, _next_event, events)
+            if streams[0].result is None:
                 raise ApiError(ErrorKind.UNAVAILABLE, "the turn was cancelled before it "
                                "started (the server is shutting down)")
             if not body.stream:
-                await until_gone(request, stream, _drain, events)
+                await until_gone(request, streams, _drain, events)
+                streams += [start(choice) for choice in range(1, body.n)]
+                for stream in streams[1:]:
+                    await until_gone(request, streams, _drain, iter(stream))
         except ApiError:
             raise  # (counted by the gate, with every other answer that is not a stream)
         if not body.stream:
-            metrics.turn(stream.result, started)
-            return JSONResponse(bodies.whole(stream.result))
+            for stream in streams:
+                metrics.turn(stream.result, started)
+            return JSONResponse(bodies.whole([stream.result for stream in streams]))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse():
             token, finished = first, False
             try:
-                for opening in bodies.opening():
-                    yield _sse(opening)
-                while token is not _END:
-                    yield _sse(bodies.piece(token))
-                    token = await anyio.to_thread.run_sync(_next_event, events)
+                for choice in range(body.n):
+                    if choice == 1:  # the first has published the prompt's blocks
+                        streams.extend(start(later) for later in range(1, body.n))
+                    stream = streams[choice]
+                    tokens = events if choice == 0 else iter(stream)  # (0's first is read)
+                    if choice:
+                        token = await anyio.to_thread.run_sync(_next_event, tokens)
+                    for opening in bodies.opening(choice):
+                        yield _sse(opening)
+                    while token is not _END:
+                        yield _sse(bodies.piece(token, choice))
+                        token = await anyio.to_thread.run_sync(_next_event, tokens)
+                    metrics.turn(stream.result, started)
+                    yield _sse(bodies.closing(stream.result, choice))
                 finished = True
                 metrics.call(method, "200")
-                metrics.turn(stream.result, started)
-                yield _sse(bodies.closing(stream.result))
                 if include_usage:
-                    yield _sse(bodies.usage(stream.result))
-            except Exception as error:  # the turn failed after the stream began
-                kind = error_kind(error)
-                metrics.call(method, str(HTTP_STATUS[kind]))
-                yield _sse(_error_body(kind, error_message(error)))
+                    yield _sse(bodies.usage([stream.result for stream in streams]))
+            except Exception as error:  # a turn failed after the stream began
+                error = _as_api_error(error)
+                metrics.call(method, str(HTTP_STATUS[error.kind]))
+                yield _sse(_error_body(error.kind, str(error)))
             finally:
                 if not finished:
-                    stream.cancel()
+                    for stream in streams:
+                        stream.cancel()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",

@@ -91,7 +91,8 @@ class Server:
                 tls_key=config.tls_key)
         self.grpc = grpc.server(
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jattn-grpc"),
-            interceptors=(TokenCheck(tenants), RequestDecoding()),
+            interceptors=(TokenCheck(tenants, self.metrics.call),
+                          RequestDecoding(self.metrics.call)),
             maximum_concurrent_rpcs=workers)
         jattn_pb2_grpc.add_ConversationsServicer_to_server(
             ConversationsServicer(self.service, self.metrics), self.grpc)

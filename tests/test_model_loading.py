@@ -119,6 +119,8 @@ def test_unsupported_configs_are_named(tmp_path, edit, pattern):
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLM(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a Hugging Face Hub"):
+        LLM("no:such model")
 
 
 def test_shipped_model_configs_parse():

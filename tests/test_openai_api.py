@@ -196,7 +196,7 @@ def test_every_error_gets_its_status_and_json(served):
              param="messages")
     error_of(post(served, "/v1/chat/completions", chat_body(temperature=-1)), 400, invalid,
              param="temperature")
-    error_of(post(served, "/v1/chat/completions", chat_body(n=2)), 400, invalid, param="n")
+    error_of(post(served, "/v1/chat/completions", chat_body(n=0)), 400, invalid, param="n")
     error_of(post(served, "/v1/chat/completions", chat_body(seed=2**64)), 400, invalid,
              param="seed")
     error_of(post(served, "/v1/chat/completions",
@@ -491,3 +491,34 @@ def test_logprobs_in_both_apis_streamed_and_not_equal_the_librarys(served):
              "invalid_request_error")
     error_of(post(served, "/v1/completions", {"model": MODEL, "prompt": "Hi", "logprobs": 6}),
              400, "invalid_request_error")
+
+
+def test_n_answers_share_one_prefill_and_equal_single_requests_seeded_one_apart(served):
+    """`n` = 4 with seed s: choice i equals the single request with seed s + i (the
+    seeding rule), and the prompt is prefilled once: the later choices reuse its full
+    blocks and compute only its last partial block (block size 16)."""
+    client = sdk(served)
+    prompt = [1] + np.random.default_rng(17).integers(3, 500, 39).tolist()  # 40 new tokens
+    draw = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.5, seed=100,
+                extra_body={"ignore_eos": True})
+    reply = client.completions.create(**draw, n=4)
+    assert [choice.index for choice in reply.choices] == [0, 1, 2, 3]
+    assert reply.usage.prompt_tokens == 40 and reply.usage.completion_tokens == 24
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0  # (choice 0: a new prompt)
+    assert reply.usage.model_extra["jattn"]["recomputed_tokens"] == 40 + 3 * (40 - 32)
+    singles = [client.completions.create(**dict(draw, seed=100 + i)).choices[0].text
+               for i in range(4)]
+    assert [choice.text for choice in reply.choices] == singles and len(set(singles)) > 1
+
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "A cat and a dog."}],
+                max_tokens=5, temperature=1.5, seed=7, n=2)
+    whole = client.chat.completions.create(**chat)
+    chunks = [c.choices[0] for c in client.chat.completions.create(**chat, stream=True)
+              if c.choices]
+    streamed = ["".join(c.delta.content or "" for c in chunks if c.index == i) for i in (0, 1)]
+    assert streamed == [choice.message.content for choice in whole.choices]
+    assert [c.index for c in chunks] == sorted(c.index for c in chunks)  # one after another
+    error_of(post(served, "/v1/chat/completions", chat_body(n=2, session_id="s")), 400,
+             "invalid_request_error")
+    error_of(post(served, "/v1/completions", {"model": MODEL, "prompt": "Hi", "n": 17}), 400,
+             "invalid_request_error")

@@ -95,6 +95,9 @@ def test_every_rpc_needs_a_token_but_health():
     assert Client(f"127.0.0.1:{server.port}", token=GOOD).chat(
         "", text="Once upon a time", max_tokens=4).token_ids
     assert server.engine.stats()["requests"] == 1  # only the authenticated one ran
+    page = server.metrics.exposition().decode()  # every refusal counted, by method
+    assert 'jattn_requests_total{code="UNAUTHENTICATED",method="Chat"} 4.0' in page
+    assert 'jattn_requests_total{code="UNAUTHENTICATED",method="ServerStats"} 3.0' in page
     channel.close()
     server.stop()
 

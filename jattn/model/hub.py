@@ -32,6 +32,8 @@ def model_directory(model: str, revision: str | None = None) -> str:
             raise ValueError(f"revision {revision!r} names a version of a Hub model, but "
                              f"{model!r} is a local directory")
         return model
+    if model.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
     if not _REPO_ID.fullmatch(model) or ".." in model:
         raise FileNotFoundError(f"model {model!r} is neither a directory nor a Hugging Face "
                                 f"Hub id (org/name)")
