@@ -1,6 +1,7 @@
 """Attention kernels that return the log-sum-exp, and their exact merge.
 
-    flash_attention(q, k, v, ...)          prefill over a contiguous KV cache
+    flash_attention(q, k, v, ...)          prefill over a contiguous KV cache;
+                                           differentiable (out and LSE) on every backend
     paged_attention(q, k_pages, ...)       decode over a paged KV cache (split-K)
     ragged_paged_attention(q, k_pages, ...) prefill chunks and decodes of many sequences
                                            packed together, over a paged KV cache

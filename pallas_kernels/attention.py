@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import backend as backends
+from pallas_kernels.flash_backward import flash_attention_backward
 from pallas_kernels.flash_gpu import flash_attention_gpu
 from pallas_kernels.flash_tpu import flash_attention_tpu
 from pallas_kernels.paged_gpu import paged_attention_gpu
@@ -56,6 +57,31 @@ def _flash(q, k, v, q_offset, kv_length, inv_freq, *, causal, sm_scale, choice, 
     return flash_attention_tpu(q, k, v, **kwargs, **tiles, interpret=choice.interpret)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _differentiable_flash(q, k, v, q_offset, kv_length, inv_freq, causal, sm_scale, choice,
+                          tiles):
+    """`_flash`, whose gradient is `flash_attention_backward` of its saved results."""
+    return _flash(q, k, v, q_offset, kv_length, inv_freq, causal=causal, sm_scale=sm_scale,
+                  choice=choice, tiles=tiles)
+
+
+def _flash_forward(q, k, v, q_offset, kv_length, inv_freq, causal, sm_scale, choice, tiles):
+    out, lse = _flash(q, k, v, q_offset, kv_length, inv_freq, causal=causal,
+                      sm_scale=sm_scale, choice=choice, tiles=tiles)
+    return (out, lse), (q, k, v, q_offset, kv_length, inv_freq, out, lse)
+
+
+def _flash_backward(causal, sm_scale, choice, tiles, saved, cotangents):
+    q, k, v, q_offset, kv_length, inv_freq, out, lse = saved
+    d_q, d_k, d_v = flash_attention_backward(
+        q, k, v, out, lse, *cotangents, causal=causal, q_offset=q_offset,
+        kv_length=kv_length, sm_scale=sm_scale, key_rope_inv_freq=inv_freq)
+    return d_q, d_k, d_v, None, None, None  # (positions and frequencies: not trained)
+
+
+_differentiable_flash.defvjp(_flash_forward, _flash_backward)
+
+
 def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
                     sm_scale: float | None = None, backend: str = "auto",
                     key_rope_inv_freq=None, block_q: int | None = None,
@@ -79,7 +105,9 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
 
     Returns:
       `(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)`. A row that sees no key has
-      out = 0 and lse = -inf.
+      out = 0 and lse = -inf. Both are differentiable in q, k and v on every backend:
+      the backward pass recomputes the probabilities from the saved LSE
+      (`pallas_kernels.flash_backward`).
     """
     check_flash_args(q, k, v)
     check_inv_freq(key_rope_inv_freq, q.shape[-1])
@@ -91,9 +119,9 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
     kv_length = k.shape[0] if kv_length is None else kv_length
     tiles = tuple((name, size) for name, size in (("block_q", block_q), ("block_k", block_k))
                   if size is not None)
-    return _flash(q, k, v, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_length, jnp.int32),
-                  key_rope_inv_freq, causal=bool(causal), sm_scale=sm_scale, choice=choice,
-                  tiles=tiles)
+    return _differentiable_flash(q, k, v, jnp.asarray(q_offset, jnp.int32),
+                                 jnp.asarray(kv_length, jnp.int32), key_rope_inv_freq,
+                                 bool(causal), sm_scale, choice, tiles)
 
 
 def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size: int):

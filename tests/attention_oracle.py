@@ -29,6 +29,33 @@ def attention(q, k, v, visible, sm_scale):
     return out, lse
 
 
+def attention_vjp(q, k, v, visible, sm_scale, d_out, d_lse):
+    """The cotangents `(dq, dk, dv)` float64 of `attention`'s (out, lse) for `d_out
+    [T, Hq, D]` and `d_lse [T, Hq]`, worked out row by row from the softmax's closed
+    form: with p the row's probabilities and o its output, dv += p ⊗ do,
+    ds = p (v·do - o·do + dlse), dq = scale ds·k, dk += scale ds ⊗ q. Hidden keys get
+    zero."""
+    q, k, v, d_out, d_lse = (np.asarray(x, np.float64) for x in (q, k, v, d_out, d_lse))
+    t, hq, d = q.shape
+    group = hq // k.shape[1]
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for row in range(t):
+        keys = np.flatnonzero(visible[row])
+        if keys.size == 0:
+            continue
+        for head in range(hq):
+            kh, vh = k[keys, head // group], v[keys, head // group]
+            scores = kh @ q[row, head] * sm_scale
+            p = np.exp(scores - scores.max())
+            p /= p.sum()
+            out = p @ vh
+            ds = p * (vh @ d_out[row, head] - out @ d_out[row, head] + d_lse[row, head])
+            dv[keys, head // group] += np.outer(p, d_out[row, head])
+            dq[row, head] = sm_scale * ds @ kh
+            dk[keys, head // group] += sm_scale * np.outer(ds, q[row, head])
+    return dq, dk, dv
+
+
 def prefill_visibility(t, s, *, causal, q_offset, kv_length):
     """bool `[T, S]`: which keys each query row of a prefill sees."""
     q_pos = q_offset + np.arange(t)[:, None]
