@@ -29,6 +29,7 @@ from pallas_kernels.validation import (
     check_flash_args,
     check_inv_freq,
     check_paged_args,
+    check_per_sequence,
     check_ragged_args,
 )
 from pallas_kernels.xla_attention import (
@@ -89,13 +90,17 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
     """Prefill attention over a contiguous KV cache, with its LSE.
 
     Args:
-      q: `[T, Hq, D]` queries; row t is at absolute position `q_offset + t`.
-      k, v: `[S, Hkv, D]` keys and values; row s is at position s. `Hq % Hkv == 0`.
+      q: `[T, Hq, D]` queries; row t is at absolute position `q_offset + t`. Or batched,
+        `[B, T, Hq, D]`: each sequence on its own, as `jax.nn.dot_product_attention`
+        takes them (and `jax.vmap` over the unbatched form gives the same).
+      k, v: `[S, Hkv, D]` (batched: `[B, S, Hkv, D]`) keys and values; row s is at
+        position s. `Hq % Hkv == 0`.
       causal: hide keys at positions `s > q_offset + t`.
-      q_offset: int or int32 scalar array; the position of the first query (chunked
-        prefill attends the cached prefix and itself).
-      kv_length: int or int32 scalar array; keys at `s >= kv_length` are hidden (may
-        hold anything, NaN included). Defaults to S.
+      q_offset: int or int32 array, scalar or (batched) `[B]`; the position of the first
+        query (chunked prefill attends the cached prefix and itself).
+      kv_length: int or int32 array, scalar or (batched) `[B]`; keys at `s >= kv_length`
+        are hidden (may hold anything, NaN included): a padded batch's per-sequence
+        lengths. Defaults to S.
       sm_scale: score scale, default `D ** -0.5`.
       backend: see `pallas_kernels.backend`.
       key_rope_inv_freq: `[D/2]` float32 or None. Given, keys are taken as stored without
@@ -104,24 +109,35 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
       block_q, block_k: tile sizes; `None` keeps the backend's default.
 
     Returns:
-      `(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)`. A row that sees no key has
-      out = 0 and lse = -inf. Both are differentiable in q, k and v on every backend:
-      the backward pass recomputes the probabilities from the saved LSE
-      (`pallas_kernels.flash_backward`).
+      `(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)`, batched `[B, T, Hq, D]` and
+      `[B, T, Hq]`. A row that sees no key has out = 0 and lse = -inf. Both are
+      differentiable in q, k and v on every backend: the backward pass recomputes the
+      probabilities from the saved LSE (`pallas_kernels.flash_backward`).
     """
     check_flash_args(q, k, v)
     check_inv_freq(key_rope_inv_freq, q.shape[-1])
     choice = backends.resolve(backend)
-    t, hq, d = q.shape
+    *rows, hq, d = q.shape
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
-    if t == 0 or k.shape[0] == 0:
-        return _empty_result((t, hq), d, q.dtype)
-    kv_length = k.shape[0] if kv_length is None else kv_length
+    if q.shape[-3] == 0 or k.shape[-3] == 0:
+        return _empty_result((*rows, hq), d, q.dtype)
+    kv_length = k.shape[-3] if kv_length is None else kv_length
     tiles = tuple((name, size) for name, size in (("block_q", block_q), ("block_k", block_k))
                   if size is not None)
-    return _differentiable_flash(q, k, v, jnp.asarray(q_offset, jnp.int32),
-                                 jnp.asarray(kv_length, jnp.int32), key_rope_inv_freq,
-                                 bool(causal), sm_scale, choice, tiles)
+
+    def attend(q, k, v, q_offset, kv_length):
+        return _differentiable_flash(q, k, v, q_offset, kv_length, key_rope_inv_freq,
+                                     bool(causal), sm_scale, choice, tiles)
+
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    kv_length = jnp.asarray(kv_length, jnp.int32)
+    if q.ndim == 3:
+        return attend(q, k, v, q_offset, kv_length)
+    batch = q.shape[0]
+    check_per_sequence("q_offset", q_offset, batch)
+    check_per_sequence("kv_length", kv_length, batch)
+    return jax.vmap(attend)(q, k, v, jnp.broadcast_to(q_offset, (batch,)),
+                            jnp.broadcast_to(kv_length, (batch,)))
 
 
 def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size: int):

@@ -27,12 +27,14 @@ def _check_heads(q_heads: int, kv_heads: int, q_shape, kv_shape) -> None:
 
 
 def check_flash_args(q, k, v) -> None:
-    """Checks q `[T, Hq, D]`, k and v `[S, Hkv, D]` for `flash_attention`."""
+    """Checks q `[T, Hq, D]`, k and v `[S, Hkv, D]` for `flash_attention`, or the
+    batched `[B, T, Hq, D]` and `[B, S, Hkv, D]`."""
+    rank = q.ndim
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 3:
+        if x.ndim not in (3, 4) or x.ndim != rank:
             raise ValueError(
-                f"{name} must have rank 3 ([tokens, heads, head_dim]), "
-                f"got shape {tuple(x.shape)}"
+                f"{name} must have rank 3 ([tokens, heads, head_dim]) or 4 ([batch, tokens, "
+                f"heads, head_dim]), the same as q's, got shape {tuple(x.shape)}"
             )
         _check_float(name, x)
     if k.shape != v.shape:
@@ -41,11 +43,23 @@ def check_flash_args(q, k, v) -> None:
         )
     if k.dtype != v.dtype:
         raise ValueError(f"k and v must share a dtype, got k {k.dtype} and v {v.dtype}")
-    if q.shape[2] != k.shape[2]:
+    if rank == 4 and q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"q and k must have the same batch size, got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"q and k must have the same head_dim, got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
-    _check_heads(q.shape[1], k.shape[1], q.shape, k.shape)
+    _check_heads(q.shape[-2], k.shape[-2], q.shape, k.shape)
+
+
+def check_per_sequence(name: str, value, batch: int) -> None:
+    """Checks that a batched call's `q_offset` or `kv_length` is a scalar or `[batch]`."""
+    shape = tuple(getattr(value, "shape", ()))
+    if shape not in ((), (batch,)):
+        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (one per "
+                         f"sequence), got shape {shape}")
 
 
 def _check_query_and_pool(q, k_pages, v_pages, rows: str) -> None:

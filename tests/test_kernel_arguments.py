@@ -11,7 +11,9 @@ def f32(*shape):
 
 
 @pytest.mark.parametrize("q,k,v,pattern", [
-    (f32(4, 8), f32(4, 2, 8), f32(4, 2, 8), r"q must have rank 3.*\(4, 8\)"),
+    (f32(4, 8), f32(4, 2, 8), f32(4, 2, 8), r"q must have rank 3.*or 4.*\(4, 8\)"),
+    (f32(2, 4, 2, 8), f32(4, 2, 8), f32(4, 2, 8), r"k must have rank 3.*the same as q's"),
+    (f32(2, 4, 2, 8), f32(3, 4, 2, 8), f32(3, 4, 2, 8), r"same batch size.*\(2, 4, 2, 8\)"),
     (f32(4, 3, 8), f32(4, 2, 8), f32(4, 2, 8), r"multiple of key/value heads \(2\)"),
     (f32(4, 4, 8), f32(4, 2, 16), f32(4, 2, 16), r"same head_dim.*\(4, 4, 8\).*\(4, 2, 16\)"),
     (f32(4, 4, 8), f32(4, 2, 8), f32(5, 2, 8), r"k and v must have the same shape"),
@@ -20,6 +22,14 @@ def f32(*shape):
 def test_flash_rejects(q, k, v, pattern):
     with pytest.raises(ValueError, match=pattern):
         flash_attention(q, k, v)
+
+
+def test_batched_lengths_must_be_one_per_sequence():
+    q = f32(2, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"kv_length must be a scalar or have shape \(2,\).*\(3,\)"):
+        flash_attention(q, q, q, kv_length=jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"q_offset must be a scalar or have shape \(2,\)"):
+        flash_attention(q, q, q, q_offset=jnp.zeros((2, 1), jnp.int32))
 
 
 def test_unknown_backend_is_named():

@@ -61,3 +61,32 @@ def test_bfloat16_model_tracks_float32(stories):
     for token, value in case["last_logits_top8"]:
         assert abs(logits[-1, token] - value) < 0.25, (token, logits[-1, token], value)
     assert bf16.generate(case["prompt"], max_tokens=8).token_ids == case["greedy_ids"][:8]
+
+
+@pytest.mark.parametrize("name, sums_key", [("stories260K", "logits_sum_per_position"),
+                                            ("tiny-qwen2-random", "logits_sum_per_position_tail")])
+def test_training_forward_matches_transformers(name, sums_key):
+    """`sequence_logits` (whole sequences, no cache, the pass training differentiates)
+    over a batch of two reference sequences cut to one length."""
+    import jax.numpy as jnp
+
+    from jattn.model.config import ModelConfig
+    from jattn.model.weights import load_safetensors
+    from pallas_kernels import flash_attention
+
+    model = load_safetensors(model_dir(name), ModelConfig.from_dir(model_dir(name)),
+                             progress=False)
+    cases = reference_cases(name)[:2]
+    rows = [case["prompt_ids"] + case["greedy_ids"] for case in cases]
+    length = min(len(row) for row in rows)
+    logits = np.asarray(model.sequence_logits(
+        jnp.asarray([row[:length] for row in rows], jnp.int32),
+        lambda q, k, v: flash_attention(q, k, v, causal=True)[0]))
+    for case, row, row_logits in zip(cases, rows, logits):
+        if len(row) == length:
+            check_logits(row_logits, case, sums_key)
+        else:  # cut short: its positions' sums, as far as they reach
+            want = np.asarray(case[sums_key])
+            first = len(row) - len(want)
+            np.testing.assert_allclose(row_logits.sum(axis=-1)[first:], want[:length - first],
+                                       rtol=1e-5, atol=5e-3)

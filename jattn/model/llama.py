@@ -11,6 +11,8 @@ the flat cache slots to write their keys and values to, the pool, and an `attend
 function that decides how queries meet the cache (chunked prefill through
 `flash_attention`, batched decode through `paged_attention`). Keys are written to the
 pool before RoPE; queries are rotated here; the kernel rotates keys as it reads them.
+`sequence_logits` is the cache-free forward pass over whole sequences that training
+differentiates.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from jattn.positions import apply_rope
 
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 """`(layer, q [T, Hq, D] rotated, k_pages, v_pages) -> out [T, Hq, D]`."""
+
+SelfAttend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+"""`(q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D]) -> out [B, S, Hq, D]`: causal
+self-attention over whole sequences, q and k rotated (training, no cache)."""
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -74,6 +80,16 @@ class Attention(nnx.Module):
         out = attend(layer, apply_rope(q, positions, c.rope), k_pages, v_pages)
         return self.o_proj(out.reshape(t, c.num_heads * c.head_dim)), k_pages, v_pages
 
+    def over_sequences(self, x, positions, attend: SelfAttend):
+        """x `[B, S, hidden]` at positions `[S]` -> `[B, S, hidden]`, with no cache."""
+        c = self.config
+        b, s = x.shape[:2]
+        q = apply_rope(self.q_proj(x).reshape(b, s, c.num_heads, c.head_dim), positions, c.rope)
+        k = apply_rope(self.k_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim), positions,
+                       c.rope)
+        v = self.v_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        return self.o_proj(attend(q, k, v).reshape(b, s, c.num_heads * c.head_dim))
+
 
 class MLP(nnx.Module):
     """SwiGLU: `down(silu(gate(x)) * up(x))`."""
@@ -100,6 +116,11 @@ class DecoderLayer(nnx.Module):
             self.input_layernorm(x), positions, slots, layer, k_pages, v_pages, attend)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), k_pages, v_pages
+
+    def over_sequences(self, x, positions, attend: SelfAttend):
+        """x `[B, S, hidden]` -> `[B, S, hidden]`, with no cache."""
+        x = x + self.self_attn.over_sequences(self.input_layernorm(x), positions, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -142,6 +163,19 @@ class LlamaForCausalLM(nnx.Module):
             new_k.append(k_pages)
             new_v.append(v_pages)
         return self.logits(x if rows is None else x[rows]), KVPool(tuple(new_k), tuple(new_v))
+
+    def sequence_logits(self, tokens, attend: SelfAttend):
+        """Training's forward pass: whole sequences, no cache.
+
+        tokens int32 `[B, S]` (token s at position s) -> logits `[B, S, vocab]` float32.
+        `attend` is causal self-attention, e.g. `pallas_kernels.flash_attention` over one
+        device or `jattn.distributed.context_parallel_attention` over a mesh.
+        """
+        x = self.embed(tokens)
+        positions = jnp.arange(tokens.shape[1])
+        for block in self.layers:
+            x = block.over_sequences(x, positions, attend)
+        return self.logits(x)
 
     def embed(self, tokens):
         """int32 `[T]` -> hidden states `[T, hidden]`."""
