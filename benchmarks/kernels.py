@@ -1,6 +1,7 @@
 """Attention kernels: decode and prefill, every backend beside the dense reference.
 
     python benchmarks/kernels.py [--quick | --smoke] [--json PATH] [--backends xla,reference]
+                                 [--ops decode,prefill,fwd+bwd]
 
 Decode: batch 8, one query per sequence, pages of 16 tokens scattered at random over the
 pool. Prefill: causal, T = S. For each size every backend runs in the same process as
@@ -11,7 +12,8 @@ of a device-to-device copy of the same bytes, and prefill TFLOP/s beside
 to compile or run at a size is recorded with its error and the others go on. The Pallas
 decode kernel also runs reading 2, 4 and 8 pages per step of its loop, and the Pallas
 prefill kernel with larger tiles at the longest prefill, to pick their tuning on the
-device.
+device. Forward + backward (training's gradient in q, k and v) runs at the prefill
+lengths beside `jax.nn.dot_product_attention`'s forward + backward.
 """
 
 from __future__ import annotations
@@ -208,6 +210,52 @@ def bench_prefill(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
     return rows
 
 
+def bench_training(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
+    """Forward + backward of causal attention, T = S: the gradient in q, k and v of
+    `sum(out * cotangent)`, as training takes it, against `jax.nn.dot_product_attention`'s
+    forward + backward (XLA's autodiff of dense attention; and cuDNN's on a GPU). The
+    difference is to XLA's dense gradient; `vs_baseline` is the baseline's time over
+    this row's (above 1: faster)."""
+    baselines = list(DOT_PRODUCT_ATTENTION) if on_gpu else ["xla"]
+    rows = []
+    for length in tqdm(lengths, desc="fwd+bwd", unit="length"):
+        q, k, v = prefill_inputs(jax.random.key(length), length, shape)
+        cotangent = jax.random.normal(jax.random.key(-length), q.shape, q.dtype)
+        flops = 3.5 * 4 * length * length * shape.q_heads * shape.head_dim / 2
+        dense_fits = 3 * shape.q_heads * length * length * 4 <= REFERENCE_BYTES_LIMIT
+        attends = {DOT_PRODUCT_ATTENTION[i]: (lambda q, k, v, i=i: jax.nn.dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, implementation=i)[0])
+            for i in baselines if dense_fits or i != "xla"}
+        attends.update({b: (lambda q, k, v, b=b: flash_attention(q, k, v, backend=b)[0])
+                        for b in backends if b != "reference" or dense_fits})
+        size_rows, grads = [], {}
+        for name, attend in attends.items():
+            fn = jax.jit(jax.grad(lambda q, k, v, a=attend: jnp.sum(
+                a(q, k, v).astype(jnp.float32) * cotangent), argnums=(0, 1, 2)))
+            seconds, output = timed(fn, (q, k, v), repeats)
+            if seconds is None:
+                size_rows.append(Row("fwd+bwd", length, name, None, error=output))
+                continue
+            grads[name] = output
+            size_rows.append(Row("fwd+bwd", length, name, seconds * 1e3,
+                                 extra={"tflops": flops / seconds / 1e12}))
+        dense = grads.get(DOT_PRODUCT_ATTENTION["xla"])
+        baseline = next((r for r in size_rows if r.error is None
+                         and r.backend == DOT_PRODUCT_ATTENTION[baselines[0]]), None)
+        for row in size_rows:
+            if row.error is not None:
+                continue
+            if dense is not None:
+                row.max_abs_diff_vs_reference = max(
+                    float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
+                    for g, w in zip(grads[row.backend], dense))
+            if baseline is not None:
+                row.extra[f"vs_{baseline.backend}"] = baseline.median_ms / row.median_ms
+        rows += size_rows
+        del q, k, v, grads
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     header = f"{'op':8} {'size':>6} {'backend':30} {'median ms':>10} {'vs ref':>7} " \
              f"{'max|diff|':>9}  figures"
@@ -235,6 +283,8 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default=None,
                         help="comma-separated; default: pallas (GPU/TPU only), xla, reference")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--ops", default="decode,prefill,fwd+bwd",
+                        help="comma-separated: which of decode, prefill, fwd+bwd to run")
     args = parser.parse_args(argv)
 
     here = jax.default_backend()
@@ -253,8 +303,17 @@ def main(argv=None) -> None:
         contexts, lengths = [1024, 4096, 16384, 32768], [512, 1024, 2048, 4096, 8192]
         repeats = args.repeats or 5
 
-    rows = bench_decode(contexts, backends, decode_shape, 8, repeats, on_gpu)
-    rows += bench_prefill(lengths, backends, prefill_shape, repeats, on_gpu)
+    benches = {"decode": lambda: bench_decode(contexts, backends, decode_shape, 8, repeats,
+                                              on_gpu),
+               "prefill": lambda: bench_prefill(lengths, backends, prefill_shape, repeats,
+                                                on_gpu),
+               "fwd+bwd": lambda: bench_training(lengths, backends, prefill_shape, repeats,
+                                                 on_gpu)}
+    ops = args.ops.split(",")
+    unknown = sorted(set(ops) - set(benches))
+    if unknown:
+        parser.error(f"--ops: unknown {unknown}; choose from {sorted(benches)}")
+    rows = [row for op in ops for row in benches[op]()]
     print(f"\njattn kernels on {jax.devices()[0].device_kind} ({here}), "
           f"decode {decode_shape}, prefill {prefill_shape}, median of {repeats}")
     print_table(rows)

@@ -76,7 +76,8 @@ def _flash_backward(causal, sm_scale, choice, tiles, saved, cotangents):
     q, k, v, q_offset, kv_length, inv_freq, out, lse = saved
     d_q, d_k, d_v = flash_attention_backward(
         q, k, v, out, lse, *cotangents, causal=causal, q_offset=q_offset,
-        kv_length=kv_length, sm_scale=sm_scale, key_rope_inv_freq=inv_freq)
+        kv_length=kv_length, sm_scale=sm_scale, key_rope_inv_freq=inv_freq,
+        kind=choice.kind, interpret=choice.interpret, tiles=tiles)
     return d_q, d_k, d_v, None, None, None  # (positions and frequencies: not trained)
 
 
@@ -112,7 +113,8 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
       `(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)`, batched `[B, T, Hq, D]` and
       `[B, T, Hq]`. A row that sees no key has out = 0 and lse = -inf. Both are
       differentiable in q, k and v on every backend: the backward pass recomputes the
-      probabilities from the saved LSE (`pallas_kernels.flash_backward`).
+      probabilities from the saved LSE (`pallas_kernels.flash_backward`), in Pallas
+      kernels on the Pallas backends.
     """
     check_flash_args(q, k, v)
     check_inv_freq(key_rope_inv_freq, q.shape[-1])

@@ -1,12 +1,13 @@
 """Writes the reference pages of `docs/` from the code, so they cannot drift.
 
-    python -m serve.reference          # rewrites docs/configuration.md and docs/grpc.md
+    python -m serve.reference          # rewrites docs/configuration.md, grpc.md, api.md
 
 `docs/configuration.md` lists every `jattn-serve` key (from `ServeConfig`: flag, default,
 meaning) and every `StoreConfig` argument (from its docstring). `docs/grpc.md` lists the
 services, methods and messages of `serve/protos/*.proto` with their comments, read from
 protoc's source info (needs grpcio-tools, the `dev` extra). `tests/test_reference_docs.py`
-checks that the committed pages equal what this writes.
+checks that the committed pages equal what this writes. `docs/api.md` is the kernels'
+and DistAttention's public functions, with their signatures and docstrings.
 """
 
 from __future__ import annotations
@@ -123,10 +124,36 @@ def _text(comment: str | None) -> str:
     return " ".join((comment or "").split())
 
 
+def api_markdown() -> str:
+    """The public surface of `pallas_kernels` and `jattn.distributed`, from the code."""
+    import jattn.distributed
+    import pallas_kernels
+    from pallas_kernels import backend
+
+    lines = ["# Kernel and DistAttention API reference", "",
+             "Generated from the docstrings by `python -m serve.reference`; do not edit. "
+             "These are the public functions; the modules behind them (one per backend) "
+             "are internal.", ""]
+    for module in (pallas_kernels, jattn.distributed):
+        lines += [f"## `{module.__name__}`", "", inspect.cleandoc(module.__doc__), ""]
+        if module is pallas_kernels:
+            lines += ["### Backends (`backend=`)", "", "```text",
+                      inspect.cleandoc(backend.__doc__).split("\n\n", 1)[1], "```", ""]
+        for name in sorted(module.__all__):
+            member = getattr(module, name)
+            if not callable(member):
+                continue
+            kind = "class " if inspect.isclass(member) else ""
+            lines += [f"### `{module.__name__}.{name}`", "", "```python",
+                      f"{kind}{name}{inspect.signature(member)}", "```", "",
+                      "```text", inspect.cleandoc(member.__doc__ or ""), "```", ""]
+    return "\n".join(lines)
+
+
 def write() -> list[Path]:
     DOCS.mkdir(exist_ok=True)
     pages = {DOCS / "configuration.md": configuration_markdown(),
-             DOCS / "grpc.md": grpc_markdown()}
+             DOCS / "grpc.md": grpc_markdown(), DOCS / "api.md": api_markdown()}
     for path, text in pages.items():
         path.write_text(text)
     return list(pages)

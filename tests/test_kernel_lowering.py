@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels.flash_backward_gpu import flash_backward_gpu
+from pallas_kernels.flash_backward_tpu import flash_backward_tpu
 from pallas_kernels.flash_gpu import flash_attention_gpu
 from pallas_kernels.flash_tpu import flash_attention_tpu
 from pallas_kernels.paged_gpu import paged_attention_gpu
@@ -82,3 +84,21 @@ def test_paged_gpu_kernel_lowers_with_several_pages_per_step(pages_per_step, rop
     text = _lower(decode, "cuda", ((4, 8, 128), jnp.bfloat16), pool, pool,
                   ((4, 16), jnp.int32), ((4,), jnp.int32))
     assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("platform,backward,custom_call", [
+    ("cuda", flash_backward_gpu, "__gpu$xla.gpu.triton"), ("tpu", flash_backward_tpu,
+                                                            "tpu_custom_call")])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("head_dim", [128, 64, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_kernels_lower(platform, backward, custom_call, dtype, head_dim, causal):
+    def gradients(q, k, v, d_out, shift, delta, d_lse, bounds):
+        return backward(q, k, v, d_out, shift, delta, d_lse, bounds, causal=causal,
+                        sm_scale=0.125)
+
+    rows, keys = ((256, 8, head_dim), dtype), ((320, 2, head_dim), dtype)
+    vector = ((256, 8), jnp.float32)
+    text = _lower(gradients, platform, rows, keys, keys, rows, vector, vector, vector,
+                  ((2,), jnp.int32))
+    assert text.count(custom_call) == 2, text.count(custom_call)  # dK/dV, then dQ

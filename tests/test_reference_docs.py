@@ -6,7 +6,8 @@ from serve import reference
 
 
 @pytest.mark.parametrize("page, build", [("configuration.md", reference.configuration_markdown),
-                                         ("grpc.md", reference.grpc_markdown)])
+                                         ("grpc.md", reference.grpc_markdown),
+                                         ("api.md", reference.api_markdown)])
 def test_committed_reference_matches_the_code(page, build):
     committed = (reference.DOCS / page).read_text()
     assert committed == build(), f"docs/{page} is stale: run python -m serve.reference"
@@ -20,3 +21,15 @@ def test_every_serve_key_and_rpc_is_documented():
     for rpc in ("Chat", "EndSession", "DescribeSession", "ServerStats", "Decode",
                 "HealthCheck"):
         assert f"- `{rpc}(" in grpc
+
+
+def test_every_public_kernel_function_is_documented():
+    import jattn.distributed
+    import pallas_kernels
+
+    api = reference.api_markdown()
+    for module in (pallas_kernels, jattn.distributed):
+        for name in module.__all__:
+            if callable(getattr(module, name)):
+                assert f"### `{module.__name__}.{name}`" in api
+    assert "context_parallel_attention(q, k, v, *, mesh" in api
