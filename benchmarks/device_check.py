@@ -7,11 +7,13 @@ Steps, each a subprocess under its own time limit (a step that fails or runs out
 is recorded and the next one runs):
 
   kernel_tests  the kernel tests (prefill, paged decode, merge, block positions, ragged
-                batches) of the Pallas GPU kernels against the float64 oracle: compiled on
+                batches, gradients through the backward kernels) of the Pallas GPU
+                kernels against the float64 oracle: compiled on
                 a GPU (about 3 s of compilation a case), interpreted on a CPU.
   kernels       `benchmarks/kernels.py`: decode bandwidth against a device copy of the
                 same bytes (4K–32K, Llama-3-8B heads, bf16), prefill against
-                `jax.nn.dot_product_attention` (1K–8K).
+                `jax.nn.dot_product_attention` (1K–8K), and forward+backward against its
+                forward+backward (cuDNN's and XLA's).
   multiturn     `benchmarks/multiturn.py` on Llama-3.2-1B's shape, random bf16 weights:
                 TTFT per turn from the device, host and disk tiers against a one-shot
                 prefill, and the share of layer-wise loading hidden behind compute.
@@ -45,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED_MODEL = os.path.join(ROOT, "jattn", "models", "stories260K")
 KERNEL_TEST_FILES = ("tests/test_flash_attention.py", "tests/test_paged_attention.py",
                      "tests/test_merge_attention.py", "tests/test_block_positions.py",
-                     "tests/test_ragged_attention.py")
+                     "tests/test_ragged_attention.py", "tests/test_flash_gradients.py")
 STEP_NAMES = ("kernel_tests", "kernels", "multiturn", "serve_load", "engine_overhead",
               "store_bandwidth")
 TEST_OUTCOME = re.compile(r"^(tests/\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
@@ -70,7 +72,7 @@ class Outcome:
 
 
 def steps(out_dir: str, cpu: bool) -> list[Step]:
-    """The check's steps; `cpu`: tiny shapes. GPU limits sum to 540 s."""
+    """The check's steps; `cpu`: tiny shapes. GPU limits sum to 570 s."""
     select = ("not pallas_tpu and not pallas_random and bfloat16" if cpu else
               "not pallas_tpu and not pallas_random and not reference and not xla")
     kernel_tests = ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line",
@@ -102,7 +104,7 @@ def steps(out_dir: str, cpu: bool) -> list[Step]:
     llama_1b = os.path.join(ROOT, "configs", "models", "llama-3.2-1b")
     return [
         Step("kernel_tests", kernel_tests, 100),  # 48 s on an H200
-        Step("kernels", kernels, 120),  # with the tuning variants
+        Step("kernels", kernels, 150),  # with the tuning variants and forward+backward
         Step("multiturn", multiturn + ["--model", llama_1b, "--first-turn", "4000",
                                        "--turns", "4"], 110),
         Step("serve_load", serve_load + ["--model", llama_1b, "--clients", "16",

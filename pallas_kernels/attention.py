@@ -31,6 +31,7 @@ from pallas_kernels.validation import (
     check_paged_args,
     check_per_sequence,
     check_ragged_args,
+    check_segment_ids,
 )
 from pallas_kernels.xla_attention import (
     flash_attention_xla,
@@ -45,9 +46,10 @@ def _empty_result(rows: tuple[int, ...], head_dim: int, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "choice", "tiles"))
-def _flash(q, k, v, q_offset, kv_length, inv_freq, *, causal, sm_scale, choice, tiles):
+def _flash(q, k, v, q_offset, kv_length, inv_freq, segments, *, causal, sm_scale, choice,
+           tiles):
     kwargs = dict(causal=causal, q_offset=q_offset, kv_length=kv_length, sm_scale=sm_scale,
-                  key_rope_inv_freq=inv_freq)
+                  key_rope_inv_freq=inv_freq, segment_ids=segments)
     tiles = dict(tiles)
     if choice.kind == "reference":
         return flash_attention_reference(q, k, v, **kwargs)
@@ -58,34 +60,36 @@ def _flash(q, k, v, q_offset, kv_length, inv_freq, *, causal, sm_scale, choice, 
     return flash_attention_tpu(q, k, v, **kwargs, **tiles, interpret=choice.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _differentiable_flash(q, k, v, q_offset, kv_length, inv_freq, causal, sm_scale, choice,
-                          tiles):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _differentiable_flash(q, k, v, q_offset, kv_length, inv_freq, segments, causal, sm_scale,
+                          choice, tiles):
     """`_flash`, whose gradient is `flash_attention_backward` of its saved results."""
-    return _flash(q, k, v, q_offset, kv_length, inv_freq, causal=causal, sm_scale=sm_scale,
-                  choice=choice, tiles=tiles)
+    return _flash(q, k, v, q_offset, kv_length, inv_freq, segments, causal=causal,
+                  sm_scale=sm_scale, choice=choice, tiles=tiles)
 
 
-def _flash_forward(q, k, v, q_offset, kv_length, inv_freq, causal, sm_scale, choice, tiles):
-    out, lse = _flash(q, k, v, q_offset, kv_length, inv_freq, causal=causal,
+def _flash_forward(q, k, v, q_offset, kv_length, inv_freq, segments, causal, sm_scale, choice,
+                   tiles):
+    out, lse = _flash(q, k, v, q_offset, kv_length, inv_freq, segments, causal=causal,
                       sm_scale=sm_scale, choice=choice, tiles=tiles)
-    return (out, lse), (q, k, v, q_offset, kv_length, inv_freq, out, lse)
+    return (out, lse), (q, k, v, q_offset, kv_length, inv_freq, segments, out, lse)
 
 
 def _flash_backward(causal, sm_scale, choice, tiles, saved, cotangents):
-    q, k, v, q_offset, kv_length, inv_freq, out, lse = saved
+    q, k, v, q_offset, kv_length, inv_freq, segments, out, lse = saved
     d_q, d_k, d_v = flash_attention_backward(
         q, k, v, out, lse, *cotangents, causal=causal, q_offset=q_offset,
         kv_length=kv_length, sm_scale=sm_scale, key_rope_inv_freq=inv_freq,
-        kind=choice.kind, interpret=choice.interpret, tiles=tiles)
-    return d_q, d_k, d_v, None, None, None  # (positions and frequencies: not trained)
+        segment_ids=segments, kind=choice.kind, interpret=choice.interpret, tiles=tiles)
+    # Positions, frequencies and segments are not trained.
+    return d_q, d_k, d_v, None, None, None, None
 
 
 _differentiable_flash.defvjp(_flash_forward, _flash_backward)
 
 
 def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
-                    sm_scale: float | None = None, backend: str = "auto",
+                    segment_ids=None, sm_scale: float | None = None, backend: str = "auto",
                     key_rope_inv_freq=None, block_q: int | None = None,
                     block_k: int | None = None):
     """Prefill attention over a contiguous KV cache, with its LSE.
@@ -102,6 +106,10 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
       kv_length: int or int32 array, scalar or (batched) `[B]`; keys at `s >= kv_length`
         are hidden (may hold anything, NaN included): a padded batch's per-sequence
         lengths. Defaults to S.
+      segment_ids: None, or int32 `(q_segment_ids [T], kv_segment_ids [S])` (batched:
+        `[B, T]`, `[B, S]`): a query sees only keys of its own segment, as in a packed
+        batch of several documents per row. One array `[T]` (or `[B, T]`) stands for
+        both when queries and keys are the same tokens (T == S).
       sm_scale: score scale, default `D ** -0.5`.
       backend: see `pallas_kernels.backend`.
       key_rope_inv_freq: `[D/2]` float32 or None. Given, keys are taken as stored without
@@ -127,19 +135,21 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
     tiles = tuple((name, size) for name, size in (("block_q", block_q), ("block_k", block_k))
                   if size is not None)
 
-    def attend(q, k, v, q_offset, kv_length):
+    segments = check_segment_ids(segment_ids, q, k)
+
+    def attend(q, k, v, q_offset, kv_length, segments):
         return _differentiable_flash(q, k, v, q_offset, kv_length, key_rope_inv_freq,
-                                     bool(causal), sm_scale, choice, tiles)
+                                     segments, bool(causal), sm_scale, choice, tiles)
 
     q_offset = jnp.asarray(q_offset, jnp.int32)
     kv_length = jnp.asarray(kv_length, jnp.int32)
     if q.ndim == 3:
-        return attend(q, k, v, q_offset, kv_length)
+        return attend(q, k, v, q_offset, kv_length, segments)
     batch = q.shape[0]
     check_per_sequence("q_offset", q_offset, batch)
     check_per_sequence("kv_length", kv_length, batch)
     return jax.vmap(attend)(q, k, v, jnp.broadcast_to(q_offset, (batch,)),
-                            jnp.broadcast_to(kv_length, (batch,)))
+                            jnp.broadcast_to(kv_length, (batch,)), segments)
 
 
 def sanitize_block_tables(block_tables, lengths, *, num_blocks: int, block_size: int):

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import tile_matmul
-from pallas_kernels.tiling import pad_to, visible_kv_blocks
+from pallas_kernels.tiling import pad_to, segment_operands, visible_kv_blocks
 
 
 def _first_query_tile(j, bounds_ref, *, block_q, block_k, causal):
@@ -30,27 +30,31 @@ def _first_query_tile(j, bounds_ref, *, block_q, block_k, causal):
     return jax.lax.div(jnp.maximum(j * block_k - bounds_ref[0], 0), block_q)
 
 
-def _tile_gradients(q, k, v, d_out, shift, delta, d_lse, *, q_first, k_first, kv_len,
-                    sm_scale, causal):
-    """`(P, dS)` of one `[block_q, block_k]` tile, float32; rows' vectors are `[bq, 1]`."""
+def _tile_gradients(q, k, v, d_out, shift, delta, d_lse, q_seg_ref, kv_seg_ref, *, q_first,
+                    k_first, kv_len, sm_scale, causal, segments):
+    """`(P, dS)` of one `[block_q, block_k]` tile, float32; rows' vectors are `[bq, 1]`;
+    the segment ids `[block_q, 1]` and `[1, block_k]` are read when `segments`."""
     block_q, block_k = q.shape[0], k.shape[0]
     q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
     k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
     visible = k_pos < kv_len
     if causal:
         visible = visible & (k_pos <= q_pos)
+    if segments:
+        visible = visible & (q_seg_ref[...] == kv_seg_ref[...])
     scores = tile_matmul.dot_nt(q, k) * sm_scale
     probs = jnp.where(visible, jnp.exp(scores - shift), 0.0)
     return probs, probs * (tile_matmul.dot_nt(d_out, v) - delta + d_lse)
 
 
 def _key_values_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k_ref,
-                       v_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, sm_scale, causal, block_q,
-                       block_k, num_q_tiles):
+                       v_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref, dk_acc, dv_acc, *,
+                       sm_scale, causal, block_q, block_k, num_q_tiles, segments):
     """One (key head, key tile, (query head of the group, query tile)) step.
 
     q_ref, do_ref `[block_q, D]`; shift_ref, delta_ref, dlse_ref `[block_q, 1]` float32;
-    k_ref, v_ref `[block_k, D]`; dk_ref, dv_ref `[block_k, D]` float32; scratch dk_acc,
+    k_ref, v_ref `[block_k, D]`; q_seg_ref `[block_q, 1]`, kv_seg_ref `[1, block_k]` int32
+    (read when `segments`); dk_ref, dv_ref `[block_k, D]` float32; scratch dk_acc,
     dv_acc `[block_k, D]` float32.
     """
     j, n = pl.program_id(1), pl.program_id(2)
@@ -66,8 +70,9 @@ def _key_values_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref
     def _step():
         probs, d_scores = _tile_gradients(
             q_ref[...], k_ref[...], v_ref[...], do_ref[...], shift_ref[...], delta_ref[...],
-            dlse_ref[...], q_first=bounds_ref[0] + i * block_q, k_first=j * block_k,
-            kv_len=bounds_ref[1], sm_scale=sm_scale, causal=causal)
+            dlse_ref[...], q_seg_ref, kv_seg_ref, q_first=bounds_ref[0] + i * block_q,
+            k_first=j * block_k, kv_len=bounds_ref[1], sm_scale=sm_scale, causal=causal,
+            segments=segments)
         dv_acc[...] += tile_matmul.dot_nn(probs.T, do_ref[...])
         dk_acc[...] += tile_matmul.dot_nn(d_scores.T, q_ref[...]) * sm_scale
 
@@ -78,7 +83,8 @@ def _key_values_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref
 
 
 def _queries_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k_ref, v_ref,
-                    dq_ref, dq_acc, *, sm_scale, causal, block_q, block_k):
+                    q_seg_ref, kv_seg_ref, dq_ref, dq_acc, *, sm_scale, causal, block_q,
+                    block_k, segments):
     """One (query head, query tile, key tile) step; refs as in `_key_values_kernel`, with
     dq_ref and scratch dq_acc `[block_q, D]` float32."""
     i, j = pl.program_id(1), pl.program_id(2)
@@ -93,8 +99,9 @@ def _queries_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k
     def _step():
         _, d_scores = _tile_gradients(
             q_ref[...], k_ref[...], v_ref[...], do_ref[...], shift_ref[...], delta_ref[...],
-            dlse_ref[...], q_first=bounds_ref[0] + i * block_q, k_first=j * block_k,
-            kv_len=bounds_ref[1], sm_scale=sm_scale, causal=causal)
+            dlse_ref[...], q_seg_ref, kv_seg_ref, q_first=bounds_ref[0] + i * block_q,
+            k_first=j * block_k, kv_len=bounds_ref[1], sm_scale=sm_scale, causal=causal,
+            segments=segments)
         dq_acc[...] += tile_matmul.dot_nn(d_scores, k_ref[...]) * sm_scale
 
     @pl.when(j == pl.num_programs(2) - 1)
@@ -103,7 +110,7 @@ def _queries_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k
 
 
 def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, causal,
-                       sm_scale, block_q: int = 128, block_k: int = 128,
+                       sm_scale, segment_ids=None, block_q: int = 128, block_k: int = 128,
                        interpret: bool = False):
     """`(dq [T, Hq, D], dk [S, Hkv, D], dv [S, Hkv, D])` float32; arguments as
     `flash_backward_gpu` takes them."""
@@ -122,7 +129,10 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
     num_q_tiles, num_kv_tiles = t_pad // block_q, s_pad // block_k
     shift_h = jnp.pad(shift, ((0, t_pad - t), (0, 0)), constant_values=jnp.inf).T[..., None]
     delta_h, dlse_h = (pad_to(x, block_q).T[..., None] for x in (delta, d_lse))
-    tiles = dict(sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k)
+    q_seg, kv_seg = segment_operands(segment_ids, t_pad, s_pad)
+    q_seg, kv_seg = q_seg[:, None], kv_seg[None, :]
+    tiles = dict(sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k,
+                 segments=segment_ids is not None)
     first = functools.partial(_first_query_tile, block_q=block_q, block_k=block_k,
                               causal=causal)
     interpret = pltpu.InterpretParams() if interpret else False
@@ -139,7 +149,9 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
             grid=(hkv, num_kv_tiles, group * num_q_tiles),
             in_specs=[pl.BlockSpec((None, block_q, d), query_rows)] * 2
             + [pl.BlockSpec((None, block_q, 1), query_rows)] * 3
-            + [pl.BlockSpec((None, block_k, d), lambda h, j, n, b: (h, j, 0))] * 2,
+            + [pl.BlockSpec((None, block_k, d), lambda h, j, n, b: (h, j, 0))] * 2
+            + [pl.BlockSpec((block_q, 1), lambda h, j, n, b: query_rows(h, j, n, b)[1:]),
+               pl.BlockSpec((1, block_k), lambda h, j, n, b: (0, j))],
             out_specs=[pl.BlockSpec((None, block_k, d), lambda h, j, n, b: (h, j, 0))] * 2,
             scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32)] * 2,
         ),
@@ -147,7 +159,7 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="jattn_flash_backward_kv_tpu",
-    )(bounds, q_h, do_h, shift_h, delta_h, dlse_h, k_h, v_h)
+    )(bounds, q_h, do_h, shift_h, delta_h, dlse_h, k_h, v_h, q_seg, kv_seg)
 
     def key_rows(h, i, j, bounds_ref):  # clamped to the last tile query tile i sees
         count = visible_kv_blocks(i, block_q=block_q, block_k=block_k, causal=causal,
@@ -161,7 +173,9 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
             grid=(hq, num_q_tiles, num_kv_tiles),
             in_specs=[pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0))] * 2
             + [pl.BlockSpec((None, block_q, 1), lambda h, i, j, b: (h, i, 0))] * 3
-            + [pl.BlockSpec((None, block_k, d), key_rows)] * 2,
+            + [pl.BlockSpec((None, block_k, d), key_rows)] * 2
+            + [pl.BlockSpec((block_q, 1), lambda h, i, j, b: (i, 0)),
+               pl.BlockSpec((1, block_k), lambda h, i, j, b: (0, key_rows(h, i, j, b)[1]))],
             out_specs=pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
             scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)],
         ),
@@ -169,6 +183,6 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="jattn_flash_backward_q_tpu",
-    )(bounds, q_h, do_h, shift_h, delta_h, dlse_h, k_h, v_h)
+    )(bounds, q_h, do_h, shift_h, delta_h, dlse_h, k_h, v_h, q_seg, kv_seg)
     return (d_q.transpose(1, 0, 2)[:t], d_k.transpose(1, 0, 2)[:s],
             d_v.transpose(1, 0, 2)[:s])

@@ -17,15 +17,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
-from pallas_kernels.tiling import head_major, prefill_bounds, visible_kv_blocks
+from pallas_kernels.tiling import (head_major, prefill_bounds, segment_operands,
+                                   visible_kv_blocks)
 
 
-def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                  sm_scale, causal, block_q, block_k, num_kv_tiles, rotate_keys):
+def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref,
+                  out_ref, lse_ref, *, sm_scale, causal, block_q, block_k, num_kv_tiles,
+                  rotate_keys, segments):
     """One query tile of one head.
 
     bounds_ref `[2]` int32 (q_offset, kv_length); inv_freq_ref `[D/2]` float32 (used when
     `rotate_keys`); q_ref `[block_q, D]`; k_ref, v_ref `[S_pad, D]` (this head's keys);
+    q_seg_ref `[block_q]`, kv_seg_ref `[S_pad]` int32 segment ids (used when `segments`);
     out_ref `[block_q, D]`; lse_ref `[block_q]`.
     """
     tile = pl.program_id(0)
@@ -45,6 +48,9 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_re
         visible = k_pos < kv_len
         if causal:
             visible = visible & (k_pos <= q_pos)
+        if segments:
+            visible = visible & (q_seg_ref[...][:, None]
+                                 == kv_seg_ref[pl.ds(start, block_k)][None, :])
         in_range = (start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < kv_len
         v = jnp.where(in_range, v, jnp.zeros_like(v))
         if rotate_keys:
@@ -69,12 +75,14 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_re
 
 
 def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
-                        key_rope_inv_freq=None, block_q: int = 64, block_k: int = 64,
+                        key_rope_inv_freq=None, segment_ids=None, block_q: int = 64,
+                        block_k: int = 64,
                         num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Prefill attention; arguments and results as `pallas_kernels.flash_attention`.
 
     q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
-    With `key_rope_inv_freq [D/2]`, key s is rotated to position s inside the kernel.
+    With `key_rope_inv_freq [D/2]`, key s is rotated to position s inside the kernel;
+    `segment_ids` is None or the checked pair `(q_segment_ids [T], kv_segment_ids [S])`.
     """
     t, hq, d = q.shape
     s, hkv, _ = k.shape
@@ -88,9 +96,11 @@ def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     t_pad, s_pad = q_h.shape[1], k_h.shape[1]
     bounds = prefill_bounds(q_offset, kv_length, s)
     rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
+    q_seg, kv_seg = segment_operands(segment_ids, t_pad, s_pad)
     kernel = functools.partial(
         _flash_kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
-        block_k=block_k, num_kv_tiles=s_pad // block_k, rotate_keys=rotate_keys)
+        block_k=block_k, num_kv_tiles=s_pad // block_k, rotate_keys=rotate_keys,
+        segments=segment_ids is not None)
     out, lse = pl.pallas_call(
         kernel,
         grid=(t_pad // block_q, hq),
@@ -100,6 +110,8 @@ def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
             pl.BlockSpec((None, block_q, d), lambda i, h: (h, i, 0)),
             pl.BlockSpec((None, s_pad, d), lambda i, h: (jax.lax.div(h, group), 0, 0)),
             pl.BlockSpec((None, s_pad, d), lambda i, h: (jax.lax.div(h, group), 0, 0)),
+            pl.BlockSpec((block_q,), lambda i, h: (i,)),
+            pl.BlockSpec((s_pad,), lambda i, h: (0,)),
         ],
         out_specs=[
             pl.BlockSpec((None, block_q, d), lambda i, h: (h, i, 0)),
@@ -112,5 +124,5 @@ def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jattn_flash_gpu",
-    )(bounds, inv_freq, q_h, k_h, v_h)
+    )(bounds, inv_freq, q_h, k_h, v_h, q_seg, kv_seg)
     return out.transpose(1, 0, 2)[:t], lse.T[:t]

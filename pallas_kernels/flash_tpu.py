@@ -17,7 +17,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
-from pallas_kernels.tiling import head_major, prefill_bounds, visible_kv_blocks
+from pallas_kernels.tiling import (head_major, prefill_bounds, segment_operands,
+                                   visible_kv_blocks)
 
 
 def _last_visible_tile(i, bounds_ref, *, block_q, block_k, causal):
@@ -26,13 +27,15 @@ def _last_visible_tile(i, bounds_ref, *, block_q, block_k, causal):
     return jnp.maximum(count - 1, 0), count
 
 
-def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                  m_ref, l_ref, acc_ref, *, sm_scale, causal, block_q, block_k, rotate_keys):
+def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref,
+                  out_ref, lse_ref, m_ref, l_ref, acc_ref, *, sm_scale, causal, block_q,
+                  block_k, rotate_keys, segments):
     """One (head, query tile, key tile) step.
 
     bounds_ref SMEM `[2]` int32 (q_offset, kv_length); inv_freq_ref `[1, D/2]` float32
     (used when `rotate_keys`); q_ref `[block_q, D]`; k_ref, v_ref
-    `[block_k, D]`; out_ref `[block_q, D]`; lse_ref `[block_q, 1]`; scratch m_ref, l_ref
+    `[block_k, D]`; q_seg_ref `[block_q, 1]`, kv_seg_ref `[1, block_k]` int32 segment ids
+    (used when `segments`); out_ref `[block_q, D]`; lse_ref `[block_q, 1]`; scratch m_ref, l_ref
     `[block_q, 1]` and acc_ref `[block_q, D]` float32.
     """
     i, j = pl.program_id(1), pl.program_id(2)
@@ -51,6 +54,8 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_re
         visible = k_pos < kv_len
         if causal:
             visible = visible & (k_pos <= q_pos)
+        if segments:
+            visible = visible & (q_seg_ref[...] == kv_seg_ref[...])
         in_range = (j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < kv_len
         v = jnp.where(in_range, v_ref[...], jnp.zeros_like(v_ref[...]))
         if rotate_keys:
@@ -70,12 +75,14 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, out_ref, lse_re
 
 
 def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
-                        key_rope_inv_freq=None, block_q: int = 128, block_k: int = 128, interpret: bool = False):
+                        key_rope_inv_freq=None, segment_ids=None, block_q: int = 128,
+                        block_k: int = 128, interpret: bool = False):
     """Prefill attention; arguments and results as `pallas_kernels.flash_attention`.
 
     q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
     Tiles must be multiples of 8 rows; 128 is the natural size for the MXU. With
-    `key_rope_inv_freq [D/2]`, key s is rotated to position s inside the kernel.
+    `key_rope_inv_freq [D/2]`, key s is rotated to position s inside the kernel;
+    `segment_ids` is None or the checked pair `(q_segment_ids [T], kv_segment_ids [S])`.
     """
     t, hq, d = q.shape
     s, hkv, _ = k.shape
@@ -96,8 +103,10 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
 
     rotate_keys, inv_freq = rotary.kernel_operand(key_rope_inv_freq, d)
     inv_freq = inv_freq.reshape(1, d // 2)
+    q_seg, kv_seg = segment_operands(segment_ids, t_pad, s_pad)
     kernel = functools.partial(_flash_kernel, sm_scale=sm_scale, causal=causal,
-                               block_q=block_q, block_k=block_k, rotate_keys=rotate_keys)
+                               block_q=block_q, block_k=block_k, rotate_keys=rotate_keys,
+                               segments=segment_ids is not None)
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -108,6 +117,8 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
                 pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
                 pl.BlockSpec((None, block_k, d), kv_index),
                 pl.BlockSpec((None, block_k, d), kv_index),
+                pl.BlockSpec((block_q, 1), lambda h, i, j, b: (i, 0)),
+                pl.BlockSpec((1, block_k), lambda h, i, j, b: (0, kv_index(h, i, j, b)[1])),
             ],
             out_specs=[
                 pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
@@ -127,5 +138,5 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="jattn_flash_tpu",
-    )(bounds, inv_freq, q_h, k_h, v_h)
+    )(bounds, inv_freq, q_h, k_h, v_h, q_seg[:, None], kv_seg[None, :])
     return out.transpose(1, 0, 2)[:t], lse[..., 0].T[:t]

@@ -35,8 +35,9 @@ def _masked_softmax_attention(q, k, v, visible, sm_scale: float):
 
 
 def flash_attention_reference(q, k, v, *, causal, q_offset, kv_length, sm_scale,
-                              key_rope_inv_freq=None):
-    """Dense prefill attention; arguments as `pallas_kernels.flash_attention`."""
+                              key_rope_inv_freq=None, segment_ids=None):
+    """Dense prefill attention; arguments as `pallas_kernels.flash_attention`
+    (`segment_ids` None or the checked pair)."""
     t, s = q.shape[0], k.shape[0]
     if key_rope_inv_freq is not None:
         k = rotary.rotate(k, jnp.arange(s), key_rope_inv_freq).astype(k.dtype)
@@ -45,6 +46,8 @@ def flash_attention_reference(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     visible = k_pos < kv_length
     if causal:
         visible = visible & (k_pos <= q_pos)
+    if segment_ids is not None:
+        visible = visible & (segment_ids[0][:, None] == segment_ids[1][None, :])
     return _masked_softmax_attention(q, k, v, visible, sm_scale)
 
 

@@ -47,6 +47,17 @@ def prefill_bounds(q_offset, kv_length, num_keys: int):
                       jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, num_keys)])
 
 
+def segment_operands(segment_ids, q_rows: int, kv_rows: int):
+    """int32 `(q_segment_ids [q_rows], kv_segment_ids [kv_rows])` for a kernel, padded
+    with -1 (padding rows' results are dropped); zeros stand in when `segment_ids` is
+    None (the kernel is then built not to read them)."""
+    if segment_ids is None:
+        return jnp.zeros((q_rows,), jnp.int32), jnp.zeros((kv_rows,), jnp.int32)
+    q_ids, kv_ids = segment_ids
+    return (jnp.pad(q_ids, (0, q_rows - q_ids.shape[0]), constant_values=-1),
+            jnp.pad(kv_ids, (0, kv_rows - kv_ids.shape[0]), constant_values=-1))
+
+
 def ragged_rows(query_starts, kv_lengths, num_tokens: int):
     """Where each token of a ragged batch belongs.
 

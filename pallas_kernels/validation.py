@@ -62,6 +62,34 @@ def check_per_sequence(name: str, value, batch: int) -> None:
                          f"sequence), got shape {shape}")
 
 
+def check_segment_ids(segment_ids, q, k):
+    """Checks `flash_attention`'s `segment_ids` for q `[(B,) T, ...]` and k `[(B,) S, ...]`;
+    returns None or the pair `(q_segment_ids, kv_segment_ids)` as int32 arrays."""
+    if segment_ids is None:
+        return None
+    if not isinstance(segment_ids, (tuple, list)):
+        if q.shape[:-2] != k.shape[:-2]:
+            raise ValueError(
+                f"one segment_ids array stands for queries and keys only when they are the "
+                f"same tokens; q {tuple(q.shape)} and k {tuple(k.shape)} differ: give "
+                f"(q_segment_ids, kv_segment_ids)")
+        segment_ids = (segment_ids, segment_ids)
+    if len(segment_ids) != 2:
+        raise ValueError(f"segment_ids must be one array or a pair (q_segment_ids, "
+                         f"kv_segment_ids), got {len(segment_ids)} items")
+    pair = []
+    for name, ids, x in (("q_segment_ids", segment_ids[0], q),
+                         ("kv_segment_ids", segment_ids[1], k)):
+        ids = jnp.asarray(ids)
+        if ids.shape != x.shape[:-2]:
+            raise ValueError(f"{name} must have shape {tuple(x.shape[:-2])} (one per "
+                             f"token), got {tuple(ids.shape)}")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got dtype {ids.dtype}")
+        pair.append(ids.astype(jnp.int32))
+    return tuple(pair)
+
+
 def _check_query_and_pool(q, k_pages, v_pages, rows: str) -> None:
     """q `[rows, Hq, D]` and the pool `[num_blocks, block_size, Hkv, D]` x2."""
     if q.ndim != 3:

@@ -19,8 +19,10 @@ from pallas_kernels.tiling import pad_to, visible_kv_blocks
 
 
 def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
-                        key_rope_inv_freq=None, block_q: int = 256, block_k: int = 512):
-    """Tiled prefill attention; arguments and results as `pallas_kernels.flash_attention`.
+                        key_rope_inv_freq=None, segment_ids=None, block_q: int = 256,
+                        block_k: int = 512):
+    """Tiled prefill attention; arguments and results as `pallas_kernels.flash_attention`
+    (`segment_ids` None or the checked pair).
 
     q `[T, Hq, D]`, k/v `[S, Hkv, D]` -> out `[T, Hq, D]` (q's dtype), lse `[T, Hq]` float32.
     With `key_rope_inv_freq [D/2]`, keys are rotated to their positions once, up front.
@@ -42,6 +44,9 @@ def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     k_all = pad_to(k, block_k).transpose(1, 0, 2)
     v_all = pad_to(v, block_k).transpose(1, 0, 2)
     num_q_tiles = q_tiles.shape[0]
+    if segment_ids is not None:
+        q_segments = pad_to(segment_ids[0], block_q).reshape(num_q_tiles, block_q)
+        k_segments = pad_to(segment_ids[1], block_k)
 
     def attend_tile(args):
         tile_index, q_tile = args
@@ -56,6 +61,9 @@ def flash_attention_xla(q, k, v, *, causal, q_offset, kv_length, sm_scale,
             visible = in_range[None, :]
             if causal:
                 visible = visible & (k_pos[None, :] <= q_pos[:, None])
+            if segment_ids is not None:
+                k_segment = jax.lax.dynamic_slice_in_dim(k_segments, start, block_k)
+                visible = visible & (q_segments[tile_index][:, None] == k_segment[None, :])
             v_tile = jnp.where(in_range[None, :, None], v_tile.astype(jnp.float32), 0.0)
             scores = jnp.einsum("hgqd,hkd->hgqk", q_tile, k_tile.astype(jnp.float32),
                                 precision=precision)

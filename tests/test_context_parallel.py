@@ -21,25 +21,32 @@ def sequence_mesh(devices=8, name="sequence"):
     return Mesh(np.array(jax.devices()[:devices]), (name,))
 
 
-@pytest.mark.parametrize("causal, hq, hkv, devices, axis", [
-    (True, 4, 2, 8, "sequence"), (False, 2, 2, 8, "cp"), (True, 4, 1, 4, "x")])
-def test_forward_and_gradients_equal_the_float64_closed_form(causal, hq, hkv, devices, axis):
-    rng = np.random.default_rng(devices + hq)
+@pytest.mark.parametrize("causal, hq, hkv, devices, axis, packed", [
+    (True, 4, 2, 8, "sequence", False), (False, 2, 2, 8, "cp", False),
+    (True, 4, 1, 4, "x", False), (True, 4, 2, 8, "sequence", True)])
+def test_forward_and_gradients_equal_the_float64_closed_form(causal, hq, hkv, devices, axis,
+                                                             packed):
+    """Packed: documents of random lengths across shard boundaries, by segment ids."""
+    rng = np.random.default_rng(devices + hq + packed)
     b, s, d = 2, 32, 8
     q = rng.standard_normal((b, s, hq, d)).astype(np.float32)
     k, v = (rng.standard_normal((b, s, hkv, d)).astype(np.float32) for _ in range(2))
     d_out = rng.standard_normal((b, s, hq, d)).astype(np.float32)
     d_lse = rng.standard_normal((b, s, hq)).astype(np.float32)
     mesh = sequence_mesh(devices, axis)
+    segments = np.sort(rng.integers(0, 5, (b, s)), axis=1).astype(np.int32) if packed else None
 
     def attend(q, k, v):
-        return context_parallel_attention(q, k, v, mesh=mesh, causal=causal, backend="xla")
+        return context_parallel_attention(q, k, v, mesh=mesh, causal=causal, backend="xla",
+                                          segment_ids=segments)
 
     (out, lse), vjp = jax.vjp(jax.jit(attend), *(jnp.asarray(x) for x in (q, k, v)))
     grads = vjp((jnp.asarray(d_out), jnp.asarray(d_lse)))
-    visible = attention_oracle.prefill_visibility(s, s, causal=causal, q_offset=0,
+    ordered = attention_oracle.prefill_visibility(s, s, causal=causal, q_offset=0,
                                                   kv_length=s)
     for row in range(b):
+        visible = ordered & (segments[row][:, None] == segments[row][None, :]) if packed \
+            else ordered
         want_out, want_lse = attention_oracle.attention(q[row], k[row], v[row], visible,
                                                         d ** -0.5)
         np.testing.assert_allclose(np.asarray(out[row]), want_out, rtol=2e-5, atol=2e-5)

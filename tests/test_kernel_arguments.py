@@ -32,6 +32,19 @@ def test_batched_lengths_must_be_one_per_sequence():
         flash_attention(q, q, q, q_offset=jnp.zeros((2, 1), jnp.int32))
 
 
+def test_segment_ids_must_be_one_per_token():
+    q, k = f32(2, 4, 2, 8), f32(2, 6, 2, 8)
+    with pytest.raises(ValueError, match=r"one segment_ids array stands for queries and keys "
+                                         r"only when they are the same tokens"):
+        flash_attention(q, k, k, segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError,
+                       match=r"kv_segment_ids must have shape \(2, 6\).*\(2, 4\)"):
+        flash_attention(q, k, k, segment_ids=(jnp.zeros((2, 4), jnp.int32),
+                                              jnp.zeros((2, 4), jnp.int32)))
+    with pytest.raises(ValueError, match=r"q_segment_ids must be integers, got dtype float32"):
+        flash_attention(q, q, q, segment_ids=jnp.zeros((2, 4), jnp.float32))
+
+
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match=r"backend must be one of.*'cuda'"):
         flash_attention(f32(2, 2, 8), f32(2, 2, 8), f32(2, 2, 8), backend="cuda")

@@ -102,3 +102,25 @@ def test_backward_kernels_lower(platform, backward, custom_call, dtype, head_dim
     text = _lower(gradients, platform, rows, keys, keys, rows, vector, vector, vector,
                   ((2,), jnp.int32))
     assert text.count(custom_call) == 2, text.count(custom_call)  # dK/dV, then dQ
+
+
+@pytest.mark.parametrize("platform,flash,backward,custom_call", [
+    ("cuda", flash_attention_gpu, flash_backward_gpu, "__gpu$xla.gpu.triton"),
+    ("tpu", flash_attention_tpu, flash_backward_tpu, "tpu_custom_call")])
+def test_kernels_with_segment_ids_lower(platform, flash, backward, custom_call):
+    def forward(q, k, v, q_segments, kv_segments):
+        return flash(q, k, v, causal=True, q_offset=jnp.int32(64), kv_length=jnp.int32(300),
+                     sm_scale=0.125, segment_ids=(q_segments, kv_segments))
+
+    rows, keys = ((256, 8, 128), jnp.bfloat16), ((320, 2, 128), jnp.bfloat16)
+    ids = [((256,), jnp.int32), ((320,), jnp.int32)]
+    assert custom_call in _lower(forward, platform, rows, keys, keys, *ids)
+
+    def gradients(q, k, v, d_out, shift, delta, d_lse, bounds, q_segments, kv_segments):
+        return backward(q, k, v, d_out, shift, delta, d_lse, bounds, causal=True,
+                        sm_scale=0.125, segment_ids=(q_segments, kv_segments))
+
+    vector = ((256, 8), jnp.float32)
+    text = _lower(gradients, platform, rows, keys, keys, rows, vector, vector, vector,
+                  ((2,), jnp.int32), *ids)
+    assert text.count(custom_call) == 2

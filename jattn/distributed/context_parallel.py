@@ -44,7 +44,7 @@ def _check_layout(q, k, v):
                          f"attention), got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
 
-def context_parallel_attention(q, k, v, *, mesh, causal: bool = True,
+def context_parallel_attention(q, k, v, *, mesh, causal: bool = True, segment_ids=None,
                                sm_scale: float | None = None, backend: str = "auto"):
     """Self-attention over a sequence sharded over `mesh`, by ring passing and LSE merge.
 
@@ -55,6 +55,8 @@ def context_parallel_attention(q, k, v, *, mesh, causal: bool = True,
       mesh: a 1-D `jax.sharding.Mesh` of N devices; its axis, whatever its name, shards
         the sequence (S % N == 0). The arrays may come sharded that way or not.
       causal: hide keys after each query.
+      segment_ids: None or int32 `[B, S]`: a token sees only tokens of its own segment
+        (documents packed into one row); the keys' ids travel around the ring with them.
       sm_scale: score scale, default `D ** -0.5`.
       backend: the local kernel's backend (see `pallas_kernels.backend`).
 
@@ -69,8 +71,15 @@ def context_parallel_attention(q, k, v, *, mesh, causal: bool = True,
     shard = q.shape[1] // devices
     ring = [(i, (i + 1) % devices) for i in range(devices)]
 
-    def local(q, k, v):
+    segments = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else \
+        jnp.asarray(segment_ids, jnp.int32)
+    if segments.shape != q.shape[:2]:
+        raise ValueError(f"segment_ids must have shape {tuple(q.shape[:2])} (one per token), "
+                         f"got {tuple(segments.shape)}")
+
+    def local(q, k, v, q_segments):
         me = jax.lax.axis_index(axis)
+        kv_segments = q_segments
         outs, lses = [], []
         for hop in range(devices):
             owner = (me - hop) % devices  # whose keys this device holds at this hop
@@ -78,13 +87,15 @@ def context_parallel_attention(q, k, v, *, mesh, causal: bool = True,
             out, lse = flash_attention(
                 q, k, v, causal=causal, backend=backend, sm_scale=sm_scale,
                 q_offset=jnp.where(seen, (me - owner) * shard, 0) if causal else 0,
-                kv_length=jnp.where(seen, shard, 0))
+                kv_length=jnp.where(seen, shard, 0),
+                segment_ids=None if segment_ids is None else (q_segments, kv_segments))
             outs.append(out)
             lses.append(lse)
             if hop < devices - 1:
-                k, v = (jax.lax.ppermute(x, axis, ring) for x in (k, v))
+                k, v, kv_segments = (jax.lax.ppermute(x, axis, ring)
+                                     for x in (k, v, kv_segments))
         return merge_attention(jnp.stack(outs), jnp.stack(lses))
 
     spec = P(None, axis)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec),
-                         out_specs=(spec, spec), check_vma=False)(q, k, v)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec),
+                         out_specs=(spec, spec), check_vma=False)(q, k, v, segments)
