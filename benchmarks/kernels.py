@@ -1,7 +1,7 @@
 """Attention kernels: decode and prefill, every backend beside the dense reference.
 
     python benchmarks/kernels.py [--quick | --smoke] [--json PATH] [--backends xla,reference]
-                                 [--ops decode,prefill,fwd+bwd]
+                                 [--ops decode,prefill,fwd+bwd,mixed]
 
 Decode: batch 8, one query per sequence, pages of 16 tokens scattered at random over the
 pool. Prefill: causal, T = S. For each size every backend runs in the same process as
@@ -13,7 +13,9 @@ to compile or run at a size is recorded with its error and the others go on. The
 decode kernel also runs reading 2, 4 and 8 pages per step of its loop, and the Pallas
 prefill kernel with larger tiles at the longest prefill, to pick their tuning on the
 device. Forward + backward (training's gradient in q, k and v) runs at the prefill
-lengths beside `jax.nn.dot_product_attention`'s forward + backward.
+lengths beside `jax.nn.dot_product_attention`'s forward + backward. Mixed: the ragged
+kernel on a step of 8 decodes and one prefill chunk, at the decode contexts, against the
+separate decode and prefill kernels on the same work.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_seconds  # noqa: E402
 
-from pallas_kernels import flash_attention, paged_attention  # noqa: E402
+from pallas_kernels import (flash_attention, paged_attention,  # noqa: E402
+                            ragged_paged_attention)
 
 REFERENCE_BYTES_LIMIT = 6 * 2**30
 """The dense reference is skipped where its score matrices would pass this."""
@@ -256,6 +259,57 @@ def bench_training(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
     return rows
 
 
+def mixed_inputs(key, context: int, decodes: int, chunk: int, shape: Shape,
+                 block_size: int = 16):
+    """A step as the engine packs it: `decodes` sequences of `context` tokens with one new
+    query each, then one sequence's prefill chunk of `chunk` queries ending at `context`;
+    every page scattered over the pool. Returns the ragged call's arguments and the prefill
+    sequence's keys and values laid out contiguously (for the separate kernels)."""
+    sequences = decodes + 1
+    q, k_pages, v_pages, tables, lengths = decode_inputs(key, context, sequences, shape,
+                                                         block_size)
+    rows = jax.random.normal(jax.random.fold_in(key, 1),
+                             (decodes + chunk, shape.q_heads, shape.head_dim), q.dtype)
+    query_starts = jnp.asarray(list(range(decodes + 1)) + [decodes + chunk], jnp.int32)
+    contiguous = [pages[tables[decodes]].reshape(context, shape.kv_heads, shape.head_dim)
+                  for pages in (k_pages, v_pages)]
+    return (rows, k_pages, v_pages, tables, query_starts, lengths), contiguous
+
+
+def bench_mixed(contexts, backends, shape: Shape, decodes: int, chunk: int, repeats: int):
+    """The ragged kernel on a mixed step (decodes and a prefill chunk in one call) against
+    the separate kernels on the same work: `paged_attention` for the decodes plus
+    `flash_attention` for the chunk over its keys laid out contiguously (their best case).
+    `vs_separate` is the separate kernels' time over the ragged one's (above 1: faster)."""
+    rows = []
+    for context in tqdm(contexts, desc="mixed", unit="context"):
+        ragged_args, (k_seq, v_seq) = mixed_inputs(jax.random.key(context), context, decodes,
+                                                   chunk, shape)
+        q, k_pages, v_pages, tables, _, lengths = ragged_args
+        for backend in backends:
+            ragged = jax.jit(lambda *a, b=backend: ragged_paged_attention(*a, backend=b)[0])
+            decode = jax.jit(lambda *a, b=backend: paged_attention(*a, backend=b)[0])
+            prefill = jax.jit(lambda *a, b=backend: flash_attention(
+                *a, causal=True, q_offset=context - chunk, backend=b)[0])
+            seconds, output = timed(ragged, ragged_args, repeats)
+            decode_args = (q[:decodes], k_pages, v_pages, tables[:decodes], lengths[:decodes])
+            decode_s, decode_out = timed(decode, decode_args, repeats)
+            prefill_s, prefill_out = timed(prefill, (q[decodes:], k_seq, v_seq), repeats)
+            failed = next((o for t, o in ((seconds, output), (decode_s, decode_out),
+                                          (prefill_s, prefill_out)) if t is None), None)
+            if failed is not None:
+                rows.append(Row("mixed", context, backend, None, error=failed))
+                continue
+            separate = jnp.concatenate([decode_out, prefill_out]).astype(jnp.float32)
+            rows.append(Row("mixed", context, backend, seconds * 1e3,
+                            max_abs_diff_vs_reference=float(jnp.max(jnp.abs(
+                                output.astype(jnp.float32) - separate))),
+                            extra={"separate_ms": (decode_s + prefill_s) * 1e3,
+                                   "vs_separate": (decode_s + prefill_s) / seconds}))
+        del ragged_args, k_seq, v_seq
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     header = f"{'op':8} {'size':>6} {'backend':30} {'median ms':>10} {'vs ref':>7} " \
              f"{'max|diff|':>9}  figures"
@@ -283,8 +337,9 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default=None,
                         help="comma-separated; default: pallas (GPU/TPU only), xla, reference")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--ops", default="decode,prefill,fwd+bwd",
-                        help="comma-separated: which of decode, prefill, fwd+bwd to run")
+    parser.add_argument("--ops", default="decode,prefill,fwd+bwd,mixed",
+                        help="comma-separated: which of decode, prefill, fwd+bwd, mixed "
+                             "to run")
     args = parser.parse_args(argv)
 
     here = jax.default_backend()
@@ -297,39 +352,47 @@ def main(argv=None) -> None:
     if args.smoke:
         decode_shape = prefill_shape = Shape(4, 2, 64, dtype)
         contexts, lengths, repeats = [256], [128], args.repeats or 2
+        mixed_chunk = 64
     elif args.quick:
         contexts, lengths, repeats = [1024, 4096], [512, 1024], args.repeats or 3
+        mixed_chunk = 256
     else:
         contexts, lengths = [1024, 4096, 16384, 32768], [512, 1024, 2048, 4096, 8192]
         repeats = args.repeats or 5
+        mixed_chunk = 512
 
     benches = {"decode": lambda: bench_decode(contexts, backends, decode_shape, 8, repeats,
                                               on_gpu),
                "prefill": lambda: bench_prefill(lengths, backends, prefill_shape, repeats,
                                                 on_gpu),
                "fwd+bwd": lambda: bench_training(lengths, backends, prefill_shape, repeats,
-                                                 on_gpu)}
+                                                 on_gpu),
+               "mixed": lambda: bench_mixed(contexts, [b for b in backends if b != "reference"],
+                                            decode_shape, 8, mixed_chunk, repeats)}
     ops = args.ops.split(",")
     unknown = sorted(set(ops) - set(benches))
     if unknown:
         parser.error(f"--ops: unknown {unknown}; choose from {sorted(benches)}")
-    rows = [row for op in ops for row in benches[op]()]
-    print(f"\njattn kernels on {jax.devices()[0].device_kind} ({here}), "
-          f"decode {decode_shape}, prefill {prefill_shape}, median of {repeats}")
-    print_table(rows)
-    result = {
-        "machine": {"platform": here, "device_kind": jax.devices()[0].device_kind,
-                    "device_count": jax.device_count(), "cpu": platform.processor(),
-                    "cpu_count": os.cpu_count(), "jax": jax.__version__},
-        "decode_shape": asdict(decode_shape), "prefill_shape": asdict(prefill_shape),
-        "decode_batch": 8, "repeats": repeats, "rows": [asdict(r) for r in rows],
-    }
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"kernels-{here}{'-quick' if args.quick else ''}"
                                      f"{'-smoke' if args.smoke else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    rows = []
+    for op in ops:  # the JSON is rewritten after each op: a run cut short keeps what it did
+        rows += benches[op]()
+        result = {
+            "machine": {"platform": here, "device_kind": jax.devices()[0].device_kind,
+                        "device_count": jax.device_count(), "cpu": platform.processor(),
+                        "cpu_count": os.cpu_count(), "jax": jax.__version__},
+            "decode_shape": asdict(decode_shape), "prefill_shape": asdict(prefill_shape),
+            "decode_batch": 8, "mixed_chunk": mixed_chunk, "repeats": repeats,
+            "ops_done": ops[:ops.index(op) + 1], "rows": [asdict(r) for r in rows],
+        }
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"\njattn kernels on {jax.devices()[0].device_kind} ({here}), "
+          f"decode {decode_shape}, prefill {prefill_shape}, median of {repeats}")
+    print_table(rows)
     print(f"\nwrote {path}")
 
 
