@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tile_matmul
-from pallas_kernels.tiling import pad_to, segment_operands, visible_kv_blocks
+from pallas_kernels.tiling import (pad_to, segment_operands, tile_visibility, triton_tiles,
+                                   visible_kv_blocks)
 
 
 def _probabilities(q, k, shift, *, sm_scale, visible):
@@ -42,11 +43,8 @@ def _visibility(q_first, k_first, q_segments, k_segments, *, block_q, block_k, k
                 causal, segments):
     """bool `[block_q, block_k]`; the segment ids `[block_q]`, `[block_k]` are read only
     when `segments`."""
-    q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-    k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    visible = k_pos < kv_len
-    if causal:
-        visible = visible & (k_pos <= q_pos)
+    visible = tile_visibility(q_first, k_first, block_q=block_q, block_k=block_k,
+                              kv_len=kv_len, causal=causal)
     if segments:
         visible = visible & (q_segments()[:, None] == k_segments()[None, :])
     return visible
@@ -134,11 +132,8 @@ def flash_backward_gpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
     t, hq, d = q.shape
     s, hkv, _ = keys.shape
     group = hq // hkv
-    block_q = min(block_q, max(16, pl.next_power_of_2(t)))
-    block_k = min(block_k, max(16, pl.next_power_of_2(s)))
-    for name, size in (("block_q", block_q), ("block_k", block_k), ("head_dim", d)):
-        if size & (size - 1):
-            raise ValueError(f"the GPU flash backward needs a power-of-two {name}, got {size}")
+    block_q, block_k = triton_tiles(t, s, d, block_q=block_q, block_k=block_k,
+                                    kernel="flash backward")
     q_h, do_h = (pad_to(x, block_q).transpose(1, 0, 2) for x in (q, d_out))
     k_h, v_h = (pad_to(x, block_k).transpose(1, 0, 2) for x in (keys, values))
     t_pad, s_pad = q_h.shape[1], k_h.shape[1]

@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import tile_matmul
-from pallas_kernels.tiling import pad_to, segment_operands, visible_kv_blocks
+from pallas_kernels.tiling import (mosaic_tiles, pad_to, segment_operands, tile_visibility,
+                                   visible_kv_blocks)
 
 
 def _first_query_tile(j, bounds_ref, *, block_q, block_k, causal):
@@ -35,11 +36,8 @@ def _tile_gradients(q, k, v, d_out, shift, delta, d_lse, q_seg_ref, kv_seg_ref, 
     """`(P, dS)` of one `[block_q, block_k]` tile, float32; rows' vectors are `[bq, 1]`;
     the segment ids `[block_q, 1]` and `[1, block_k]` are read when `segments`."""
     block_q, block_k = q.shape[0], k.shape[0]
-    q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-    k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    visible = k_pos < kv_len
-    if causal:
-        visible = visible & (k_pos <= q_pos)
+    visible = tile_visibility(q_first, k_first, block_q=block_q, block_k=block_k,
+                              kv_len=kv_len, causal=causal)
     if segments:
         visible = visible & (q_seg_ref[...] == kv_seg_ref[...])
     scores = tile_matmul.dot_nt(q, k) * sm_scale
@@ -117,12 +115,8 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
     t, hq, d = q.shape
     s, hkv, _ = keys.shape
     group = hq // hkv
-    block_q = min(block_q, pl.cdiv(max(t, 1), 8) * 8)
-    block_k = min(block_k, pl.cdiv(max(s, 1), 8) * 8)
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if size % 8:
-            raise ValueError(f"the TPU flash backward needs {name} to be a multiple of 8, "
-                             f"got {size}")
+    block_q, block_k = mosaic_tiles(t, s, block_q=block_q, block_k=block_k,
+                                    kernel="flash backward")
     q_h, do_h = (pad_to(x, block_q).transpose(1, 0, 2) for x in (q, d_out))
     k_h, v_h = (pad_to(x, block_k).transpose(1, 0, 2) for x in (keys, values))
     t_pad, s_pad = q_h.shape[1], k_h.shape[1]

@@ -18,7 +18,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
 from pallas_kernels.tiling import (head_major, prefill_bounds, segment_operands,
-                                   visible_kv_blocks)
+                                   triton_tiles, visible_kv_blocks)
 
 
 def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref,
@@ -87,11 +87,8 @@ def flash_attention_gpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     group = hq // hkv
-    block_q = min(block_q, max(16, pl.next_power_of_2(t)))
-    block_k = min(block_k, max(16, pl.next_power_of_2(s)))
-    for name, size in (("block_q", block_q), ("block_k", block_k), ("head_dim", d)):
-        if size & (size - 1):
-            raise ValueError(f"the GPU flash kernel needs a power-of-two {name}, got {size}")
+    block_q, block_k = triton_tiles(t, s, d, block_q=block_q, block_k=block_k,
+                                    kernel="flash kernel")
     q_h, k_h, v_h = head_major(q, k, v, block_q=block_q, block_k=block_k)
     t_pad, s_pad = q_h.shape[1], k_h.shape[1]
     bounds = prefill_bounds(q_offset, kv_length, s)

@@ -17,8 +17,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
-from pallas_kernels.tiling import (head_major, prefill_bounds, segment_operands,
-                                   visible_kv_blocks)
+from pallas_kernels.tiling import (head_major, mosaic_tiles, prefill_bounds,
+                                   segment_operands, visible_kv_blocks)
 
 
 def _last_visible_tile(i, bounds_ref, *, block_q, block_k, causal):
@@ -87,11 +87,8 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     group = hq // hkv
-    block_q = min(block_q, pl.cdiv(max(t, 1), 8) * 8)
-    block_k = min(block_k, pl.cdiv(max(s, 1), 8) * 8)
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if size % 8:
-            raise ValueError(f"the TPU flash kernel needs {name} to be a multiple of 8, got {size}")
+    block_q, block_k = mosaic_tiles(t, s, block_q=block_q, block_k=block_k,
+                                    kernel="flash kernel")
     q_h, k_h, v_h = head_major(q, k, v, block_q=block_q, block_k=block_k)
     t_pad, s_pad = q_h.shape[1], k_h.shape[1]
     bounds = prefill_bounds(q_offset, kv_length, s)

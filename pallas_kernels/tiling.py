@@ -32,6 +32,41 @@ def visible_kv_blocks(tile_index, *, block_q, block_k, causal, q_offset, kv_len)
     return jax.lax.div(end + block_k - 1, block_k)
 
 
+def triton_tiles(queries: int, keys: int, head_dim: int, *, block_q: int, block_k: int,
+                 kernel: str) -> tuple[int, int]:
+    """`(block_q, block_k)` of a Triton flash kernel over `queries` x `keys`: shrunk to the
+    next power of two above the problem (at least 16, Triton's smallest product), and
+    ValueError naming `kernel` unless they and `head_dim` are powers of two."""
+    block_q = min(block_q, max(16, 1 << max(queries - 1, 0).bit_length()))
+    block_k = min(block_k, max(16, 1 << max(keys - 1, 0).bit_length()))
+    for name, size in (("block_q", block_q), ("block_k", block_k), ("head_dim", head_dim)):
+        if size & (size - 1):
+            raise ValueError(f"the GPU {kernel} needs a power-of-two {name}, got {size}")
+    return block_q, block_k
+
+
+def mosaic_tiles(queries: int, keys: int, *, block_q: int, block_k: int,
+                 kernel: str) -> tuple[int, int]:
+    """`(block_q, block_k)` of a Mosaic flash kernel: shrunk to the problem rounded up to
+    8 rows, and ValueError naming `kernel` unless they are multiples of 8."""
+    block_q = min(block_q, -(-max(queries, 1) // 8) * 8)
+    block_k = min(block_k, -(-max(keys, 1) // 8) * 8)
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size % 8:
+            raise ValueError(f"the TPU {kernel} needs {name} to be a multiple of 8, got {size}")
+    return block_q, block_k
+
+
+def tile_visibility(q_first, k_first, *, block_q: int, block_k: int, kv_len, causal: bool):
+    """bool `[block_q, block_k]`: which keys of a tile each query sees, the queries at
+    positions `q_first + row` and the keys at `k_first + column`: keys before `kv_len`,
+    and with `causal` not after the query."""
+    q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+    k_pos = k_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+    visible = k_pos < kv_len
+    return visible & (k_pos <= q_pos) if causal else visible
+
+
 def head_major(q, k, v, *, block_q: int, block_k: int):
     """Pads queries to a multiple of `block_q` and keys to one of `block_k`, heads first.
 
