@@ -87,6 +87,15 @@ def timed(fn, args, repeats: int):
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
 
 
+def timed_row(op: str, size: int, name: str, fn, args, repeats: int, flops: float):
+    """`(row, output)`: the row with the median time and TFLOP/s of `fn(*args)`, or with
+    its error and output None."""
+    seconds, output = timed(fn, args, repeats)
+    if seconds is None:
+        return Row(op, size, name, None, error=output), None
+    return Row(op, size, name, seconds * 1e3, extra={"tflops": flops / seconds / 1e12}), output
+
+
 def decode_inputs(key, context: int, batch: int, shape: Shape, block_size: int = 16):
     pages = context // block_size
     num_blocks = batch * pages
@@ -192,13 +201,10 @@ def bench_prefill(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
                     *a, backend="pallas", **t)[0])
             else:
                 fn = jax.jit(lambda *a, b=backend: flash_attention(*a, backend=b)[0])
-            seconds, output = timed(fn, args, repeats)
-            if seconds is None:
-                size_rows.append(Row("prefill", length, backend, None, error=output))
-                continue
-            outputs[backend] = output
-            size_rows.append(Row("prefill", length, backend, seconds * 1e3,
-                                 extra={"tflops": flops / seconds / 1e12}))
+            row, output = timed_row("prefill", length, backend, fn, args, repeats, flops)
+            size_rows.append(row)
+            if output is not None:
+                outputs[backend] = output
         _compare(size_rows, outputs)
         baseline = next((r for r in size_rows if r.error is None
                          and r.backend in DOT_PRODUCT_ATTENTION.values()), None)
@@ -235,13 +241,10 @@ def bench_training(lengths, backends, shape: Shape, repeats: int, on_gpu: bool):
         for name, attend in attends.items():
             fn = jax.jit(jax.grad(lambda q, k, v, a=attend: jnp.sum(
                 a(q, k, v).astype(jnp.float32) * cotangent), argnums=(0, 1, 2)))
-            seconds, output = timed(fn, (q, k, v), repeats)
-            if seconds is None:
-                size_rows.append(Row("fwd+bwd", length, name, None, error=output))
-                continue
-            grads[name] = output
-            size_rows.append(Row("fwd+bwd", length, name, seconds * 1e3,
-                                 extra={"tflops": flops / seconds / 1e12}))
+            row, output = timed_row("fwd+bwd", length, name, fn, (q, k, v), repeats, flops)
+            size_rows.append(row)
+            if output is not None:
+                grads[name] = output
         dense = grads.get(DOT_PRODUCT_ATTENTION["xla"])
         baseline = next((r for r in size_rows if r.error is None
                          and r.backend == DOT_PRODUCT_ATTENTION[baselines[0]]), None)
