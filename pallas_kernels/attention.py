@@ -144,6 +144,8 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=0, kv_length=None,
     q_offset = jnp.asarray(q_offset, jnp.int32)
     kv_length = jnp.asarray(kv_length, jnp.int32)
     if q.ndim == 3:
+        check_per_sequence("q_offset", q_offset, None)
+        check_per_sequence("kv_length", kv_length, None)
         return attend(q, k, v, q_offset, kv_length, segments)
     batch = q.shape[0]
     check_per_sequence("q_offset", q_offset, batch)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from pallas_kernels import rotary
 from pallas_kernels.flash_backward_gpu import flash_backward_gpu
 from pallas_kernels.flash_backward_tpu import flash_backward_tpu
+from pallas_kernels.tile_matmul import precision_for
 from pallas_kernels.tiling import prefill_bounds, segment_operands
 
 BLOCK = 256  # query and key rows per tile of the XLA backward
@@ -90,6 +91,7 @@ def _blockwise_backward(q, keys, values, d_out, shift, delta, d_lse, *, causal, 
     q_tiles, k_tiles = -(-t // block_q), -(-s // block_k)
     rows = block_q * group  # a query block's rows: its tokens times the group's heads
     kv_length = jnp.minimum(kv_length, s)
+    precision = precision_for(q.dtype)  # as the forward multiplies: no TF32 for float32
 
     def head_major_rows(x, fill=0.0):  # [T, Hq, ...] -> [Hkv, T_pad * group, ...]
         x = jnp.pad(x.astype(jnp.float32), [(0, q_tiles * block_q - t)] +
@@ -126,15 +128,17 @@ def _blockwise_backward(q, keys, values, d_out, shift, delta, d_lse, *, causal, 
             if segment_ids is not None:
                 q_segment = jax.lax.dynamic_slice_in_dim(q_segments, i * rows, rows)
                 visible = visible & (q_segment[:, None] == k_segment[None, :])
-            scores = jnp.einsum("hrd,hbd->hrb", q_i, k_j) * sm_scale
+            scores = jnp.einsum("hrd,hbd->hrb", q_i, k_j, precision=precision) * sm_scale
             probs = jnp.where(visible, jnp.exp(scores - shift_i[..., None]), 0.0)
-            d_scores = probs * (jnp.einsum("hrd,hbd->hrb", do_i, v_j) - delta_i[..., None]
-                                + dlse_i[..., None]) * sm_scale
+            d_probs = jnp.einsum("hrd,hbd->hrb", do_i, v_j, precision=precision)
+            d_scores = probs * (d_probs - delta_i[..., None] + dlse_i[..., None]) * sm_scale
             d_q_i = jax.lax.dynamic_slice_in_dim(d_q, i * rows, rows, axis=1)
             d_q = jax.lax.dynamic_update_slice_in_dim(
-                d_q, d_q_i + jnp.einsum("hrb,hbd->hrd", d_scores, k_j), i * rows, axis=1)
-            return (d_q, d_k_j + jnp.einsum("hrb,hrd->hbd", d_scores, q_i),
-                    d_v_j + jnp.einsum("hrb,hrd->hbd", probs, do_i))
+                d_q, d_q_i + jnp.einsum("hrb,hbd->hrd", d_scores, k_j, precision=precision),
+                i * rows, axis=1)
+            return (d_q,
+                    d_k_j + jnp.einsum("hrb,hrd->hbd", d_scores, q_i, precision=precision),
+                    d_v_j + jnp.einsum("hrb,hrd->hbd", probs, do_i, precision=precision))
 
         d_q, d_k_j, d_v_j = jax.lax.fori_loop(first, last, query_block,
                                               (d_q, jnp.zeros_like(k_j), jnp.zeros_like(v_j)))

@@ -141,12 +141,12 @@ def flash_backward_gpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
     delta_h, dlse_h = (pad_to(x, block_q).T for x in (delta, d_lse))
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     q_seg, kv_seg = segment_operands(segment_ids, t_pad, s_pad)
-    tiles = dict(sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k,
-                 segments=segment_ids is not None)
+    static = dict(sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k,
+                  segments=segment_ids is not None)
 
     d_k, d_v = pl.pallas_call(
         functools.partial(_key_values_kernel, group=group, num_q_tiles=t_pad // block_q,
-                          **tiles),
+                          **static),
         grid=(s_pad // block_k, hkv),
         in_specs=[pl.BlockSpec((2,), lambda j, h: (0,))]
         + [pl.BlockSpec((group, t_pad, d), lambda j, h: (h, 0, 0))] * 2
@@ -159,7 +159,7 @@ def flash_backward_gpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
     )(bounds, q_h, do_h, shift_h, delta_h, dlse_h, k_h, v_h, q_seg, kv_seg)
 
     d_q = pl.pallas_call(
-        functools.partial(_queries_kernel, num_kv_tiles=s_pad // block_k, **tiles),
+        functools.partial(_queries_kernel, num_kv_tiles=s_pad // block_k, **static),
         grid=(t_pad // block_q, hq),
         in_specs=[pl.BlockSpec((2,), lambda i, h: (0,))]
         + [pl.BlockSpec((None, block_q, d), lambda i, h: (h, i, 0))] * 2

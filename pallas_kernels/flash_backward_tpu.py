@@ -124,20 +124,26 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
     shift_h = jnp.pad(shift, ((0, t_pad - t), (0, 0)), constant_values=jnp.inf).T[..., None]
     delta_h, dlse_h = (pad_to(x, block_q).T[..., None] for x in (delta, d_lse))
     q_seg, kv_seg = segment_operands(segment_ids, t_pad, s_pad)
-    q_seg, kv_seg = q_seg[:, None], kv_seg[None, :]
-    tiles = dict(sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k,
-                 segments=segment_ids is not None)
+    # Key ids one row of block_k per tile: a block of the whole last two dims, legal for
+    # any tile (a [1, block_k] block of a [1, S_pad] row would need block_k % 128 == 0).
+    q_seg, kv_seg = q_seg[:, None], kv_seg.reshape(num_kv_tiles, 1, block_k)
+    static = dict(sm_scale=sm_scale, causal=causal, block_q=block_q, block_k=block_k,
+                  segments=segment_ids is not None)
     first = functools.partial(_first_query_tile, block_q=block_q, block_k=block_k,
                               causal=causal)
     interpret = pltpu.InterpretParams() if interpret else False
 
-    def query_rows(h, j, n, bounds_ref):  # clamped to the first tile that sees key tile j
+    def query_rows(h, j, n, bounds_ref):
+        """The (query head, tile) step n reads: clamped to the first tile that sees key
+        tile j; one fixed block throughout when no query sees it (past `kv_length`)."""
+        live = j * block_k < bounds_ref[1]
         i = jnp.minimum(jnp.maximum(jax.lax.rem(n, num_q_tiles), first(j, bounds_ref)),
                         num_q_tiles - 1)
-        return (h * group + jax.lax.div(n, num_q_tiles), i, 0)
+        return (h * group + jnp.where(live, jax.lax.div(n, num_q_tiles), 0),
+                jnp.where(live, i, 0), 0)
 
     d_k, d_v = pl.pallas_call(
-        functools.partial(_key_values_kernel, num_q_tiles=num_q_tiles, **tiles),
+        functools.partial(_key_values_kernel, num_q_tiles=num_q_tiles, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(hkv, num_kv_tiles, group * num_q_tiles),
@@ -145,7 +151,7 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
             + [pl.BlockSpec((None, block_q, 1), query_rows)] * 3
             + [pl.BlockSpec((None, block_k, d), lambda h, j, n, b: (h, j, 0))] * 2
             + [pl.BlockSpec((block_q, 1), lambda h, j, n, b: query_rows(h, j, n, b)[1:]),
-               pl.BlockSpec((1, block_k), lambda h, j, n, b: (0, j))],
+               pl.BlockSpec((None, 1, block_k), lambda h, j, n, b: (j, 0, 0))],
             out_specs=[pl.BlockSpec((None, block_k, d), lambda h, j, n, b: (h, j, 0))] * 2,
             scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32)] * 2,
         ),
@@ -161,7 +167,7 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
         return (jax.lax.div(h, group), jnp.minimum(j, jnp.maximum(count - 1, 0)), 0)
 
     d_q = pl.pallas_call(
-        functools.partial(_queries_kernel, **tiles),
+        functools.partial(_queries_kernel, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(hq, num_q_tiles, num_kv_tiles),
@@ -169,7 +175,8 @@ def flash_backward_tpu(q, keys, values, d_out, shift, delta, d_lse, bounds, *, c
             + [pl.BlockSpec((None, block_q, 1), lambda h, i, j, b: (h, i, 0))] * 3
             + [pl.BlockSpec((None, block_k, d), key_rows)] * 2
             + [pl.BlockSpec((block_q, 1), lambda h, i, j, b: (i, 0)),
-               pl.BlockSpec((1, block_k), lambda h, i, j, b: (0, key_rows(h, i, j, b)[1]))],
+               pl.BlockSpec((None, 1, block_k),
+                            lambda h, i, j, b: (key_rows(h, i, j, b)[1], 0, 0))],
             out_specs=pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
             scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)],
         ),

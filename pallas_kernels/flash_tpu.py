@@ -115,7 +115,8 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
                 pl.BlockSpec((None, block_k, d), kv_index),
                 pl.BlockSpec((None, block_k, d), kv_index),
                 pl.BlockSpec((block_q, 1), lambda h, i, j, b: (i, 0)),
-                pl.BlockSpec((1, block_k), lambda h, i, j, b: (0, kv_index(h, i, j, b)[1])),
+                pl.BlockSpec((None, 1, block_k),  # (a block of the whole last two dims:
+                             lambda h, i, j, b: (kv_index(h, i, j, b)[1], 0, 0)),  # any tile)
             ],
             out_specs=[
                 pl.BlockSpec((None, block_q, d), lambda h, i, j, b: (h, i, 0)),
@@ -135,5 +136,5 @@ def flash_attention_tpu(q, k, v, *, causal, q_offset, kv_length, sm_scale,
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="jattn_flash_tpu",
-    )(bounds, inv_freq, q_h, k_h, v_h, q_seg[:, None], kv_seg[None, :])
+    )(bounds, inv_freq, q_h, k_h, v_h, q_seg[:, None], kv_seg.reshape(-1, 1, block_k))
     return out.transpose(1, 0, 2)[:t], lse[..., 0].T[:t]

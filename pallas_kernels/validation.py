@@ -54,10 +54,14 @@ def check_flash_args(q, k, v) -> None:
     _check_heads(q.shape[-2], k.shape[-2], q.shape, k.shape)
 
 
-def check_per_sequence(name: str, value, batch: int) -> None:
-    """Checks that a batched call's `q_offset` or `kv_length` is a scalar or `[batch]`."""
+def check_per_sequence(name: str, value, batch: int | None) -> None:
+    """Checks that `q_offset` or `kv_length` is a scalar or, in a call batched over
+    `batch` sequences (None: not batched), `[batch]`."""
     shape = tuple(getattr(value, "shape", ()))
-    if shape not in ((), (batch,)):
+    if batch is None and shape != ():
+        raise ValueError(f"{name} must be a scalar for unbatched q (batch it, [B, T, H, D], "
+                         f"for one per sequence), got shape {shape}")
+    if batch is not None and shape not in ((), (batch,)):
         raise ValueError(f"{name} must be a scalar or have shape ({batch},) (one per "
                          f"sequence), got shape {shape}")
 

@@ -21,12 +21,14 @@ def sequence_mesh(devices=8, name="sequence"):
     return Mesh(np.array(jax.devices()[:devices]), (name,))
 
 
-@pytest.mark.parametrize("causal, hq, hkv, devices, axis, packed", [
-    (True, 4, 2, 8, "sequence", False), (False, 2, 2, 8, "cp", False),
-    (True, 4, 1, 4, "x", False), (True, 4, 2, 8, "sequence", True)])
+@pytest.mark.parametrize("causal, hq, hkv, devices, axis, packed, backend", [
+    (True, 4, 2, 8, "sequence", False, "xla"), (False, 2, 2, 8, "cp", False, "xla"),
+    (True, 4, 1, 4, "x", False, "xla"), (True, 4, 2, 8, "sequence", True, "xla"),
+    (True, 4, 2, 2, "x", True, "pallas_gpu")])
 def test_forward_and_gradients_equal_the_float64_closed_form(causal, hq, hkv, devices, axis,
-                                                             packed):
-    """Packed: documents of random lengths across shard boundaries, by segment ids."""
+                                                             packed, backend):
+    """Packed: documents of random lengths across shard boundaries, by segment ids. The
+    Pallas kernels (interpreted) under shard_map too."""
     rng = np.random.default_rng(devices + hq + packed)
     b, s, d = 2, 32, 8
     q = rng.standard_normal((b, s, hq, d)).astype(np.float32)
@@ -37,7 +39,7 @@ def test_forward_and_gradients_equal_the_float64_closed_form(causal, hq, hkv, de
     segments = np.sort(rng.integers(0, 5, (b, s)), axis=1).astype(np.int32) if packed else None
 
     def attend(q, k, v):
-        return context_parallel_attention(q, k, v, mesh=mesh, causal=causal, backend="xla",
+        return context_parallel_attention(q, k, v, mesh=mesh, causal=causal, backend=backend,
                                           segment_ids=segments)
 
     (out, lse), vjp = jax.vjp(jax.jit(attend), *(jnp.asarray(x) for x in (q, k, v)))

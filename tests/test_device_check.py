@@ -35,7 +35,10 @@ def test_cpu_mode_runs_every_step_and_writes_its_results(tmp_path):
                                                                         "reference")} | {
         ("decode", f"pallas pages_per_step={pages}") for pages in (2, 4, 8)} | {
         ("prefill", f"pallas block_q={q} block_k={k}") for q, k in ((128, 64), (64, 128),
-                                                                   (128, 128))}
+                                                                   (128, 128))} | {
+        ("fwd+bwd", backend) for backend in ("jax.nn.dot_product_attention[xla]", "pallas",
+                                             "xla", "reference")} | {
+        ("mixed", backend) for backend in ("pallas", "xla")}
     for row in kernels:
         assert row["error"] is None and row["median_ms"] > 0
         assert row["max_abs_diff_vs_reference"] < 1e-4, row

@@ -107,20 +107,30 @@ def test_backward_kernels_lower(platform, backward, custom_call, dtype, head_dim
 @pytest.mark.parametrize("platform,flash,backward,custom_call", [
     ("cuda", flash_attention_gpu, flash_backward_gpu, "__gpu$xla.gpu.triton"),
     ("tpu", flash_attention_tpu, flash_backward_tpu, "tpu_custom_call")])
-def test_kernels_with_segment_ids_lower(platform, flash, backward, custom_call):
+@pytest.mark.parametrize("segments", [True, False], ids=["segments", "no_segments"])
+@pytest.mark.parametrize("block", [None, 64], ids=["default_tiles", "tiles_64"])
+def test_kernels_with_segment_ids_and_small_tiles_lower(platform, flash, backward, custom_call,
+                                                        segments, block):
+    """Any legal tile lowers, with or without segment ids (a Mosaic block must span the
+    whole of an array's last two dimensions or multiples of (8, 128) of them)."""
+    tiles = {} if block is None else {"block_q": block, "block_k": block}
+
+    def segment_ids(q_segments, kv_segments):
+        return (q_segments, kv_segments) if segments else None
+
     def forward(q, k, v, q_segments, kv_segments):
         return flash(q, k, v, causal=True, q_offset=jnp.int32(64), kv_length=jnp.int32(300),
-                     sm_scale=0.125, segment_ids=(q_segments, kv_segments))
+                     sm_scale=0.125, segment_ids=segment_ids(q_segments, kv_segments), **tiles)
 
     rows, keys = ((256, 8, 128), jnp.bfloat16), ((320, 2, 128), jnp.bfloat16)
-    ids = [((256,), jnp.int32), ((320,), jnp.int32)]
-    assert custom_call in _lower(forward, platform, rows, keys, keys, *ids)
+    id_shapes = [((256,), jnp.int32), ((320,), jnp.int32)]
+    assert custom_call in _lower(forward, platform, rows, keys, keys, *id_shapes)
 
     def gradients(q, k, v, d_out, shift, delta, d_lse, bounds, q_segments, kv_segments):
         return backward(q, k, v, d_out, shift, delta, d_lse, bounds, causal=True,
-                        sm_scale=0.125, segment_ids=(q_segments, kv_segments))
+                        sm_scale=0.125, segment_ids=segment_ids(q_segments, kv_segments), **tiles)
 
     vector = ((256, 8), jnp.float32)
     text = _lower(gradients, platform, rows, keys, keys, rows, vector, vector, vector,
-                  ((2,), jnp.int32), *ids)
+                  ((2,), jnp.int32), *id_shapes)
     assert text.count(custom_call) == 2

@@ -6,21 +6,31 @@ N contiguous shards, shard i on device i. Ring attention: every device keeps its
 and passes its keys and values around the ring, N - 1 hops (`ppermute`); at each hop it
 attends the shard it holds with `pallas_kernels.flash_attention` (positions offset by
 whose shard it is: under the causal mask a later shard is hidden, an earlier one fully
-seen, its own one causal), and the N partials merge exactly by LSE
-(`pallas_kernels.merge_attention`). Only keys and values travel, one shard per hop.
+seen, its own one causal) and merges the partial into its running result by LSE
+(`pallas_kernels.merge_attention`). Only keys and values travel (with their segment ids
+when given), one shard per hop.
 
-The backward pass is JAX's own transpose of that program: `flash_attention`'s
-custom VJP (which differentiates the LSE too, so the merge differentiates exactly), the
-merge's, and `ppermute`'s (the reverse ring). The gradient equals the single-device one.
+The backward pass is a second ring (a custom VJP, as FlashAttention's ring variants do):
+each device keeps only its own q, k, v and the merged output and LSE from the forward;
+keys and values go around again, carrying the cotangents of their keys and values, and
+at each hop the device adds that shard's share, `flash_attention`'s backward from the
+merged LSE (exact: the softmax over all keys, block by block). After N hops each shard's
+dK and dV are back on its device. Memory per device stays that of its own shard (and one
+travelling shard), whatever N.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import backend as backends
 from pallas_kernels import flash_attention, merge_attention
+from pallas_kernels.flash_backward import flash_attention_backward
 
 
 def _sequence_axis(mesh, seq_len: int) -> str:
@@ -44,6 +54,95 @@ def _check_layout(q, k, v):
                          f"attention), got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
 
+@dataclass(frozen=True)
+class _Ring:
+    """The ring of one call: mesh `axis` of `devices` devices, `shard` tokens each."""
+
+    axis: str
+    devices: int
+    shard: int
+    causal: bool
+    sm_scale: float
+    backend: str
+    segments: bool  # whether segment ids travel with the keys
+
+    def bounds(self, hop: int):
+        """`(q_offset, kv_length)` of this device's queries against the shard it holds at
+        `hop` (shard `me - hop`): a later shard hidden, an earlier one seen whole."""
+        if not self.causal:
+            return 0, self.shard
+        me = jax.lax.axis_index(self.axis)
+        owner = (me - hop) % self.devices
+        seen = owner <= me
+        return jnp.where(seen, (me - owner) * self.shard, 0), jnp.where(seen, self.shard, 0)
+
+    def pass_on(self, *arrays):
+        """Each array to the next device of the ring."""
+        ring = [(i, (i + 1) % self.devices) for i in range(self.devices)]
+        return tuple(jax.lax.ppermute(x, self.axis, ring) for x in arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(ring: _Ring, q, k, v, q_segments):
+    """This device's `(out [B, L, Hq, D] float32, lse [B, L, Hq])` over every shard."""
+    out = jnp.zeros(q.shape, jnp.float32)
+    lse = jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
+    kv_segments = q_segments
+    for hop in range(ring.devices):
+        q_offset, kv_length = ring.bounds(hop)
+        part, part_lse = flash_attention(
+            q, k, v, causal=ring.causal, q_offset=q_offset, kv_length=kv_length,
+            segment_ids=(q_segments, kv_segments) if ring.segments else None,
+            sm_scale=ring.sm_scale, backend=ring.backend)
+        out, lse = merge_attention(jnp.stack([out, part.astype(jnp.float32)]),
+                                   jnp.stack([lse, part_lse]))
+        if hop < ring.devices - 1:
+            k, v = ring.pass_on(k, v)
+            if ring.segments:
+                (kv_segments,) = ring.pass_on(kv_segments)
+    return out, lse
+
+
+def _ring_forward(ring: _Ring, q, k, v, q_segments):
+    out, lse = _ring_attention(ring, q, k, v, q_segments)
+    return (out, lse), (q, k, v, q_segments, out, lse)
+
+
+def _ring_backward(ring: _Ring, saved, cotangents):
+    q, k, v, q_segments, out, lse = saved
+    d_out, d_lse = cotangents
+    choice = backends.resolve(ring.backend)
+
+    def shard_gradients(q, k, v, out, lse, d_out, d_lse, q_segments, kv_segments, q_offset,
+                        kv_length):
+        return flash_attention_backward(
+            q, k, v, out, lse, d_out, d_lse, causal=ring.causal, q_offset=q_offset,
+            kv_length=kv_length, sm_scale=ring.sm_scale,
+            segment_ids=(q_segments, kv_segments) if ring.segments else None,
+            kind=choice.kind, interpret=choice.interpret)
+
+    batched = jax.vmap(shard_gradients, in_axes=(0,) * 9 + (None, None))
+    d_q = jnp.zeros(q.shape, jnp.float32)
+    d_k, d_v = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    kv_segments = q_segments
+    for hop in range(ring.devices):
+        q_offset, kv_length = ring.bounds(hop)
+        shares = batched(q, k, v, out, lse, d_out.astype(q.dtype), d_lse, q_segments,
+                         kv_segments, jnp.asarray(q_offset, jnp.int32),
+                         jnp.asarray(kv_length, jnp.int32))
+        d_q, d_k, d_v = (total + share.astype(jnp.float32)
+                         for total, share in zip((d_q, d_k, d_v), shares))
+        if hop < ring.devices - 1:
+            k, v = ring.pass_on(k, v)
+            if ring.segments:
+                (kv_segments,) = ring.pass_on(kv_segments)
+        d_k, d_v = ring.pass_on(d_k, d_v)  # N passes in all: each shard's back home
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_ring_attention.defvjp(_ring_forward, _ring_backward)
+
+
 def context_parallel_attention(q, k, v, *, mesh, causal: bool = True, segment_ids=None,
                                sm_scale: float | None = None, backend: str = "auto"):
     """Self-attention over a sequence sharded over `mesh`, by ring passing and LSE merge.
@@ -63,39 +162,27 @@ def context_parallel_attention(q, k, v, *, mesh, causal: bool = True, segment_id
     Returns:
       `(out [B, S, Hq, D] in q's dtype, lse [B, S, Hq] float32)`, sharded over the
       sequence like the inputs; differentiable in q, k and v (`jax.grad` equals the
-      single-device gradient).
+      single-device gradient) by a backward ring that keeps each device's memory to its
+      own shard.
     """
     _check_layout(q, k, v)
     axis = _sequence_axis(mesh, q.shape[1])
-    devices = mesh.shape[axis]
-    shard = q.shape[1] // devices
-    ring = [(i, (i + 1) % devices) for i in range(devices)]
-
+    backends.resolve(backend)  # an unknown backend is named before anything runs
     segments = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else \
-        jnp.asarray(segment_ids, jnp.int32)
-    if segments.shape != q.shape[:2]:
-        raise ValueError(f"segment_ids must have shape {tuple(q.shape[:2])} (one per token), "
-                         f"got {tuple(segments.shape)}")
+        jnp.asarray(segment_ids)
+    if segments.shape != q.shape[:2] or not jnp.issubdtype(segments.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers shaped {tuple(q.shape[:2])} (one "
+                         f"per token), got {segments.dtype} {tuple(segments.shape)}")
+    ring = _Ring(axis=axis, devices=mesh.shape[axis], shard=q.shape[1] // mesh.shape[axis],
+                 causal=bool(causal),
+                 sm_scale=float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale),
+                 backend=backend, segments=segment_ids is not None)
 
     def local(q, k, v, q_segments):
-        me = jax.lax.axis_index(axis)
-        kv_segments = q_segments
-        outs, lses = [], []
-        for hop in range(devices):
-            owner = (me - hop) % devices  # whose keys this device holds at this hop
-            seen = (owner <= me) if causal else True
-            out, lse = flash_attention(
-                q, k, v, causal=causal, backend=backend, sm_scale=sm_scale,
-                q_offset=jnp.where(seen, (me - owner) * shard, 0) if causal else 0,
-                kv_length=jnp.where(seen, shard, 0),
-                segment_ids=None if segment_ids is None else (q_segments, kv_segments))
-            outs.append(out)
-            lses.append(lse)
-            if hop < devices - 1:
-                k, v, kv_segments = (jax.lax.ppermute(x, axis, ring)
-                                     for x in (k, v, kv_segments))
-        return merge_attention(jnp.stack(outs), jnp.stack(lses))
+        out, lse = _ring_attention(ring, q, k, v, q_segments)
+        return out.astype(q.dtype), lse
 
     spec = P(None, axis)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec),
-                         out_specs=(spec, spec), check_vma=False)(q, k, v, segments)
+                         out_specs=(spec, spec), check_vma=False)(
+        q, k, v, segments.astype(jnp.int32))
