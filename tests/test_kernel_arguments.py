@@ -32,6 +32,14 @@ def test_batched_lengths_must_be_one_per_sequence():
         flash_attention(q, q, q, q_offset=jnp.zeros((2, 1), jnp.int32))
 
 
+def test_unbatched_offsets_and_lengths_are_scalars():
+    q = f32(4, 2, 8)
+    with pytest.raises(ValueError, match=r"q_offset must be a scalar for unbatched q.*\(2,\)"):
+        flash_attention(q, q, q, q_offset=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match=r"kv_length must be a scalar for unbatched q"):
+        flash_attention(q, q, q, kv_length=jnp.array([4]))
+
+
 def test_segment_ids_must_be_one_per_token():
     q, k = f32(2, 4, 2, 8), f32(2, 6, 2, 8)
     with pytest.raises(ValueError, match=r"one segment_ids array stands for queries and keys "
