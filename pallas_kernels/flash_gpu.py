@@ -18,7 +18,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
 from pallas_kernels.tiling import (head_major, prefill_bounds, segment_operands,
-                                   triton_tiles, visible_kv_blocks)
+                                   tile_visibility, triton_tiles, visible_kv_blocks)
 
 
 def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref,
@@ -39,15 +39,12 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_s
     if rotate_keys:
         q1, q2 = q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]
         inv_freq = inv_freq_ref[...][None, :]
-    q_pos = q_offset + tile * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
 
     def body(j, state):
         start = pl.multiple_of(j * block_k, block_k)
         v = v_ref[pl.ds(start, block_k), :]
-        k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-        visible = k_pos < kv_len
-        if causal:
-            visible = visible & (k_pos <= q_pos)
+        visible = tile_visibility(q_offset + tile * block_q, start, block_q=block_q,
+                                  block_k=block_k, kv_len=kv_len, causal=causal)
         if segments:
             visible = visible & (q_seg_ref[...][:, None]
                                  == kv_seg_ref[pl.ds(start, block_k)][None, :])

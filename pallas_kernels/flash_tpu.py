@@ -18,7 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax, rotary, tile_matmul
 from pallas_kernels.tiling import (head_major, mosaic_tiles, prefill_bounds,
-                                   segment_operands, visible_kv_blocks)
+                                   segment_operands, tile_visibility, visible_kv_blocks)
 
 
 def _last_visible_tile(i, bounds_ref, *, block_q, block_k, causal):
@@ -49,11 +49,8 @@ def _flash_kernel(bounds_ref, inv_freq_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_s
     @pl.when(j < count)
     def _step():
         q_offset, kv_len = bounds_ref[0], bounds_ref[1]
-        q_pos = q_offset + i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-        k_pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-        visible = k_pos < kv_len
-        if causal:
-            visible = visible & (k_pos <= q_pos)
+        visible = tile_visibility(q_offset + i * block_q, j * block_k, block_q=block_q,
+                                  block_k=block_k, kv_len=kv_len, causal=causal)
         if segments:
             visible = visible & (q_seg_ref[...] == kv_seg_ref[...])
         in_range = (j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < kv_len
