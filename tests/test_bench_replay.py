@@ -159,6 +159,10 @@ def test_replay_with_the_store_reuses_what_the_trace_allows(tmp_path):
         summary["prefill_tokens_total"] - summary["prefill_tokens_reused"]
     for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s"):
         assert summary[key] > 0
+    fresh = [o for o, most in zip(outcomes, allowed) if most == 0]  # the first request
+    assert summary["nothing_to_reuse_requests"] == len(fresh) == 1
+    assert summary["nothing_to_reuse_ttft_p50_s"] == fresh[0].ttft_s
+    assert summary["nothing_to_reuse_tpot_p50_s"] == fresh[0].tpot_s
 
 
 def test_replay_without_the_store_reuses_nothing(tmp_path):

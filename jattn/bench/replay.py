@@ -175,7 +175,9 @@ def summarise(requests: list[TraceRequest], outcomes: list[RequestOutcome], *,
               wall_s: float, kv_block_tokens: int = 16) -> dict:
     """Latencies (seconds), prefill tokens, and reuse against what the trace allows by
     content: per request at most `reusable_prefix_tokens` (in whole KV blocks of
-    `kv_block_tokens`) counts, and `reuse_of_allowed` is the share of that reused."""
+    `kv_block_tokens`) counts, and `reuse_of_allowed` is the share of that reused. The
+    `nothing_to_reuse_*` latencies are over the requests the trace allows no reuse: the
+    same requests whether the store is on or off."""
     allowed = reusable_prefix_tokens(requests, block_tokens=kv_block_tokens)
     ok = [(r, o, a) for r, o, a in zip(requests, outcomes, allowed) if o.error is None]
     ttft = np.array([o.ttft_s for _, o, _ in ok]) if ok else np.zeros(1)
@@ -192,6 +194,11 @@ def summarise(requests: list[TraceRequest], outcomes: list[RequestOutcome], *,
         for tier, count in (outcome.tier_blocks or {}).items():
             by_tier[tier] = by_tier.get(tier, 0) + outcome.cached_tokens * count / blocks
     errors = [o.error for o in outcomes if o.error is not None]
+    # The requests the trace allows nothing to reuse: the same ones with the store or
+    # without, so their latencies compare directly (what the store costs them).
+    fresh = [o for _, o, most in ok if most == 0]
+    fresh_ttft = np.array([o.ttft_s for o in fresh]) if fresh else np.zeros(1)
+    fresh_tpot = [o.tpot_s for o in fresh if o.tokens > 1]
     return {
         "requests": len(requests), "completed": len(ok), "errors": len(errors),
         "first_errors": errors[:5], "wall_s": wall_s,
@@ -205,4 +212,8 @@ def summarise(requests: list[TraceRequest], outcomes: list[RequestOutcome], *,
         "reuse_of_allowed": reused_of_allowed / allowed_ok if allowed_ok else 0.0,
         "reuse_fraction": reused / total if total else 0.0,
         "trace_reuse_fraction": allowed_ok / total if total else 0.0,
+        "nothing_to_reuse_requests": len(fresh),
+        "nothing_to_reuse_ttft_p50_s": float(np.quantile(fresh_ttft, 0.5)),
+        "nothing_to_reuse_ttft_p99_s": float(np.quantile(fresh_ttft, 0.99)),
+        "nothing_to_reuse_tpot_p50_s": float(np.median(fresh_tpot)) if fresh_tpot else None,
     }
