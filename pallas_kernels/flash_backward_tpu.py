@@ -31,18 +31,22 @@ def _first_query_tile(j, bounds_ref, *, block_q, block_k, causal):
     return jax.lax.div(jnp.maximum(j * block_k - bounds_ref[0], 0), block_q)
 
 
-def _tile_gradients(q, k, v, d_out, shift, delta, d_lse, q_seg_ref, kv_seg_ref, *, q_first,
-                    k_first, kv_len, sm_scale, causal, segments):
-    """`(P, dS)` of one `[block_q, block_k]` tile, float32; rows' vectors are `[bq, 1]`;
-    the segment ids `[block_q, 1]` and `[1, block_k]` are read when `segments`."""
-    block_q, block_k = q.shape[0], k.shape[0]
-    visible = tile_visibility(q_first, k_first, block_q=block_q, block_k=block_k,
-                              kv_len=kv_len, causal=causal)
+def _tile_gradients(inputs, bounds_ref, i, j, *, sm_scale, causal, segments):
+    """`(P, dS)` float32 `[block_q, block_k]` of query tile i against key tile j.
+
+    `inputs` are both kernels' input refs in order: q, dO `[block_q, D]`; shift, delta,
+    dL `[block_q, 1]`; k, v `[block_k, D]`; the segment ids `[block_q, 1]` and
+    `[1, block_k]` (read when `segments`)."""
+    q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref = inputs
+    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+    visible = tile_visibility(bounds_ref[0] + i * block_q, j * block_k, block_q=block_q,
+                              block_k=block_k, kv_len=bounds_ref[1], causal=causal)
     if segments:
         visible = visible & (q_seg_ref[...] == kv_seg_ref[...])
-    scores = tile_matmul.dot_nt(q, k) * sm_scale
-    probs = jnp.where(visible, jnp.exp(scores - shift), 0.0)
-    return probs, probs * (tile_matmul.dot_nt(d_out, v) - delta + d_lse)
+    scores = tile_matmul.dot_nt(q_ref[...], k_ref[...]) * sm_scale
+    probs = jnp.where(visible, jnp.exp(scores - shift_ref[...]), 0.0)
+    return probs, probs * (tile_matmul.dot_nt(do_ref[...], v_ref[...]) - delta_ref[...]
+                           + dlse_ref[...])
 
 
 def _key_values_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k_ref,
@@ -67,9 +71,8 @@ def _key_values_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref
     @pl.when((i >= first) & (j * block_k < bounds_ref[1]))
     def _step():
         probs, d_scores = _tile_gradients(
-            q_ref[...], k_ref[...], v_ref[...], do_ref[...], shift_ref[...], delta_ref[...],
-            dlse_ref[...], q_seg_ref, kv_seg_ref, q_first=bounds_ref[0] + i * block_q,
-            k_first=j * block_k, kv_len=bounds_ref[1], sm_scale=sm_scale, causal=causal,
+            (q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k_ref, v_ref, q_seg_ref,
+             kv_seg_ref), bounds_ref, i, j, sm_scale=sm_scale, causal=causal,
             segments=segments)
         dv_acc[...] += tile_matmul.dot_nn(probs.T, do_ref[...])
         dk_acc[...] += tile_matmul.dot_nn(d_scores.T, q_ref[...]) * sm_scale
@@ -96,9 +99,8 @@ def _queries_kernel(bounds_ref, q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k
     @pl.when(j < count)
     def _step():
         _, d_scores = _tile_gradients(
-            q_ref[...], k_ref[...], v_ref[...], do_ref[...], shift_ref[...], delta_ref[...],
-            dlse_ref[...], q_seg_ref, kv_seg_ref, q_first=bounds_ref[0] + i * block_q,
-            k_first=j * block_k, kv_len=bounds_ref[1], sm_scale=sm_scale, causal=causal,
+            (q_ref, do_ref, shift_ref, delta_ref, dlse_ref, k_ref, v_ref, q_seg_ref,
+             kv_seg_ref), bounds_ref, i, j, sm_scale=sm_scale, causal=causal,
             segments=segments)
         dq_acc[...] += tile_matmul.dot_nn(d_scores, k_ref[...]) * sm_scale
 

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import backend as backends
 from pallas_kernels import flash_attention, merge_attention
 from pallas_kernels.flash_backward import flash_attention_backward
+from pallas_kernels.validation import check_segment_ids
 
 
 def _sequence_axis(mesh, seq_len: int) -> str:
@@ -127,7 +128,7 @@ def _ring_backward(ring: _Ring, saved, cotangents):
     kv_segments = q_segments
     for hop in range(ring.devices):
         q_offset, kv_length = ring.bounds(hop)
-        shares = batched(q, k, v, out, lse, d_out.astype(q.dtype), d_lse, q_segments,
+        shares = batched(q, k, v, out, lse, d_out, d_lse, q_segments,
                          kv_segments, jnp.asarray(q_offset, jnp.int32),
                          jnp.asarray(kv_length, jnp.int32))
         d_q, d_k, d_v = (total + share.astype(jnp.float32)
@@ -168,11 +169,8 @@ def context_parallel_attention(q, k, v, *, mesh, causal: bool = True, segment_id
     _check_layout(q, k, v)
     axis = _sequence_axis(mesh, q.shape[1])
     backends.resolve(backend)  # an unknown backend is named before anything runs
-    segments = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else \
-        jnp.asarray(segment_ids)
-    if segments.shape != q.shape[:2] or not jnp.issubdtype(segments.dtype, jnp.integer):
-        raise ValueError(f"segment_ids must be integers shaped {tuple(q.shape[:2])} (one "
-                         f"per token), got {segments.dtype} {tuple(segments.shape)}")
+    checked = check_segment_ids(segment_ids, q, k)  # (the same ids for queries and keys)
+    segments = jnp.zeros(q.shape[:2], jnp.int32) if checked is None else checked[0]
     ring = _Ring(axis=axis, devices=mesh.shape[axis], shard=q.shape[1] // mesh.shape[axis],
                  causal=bool(causal),
                  sm_scale=float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale),
@@ -185,4 +183,4 @@ def context_parallel_attention(q, k, v, *, mesh, causal: bool = True, segment_id
     spec = P(None, axis)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec),
                          out_specs=(spec, spec), check_vma=False)(
-        q, k, v, segments.astype(jnp.int32))
+        q, k, v, segments)
