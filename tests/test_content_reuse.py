@@ -251,3 +251,36 @@ def test_a_queued_turn_finds_its_disk_blocks_in_host_memory_when_it_begins(
     assert len(reads) == read_while_queued == 5
     assert tokens == stateless.generate(prompt, max_tokens=12, ignore_eos=True).token_ids
     llm.close()
+
+
+def test_a_one_off_ends_before_its_saves_copy_and_a_flush_still_waits_for_them(
+        stateless, monkeypatch):
+    """A one-off's client is answered once its blocks are published and their saves
+    queued: the copies out of the pool (made slow here) come after its stream ended,
+    and a store flush right then waits for them; a later one-off reuses those blocks
+    from host memory with the stateless tokens."""
+    llm = LLM(store=StoreConfig(hbm_bytes=0, host_bytes=1 << 26))
+    llm.generate([5, 6], max_tokens=2)  # the engine running, its first shapes compiled
+    steps = type(llm.runner._executor)
+    copied = []
+
+    def slow_copy_out(self, block_ids, memory_kind):
+        time.sleep(0.5)
+        copied.append(time.perf_counter())
+        return original(self, block_ids, memory_kind)
+
+    original = steps.copy_out
+    monkeypatch.setattr(steps, "copy_out", slow_copy_out)
+    prompt = SYSTEM + user_prompt(7)
+    tokens = [token.id for token in llm.stream(prompt, max_tokens=4, ignore_eos=True)]
+    ended = time.perf_counter()
+    llm.store.flush()
+    assert len(copied) == 1 and ended < copied[0]  # answered before the copy was made
+    keys = llm.chats.prompt_keys(prompt, "tokens")
+    assert len(keys) == len(prompt) // 16 and llm.store.held(keys) == ["host"] * len(keys)
+    monkeypatch.setattr(steps, "copy_out", original)
+    again = llm.generate(prompt + [11, 12], max_tokens=6, ignore_eos=True)
+    assert again.tiers == {"host": len(keys)}
+    assert tokens == stateless.generate(prompt, max_tokens=4, ignore_eos=True).token_ids
+    assert again.token_ids == stateless.generate(prompt + [11, 12], max_tokens=6,
+                                                 ignore_eos=True).token_ids

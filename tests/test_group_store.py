@@ -27,7 +27,6 @@ from jattn.distributed.group_store import (
 )
 from jattn.model.leader_steps import CompileSaves, CompileSteps, LeaderSteps
 from jattn.model.step_plan import Arrival, BlockSave, Draw, Segment, StepOutput, StepPlan
-from jattn.store import AttentionStore
 from jattn.store.kv_store import KVStore, LoadedRun
 
 
@@ -54,10 +53,10 @@ class RecordingStore:
         self.record_reads = []
         self.records = records or {}
 
-    def save(self, key, produce):
-        self.saved[key] = produce
-
-    save_blocks = AttentionStore.save_blocks  # each block through `save`
+    def save_blocks(self, keys, block_ids, saved):
+        """Records, per key, how its block is produced: from `saved()` when filed."""
+        for key, block in zip(keys, block_ids):
+            self.saved[key] = lambda block=block: saved()[block]
 
     def get_record(self, session_id, *, check_remote=True):
         self.record_reads.append(session_id)

@@ -405,3 +405,40 @@ def test_a_view_of_an_array_larger_than_host_memory_is_kept_as_a_copy():
     np.testing.assert_array_equal(found.v, v[:, 1])
     assert store.stats()["host_bytes"] == BLOCK_BYTES
     store.close()
+
+
+@pytest.mark.parametrize("host_blocks", [12, 7, 3])
+def test_a_turns_saved_blocks_are_filed_together_as_one_by_one(host_blocks):
+    """`save_blocks` (one piece of work, host memory taking the run together where it
+    fits) ends as `save` of each block in order, all queued at once, does: the same
+    blocks held, the same bytes, evictions and counts; `saved()` is waited for once."""
+    k, v, blocks = turn_blocks(6, seed_=int(np.random.default_rng().integers(1 << 30)))
+    config = StoreConfig(host_bytes=host_blocks * BLOCK_BYTES)
+    batched, reference = (AttentionStore(config, fingerprint=FINGERPRINT) for _ in range(2))
+    for store in (batched, reference):
+        for name in ("old0", "t1", "old1", "t4"):  # two of the turn's blocks are held
+            save(store, name).result()
+    calls = []
+
+    def saved():
+        calls.append(1)
+        return {10 + i: b for i, b in enumerate(blocks)}
+
+    names = [f"t{i}" for i in range(6)]
+    batched.save_blocks([key(n) for n in names], [10 + i for i in range(6)], saved)
+    batched.flush()
+    for name, turn_block in zip(names, blocks):
+        reference.save(key(name), lambda b=turn_block: b)
+    reference.flush()
+    assert len(calls) == 1
+    assert [batched.contains(key(n)) for n in ("old0", "old1", *names)] == \
+        [reference.contains(key(n)) for n in ("old0", "old1", *names)]
+    assert batched.stats() == {**reference.stats(), "save_seconds": batched.stats()["save_seconds"]}
+    for i, name in enumerate(names):
+        if batched.contains(key(name)):
+            found, _ = batched.get(key(name))
+            expected = block(seed(name)) if name in ("t1", "t4") else blocks[i]
+            np.testing.assert_array_equal(found.k, expected.k)
+            np.testing.assert_array_equal(found.v, expected.v)
+    batched.close()
+    reference.close()

@@ -675,26 +675,31 @@ class Engine:
         if turn.continuation.finished:
             if not turn.ephemeral:
                 self._sessions.touch(turn.session_id, stream.request.tenant)
-            durable = self.chats.complete(turn)
-            del self._active[stream]
-            self.counters["completed"] += 1
-            with self._condition:  # (`stats` reads it)
-                self._recent_ttfts.append(turn.result.ttft_s)
-            self.counters["tokens_reused"] += turn.result.cached_tokens
-            self.counters["tokens_prefilled"] += turn.result.recomputed_tokens
-            # The stream ends (the client's acknowledgement) once the turn is durable.
-            durable.add_done_callback(
-                lambda done: self._acknowledge(stream, turn, done))
+            durable = self.chats.complete(turn, lambda: self._completed(stream, turn))
+            if not turn.ephemeral:  # its stream ends (the acknowledgement) once durable
+                durable.add_done_callback(
+                    lambda done: self._acknowledge(stream, turn, done))
+
+    def _completed(self, stream: TurnStream, turn: ActiveTurn) -> None:
+        """A turn is whole (its blocks published, their saves queued): counted, and a
+        one-off turn's stream ended (nothing of it need be durable)."""
+        del self._active[stream]
+        self.counters["completed"] += 1
+        with self._condition:  # (`stats` reads it)
+            self._recent_ttfts.append(turn.result.ttft_s)
+        self.counters["tokens_reused"] += turn.result.cached_tokens
+        self.counters["tokens_prefilled"] += turn.result.recomputed_tokens
+        if turn.ephemeral:
+            stream.close()
 
     def _acknowledge(self, stream: TurnStream, turn: ActiveTurn,
                      durable: concurrent.futures.Future) -> None:
-        """Ends a turn's stream once its record is as durable as the store makes it,
-        saying on its result whether it got there (on the store's thread)."""
-        if not turn.ephemeral:
-            turn.result.durable = durable.exception() is None and bool(durable.result())
-            if not turn.result.durable:
-                with self._condition:
-                    self.counters["not_durable_turns"] += 1
+        """Ends a session turn's stream once its record is as durable as the store
+        makes it, saying on its result whether it got there (on the store's thread)."""
+        turn.result.durable = durable.exception() is None and bool(durable.result())
+        if not turn.result.durable:
+            with self._condition:
+                self.counters["not_durable_turns"] += 1
         stream.close()
 
     def _stop_turn(self, stream: TurnStream) -> None:

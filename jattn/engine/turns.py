@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from jattn.conversation import (
     Conversation,
@@ -445,20 +446,41 @@ class ChatEngine:
                         arrival=Arrival(tuple(block for block, _ in arriving), source))
 
     def run(self, plan: StepPlan) -> StepOutput:
-        """Executes a step's plan on the runner; files the blocks its saves copied out
-        in the store."""
-        output = self.runner.execute(plan)
+        """Executes a step's plan on the runner; files the blocks its saves copy out in
+        the store."""
+        copies = self._queue_saves(plan)
+        return self._execute(plan, copies)
+
+    def _queue_saves(self, plan: StepPlan) -> concurrent.futures.Future:
+        """Queues the filing of `plan`'s saves in the store before the plan runs (so
+        that a store `flush` from now on waits for them), from the copies of its output:
+        the future to set to `StepOutput.saved` once it is dispatched."""
+        copies = concurrent.futures.Future()
         if plan.saves:
             self.store.save_blocks([save.key for save in plan.saves],
-                                   [save.block for save in plan.saves], output.saved)
+                                   [save.block for save in plan.saves],
+                                   lambda: copies.result()())
+        return copies
+
+    def _execute(self, plan: StepPlan, copies: concurrent.futures.Future) -> StepOutput:
+        """Executes `plan`, handing its copies out to the saves `_queue_saves` queued."""
+        try:
+            output = self.runner.execute(plan)
+        except BaseException as error:
+            copies.set_exception(error)
+            raise
+        copies.set_result(output.saved)
         return output
 
-    def complete(self, turn: ActiveTurn) -> concurrent.futures.Future:
+    def complete(self, turn: ActiveTurn, answered: Callable[[], None] = lambda: None
+                 ) -> concurrent.futures.Future:
         """Appends the message and the answer to the history, publishes every full block
-        the turn holds under its key (starting the saves of those the store lacks), and
-        (unless the turn is ephemeral) records it. Returns a future that resolves once
-        the turn is as durable as the store makes it (its record on disk, with a disk
-        tier): acknowledge the turn to its client then."""
+        the turn holds under its key, queues the saves of those the store lacks, calls
+        `answered()` (the turn is whole: a one-off turn's client need not wait for what
+        follows), starts the saves' copies out of the pool, and (unless the turn is
+        ephemeral) records it. Returns a future that resolves once the turn is as
+        durable as the store makes it (its record on disk, with a disk tier):
+        acknowledge the turn to its client then."""
         self._busy.pop(turn.session_id, None)
         conversation = turn.conversation
         history_start = conversation.tail_start
@@ -470,11 +492,14 @@ class ChatEngine:
         record = Turn(dropped=turn.dropped, start=history_start, user_end=user_end,
                       end=len(conversation.tokens))
         apply_turn(conversation, record, self.block_size)
-        saves = self.blocks.publish(turn.lease, context_keys(conversation))
-        if saves:
-            self.run(StepPlan(saves=tuple(saves)))
+        saves = StepPlan(saves=tuple(self.blocks.publish(turn.lease, context_keys(conversation))))
         if turn.ephemeral:
             self.sessions.forget(turn.session_id)
+        copies = self._queue_saves(saves)
+        answered()
+        if saves.saves:
+            self._execute(saves, copies)
+        if turn.ephemeral:
             return resolved(True)
         return self.store.append_record(turn.session_id,
                                         turn_entry(conversation, record, first_token, root))

@@ -116,6 +116,34 @@ class HostTier:
                 self._track_views(key, views)
             return fits
 
+    def put_run(self, blocks: list[tuple[bytes, BlockKV]]) -> list[bool]:
+        """`put` of each `(key, block)` in order, taken together where they fit together
+        (one room made for all: a turn's saved blocks, which view the same arrays);
+        else one by one. Returns whether the tier holds each key afterwards."""
+        with self._lock:
+            held = {key for key, _ in blocks if key in self._blocks}
+            for key in held:
+                self._placement.touch(key)
+            new = dict((key, block) for key, block in blocks if key not in held)
+            views = {key: _views_by_array(block) for key, block in new.items()}
+            merged: dict[int, tuple] = {}
+            for block_views in views.values():
+                for array_id, (array, nbytes) in block_views.items():
+                    merged[array_id] = (array, merged.get(array_id, (array, 0))[1] + nbytes)
+            nbytes = sum(block.nbytes for block in new.values())
+            capacity = self.capacity_bytes
+            together = nbytes + self._dead_growth(merged) <= capacity and \
+                self._placement.make_room(
+                    None, lambda: self._used() + nbytes + self._dead_growth(merged) <= capacity,
+                    self._evict)
+            if together:
+                for key, block in new.items():
+                    self._placement.admit(key, block.nbytes)
+                    self._blocks[key] = block
+                    self._track_views(key, views[key])
+                return [True] * len(blocks)
+        return [self.put(key, block) for key, block in blocks]
+
     def delete(self, key: bytes) -> None:
         with self._lock:
             if key in self._blocks:

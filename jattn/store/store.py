@@ -257,39 +257,64 @@ class AttentionStore:
         fails is left out of them (logged and counted by its tier), never raised.
         """
         key = checked_block_key(block_key)
-        if self._held_everywhere(key):
-            self._touch([key])
-            with self._lock:
-                self._counts["saves_skipped_held"] += 1
+        if not self._not_held_everywhere([key]):
             return resolved(self._holding(key))
-        return self._submit(self._save, key, produce)
+        return self._submit(lambda: self._file([key], lambda lacking: [produce()])[0])
 
     def save_blocks(self, block_keys: list[bytes], block_ids: list[int],
                     saved: SavedBlocks) -> None:
         """`save`s pool block `block_ids[i]` under `block_keys[i]`, each produced from
-        `saved()` (`{pool block: BlockKV}`, waiting for the copies a step started)."""
-        for key, block in zip(block_keys, block_ids):
-            self.save(key, functools.partial(_saved_block, saved, block))
+        `saved()` (`{pool block: BlockKV}`, waiting for the copies a step started), as
+        one piece of work on the store's thread (host memory takes them together)."""
+        keys = [checked_block_key(block_key) for block_key in block_keys]
+        pool_block = dict(zip(keys, block_ids))
+        wanted = self._not_held_everywhere(keys)
+        if wanted:
+            def produce(lacking: list[bytes]) -> list[BlockKV]:
+                copies = saved()
+                return [copies[pool_block[key]] for key in lacking]
 
-    def _save(self, key: bytes, produce) -> tuple[str, ...]:
-        """Store thread: puts the block (from host memory if held, else from `produce`)
-        into every tier that does not hold it."""
-        start = time.perf_counter()
-        self._touch([key])
-        missing = [tier for tier in self._tiers if tier.enabled and not tier.contains(key)]
-        if not missing:  # saved since this save was queued
+            self._submit(self._file, wanted, produce)
+
+    def _not_held_everywhere(self, keys: list[bytes]) -> list[bytes]:
+        """The keys of `keys` that some enabled tier lacks (those a save files); the
+        others are touched and counted as `saves_skipped_held`."""
+        wanted = [key for key in keys if not self._held_everywhere(key)]
+        if len(wanted) < len(keys):
+            held = [key for key in keys if key not in set(wanted)]
+            self._touch(held)
             with self._lock:
-                self._counts["saves_skipped_held"] += 1
-            return self._holding(key)
-        block = self._host.get(key)
-        if block is None:
-            block = produce()
-        for tier in missing:
-            tier.put(key, block)
+                self._counts["saves_skipped_held"] += len(held)
+        return wanted
+
+    def _file(self, keys: list[bytes], produce) -> list[tuple[str, ...]]:
+        """Store thread: puts each block of `keys` into every enabled tier that lacks
+        it, host memory's copy where it holds one, else from `produce(lacking)` (the
+        blocks of the keys `lacking`, in order). Returns the names of the tiers that
+        hold each key afterwards."""
+        start = time.perf_counter()
+        self._touch(keys)
+        lacking = {tier: [key for key in keys if not tier.contains(key)]
+                   for tier in self._tiers if tier.enabled}
+        needed = list(dict.fromkeys(key for held in lacking.values() for key in held))
+        blocks = {}
+        if needed:
+            blocks = {key: block for key in needed
+                      if (block := self._host.get(key)) is not None}
+            unheld = [key for key in needed if key not in blocks]
+            blocks.update(zip(unheld, produce(unheld) if unheld else ()))
+        for tier, tier_keys in lacking.items():
+            if tier is self._host and tier_keys:
+                tier.put_run([(key, blocks[key]) for key in tier_keys])
+            else:
+                for key in tier_keys:
+                    tier.put(key, blocks[key])
         with self._lock:
-            self._counts["saves"] += 1
-            self._counts["save_seconds"] += time.perf_counter() - start
-        return self._holding(key)
+            self._counts["saves"] += len(needed)
+            self._counts["saves_skipped_held"] += len(keys) - len(needed)
+            if needed:
+                self._counts["save_seconds"] += time.perf_counter() - start
+        return [self._holding(key) for key in keys]
 
     def _held_everywhere(self, key: bytes) -> bool:
         return all(tier.contains(key) for tier in self._tiers if tier.enabled)
@@ -504,7 +529,3 @@ class AttentionStore:
             totals.update(self._counts)
         return {name: totals[name] for name in STATS}
 
-
-def _saved_block(saved: SavedBlocks, block: int) -> BlockKV:
-    """Pool block `block`'s KV from a step's copies out (waiting for them)."""
-    return saved()[block]
