@@ -144,6 +144,7 @@ class Engine:
         self.chats = chats
         self.overlap = overlap
         self._in_flight: _InFlight | None = None
+        self._loaded: _InFlight | None = None  # this step's loading step, until taken
         self.limits = limits
         self._condition = threading.Condition()
         self._waiting: collections.deque[TurnStream] = collections.deque()
@@ -557,7 +558,10 @@ class Engine:
 
     def _loading_step(self) -> None:
         """The opening tokens of the oldest turn whose blocks arrive from the store, run
-        layer by layer while they come; its first token is taken at once."""
+        layer by layer while they come. Its first token is taken once the packed step
+        after it is dispatched (which the turn sits out: a packed step feeds only on
+        the tokens of the packed step before it), so the device goes on to that step
+        while the host waits."""
         stream = next((s for s, t in self._active.items() if t.loading), None)
         if stream is None:
             return
@@ -574,7 +578,7 @@ class Engine:
             self._fail_turn(stream, error)
             return
         if plan.sampled[0]:
-            self._take(_InFlight(output, [(stream, turn, 0)]))
+            self._loaded = _InFlight(output, [(stream, turn, 0)])
 
     def _restart(self, stream: TurnStream, resume: dict) -> None:
         """Frees a turn that has produced nothing yet and queues it to begin again, first,
@@ -589,24 +593,31 @@ class Engine:
             self._fetching[stream] = (ready, turn.continuation.start_time, resume)
 
     def _model_step(self) -> None:
-        """Dispatches one packed step, then takes the step dispatched before it (or,
-        without `overlap`, this one)."""
+        """Dispatches one packed step, then takes the steps dispatched before it (the
+        previous packed step, then this step's loading step), or, without `overlap`,
+        this one too."""
         previous, self._in_flight = self._in_flight, None
+        loaded, self._loaded = self._loaded, None
         try:
-            self._in_flight = self._dispatch(previous)
+            self._in_flight = self._dispatch(previous, loaded)
         finally:
-            if previous is not None:
-                self._take(previous)
+            for step in (previous, loaded):
+                if step is not None:
+                    self._take(step)
         if not self.overlap and self._in_flight is not None:
             current, self._in_flight = self._in_flight, None
             self._take(current)
 
-    def _dispatch(self, previous: _InFlight | None) -> _InFlight | None:
+    def _dispatch(self, previous: _InFlight | None,
+                  loaded: _InFlight | None = None) -> _InFlight | None:
         """Plans and dispatches one packed step: the next token of every decoding turn
         (fed from `previous`'s tokens on the device while pending), and prompt chunks
         of the oldest prefilling turns (at most `max_prefill_seqs`) within the token
-        budget. None if no turn has work."""
-        decoding = [(s, t) for s, t in self._active.items() if t.decoding]
+        budget; not the turn whose token `loaded` (a loading step) has yet to give.
+        None if no turn has work."""
+        awaited = {stream for stream, _, _ in loaded.drawn} if loaded else set()
+        decoding = [(s, t) for s, t in self._active.items()
+                    if t.decoding and s not in awaited]
         budget = self.chats.step_tokens - len(decoding)
         prefilling = []
         for stream, turn in self._active.items():

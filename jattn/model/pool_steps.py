@@ -227,7 +227,7 @@ class PoolSteps:
                                                             piece_ids, piece.k, piece.v)
                 x, new_k[layer], new_v[layer] = layer_step(
                     self.layer_def, params, x, new_k[layer], new_v[layer],
-                    jnp.int32(segment.start), jnp.int32(count), table, self.inv_freq,
+                    np.int32(segment.start), np.int32(count), table, self.inv_freq,
                     backend=self.backend, mesh=self.mesh)
         finally:
             self.pool = KVPool(tuple(new_k), tuple(new_v))
