@@ -609,7 +609,7 @@ class Engine:
             self._take(current)
 
     def _dispatch(self, previous: _InFlight | None,
-                  loaded: _InFlight | None = None) -> _InFlight | None:
+                  loaded: _InFlight | None) -> _InFlight | None:
         """Plans and dispatches one packed step: the next token of every decoding turn
         (fed from `previous`'s tokens on the device while pending), and prompt chunks
         of the oldest prefilling turns (at most `max_prefill_seqs`) within the token

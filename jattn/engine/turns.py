@@ -492,13 +492,14 @@ class ChatEngine:
         record = Turn(dropped=turn.dropped, start=history_start, user_end=user_end,
                       end=len(conversation.tokens))
         apply_turn(conversation, record, self.block_size)
-        saves = StepPlan(saves=tuple(self.blocks.publish(turn.lease, context_keys(conversation))))
+        saving = StepPlan(saves=tuple(self.blocks.publish(turn.lease,
+                                                          context_keys(conversation))))
+        copies = self._queue_saves(saving)
         if turn.ephemeral:
             self.sessions.forget(turn.session_id)
-        copies = self._queue_saves(saves)
         answered()
-        if saves.saves:
-            self._execute(saves, copies)
+        if saving.saves:
+            self._execute(saving, copies)
         if turn.ephemeral:
             return resolved(True)
         return self.store.append_record(turn.session_id,

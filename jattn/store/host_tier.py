@@ -124,12 +124,14 @@ class HostTier:
             held = {key for key, _ in blocks if key in self._blocks}
             for key in held:
                 self._placement.touch(key)
-            new = dict((key, block) for key, block in blocks if key not in held)
+            new = {key: block for key, block in blocks if key not in held}
+            if not new:
+                return [True] * len(blocks)
             views = {key: _views_by_array(block) for key, block in new.items()}
-            merged: dict[int, tuple] = {}
+            merged: dict[int, tuple] = {}  # every viewed array, with the run's bytes of it
             for block_views in views.values():
                 for array_id, (array, nbytes) in block_views.items():
-                    merged[array_id] = (array, merged.get(array_id, (array, 0))[1] + nbytes)
+                    merged[array_id] = (array, merged.get(array_id, (None, 0))[1] + nbytes)
             nbytes = sum(block.nbytes for block in new.values())
             capacity = self.capacity_bytes
             together = nbytes + self._dead_growth(merged) <= capacity and \

@@ -279,9 +279,10 @@ class AttentionStore:
     def _not_held_everywhere(self, keys: list[bytes]) -> list[bytes]:
         """The keys of `keys` that some enabled tier lacks (those a save files); the
         others are touched and counted as `saves_skipped_held`."""
-        wanted = [key for key in keys if not self._held_everywhere(key)]
-        if len(wanted) < len(keys):
-            held = [key for key in keys if key not in set(wanted)]
+        wanted, held = [], []
+        for key in keys:
+            (held if self._held_everywhere(key) else wanted).append(key)
+        if held:
             self._touch(held)
             with self._lock:
                 self._counts["saves_skipped_held"] += len(held)
@@ -304,7 +305,7 @@ class AttentionStore:
             unheld = [key for key in needed if key not in blocks]
             blocks.update(zip(unheld, produce(unheld) if unheld else ()))
         for tier, tier_keys in lacking.items():
-            if tier is self._host and tier_keys:
+            if tier is self._host:
                 tier.put_run([(key, blocks[key]) for key in tier_keys])
             else:
                 for key in tier_keys:
